@@ -1,0 +1,1 @@
+"""The core: pure numpy/torch code. It never imports napari, Qt, magicgui or vispy."""

@@ -1,0 +1,233 @@
+"""Data containers shared by every part of the core.
+
+``Sample``: an image with its per-instance masks (training data, ground truth).
+``Prediction``: every per-pixel output of the network for one 2D image.
+``Instances``: per-instance masks (overlaps allowed) with scores and classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: Thresholds of the per-threshold mask classification head (Fathi et al.).
+DEFAULT_TAUS: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
+
+
+@dataclass
+class Sample:
+    """One 2D image and its instances.
+
+    Attributes
+    ----------
+    image : np.ndarray
+        The image to segment, (H, W) or (C, H, W), raw intensities (not normalised).
+    masks : np.ndarray
+        (N, H, W) bool, one mask per instance; two masks may share pixels (worms cross).
+    name : str
+        A name unique in its data set (for BBBC010 the well, e.g. ``"A01"``).
+    channels : dict of str to np.ndarray
+        Other channels of the same field of view, each (H, W), e.g. ``{"w1": sytox}``.
+    reviewed : np.ndarray or None
+        (N,) bool: which instances a person has checked. None when unknown (all trusted).
+    classes : np.ndarray or None
+        (N,) int class of each instance, 1..C; None means all 1.
+    metadata : dict
+        Free-form provenance (source file, model, ...).
+    """
+
+    image: np.ndarray
+    masks: np.ndarray
+    name: str = ""
+    channels: dict[str, np.ndarray] = field(default_factory=dict)
+    reviewed: np.ndarray | None = None
+    classes: np.ndarray | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.masks = np.asarray(self.masks, dtype=bool)
+        if self.masks.ndim == 2:
+            self.masks = self.masks[None]
+        if self.masks.ndim != 3:
+            raise ValueError(f"masks must be (N, H, W), got shape {self.masks.shape}")
+        hw = self.image.shape[-2:]
+        if self.masks.shape[0] and self.masks.shape[1:] != hw:
+            raise ValueError(
+                f"Sample {self.name!r}: image is {hw[0]} x {hw[1]} but masks are "
+                f"{self.masks.shape[1]} x {self.masks.shape[2]}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W) of the image."""
+        return tuple(self.image.shape[-2:])  # type: ignore[return-value]
+
+    @property
+    def n_instances(self) -> int:
+        """Number of instances."""
+        return int(self.masks.shape[0])
+
+
+@dataclass
+class Prediction:
+    """Per-pixel outputs of the network for one 2D image.
+
+    Attributes
+    ----------
+    embeddings : np.ndarray
+        (D, H, W) float32 embedding vectors (semi-convolutional ones include the coordinates).
+    seediness : np.ndarray
+        (H, W) float32 in [0, 1]: max over tau and foreground classes of ``class_scores``.
+    class_scores : np.ndarray
+        (T, C + 1, H, W) float32 probabilities (softmax over classes, class 0 = background)
+        that the mask grown from a pixel at threshold ``taus[t]`` is a good instance.
+    boundary : np.ndarray
+        (H, W) float32 instance-aware boundary probability.
+    foreground : np.ndarray
+        (H, W) float32 foreground probability.
+    taus : tuple of float
+        The thresholds of ``class_scores``.
+    metadata : dict
+        Model name, device, timings, cache key, ...
+    """
+
+    embeddings: np.ndarray
+    seediness: np.ndarray
+    class_scores: np.ndarray
+    boundary: np.ndarray
+    foreground: np.ndarray
+    taus: tuple[float, ...] = DEFAULT_TAUS
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        hw = self.seediness.shape
+        for name in ("embeddings", "class_scores", "boundary", "foreground"):
+            arr = getattr(self, name)
+            if arr.shape[-2:] != hw:
+                raise ValueError(
+                    f"Prediction.{name} is {arr.shape[-2:]} but seediness is {hw}: "
+                    "all outputs must share (H, W)"
+                )
+        if self.embeddings.ndim != 3:
+            raise ValueError(f"embeddings must be (D, H, W), got {self.embeddings.shape}")
+        if self.class_scores.ndim != 4 or self.class_scores.shape[0] != len(self.taus):
+            raise ValueError(
+                f"class_scores must be (T={len(self.taus)}, C+1, H, W), "
+                f"got {self.class_scores.shape}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W) of the image."""
+        return tuple(self.seediness.shape)  # type: ignore[return-value]
+
+    @property
+    def embedding_dim(self) -> int:
+        """D, the number of embedding channels."""
+        return int(self.embeddings.shape[0])
+
+    @property
+    def n_classes(self) -> int:
+        """C, the number of foreground classes."""
+        return int(self.class_scores.shape[1] - 1)
+
+    def best_tau_class(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per pixel, the best threshold, class and score (Fathi et al.).
+
+        Returns
+        -------
+        tau : np.ndarray
+            (H, W) float32, the tau in ``taus`` with the highest foreground-class score.
+        cls : np.ndarray
+            (H, W) int, the best class, 1..C.
+        score : np.ndarray
+            (H, W) float32, the score of that (tau, class).
+        """
+        fg = self.class_scores[:, 1:]  # (T, C, H, W)
+        t, c, h, w = fg.shape
+        flat = fg.reshape(t * c, h, w)
+        best = flat.argmax(axis=0)
+        score = np.take_along_axis(flat, best[None], axis=0)[0]
+        tau = np.asarray(self.taus, dtype=np.float32)[best // c]
+        return tau, (best % c + 1).astype(np.int64), score.astype(np.float32)
+
+
+@dataclass
+class Instances:
+    """Instances in one 2D image: per-instance masks that may overlap.
+
+    Attributes
+    ----------
+    masks : np.ndarray
+        (N, H, W) bool.
+    scores : np.ndarray
+        (N,) float32 confidence in [0, 1].
+    classes : np.ndarray
+        (N,) int, 1..C.
+    seeds : np.ndarray or None
+        (N, 2) int (row, col) of the seed each instance grew from, when it has one.
+    taus : np.ndarray or None
+        (N,) float32 threshold each instance was grown at, when it has one.
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray | None = None
+    classes: np.ndarray | None = None
+    seeds: np.ndarray | None = None
+    taus: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.masks = np.asarray(self.masks, dtype=bool)
+        if self.masks.ndim != 3:
+            raise ValueError(f"masks must be (N, H, W), got shape {self.masks.shape}")
+        n = self.masks.shape[0]
+        self.scores = (
+            np.ones(n, np.float32) if self.scores is None else np.asarray(self.scores, np.float32)
+        )
+        self.classes = (
+            np.ones(n, np.int64) if self.classes is None else np.asarray(self.classes, np.int64)
+        )
+        if self.scores.shape != (n,) or self.classes.shape != (n,):
+            raise ValueError("scores and classes must have one entry per mask")
+
+    def __len__(self) -> int:
+        return int(self.masks.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W) of the image."""
+        return tuple(self.masks.shape[1:])  # type: ignore[return-value]
+
+    def to_labels(self) -> np.ndarray:
+        """Flatten to an (H, W) int32 label image, instance i gets label i + 1.
+
+        Rule for pixels covered by several masks: the instance with the smaller area wins
+        (so a short worm lying over a long one stays visible and both keep their own label
+        on the rest of their body); ties go to the higher score, then the lower index.
+        The overlapping pixels themselves are kept in ``masks``.
+
+        Returns
+        -------
+        np.ndarray
+            (H, W) int32 labels, 0 = background.
+        """
+        labels = np.zeros(self.shape, np.int32)
+        if len(self) == 0:
+            return labels
+        areas = self.masks.reshape(len(self), -1).sum(axis=1)
+        # paint largest first so that smaller (then higher-score) instances end on top
+        order = np.lexsort((-np.arange(len(self)), self.scores, -areas))
+        for i in order:
+            labels[self.masks[i]] = i + 1
+        return labels
+
+    @classmethod
+    def from_labels(cls, labels: np.ndarray) -> Instances:
+        """Build instances from an (H, W) label image (no overlaps), ordered by label."""
+        labels = np.asarray(labels)
+        ids = np.unique(labels)
+        ids = ids[ids != 0]
+        masks = labels[None] == ids[:, None, None] if len(ids) else np.zeros((0, *labels.shape), bool)
+        return cls(masks=masks)
