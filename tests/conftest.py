@@ -1,0 +1,41 @@
+"""Shared fixtures.
+
+``bbbc010_root``: the real BBBC010 training half, found at ``$NAPARI_INSTSEG_BBBC010`` or
+``../shared/data/bbbc010`` beside the repository; tests that use it skip when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def find_bbbc010() -> Path | None:
+    """Return the BBBC010 folder if present, else None."""
+    candidates = [os.environ.get("NAPARI_INSTSEG_BBBC010"), REPO.parent / "shared/data/bbbc010"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "images").is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def bbbc010_root() -> Path:
+    root = find_bbbc010()
+    if root is None:
+        pytest.skip("BBBC010 data not found (set NAPARI_INSTSEG_BBBC010 or ../shared/data/bbbc010)")
+    return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _few_threads():
+    """Keep torch to the machine's cores so parallel work does not oversubscribe."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
