@@ -229,5 +229,6 @@ class Instances:
         labels = np.asarray(labels)
         ids = np.unique(labels)
         ids = ids[ids != 0]
-        masks = labels[None] == ids[:, None, None] if len(ids) else np.zeros((0, *labels.shape), bool)
-        return cls(masks=masks)
+        if not len(ids):
+            return cls(masks=np.zeros((0, *labels.shape), bool))
+        return cls(masks=labels[None] == ids[:, None, None])

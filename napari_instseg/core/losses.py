@@ -1,0 +1,463 @@
+"""Losses, as pure functions on tensors, with thin ``nn.Module`` wrappers.
+
+Conventions shared by all losses here:
+
+- ``masks`` is an (N, H, W) bool tensor of one image's instances; instances may overlap.
+- Pixels where two worms overlap belong to BOTH instances. For the embedding loss a pair of
+  pixels counts as "same" when they share at least one instance, so overlap pixels are
+  pulled toward both worms (their embedding settles between the two) and growing either worm
+  at a moderate threshold takes them in. For the boundary target the contours of both
+  worms are drawn, including the part of one worm's contour that runs across the other.
+  For the foreground target they are foreground.
+- Similarity is Fathi et al.'s sigma(p, q) = 2 / (1 + exp(||e_p - e_q||^2)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_EPS = 1e-6
+
+
+def pair_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Fathi et al.'s similarity between every row of ``a`` and every row of ``b``.
+
+    Parameters
+    ----------
+    a : torch.Tensor
+        (P, D) embeddings.
+    b : torch.Tensor
+        (Q, D) embeddings.
+
+    Returns
+    -------
+    torch.Tensor
+        (P, Q) values of 2 / (1 + exp(||a_p - b_q||^2)) in (0, 1].
+    """
+    d2 = squared_distances(a, b)
+    return 2.0 * torch.sigmoid(-d2)
+
+
+def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(P, Q) squared Euclidean distances via ||a||^2 + ||b||^2 - 2 a b^T, clamped at 0."""
+    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    return d2.clamp_min(0.0)
+
+
+def log_similarity_terms(d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Numerically stable log(sigma) and log(1 - sigma) from squared distances.
+
+    sigma = 2 / (1 + e^d), so log sigma = log 2 - softplus(d) and
+    1 - sigma = (e^d - 1) / (e^d + 1) = tanh(d / 2), so log(1 - sigma) = log tanh(d / 2).
+    """
+    log_sim = math.log(2.0) - F.softplus(d2)
+    log_dissim = torch.log(torch.tanh(d2 / 2.0).clamp_min(_EPS))
+    return log_sim, log_dissim
+
+
+def sample_instance_pixels(
+    masks: torch.Tensor,
+    n_per_instance: int,
+    generator: torch.Generator | None = None,
+    include_background: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample pixels uniformly within each instance (and the background).
+
+    Parameters
+    ----------
+    masks : torch.Tensor
+        (N, H, W) bool.
+    n_per_instance : int
+        K, pixels per instance (with replacement when an instance is smaller).
+    generator : torch.Generator, optional
+        For reproducibility.
+    include_background : bool
+        Also sample K pixels of the background (pixels in no instance) as one more group.
+
+    Returns
+    -------
+    flat_index : torch.Tensor
+        (S,) long indices into the flattened H*W image.
+    group : torch.Tensor
+        (S,) long: the instance each sample was drawn for, N for background.
+    """
+    n, h, w = masks.shape
+    flat = masks.reshape(n, -1)
+    groups = [flat[i] for i in range(n)]
+    if include_background:
+        if n:
+            groups.append(~flat.any(0))
+        else:
+            groups.append(torch.ones(h * w, dtype=torch.bool, device=masks.device))
+    indices, labels = [], []
+    for g, member in enumerate(groups):
+        where = member.nonzero(as_tuple=True)[0]
+        if where.numel() == 0:
+            continue
+        pick = torch.randint(
+            where.numel(), (n_per_instance,), generator=generator, device="cpu"
+        ).to(where.device)
+        indices.append(where[pick])
+        labels.append(torch.full((n_per_instance,), g, dtype=torch.long, device=masks.device))
+    if not indices:
+        empty = torch.zeros(0, dtype=torch.long, device=masks.device)
+        return empty, empty
+    return torch.cat(indices), torch.cat(labels)
+
+
+def embedding_pair_loss(
+    embeddings: torch.Tensor,
+    masks: torch.Tensor,
+    n_per_instance: int = 10,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Fathi et al.'s pairwise similarity loss for one image.
+
+    L_e = -sum_{p,q in S} w_pq [1{same} log sigma(p,q) + 1{different} log(1 - sigma(p,q))]
+    over K sampled pixels per instance and K of the background (one more "instance").
+    Weights are w_pq proportional to 1 / (|I_p| |I_q|), the sizes of the instances the pair
+    was sampled from, normalised to sum to 1 (the 1/|S| of the paper is absorbed by that
+    normalisation). The background's size is capped at the largest instance's, so it
+    weighs as one more instance rather than vanishing. Two pixels are "same" when they share
+    an instance (overlap pixels belong to both worms).
+
+    Parameters
+    ----------
+    embeddings : torch.Tensor
+        (D, H, W).
+    masks : torch.Tensor
+        (N, H, W) bool instances of the image.
+    n_per_instance : int
+        K.
+    generator : torch.Generator, optional
+        For reproducible sampling.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar loss (0 when there is nothing to compare).
+    """
+    d, h, w = embeddings.shape
+    n = masks.shape[0]
+    idx, group = sample_instance_pixels(masks, n_per_instance, generator)
+    if idx.numel() < 2:
+        return embeddings.sum() * 0.0
+    e = embeddings.reshape(d, -1)[:, idx].T  # (S, D)
+    flat = masks.reshape(n, -1)
+    membership = torch.cat(
+        [flat[:, idx].T, (~flat[:, idx].any(0))[:, None]], dim=1
+    ).float()  # (S, N+1), background last
+    same = (membership @ membership.T) > 0
+    sizes = torch.cat([flat.sum(1).float(), flat.new_zeros(1).float()])
+    sizes[n] = (h * w - flat.any(0).sum()).float()
+    if n:
+        sizes[n] = torch.minimum(sizes[n], sizes[:n].max())
+    w_p = 1.0 / sizes[group].clamp_min(1.0)
+    weights = w_p[:, None] * w_p[None, :]
+    weights = weights / weights.sum()
+    log_sim, log_dissim = log_similarity_terms(squared_distances(e, e))
+    loss = -(weights * torch.where(same, log_sim, log_dissim)).sum()
+    return loss
+
+
+def grown_mask_targets(
+    embeddings: torch.Tensor,
+    masks: torch.Tensor,
+    taus: tuple[float, ...],
+    n_per_instance: int = 10,
+    n_background: int = 10,
+    iou_threshold: float = 0.5,
+    classes: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classification targets of Fathi et al.: grow masks from sampled pixels, match to GT.
+
+    For K pixels per instance (and ``n_background`` background pixels), the mask
+    m(p, tau) = {q : sigma(p, q) >= tau} is grown with the (detached) current embeddings for
+    every tau; the target is the class of the ground-truth instance with IoU > 0.5, else 0.
+
+    Parameters
+    ----------
+    embeddings : torch.Tensor
+        (D, H, W); detached inside.
+    masks : torch.Tensor
+        (N, H, W) bool.
+    taus : tuple of float
+        Thresholds.
+    n_per_instance, n_background : int
+        Pixels sampled per instance and from the background.
+    iou_threshold : float
+        Minimum IoU with a ground-truth instance for a positive target.
+    classes : torch.Tensor, optional
+        (N,) class of each instance, 1..C (default all 1).
+    generator : torch.Generator, optional
+        For reproducible sampling.
+
+    Returns
+    -------
+    flat_index : torch.Tensor
+        (S,) sampled pixel indices into H*W.
+    targets : torch.Tensor
+        (T, S) long class targets.
+    """
+    d, h, w = embeddings.shape
+    n = masks.shape[0]
+    idx, _ = sample_instance_pixels(masks, n_per_instance, generator, include_background=False)
+    bg = ~masks.reshape(n, -1).any(0) if n else torch.ones(h * w, dtype=torch.bool)
+    bg_where = bg.nonzero(as_tuple=True)[0]
+    if n_background and bg_where.numel():
+        pick = torch.randint(bg_where.numel(), (n_background,), generator=generator)
+        idx = torch.cat([idx, bg_where[pick.to(bg_where.device)]])
+    if idx.numel() == 0:
+        return idx, torch.zeros((len(taus), 0), dtype=torch.long)
+    with torch.no_grad():
+        flat_e = embeddings.detach().reshape(d, -1).T  # (HW, D)
+        d2 = squared_distances(flat_e[idx], flat_e)  # (S, HW)
+        flat_m = masks.reshape(n, -1).float()  # (N, HW)
+        gt_area = flat_m.sum(1)
+        cls = (
+            torch.ones(n, dtype=torch.long, device=masks.device)
+            if classes is None
+            else classes.to(masks.device).long()
+        )
+        targets = torch.zeros((len(taus), idx.numel()), dtype=torch.long, device=masks.device)
+        for t, tau in enumerate(taus):
+            # sigma >= tau  <=>  d2 <= log(2 / tau - 1)
+            grown = (d2 <= math.log(2.0 / tau - 1.0)).float()  # (S, HW)
+            if n == 0:
+                continue
+            inter = grown @ flat_m.T  # (S, N)
+            union = grown.sum(1)[:, None] + gt_area[None, :] - inter
+            iou = inter / union.clamp_min(1.0)
+            best_iou, best = iou.max(1)
+            targets[t] = torch.where(best_iou > iou_threshold, cls[best], torch.zeros_like(best))
+    return idx, targets
+
+
+def classification_loss(
+    class_logits: torch.Tensor, flat_index: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Softmax cross-entropy of the per-tau classification head at sampled pixels only.
+
+    Parameters
+    ----------
+    class_logits : torch.Tensor
+        (T, C+1, H, W).
+    flat_index : torch.Tensor
+        (S,) indices into H*W.
+    targets : torch.Tensor
+        (T, S) class targets.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar mean over taus and samples.
+    """
+    t, c1, h, w = class_logits.shape
+    if flat_index.numel() == 0:
+        return class_logits.sum() * 0.0
+    logits = class_logits.reshape(t, c1, h * w)[:, :, flat_index]  # (T, C+1, S)
+    return F.cross_entropy(logits, targets)
+
+
+def lambda_ramp(epoch: float, start: float, end: float, maximum: float = 0.2) -> float:
+    """Weight of the classification loss: 0 before ``start``, linear to ``maximum`` at ``end``."""
+    if epoch <= start:
+        return 0.0
+    if epoch >= end or end <= start:
+        return maximum
+    return maximum * (epoch - start) / (end - start)
+
+
+def attraction_loss(embeddings: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Novotny et al.'s attraction to the instance mean: sum_S 1/|S| sum_u ||psi_u - mean_S||.
+
+    Averaged over instances (not summed) so its scale does not depend on the worm count.
+
+    Parameters
+    ----------
+    embeddings : torch.Tensor
+        (D, H, W).
+    masks : torch.Tensor
+        (N, H, W) bool.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar.
+    """
+    d = embeddings.shape[0]
+    n = masks.shape[0]
+    if n == 0:
+        return embeddings.sum() * 0.0
+    flat_e = embeddings.reshape(d, -1)
+    flat_m = masks.reshape(n, -1).float()
+    area = flat_m.sum(1).clamp_min(1.0)
+    means = (flat_m @ flat_e.T) / area[:, None]  # (N, D)
+    total = embeddings.new_zeros(())
+    for i in range(n):
+        member = flat_m[i] > 0
+        if member.any():
+            diff = flat_e[:, member] - means[i][:, None]
+            total = total + diff.pow(2).sum(0).add(_EPS).sqrt().mean()
+    return total / n
+
+
+def boundary_target(masks: torch.Tensor, width: int = 1) -> torch.Tensor:
+    """Instance contours (BAISeg's Y): the inner contour of every instance, drawn in full.
+
+    Where two worms touch, both contours are drawn; where they cross, each worm's contour is
+    drawn across the other worm's body.
+
+    Parameters
+    ----------
+    masks : torch.Tensor
+        (N, H, W) bool.
+    width : int
+        Contour thickness in pixels.
+
+    Returns
+    -------
+    torch.Tensor
+        (H, W) float {0, 1}.
+    """
+    n, h, w = masks.shape
+    if n == 0:
+        return masks.new_zeros((h, w), dtype=torch.float32)
+    m = masks.float()[:, None]
+    k = 2 * width + 1
+    eroded = -F.max_pool2d(-m, k, stride=1, padding=width)
+    contour = (m - eroded).clamp_min(0)[:, 0]
+    return contour.amax(0)
+
+
+def balanced_boundary_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BAISeg's class-balanced boundary loss, averaged over pixels.
+
+    L_B = -mean[ alpha Y log B + (1 - alpha)(1 - Y) log(1 - B) ], alpha = |Y-| / |Y|.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        (..., H, W) boundary logits.
+    target : torch.Tensor
+        Same shape, {0, 1}.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar.
+    """
+    target = target.float()
+    n_pos = target.sum()
+    n_all = float(target.numel())
+    alpha = (n_all - n_pos) / max(n_all, 1.0)
+    weight = torch.where(target > 0.5, alpha, 1.0 - alpha)
+    loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum")
+    return loss / max(n_all, 1.0) * 2.0
+
+
+def foreground_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice for the foreground map.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        (..., H, W).
+    target : torch.Tensor
+        Same shape, {0, 1}.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar.
+    """
+    target = target.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits)
+    dice = 1.0 - (2.0 * (prob * target).sum() + 1.0) / (prob.sum() + target.sum() + 1.0)
+    return bce + dice
+
+
+def pixel_contrast_loss(
+    features: torch.Tensor,
+    boundary: torch.Tensor,
+    n_samples: int = 256,
+    temperature: float = 0.2,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pixel-to-pixel contrast (InfoNCE) between boundary and non-boundary pixels (BAISeg).
+
+    Sampled boundary pixels are pulled together and pushed from sampled interior/background
+    pixels, and vice versa, sharpening boundary features.
+
+    Parameters
+    ----------
+    features : torch.Tensor
+        (F, H, W) per-pixel features (L2-normalised inside).
+    boundary : torch.Tensor
+        (H, W) {0, 1} boundary target.
+    n_samples : int
+        Pixels sampled from each side.
+    temperature : float
+        InfoNCE temperature.
+    generator : torch.Generator, optional
+        For reproducible sampling.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar.
+    """
+    f = F.normalize(features.reshape(features.shape[0], -1), dim=0)
+    flat = boundary.reshape(-1) > 0.5
+    pos = flat.nonzero(as_tuple=True)[0]
+    neg = (~flat).nonzero(as_tuple=True)[0]
+    if pos.numel() < 2 or neg.numel() < 2:
+        return features.sum() * 0.0
+    ip = pos[torch.randint(pos.numel(), (n_samples,), generator=generator).to(pos.device)]
+    ineg = neg[torch.randint(neg.numel(), (n_samples,), generator=generator).to(neg.device)]
+    z = torch.cat([f[:, ip], f[:, ineg]], dim=1).T  # (2S, F)
+    label = torch.cat([torch.ones(n_samples), torch.zeros(n_samples)]).to(z.device)
+    logits = z @ z.T / temperature
+    eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(eye, -1e9)
+    same = (label[:, None] == label[None, :]) & ~eye
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    return -(log_prob * same).sum(1).div(same.sum(1)).mean()
+
+
+class EmbeddingPairLoss(nn.Module):
+    """Module wrapper of :func:`embedding_pair_loss` for a batch."""
+
+    def __init__(self, n_per_instance: int = 10):
+        super().__init__()
+        self.n_per_instance = n_per_instance
+
+    def forward(self, embeddings: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+        """Mean over the batch; ``embeddings`` (B, D, H, W), ``masks`` B tensors (N, H, W)."""
+        losses = [
+            embedding_pair_loss(e, m, self.n_per_instance)
+            for e, m in zip(embeddings, masks, strict=True)
+        ]
+        return torch.stack(losses).mean()
+
+
+class BalancedBoundaryLoss(nn.Module):
+    """Module wrapper of :func:`balanced_boundary_loss`."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """See :func:`balanced_boundary_loss`."""
+        return balanced_boundary_loss(logits, target)
+
+
+class ForegroundLoss(nn.Module):
+    """Module wrapper of :func:`foreground_loss`."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """See :func:`foreground_loss`."""
+        return foreground_loss(logits, target)
