@@ -1,0 +1,405 @@
+"""Click-to-grow: masks from seed pixels and embedding similarity (Fathi et al.).
+
+Similarity of two pixels is ``sigma(p, q) = 2 / (1 + exp(||e_p - e_q||^2))`` on
+``Prediction.embeddings``. The mask grown from seed ``p`` at threshold ``tau`` is
+``{q : sigma(p, q) >= tau}``, i.e. ``||e_p - e_q||^2 <= log(2 / tau - 1)``: the code compares
+squared distances with that threshold and never evaluates ``exp`` per pixel. Squared distances
+come from ``||a||^2 + ||b||^2 - 2 a.b`` with the pixels' squared norms computed once per
+prediction and kept in a :class:`Grower`, so a click costs about one (H*W x D) matrix-vector
+product plus work on the bounding box of the mask.
+
+Crossing worms: where two worms overlap, a well-trained embedding sits between the two
+instances' embeddings (the loss pulls it to both; the oracle uses their mean), so the overlap
+pixels are *not* similar to either seed and would cut a crossed worm in two. :meth:`Grower.grow`
+therefore adds "overlap" pixels ``q`` (foreground, near the mask) whose reflection
+``2 e_q - e_seed`` is similar to the embedding of another foreground pixel nearby: ``q`` is
+then the midpoint between this worm and another one, exactly what a shared pixel looks like.
+Both worms keep their crossing pixels, and the worm stays connected through them.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from .types import Prediction
+
+__all__ = ["Grower", "d2_threshold", "grow", "similarity", "get_grower"]
+
+_EIGHT = np.ones((3, 3), bool)
+
+
+def d2_threshold(tau: float) -> float:
+    """Squared embedding distance at which the similarity equals ``tau``.
+
+    ``sigma = 2 / (1 + exp(d2)) >= tau``  <=>  ``d2 <= log(2 / tau - 1)``.
+
+    Parameters
+    ----------
+    tau : float
+        Similarity threshold in (0, 1).
+
+    Returns
+    -------
+    float
+        The squared-distance threshold.
+    """
+    tau = float(tau)
+    if not (0.0 < tau < 1.0) or math.isnan(tau):
+        raise ValueError(f"tau must be strictly between 0 and 1, got {tau}")
+    return math.log(2.0 / tau - 1.0)
+
+
+def _as_points(points: object, shape: tuple[int, int], what: str) -> np.ndarray:
+    """Validate (row, col) points: one pair or a sequence of pairs -> (K, 2) int64."""
+    if points is None:
+        return np.zeros((0, 2), np.int64)
+    arr = np.asarray(points, dtype=np.float64)
+    if arr.size == 0:
+        return np.zeros((0, 2), np.int64)
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"{what} must be (row, col) pairs, got an array of shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what} contain NaN or infinite coordinates: {arr.tolist()}")
+    pts = np.round(arr).astype(np.int64)
+    h, w = shape
+    bad = (pts[:, 0] < 0) | (pts[:, 0] >= h) | (pts[:, 1] < 0) | (pts[:, 1] >= w)
+    if bad.any():
+        raise ValueError(
+            f"{what} {pts[bad].tolist()} lie outside the image ({h} rows x {w} columns)"
+        )
+    return pts
+
+
+class Grower:
+    """Cache for fast growing: flattened embeddings and their squared norms.
+
+    Build one per prediction and keep it between clicks (the plugin does);
+    :func:`grow` and :func:`similarity` also keep the last one automatically.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        The network's outputs for one image.
+
+    Raises
+    ------
+    ValueError
+        If the prediction is empty or contains NaN / infinite embeddings.
+    """
+
+    def __init__(self, prediction: Prediction) -> None:
+        emb = np.asarray(prediction.embeddings)
+        if emb.ndim != 3 or min(emb.shape) == 0:
+            raise ValueError(f"prediction has empty embeddings of shape {emb.shape}")
+        d, h, w = emb.shape
+        flat = np.ascontiguousarray(emb.reshape(d, h * w), dtype=np.float32)
+        if not np.isfinite(flat).all():
+            raise ValueError("prediction embeddings contain NaN or infinite values")
+        self.prediction = prediction
+        self.shape: tuple[int, int] = (h, w)
+        self.dim = d
+        #: (D, H*W) float32 embeddings (the layout with the fastest matrix-vector product)
+        self.flat = flat
+        #: (H*W,) half the squared norm of every pixel's embedding
+        self.half_sq = 0.5 * np.einsum("dn,dn->n", flat, flat)
+        fg = np.asarray(prediction.foreground, np.float32)
+        bd = np.asarray(prediction.boundary, np.float32)
+        self.foreground = np.nan_to_num(fg, nan=0.0)
+        self.boundary = np.nan_to_num(bd, nan=1.0)
+
+    # ------------------------------------------------------------------ basics
+    def vectors(self, points: np.ndarray) -> np.ndarray:
+        """Embeddings of (K, 2) (row, col) pixels, (K, D) float32."""
+        idx = points[:, 0] * self.shape[1] + points[:, 1]
+        return self.flat[:, idx].T.copy()
+
+    def sq_dist(self, vectors: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
+        """Squared distances from (K, D) vectors to every pixel (or the pixels in ``index``).
+
+        Parameters
+        ----------
+        vectors : np.ndarray
+            (K, D) embeddings.
+        index : np.ndarray, optional
+            Flat pixel indices to restrict to.
+
+        Returns
+        -------
+        np.ndarray
+            (K, H*W) or (K, len(index)) float32, clipped at 0.
+        """
+        flat = self.flat if index is None else self.flat[:, index]
+        half = self.half_sq if index is None else self.half_sq[index]
+        v = np.asarray(vectors, np.float32)
+        d2 = v @ flat
+        d2 -= half
+        d2 *= -2.0
+        d2 += (v * v).sum(axis=1)[:, None]
+        return np.maximum(d2, 0.0, out=d2)
+
+    def similarity(self, pixel: Sequence[int]) -> np.ndarray:
+        """Similarity ``2 / (1 + exp(||e_p - e_q||^2))`` of every pixel q to ``pixel``.
+
+        Parameters
+        ----------
+        pixel : (int, int)
+            (row, col) of p.
+
+        Returns
+        -------
+        np.ndarray
+            (H, W) float32 in (0, 1].
+        """
+        pts = _as_points(pixel, self.shape, "pixel")
+        if len(pts) != 1:
+            raise ValueError(f"similarity takes one (row, col) pixel, got {len(pts)}")
+        d2 = self.sq_dist(self.vectors(pts))[0]
+        np.minimum(d2, 80.0, out=d2)  # exp overflow guard; sigma ~ 0 there anyway
+        out = 2.0 / (1.0 + np.exp(d2))
+        return out.astype(np.float32).reshape(self.shape)
+
+    # ------------------------------------------------------------------ grow
+    def grow(
+        self,
+        seeds: object,
+        tau: float = 0.5,
+        negative: object = None,
+        boundary_barrier: float | None = None,
+        connected: bool = True,
+        bridge_overlaps: bool = True,
+        overlap_radius: int = 12,
+        fg_threshold: float = 0.5,
+    ) -> np.ndarray:
+        """Grow one mask from positive seeds; see :func:`grow` for the parameters."""
+        h, w = self.shape
+        pos = _as_points(seeds, self.shape, "seeds")
+        if len(pos) == 0:
+            raise ValueError("grow needs at least one positive seed (row, col)")
+        neg = _as_points(negative, self.shape, "negative seeds")
+        thr = d2_threshold(tau)
+        if boundary_barrier is not None and not np.isfinite(boundary_barrier):
+            raise ValueError(f"boundary_barrier must be a finite number, got {boundary_barrier}")
+        vp = self.vectors(pos)
+
+        # union over positive seeds of {q : d2(seed, q) <= thr}, as one comparison per seed
+        # d2 <= thr  <=>  v.e_q - |e_q|^2/2 >= (|v|^2 - thr)/2
+        dots = vp @ self.flat
+        dots -= self.half_sq
+        dots -= (0.5 * ((vp * vp).sum(axis=1) - thr))[:, None].astype(np.float32)
+        keep = dots.max(axis=0) >= 0 if len(pos) > 1 else dots[0] >= 0
+        idx = np.flatnonzero(keep)
+
+        if len(neg) and len(idx):
+            # remove pixels closer to a negative seed than to every positive seed
+            vn = self.vectors(neg)
+            d_pos = self.sq_dist(vp, idx).min(axis=0)
+            d_neg = self.sq_dist(vn, idx).min(axis=0)
+            idx = idx[d_neg >= d_pos]
+        seed_flat = pos[:, 0] * w + pos[:, 1]
+        idx = np.union1d(idx, seed_flat)  # the clicked pixels always belong to their mask
+        if not connected and not bridge_overlaps:
+            out = np.zeros(h * w, bool)
+            out[idx] = True
+            return out.reshape(h, w)
+
+        rows, cols = np.divmod(idx, w)
+        margin = overlap_radius + 2 if bridge_overlaps else 2
+        r0, r1 = max(int(rows.min()) - margin, 0), min(int(rows.max()) + margin + 1, h)
+        c0, c1 = max(int(cols.min()) - margin, 0), min(int(cols.max()) + margin + 1, w)
+        mask = np.zeros((r1 - r0, c1 - c0), bool)
+        mask[rows - r0, cols - c0] = True
+        overlap = np.zeros_like(mask)
+        if bridge_overlaps:
+            overlap = self._overlaps(mask, (r0, r1, c0, c1), vp, thr, overlap_radius, fg_threshold)
+            allowed = mask | overlap
+        else:
+            allowed = mask
+        if connected:
+            passable = allowed
+            if boundary_barrier is not None:
+                block = self.boundary[r0:r1, c0:c1] > boundary_barrier
+                if overlap.any():  # contours of a crossing worm do not cut this one
+                    block &= ~ndimage.binary_dilation(overlap, _EIGHT, iterations=2)
+                passable = allowed & ~block
+                passable[pos[:, 0] - r0, pos[:, 1] - c0] = True
+            labels, _ = ndimage.label(passable, _EIGHT)
+            ids = np.unique(labels[pos[:, 0] - r0, pos[:, 1] - c0])
+            ids = ids[ids > 0]
+            region = np.isin(labels, ids)
+            if boundary_barrier is not None:
+                # barrier pixels similar to the seed and touching the region belong to it
+                region |= allowed & ~passable & ndimage.binary_dilation(region, _EIGHT)
+            allowed = region
+        out = np.zeros((h, w), bool)
+        out[r0:r1, c0:c1] = allowed
+        if not connected:
+            out.reshape(-1)[idx] = True
+        return out
+
+    def _overlaps(
+        self,
+        mask: np.ndarray,
+        box: tuple[int, int, int, int],
+        vp: np.ndarray,
+        thr: float,
+        radius: int,
+        fg_threshold: float,
+    ) -> np.ndarray:
+        """Pixels of a crossing: midpoints between the seed and another nearby instance."""
+        r0, r1, c0, c1 = box
+        w = self.shape[1]
+        fg = self.foreground[r0:r1, c0:c1] > fg_threshold
+        cand = fg & ~mask
+        if not cand.any():
+            return np.zeros_like(mask)
+        near = ndimage.distance_transform_cdt(~mask, metric="chessboard") <= radius
+        cand &= near
+        qr, qc = np.nonzero(cand)
+        if len(qr) == 0:
+            return cand
+        q_idx = (qr + r0) * w + (qc + c0)
+        # anchors: other foreground pixels near the mask (every second row and column)
+        sub = cand.copy()
+        sub[1::2] = False
+        sub[:, 1::2] = False
+        ar, ac = np.nonzero(sub)
+        a_idx = (ar + r0) * w + (ac + c0)
+        eq = self.flat[:, q_idx]  # (D, nq)
+        if len(vp) > 1:
+            nearest = self.sq_dist(vp, q_idx).argmin(axis=0)
+            refl = 2.0 * eq - vp[nearest].T
+        else:
+            refl = 2.0 * eq - vp[0][:, None]
+        ea = self.flat[:, a_idx]  # (D, na)
+        d2 = refl.T @ ea  # (nq, na)
+        d2 *= -2.0
+        d2 += (refl * refl).sum(axis=0)[:, None]
+        d2 += (2.0 * self.half_sq[a_idx])[None]
+        hit = d2.min(axis=1) <= thr
+        out = np.zeros_like(mask)
+        out[qr[hit], qc[hit]] = True
+        return out
+
+
+# one cached Grower per live prediction object (the last few), so repeated clicks are cheap
+_CACHE: list[tuple[weakref.ref, int, Grower]] = []
+_CACHE_SIZE = 4
+
+
+def get_grower(prediction: Prediction | Grower) -> Grower:
+    """Return a :class:`Grower` for ``prediction``, reusing a cached one when possible.
+
+    The cache is keyed by the prediction object and its embeddings array; replace
+    ``prediction.embeddings`` (do not modify it in place) to invalidate it.
+
+    Parameters
+    ----------
+    prediction : Prediction or Grower
+        The prediction (or a grower, returned as is).
+
+    Returns
+    -------
+    Grower
+        The cached or new grower.
+    """
+    if isinstance(prediction, Grower):
+        return prediction
+    if not isinstance(prediction, Prediction):
+        raise ValueError(f"expected a Prediction, got {type(prediction).__name__}")
+    for ref, emb_id, grower in _CACHE:
+        if ref() is prediction and emb_id == id(prediction.embeddings):
+            return grower
+    grower = Grower(prediction)
+    _CACHE.insert(0, (weakref.ref(prediction), id(prediction.embeddings), grower))
+    del _CACHE[_CACHE_SIZE:]
+    return grower
+
+
+def similarity(prediction: Prediction | Grower, pixel: Sequence[int]) -> np.ndarray:
+    """Similarity of every pixel to one pixel: ``2 / (1 + exp(||e_p - e_q||^2))``.
+
+    Parameters
+    ----------
+    prediction : Prediction or Grower
+        The network outputs (a :class:`Grower` avoids recomputing norms).
+    pixel : (int, int)
+        (row, col) of the reference pixel p.
+
+    Returns
+    -------
+    np.ndarray
+        (H, W) float32 similarity in (0, 1], 1 at ``pixel``.
+    """
+    return get_grower(prediction).similarity(pixel)
+
+
+def grow(
+    prediction: Prediction | Grower,
+    seeds: object,
+    tau: float = 0.5,
+    negative: object = None,
+    boundary_barrier: float | None = None,
+    connected: bool = True,
+    bridge_overlaps: bool = True,
+    overlap_radius: int = 12,
+    fg_threshold: float = 0.5,
+) -> np.ndarray:
+    """Grow one instance mask from clicked seed pixels.
+
+    Parameters
+    ----------
+    prediction : Prediction or Grower
+        The network outputs (keep a :class:`Grower` between clicks for speed).
+    seeds : (row, col) or sequence of (row, col)
+        Positive seeds, all on the same object. The mask is the *union* of the seeds'
+        masks ``{q : sigma(seed, q) >= tau}``: on a long worm whose embedding drifts along
+        the body, each click adds the part near it (a mean embedding would instead shrink
+        the mask to what all seeds agree on).
+    tau : float
+        Similarity threshold in (0, 1); higher gives tighter masks.
+    negative : (row, col) or sequence of (row, col), optional
+        Negative seeds: pixels more similar to a negative seed than to every positive seed
+        are removed (so a click on a neighbour stops a leak into it).
+    boundary_barrier : float, optional
+        When given (e.g. 0.5), pixels whose boundary probability exceeds it do not
+        propagate: only parts connected to the seeds through non-barrier pixels are kept
+        (barrier pixels touching them are added back). Contours of a crossing worm are
+        exempt, so a crossed worm is not cut at the crossing.
+    connected : bool
+        Keep only the part connected (8-neighbourhood) to the seeds.
+    bridge_overlaps : bool
+        Add crossing pixels (midpoints between this and another instance's embedding,
+        see the module docstring), so both crossing worms keep the shared pixels.
+    overlap_radius : int
+        How far (pixels) from the similarity mask crossing pixels are looked for; about the
+        width of the widest worm.
+    fg_threshold : float
+        Foreground probability above which a pixel may be a crossing pixel.
+
+    Returns
+    -------
+    np.ndarray
+        (H, W) bool mask (the seed pixels are always in it).
+
+    Raises
+    ------
+    ValueError
+        Seeds outside the image, no seeds, tau outside (0, 1), empty or NaN embeddings.
+    """
+    return get_grower(prediction).grow(
+        seeds,
+        tau=tau,
+        negative=negative,
+        boundary_barrier=boundary_barrier,
+        connected=connected,
+        bridge_overlaps=bridge_overlaps,
+        overlap_radius=overlap_radius,
+        fg_threshold=fg_threshold,
+    )
