@@ -1,0 +1,666 @@
+"""Training: augmentations in torch, the joint loss, checkpoints, resume, logs, selection.
+
+``train(config)`` is the Python entry point; ``napari-instseg train`` the command line.
+Everything a run needs is in :class:`TrainConfig`, saved as TOML next to every checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomli_w
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from . import losses as L
+from .device import get_device
+from .model import InstSegNet, ModelConfig
+from .normalize import normalize_percentile
+from .types import Sample
+from .weights import DEFAULT_NORMALIZATION, save_model
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs.
+
+    Attributes
+    ----------
+    data : list of str
+        Data folders: BBBC010-style (``images/``, ``masks/``) or training folders.
+    train_wells, val_wells : str
+        Wells (BBBC010) or image names used for training / validation, as comma-separated
+        names or ranges ``"A01-B12"``. Empty ``val_wells``: no validation.
+    out : str
+        Run folder (checkpoints, log, config).
+    model : dict
+        :class:`ModelConfig` fields.
+    init : str
+        Weights to start from (fine-tuning); empty: from scratch.
+    epochs, steps_per_epoch, batch_size, crop_size : int
+        Schedule: an epoch is ``steps_per_epoch`` batches of random crops.
+    lr, weight_decay : float
+        AdamW; cosine decay over all steps.
+    seed : int
+        Seeds torch and numpy.
+    n_embedding_samples, n_class_samples : int
+        Pixels sampled per instance for the embedding and classification losses.
+    lambda_max, lambda_start, lambda_end : float
+        Classification-loss weight ramp (epochs), Fathi et al. use 0 -> 0.2.
+    boundary_weight, foreground_weight, attraction_weight, contrast_weight : float
+        Weights of the other losses (0 disables).
+    rotation, scale_min, scale_max, flips : augmentation
+        Fathi et al.: rotation within 10 degrees, scale 0.7-1.5, flips.
+    crop_candidates : int
+        Crops are chosen among this many random windows, biased toward more worms.
+    val_every : int
+        Validate every this many epochs.
+    time_limit_minutes : float
+        Stop cleanly (checkpoint saved) after this long; 0 = no limit.
+    device : str
+        ``auto``, ``cuda``, ``mps`` or ``cpu``.
+    amp : bool
+        Mixed precision (bfloat16 autocast) on CUDA.
+    num_threads : int
+        torch CPU threads (0 = torch default).
+    """
+
+    data: list[str] = field(default_factory=lambda: ["../shared/data/bbbc010"])
+    train_wells: str = "A01-B12"
+    val_wells: str = "B13-C02"
+    out: str = "runs/bbbc010"
+    model: dict[str, Any] = field(default_factory=dict)
+    init: str = ""
+    epochs: int = 60
+    steps_per_epoch: int = 50
+    batch_size: int = 4
+    crop_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    n_embedding_samples: int = 32
+    n_class_samples: int = 10
+    lambda_max: float = 0.2
+    lambda_start: float = 4.0
+    lambda_end: float = 12.0
+    boundary_weight: float = 1.0
+    foreground_weight: float = 1.0
+    attraction_weight: float = 0.0
+    contrast_weight: float = 0.0
+    rotation: float = 10.0
+    scale_min: float = 0.7
+    scale_max: float = 1.5
+    flips: bool = True
+    crop_candidates: int = 8
+    val_every: int = 2
+    time_limit_minutes: float = 0.0
+    device: str = "auto"
+    amp: bool = True
+    num_threads: int = 0
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> TrainConfig:
+        """Read a config; unknown keys raise ``ValueError``."""
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        return cls(**data)
+
+    def to_toml(self, path: str | Path) -> None:
+        """Write the config as TOML."""
+        Path(path).write_text(tomli_w.dumps(asdict(self)))
+
+
+def parse_names(spec: str) -> list[str]:
+    """Expand ``"A01-B12,C01"`` into well names (rows A-P, columns 01-24).
+
+    Parameters
+    ----------
+    spec : str
+        Comma-separated names or ranges ``START-END`` in plate order (A01..A24, B01, ...).
+
+    Returns
+    -------
+    list of str
+        The names, in order.
+    """
+    out: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if "-" in part:
+            start, end = (x.strip() for x in part.split("-", 1))
+            a, b = _well_index(start), _well_index(end)
+            if a > b:
+                raise ValueError(f"well range {part!r} runs backwards")
+            out.extend(f"{chr(65 + i // 24)}{i % 24 + 1:02d}" for i in range(a, b + 1))
+        else:
+            out.append(part)
+    return out
+
+
+def _well_index(name: str) -> int:
+    if len(name) != 3 or not name[0].isalpha() or not name[1:].isdigit():
+        raise ValueError(f"{name!r} is not a well name like 'A01'")
+    row, col = ord(name[0].upper()) - 65, int(name[1:]) - 1
+    if not (0 <= row < 16 and 0 <= col < 24):
+        raise ValueError(f"{name!r} is outside a 384-well plate")
+    return row * 24 + col
+
+
+def load_samples(folders: Sequence[str | Path], names: Sequence[str] | None) -> list[Sample]:
+    """Read samples from BBBC010-style folders or training folders, filtered by name."""
+    from .io import bbbc010_wells, read_bbbc010
+
+    samples: list[Sample] = []
+    wanted = None if names is None else set(names)
+    for folder in folders:
+        folder = Path(folder)
+        if (folder / "manifest.json").is_file():
+            from .training_folder import read_training_folder
+
+            found = read_training_folder(folder)
+            samples.extend(s for s in found if wanted is None or s.name in wanted)
+        else:
+            wells = bbbc010_wells(folder)
+            pick = wells if wanted is None else [w for w in wells if w in wanted]
+            samples.extend(read_bbbc010(folder, pick, with_w1=False))
+    if not samples:
+        raise ValueError(f"no images named {sorted(wanted or [])[:5]}... in {list(folders)}")
+    return samples
+
+
+@dataclass
+class _Item:
+    image: torch.Tensor  # (C, H, W) normalised
+    masks: torch.Tensor  # (N, H, W) bool
+    trusted: torch.Tensor  # (H, W) bool: pixels that count in the loss
+
+
+def prepare(sample: Sample, in_channels: int = 1) -> _Item:
+    """Normalise a sample and turn it into tensors for training.
+
+    Pixels of unreviewed instances (``Sample.reviewed`` False) are left out of the loss:
+    they are marked untrusted, and those instances are dropped from the targets.
+    """
+    image = normalize_percentile(
+        sample.image, DEFAULT_NORMALIZATION["low"], DEFAULT_NORMALIZATION["high"]
+    )
+    if image.ndim == 2:
+        image = image[None]
+    if image.shape[0] != in_channels:
+        raise ValueError(
+            f"{sample.name}: image has {image.shape[0]} channels, model takes {in_channels}"
+        )
+    masks = np.asarray(sample.masks, bool)
+    trusted = np.ones(masks.shape[1:], bool)
+    if sample.reviewed is not None and len(sample.reviewed) == len(masks):
+        reviewed = np.asarray(sample.reviewed, bool)
+        if not reviewed.all():
+            unreviewed = masks[~reviewed].any(0)
+            trusted &= ~ndimage.binary_dilation(unreviewed, iterations=2)
+            masks = masks[reviewed]
+    return _Item(torch.from_numpy(image), torch.from_numpy(masks), torch.from_numpy(trusted))
+
+
+def random_crop(
+    item: _Item, config: TrainConfig, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One augmented crop: rotation, scale, flips, a window biased toward more worms.
+
+    Done with ``affine_grid``/``grid_sample`` in torch: bilinear for the image, nearest for
+    the masks. Returns image (C, S, S), masks (N', S, S) of the instances still visible and
+    the trusted-pixel map (S, S).
+    """
+    size = config.crop_size
+    c, h, w = item.image.shape
+    scale = float(np.exp(rng.uniform(np.log(config.scale_min), np.log(config.scale_max))))
+    angle = math.radians(rng.uniform(-config.rotation, config.rotation))
+    half = size / scale / 2  # half window in input pixels
+    # candidate centres; weight by how many worms their window touches
+    centres = np.stack(
+        [rng.uniform(0, h, config.crop_candidates), rng.uniform(0, w, config.crop_candidates)], 1
+    )
+    if item.masks.shape[0]:
+        counts = []
+        for r, col in centres:
+            r0, r1 = int(max(r - half, 0)), int(min(r + half, h))
+            c0, c1 = int(max(col - half, 0)), int(min(col + half, w))
+            counts.append(int(item.masks[:, r0:r1, c0:c1].flatten(1).any(1).sum()))
+        weights = np.asarray(counts, float) + 0.5
+        centre = centres[rng.choice(len(centres), p=weights / weights.sum())]
+    else:
+        centre = centres[0]
+    flip_r = -1.0 if config.flips and rng.random() < 0.5 else 1.0
+    flip_c = -1.0 if config.flips and rng.random() < 0.5 else 1.0
+    # output pixel offsets from the crop centre -> input pixel coordinates
+    cos, sin = math.cos(angle), math.sin(angle)
+    lin = (torch.arange(size, dtype=torch.float32) - (size - 1) / 2) / scale
+    dr = lin[:, None].expand(size, size) * flip_r
+    dc = lin[None, :].expand(size, size) * flip_c
+    rows = centre[0] + cos * dr - sin * dc
+    cols = centre[1] + sin * dr + cos * dc
+    grid = torch.stack([(2 * cols + 1) / w - 1, (2 * rows + 1) / h - 1], -1)[None]
+    image = F.grid_sample(
+        item.image[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    )[0]
+    stacked = torch.cat([item.masks.float(), item.trusted[None].float()], 0)[None]
+    warped = F.grid_sample(
+        stacked, grid, mode="nearest", padding_mode="zeros", align_corners=False
+    )
+    masks, trusted = warped[0, :-1] > 0.5, warped[0, -1] > 0.5
+    masks = masks[masks.flatten(1).sum(1) > 0]
+    # intensity jitter
+    gain, bias = rng.uniform(0.8, 1.25), rng.uniform(-0.1, 0.1)
+    image = image * gain + bias
+    image = image + torch.from_numpy(rng.normal(0, 0.02, image.shape).astype(np.float32))
+    return image, masks, trusted
+
+
+def training_loss(
+    outputs: dict[str, torch.Tensor],
+    masks: list[torch.Tensor],
+    trusted: torch.Tensor,
+    config: TrainConfig,
+    taus: tuple[float, ...],
+    cls_weight: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """The joint loss L = L_e + lambda L_cls + w_b L_B + w_f L_fg (+ options) for a batch.
+
+    Returns a dict of the scalar terms and their weighted ``total``.
+    """
+    terms: dict[str, list[torch.Tensor]] = {"embedding": [], "classification": []}
+    terms.update({"boundary": [], "foreground": [], "attraction": [], "contrast": []})
+    emb = outputs["embeddings"].float()
+    for i, inst in enumerate(masks):
+        keep = trusted[i]
+        inst_t = inst & keep  # instances restricted to pixels that count
+        terms["embedding"].append(
+            _embedding_term(emb[i], inst_t, keep, config.n_embedding_samples, generator)
+        )
+        if cls_weight > 0:
+            idx, target = L.grown_mask_targets(
+                emb[i],
+                inst_t,
+                taus,
+                config.n_class_samples,
+                config.n_class_samples,
+                generator=generator,
+            )
+            if idx.numel():
+                idx_keep = keep.reshape(-1)[idx]
+                idx, target = idx[idx_keep], target[:, idx_keep]
+            terms["classification"].append(
+                L.classification_loss(outputs["class_logits"][i].float(), idx, target)
+            )
+        bnd = L.boundary_target(inst)
+        fg = inst.any(0).float() if inst.shape[0] else torch.zeros_like(bnd)
+        k = keep.float()
+        terms["boundary"].append(
+            L.balanced_boundary_loss(outputs["boundary_logits"][i].float()[keep], bnd[keep])
+        )
+        terms["foreground"].append(
+            L.foreground_loss(outputs["foreground_logits"][i].float() * k - 20 * (1 - k), fg * k)
+        )
+        if config.attraction_weight:
+            terms["attraction"].append(L.attraction_loss(emb[i], inst_t))
+        if config.contrast_weight:
+            terms["contrast"].append(L.pixel_contrast_loss(emb[i], bnd, generator=generator))
+    out = {k: torch.stack(v).mean() for k, v in terms.items() if v}
+    total = out["embedding"] + config.boundary_weight * out["boundary"]
+    total = total + config.foreground_weight * out["foreground"]
+    if "classification" in out:
+        total = total + cls_weight * out["classification"]
+    if "attraction" in out:
+        total = total + config.attraction_weight * out["attraction"]
+    if "contrast" in out:
+        total = total + config.contrast_weight * out["contrast"]
+    out["total"] = total
+    return out
+
+
+def _embedding_term(
+    emb: torch.Tensor,
+    masks: torch.Tensor,
+    trusted: torch.Tensor,
+    k: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    if trusted.all():
+        return L.embedding_pair_loss(emb, masks, k, generator)
+    # untrusted pixels: neither instance nor background; hide them from background sampling
+    # by adding them as an instance and dropping its samples is overkill: crop them out
+    # of the background via a fake instance that is then removed from the pair set.
+    bg_trusted = trusted & ~(masks.any(0) if masks.shape[0] else torch.zeros_like(trusted))
+    extra = torch.cat([masks, (~trusted)[None]], 0)
+    d = emb.shape[0]
+    idx, group = L.sample_instance_pixels(extra, k, generator, include_background=False)
+    bidx, _ = L.sample_instance_pixels(bg_trusted[None], k, generator, include_background=False)
+    n = masks.shape[0]
+    keep = group < n
+    idx, group = idx[keep], group[keep]
+    idx = torch.cat([idx, bidx])
+    group = torch.cat([group, torch.full_like(bidx, n)])
+    if idx.numel() < 2:
+        return emb.sum() * 0.0
+    flat = masks.reshape(n, -1)
+    e = emb.reshape(d, -1)[:, idx].T
+    member = torch.cat([flat[:, idx].T, (group == n)[:, None]], 1).float()
+    same = member @ member.T > 0
+    sizes = torch.cat([flat.sum(1).float(), bg_trusted.sum().float()[None]])
+    if n:
+        sizes[n] = torch.minimum(sizes[n], sizes[:n].max())
+    w_p = 1.0 / sizes[group].clamp_min(1.0)
+    weights = w_p[:, None] * w_p[None, :]
+    weights = weights / weights.sum()
+    log_sim, log_dissim = L.log_similarity_terms(L.squared_distances(e, e))
+    return -(weights * torch.where(same, log_sim, log_dissim)).sum()
+
+
+def pad_to_multiple(image: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Reflect-pad (..., H, W) at the bottom/right to multiples of ``divisor``."""
+    h, w = image.shape[-2:]
+    ph, pw = (-h) % divisor, (-w) % divisor
+    if ph or pw:
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        image = F.pad(image, (0, pw, 0, ph), mode=mode)
+    return image, (h, w)
+
+
+@torch.no_grad()
+def validate(model: InstSegNet, items: Sequence[_Item], device: torch.device) -> dict[str, float]:
+    """Cheap validation: grow each GT worm from its most central pixel and measure IoU.
+
+    For every ground-truth instance the seed is the pixel farthest from its outline; the mask
+    grown at tau = 0.5 (global threshold) is compared with the instance. Also reports the
+    foreground Dice and the fraction of seeds whose best class is "worm".
+    """
+    model.eval()
+    ious, dices, seed_ok = [], [], []
+    for item in items:
+        x, (h, w) = pad_to_multiple(item.image[None].to(device), model.config.divisor)
+        out = model(x)
+        emb = out["embeddings"][0, :, :h, :w].float().reshape(model.config.embedding_dim, -1)
+        fg = torch.sigmoid(out["foreground_logits"][0, :h, :w].float()) > 0.5
+        masks = item.masks.to(device)
+        gt_fg = masks.any(0)
+        dices.append(float(2 * (fg & gt_fg).sum() / (fg.sum() + gt_fg.sum()).clamp_min(1)))
+        probs = out["class_logits"][0, :, :, :h, :w].float().softmax(1)  # (T, C+1, H, W)
+        for m in item.masks.numpy():
+            dist = ndimage.distance_transform_edt(m)
+            r, c = np.unravel_index(np.argmax(dist), m.shape)
+            seed = emb[:, r * w + c]
+            d2 = ((emb - seed[:, None]) ** 2).sum(0)
+            grown = (d2 <= math.log(3.0)).reshape(h, w).cpu().numpy()
+            inter = np.logical_and(grown, m).sum()
+            ious.append(inter / max(np.logical_or(grown, m).sum(), 1))
+            seed_ok.append(float(probs[:, 1:, r, c].amax() > probs[:, 0, r, c].amin()))
+    model.train()
+    return {
+        "val_grow_iou": float(np.mean(ious)) if ious else 0.0,
+        "val_grow_iou_gt50": float(np.mean(np.asarray(ious) > 0.5)) if ious else 0.0,
+        "val_fg_dice": float(np.mean(dices)) if dices else 0.0,
+        "val_seed_fg": float(np.mean(seed_ok)) if seed_ok else 0.0,
+    }
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def hardware_description(device: torch.device) -> str:
+    """A one-line description of where training ran."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA), torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU"
+
+
+def _save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_state = optimizer.state_dict()
+    for pid, pstate in opt_state["state"].items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{key}"] = (
+                    value.detach().cpu().contiguous().reshape(value.shape)
+                )
+    meta = dict(state)
+    meta["param_groups"] = opt_state["param_groups"]
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, model, optimizer) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["state"])
+    tensors = load_file(str(path))
+    model.load_state_dict(
+        {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    )
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta
+
+
+def train(
+    config: TrainConfig | str | Path,
+    resume: bool = True,
+    progress: bool = True,
+    callback: Callable[[dict[str, Any]], bool | None] | None = None,
+) -> Path:
+    """Train a model; returns the path of the best weights (``out/best.safetensors``).
+
+    Parameters
+    ----------
+    config : TrainConfig or path to a TOML file
+        The run.
+    resume : bool
+        Continue from ``out/last.ckpt.safetensors`` when it exists.
+    progress : bool
+        Show a tqdm progress bar.
+    callback : callable, optional
+        Called after every epoch with the log row; returning True stops training (the GUI's
+        cancel button and live curves use this).
+
+    Returns
+    -------
+    Path
+        Best weights (by validation grow IoU), or the last ones without validation.
+    """
+    if not isinstance(config, TrainConfig):
+        config = TrainConfig.from_toml(config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.to_toml(out / "config.toml")
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    device = get_device(config.device)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    train_names = parse_names(config.train_wells) if config.train_wells else None
+    val_names = parse_names(config.val_wells) if config.val_wells else []
+    if train_names is not None and set(train_names) & set(val_names):
+        raise ValueError("train_wells and val_wells overlap")
+    samples = load_samples(config.data, train_names)
+    samples = [s for s in samples if s.name not in set(val_names)]
+    val_samples = load_samples(config.data, val_names) if val_names else []
+
+    if config.init:
+        from .weights import load_model
+
+        model = load_model(config.init)
+        base_meta = {"parent": str(config.init), "parent_sha256": model.metadata.get("sha256")}
+    else:
+        model_cfg = ModelConfig.from_dict(config.model) if config.model else ModelConfig()
+        model = InstSegNet(model_cfg)
+        base_meta = {}
+    model.to(device).train()
+    items = [prepare(s, model.config.in_channels) for s in samples]
+    val_items = [prepare(s, model.config.in_channels) for s in val_samples]
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    total_steps = config.epochs * config.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
+    )
+    start_epoch, best, elapsed_before = 0, -1.0, 0.0
+    ckpt = out / "last.ckpt.safetensors"
+    if resume and ckpt.is_file():
+        state = _load_checkpoint(ckpt, model, optimizer)
+        start_epoch, best = state["epoch"], state["best"]
+        elapsed_before = state.get("elapsed", 0.0)
+        rng = np.random.default_rng([config.seed, start_epoch])
+        generator.manual_seed(config.seed + start_epoch)
+        for _ in range(start_epoch * config.steps_per_epoch):
+            scheduler.step()
+    log_path = out / "log.csv"
+    use_amp = config.amp and device.type == "cuda"
+    t0 = time.time()
+    taus = model.config.taus
+    bar = tqdm(
+        total=total_steps,
+        initial=start_epoch * config.steps_per_epoch,
+        disable=not progress,
+        desc="train",
+        unit="step",
+    )
+    best_path = out / "best.safetensors"
+    stop = False
+    for epoch in range(start_epoch, config.epochs):
+        cls_weight = L.lambda_ramp(
+            epoch, config.lambda_start, config.lambda_end, config.lambda_max
+        )
+        sums: dict[str, float] = {}
+        for _ in range(config.steps_per_epoch):
+            crops = [
+                random_crop(items[rng.integers(len(items))], config, rng)
+                for _ in range(config.batch_size)
+            ]
+            x = torch.stack([c[0] for c in crops]).to(device)
+            masks = [c[1].to(device) for c in crops]
+            trusted = torch.stack([c[2] for c in crops]).to(device)
+            offset = torch.from_numpy(rng.uniform(0, 1024, (len(crops), 2)).astype(np.float32))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                outputs = model(x, offset.to(device))
+            terms = training_loss(outputs, masks, trusted, config, taus, cls_weight, generator)
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            scheduler.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(terms['total'].detach()):.3f}", epoch=epoch + 1)
+        elapsed = elapsed_before + time.time() - t0
+        row: dict[str, Any] = {"epoch": epoch + 1, "elapsed_s": round(elapsed, 1)}
+        row.update({f"loss_{k}": v / config.steps_per_epoch for k, v in sums.items()})
+        row["lambda"] = cls_weight
+        row["lr"] = scheduler.get_last_lr()[0]
+        last_epoch = epoch + 1 == config.epochs
+        over_time = config.time_limit_minutes and elapsed > 60 * config.time_limit_minutes
+        if val_items and ((epoch + 1) % config.val_every == 0 or last_epoch or over_time):
+            row.update(validate(model, val_items, device))
+            if row["val_grow_iou"] > best:
+                best = row["val_grow_iou"]
+                _save_weights(model, best_path, config, row, elapsed, device, base_meta)
+        elif not val_items:
+            _save_weights(model, best_path, config, row, elapsed, device, base_meta)
+        _append_csv(log_path, row)
+        _save_checkpoint(
+            ckpt, model, optimizer, {"epoch": epoch + 1, "best": best, "elapsed": elapsed}
+        )
+        if callback is not None and callback(row):
+            stop = True
+        if over_time:
+            stop = True
+        if stop:
+            break
+    bar.close()
+    if not best_path.exists():
+        _save_weights(model, best_path, config, {}, time.time() - t0, device, base_meta)
+    return best_path
+
+
+def _save_weights(model, path, config, row, elapsed, device, base_meta) -> None:
+    meta = {
+        "name": Path(config.out).name,
+        "training": {
+            "data": [str(d) for d in config.data],
+            "train_wells": config.train_wells,
+            "val_wells": config.val_wells,
+            "epoch": row.get("epoch"),
+            "commit": _git_commit(),
+            "training_time_s": round(elapsed, 1),
+            "hardware": hardware_description(device),
+            "config": asdict(config),
+            **base_meta,
+        },
+        "metrics": {k: v for k, v in row.items() if k.startswith("val_")},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    save_model(model, path, meta)
+
+
+def _append_csv(path: Path, row: dict[str, Any]) -> None:
+    rows = []
+    if path.exists():
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    rows.append({k: str(v) for k, v in row.items()})
+    keys: list[str] = []
+    for r in rows:
+        keys.extend(k for k in r if k not in keys)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
