@@ -1,0 +1,296 @@
+"""Running the network on images: normalisation, tiling with a halo, caching in zarr.
+
+``iter_predict`` is a generator that yields ``(tiles_done, tiles_total)`` while it works and
+returns the :class:`~napari_instseg.core.types.Prediction` (as stardist's prediction
+generator does), so GUIs and CLIs can show progress; ``predict`` drives it.
+Semi-convolutional coordinates are global image coordinates, so tiled and whole-image
+predictions agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Generator
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .device import get_device
+from .model import InstSegNet
+from .normalize import normalize_percentile
+from .types import Prediction
+from .weights import DEFAULT_NORMALIZATION, load_model, model_signature
+
+CACHE_VERSION = 1
+
+
+@lru_cache(maxsize=4)
+def _shipped_model(device: str) -> InstSegNet:
+    return load_model(None, device=device)
+
+
+def as_model_input(image: np.ndarray, in_channels: int) -> np.ndarray:
+    """Check an image and bring it to (C, H, W) float32.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        (H, W), (C, H, W) or (H, W, C) with C = ``in_channels``.
+    in_channels : int
+        Channels the model takes.
+
+    Returns
+    -------
+    np.ndarray
+        (C, H, W) float32.
+
+    Raises
+    ------
+    ValueError
+        Wrong dimensionality or channel count, empty, non-numeric or non-finite images.
+    """
+    image = np.asarray(image)
+    if image.dtype.kind not in "biuf":
+        raise ValueError(f"image must be numeric, got dtype {image.dtype}")
+    if image.size == 0:
+        raise ValueError(f"image is empty (shape {image.shape})")
+    if image.ndim == 2:
+        image = image[None]
+    elif image.ndim == 3:
+        if image.shape[0] != in_channels and image.shape[-1] == in_channels:
+            image = np.moveaxis(image, -1, 0)
+        if image.shape[0] != in_channels:
+            raise ValueError(
+                f"image of shape {image.shape} does not have the model's {in_channels} "
+                "channel(s) on its first or last axis"
+            )
+    else:
+        raise ValueError(
+            f"predict takes one 2D image, (H, W) or (C, H, W); got shape {image.shape}. "
+            "Predict a stack plane by plane."
+        )
+    image = image.astype(np.float32, copy=False)
+    if not np.isfinite(image).all():
+        raise ValueError("image contains NaN or infinite values")
+    if min(image.shape[-2:]) < 8:
+        raise ValueError(f"image {image.shape[-2:]} is too small (at least 8 x 8)")
+    return image
+
+
+def _tiles(size: int, tile: int) -> list[tuple[int, int]]:
+    if size <= tile:
+        return [(0, size)]
+    n = int(np.ceil(size / tile))
+    edges = np.linspace(0, size, n + 1).round().astype(int)
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def cache_key(image: np.ndarray, model: InstSegNet, params: dict) -> str:
+    """Key of a cached prediction: image content, model tensors and parameters."""
+    digest = hashlib.sha256()
+    arr = np.ascontiguousarray(image)
+    digest.update(str((arr.shape, arr.dtype.str)).encode())
+    digest.update(arr.tobytes())
+    digest.update(model_signature(model).encode())
+    digest.update(json.dumps(params, sort_keys=True).encode())
+    digest.update(str(CACHE_VERSION).encode())
+    return digest.hexdigest()[:32]
+
+
+def iter_predict(
+    image: np.ndarray,
+    model: InstSegNet | None = None,
+    device: str | torch.device = "auto",
+    tile_size: int = 1024,
+    halo: int = 64,
+) -> Generator[tuple[int, int], None, Prediction]:
+    """Predict tile by tile, yielding ``(done, total)`` after each tile.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        (H, W) or (C, H, W) raw intensities.
+    model : InstSegNet, optional
+        Defaults to the shipped model.
+    device : str or torch.device
+        ``auto`` picks CUDA, then MPS, then CPU.
+    tile_size : int
+        Images larger than this (either side) run in tiles of about this size.
+    halo : int
+        Context added around each tile and cropped away afterwards.
+
+    Yields
+    ------
+    tuple of int
+        Tiles done, tiles in total.
+
+    Returns
+    -------
+    Prediction
+        The outputs (via ``StopIteration.value``; use :func:`predict` for a plain call).
+    """
+    dev = get_device(device)
+    if model is None:
+        model = _shipped_model(str(dev))
+    model = model.to(dev).eval()
+    cfg = model.config
+    chw = as_model_input(image, cfg.in_channels)
+    norm = normalize_percentile(chw, DEFAULT_NORMALIZATION["low"], DEFAULT_NORMALIZATION["high"])
+    _, h, w = norm.shape
+    t_count, c1 = len(cfg.taus), cfg.n_classes + 1
+    embeddings = np.empty((cfg.embedding_dim, h, w), np.float32)
+    class_scores = np.empty((t_count, c1, h, w), np.float32)
+    boundary = np.empty((h, w), np.float32)
+    foreground = np.empty((h, w), np.float32)
+    tiles = [(r, c) for r in _tiles(h, tile_size) for c in _tiles(w, tile_size)]
+    x_all = torch.from_numpy(norm)
+    use_amp = dev.type == "cuda"
+    for i, ((r0, r1), (c0, c1_)) in enumerate(tiles):
+        rr0, rr1 = max(r0 - halo, 0), min(r1 + halo, h)
+        cc0, cc1 = max(c0 - halo, 0), min(c1_ + halo, w)
+        x = x_all[:, rr0:rr1, cc0:cc1][None].to(dev)
+        th, tw = x.shape[-2:]
+        ph, pw = (-th) % cfg.divisor, (-tw) % cfg.divisor
+        if ph or pw:
+            mode = "reflect" if ph < th and pw < tw else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        with (
+            torch.inference_mode(),
+            torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp),
+        ):
+            out = model(x, (rr0, cc0))
+        sl = (slice(r0 - rr0, r0 - rr0 + (r1 - r0)), slice(c0 - cc0, c0 - cc0 + (c1_ - c0)))
+        emb = out["embeddings"][0].float()[:, sl[0], sl[1]]
+        probs = out["class_logits"][0].float().softmax(1)[:, :, sl[0], sl[1]]
+        bnd = torch.sigmoid(out["boundary_logits"][0].float())[sl]
+        fg = torch.sigmoid(out["foreground_logits"][0].float())[sl]
+        embeddings[:, r0:r1, c0:c1_] = emb.cpu().numpy()
+        class_scores[:, :, r0:r1, c0:c1_] = probs.cpu().numpy()
+        boundary[r0:r1, c0:c1_] = bnd.cpu().numpy()
+        foreground[r0:r1, c0:c1_] = fg.cpu().numpy()
+        yield i + 1, len(tiles)
+    seediness = class_scores[:, 1:].max(axis=(0, 1))
+    meta = getattr(model, "metadata", {}) or {}
+    return Prediction(
+        embeddings=embeddings,
+        seediness=seediness,
+        class_scores=class_scores,
+        boundary=boundary,
+        foreground=foreground,
+        taus=tuple(cfg.taus),
+        metadata={
+            "model": meta.get("name", getattr(model, "source", "unsaved model")),
+            "model_sha256": meta.get("sha256"),
+            "device": str(dev),
+            "tiles": len(tiles),
+        },
+    )
+
+
+def predict(
+    image: np.ndarray,
+    model: InstSegNet | str | Path | None = None,
+    device: str | torch.device = "auto",
+    tile_size: int = 1024,
+    halo: int = 64,
+    cache: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Prediction:
+    """Predict every per-pixel output for one 2D image.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        (H, W) or (C, H, W) raw intensities (normalised inside, per image).
+    model : InstSegNet or path, optional
+        A model, a weights file, or None for the shipped BBBC010 model.
+    device : str or torch.device
+        ``auto``, ``cuda``, ``mps`` or ``cpu``.
+    tile_size, halo : int
+        Tiling for large images (see :func:`iter_predict`).
+    cache : str or Path, optional
+        Folder of a zarr cache. A result is reused only when the image content, the model's
+        tensors and these parameters are all the same (they make its key).
+    progress : callable, optional
+        Called with ``(done, total)`` after every tile.
+
+    Returns
+    -------
+    Prediction
+        The outputs, ``metadata["cached"]`` tells whether it came from the cache.
+    """
+    dev = get_device(device)
+    if model is None:
+        model = _shipped_model(str(dev))
+    elif isinstance(model, str | Path):
+        model = load_model(model, device=dev)
+    store = None
+    if cache is not None:
+        chw = as_model_input(image, model.config.in_channels)
+        key = cache_key(
+            chw, model, {"tile_size": tile_size, "halo": halo, **DEFAULT_NORMALIZATION}
+        )
+        store = Path(cache) / f"{key}.zarr"
+        cached = _read_cache(store)
+        if cached is not None:
+            if progress is not None:
+                progress(1, 1)
+            return cached
+    gen = iter_predict(image, model, dev, tile_size, halo)
+    while True:
+        try:
+            done, total = next(gen)
+        except StopIteration as stop:
+            prediction = stop.value
+            break
+        if progress is not None:
+            progress(done, total)
+    prediction.metadata["cached"] = False
+    if store is not None:
+        _write_cache(store, prediction)
+    return prediction
+
+
+_FIELDS = ("embeddings", "seediness", "class_scores", "boundary", "foreground")
+
+
+def _write_cache(store: Path, prediction: Prediction) -> None:
+    import zarr
+
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = store.with_name(f".{store.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(str(tmp), mode="w")
+    for name in _FIELDS:
+        arr = getattr(prediction, name)
+        group.create_array(name, shape=arr.shape, dtype=arr.dtype)[...] = arr
+    group.attrs["taus"] = list(prediction.taus)
+    group.attrs["metadata"] = {k: v for k, v in prediction.metadata.items() if k != "cached"}
+    group.attrs["complete"] = True
+    if store.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    os.replace(tmp, store)
+
+
+def _read_cache(store: Path) -> Prediction | None:
+    import zarr
+
+    if not store.is_dir():
+        return None
+    try:
+        group = zarr.open_group(str(store), mode="r")
+        if not group.attrs.get("complete"):
+            return None
+        arrays = {name: np.asarray(group[name][...]) for name in _FIELDS}
+        meta = dict(group.attrs.get("metadata", {}))
+        meta["cached"] = True
+        return Prediction(**arrays, taus=tuple(group.attrs["taus"]), metadata=meta)
+    except (KeyError, ValueError, OSError):
+        return None
