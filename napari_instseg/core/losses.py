@@ -86,7 +86,7 @@ def sample_instance_pixels(
         (S,) long: the instance each sample was drawn for, N for background.
     """
     n, h, w = masks.shape
-    flat = masks.reshape(n, -1)
+    flat = masks.reshape(n, masks.shape[-2] * masks.shape[-1])
     groups = [flat[i] for i in range(n)]
     if include_background:
         if n:
@@ -147,7 +147,7 @@ def embedding_pair_loss(
     if idx.numel() < 2:
         return embeddings.sum() * 0.0
     e = embeddings.reshape(d, -1)[:, idx].T  # (S, D)
-    flat = masks.reshape(n, -1)
+    flat = masks.reshape(n, masks.shape[-2] * masks.shape[-1])
     membership = torch.cat(
         [flat[:, idx].T, (~flat[:, idx].any(0))[:, None]], dim=1
     ).float()  # (S, N+1), background last
@@ -207,7 +207,7 @@ def grown_mask_targets(
     d, h, w = embeddings.shape
     n = masks.shape[0]
     idx, _ = sample_instance_pixels(masks, n_per_instance, generator, include_background=False)
-    bg = ~masks.reshape(n, -1).any(0) if n else torch.ones(h * w, dtype=torch.bool)
+    bg = ~masks.reshape(n, masks.shape[-2] * masks.shape[-1]).any(0) if n else torch.ones(h * w, dtype=torch.bool)
     bg_where = bg.nonzero(as_tuple=True)[0]
     if n_background and bg_where.numel():
         pick = torch.randint(bg_where.numel(), (n_background,), generator=generator)
@@ -217,7 +217,7 @@ def grown_mask_targets(
     with torch.no_grad():
         flat_e = embeddings.detach().reshape(d, -1).T  # (HW, D)
         d2 = squared_distances(flat_e[idx], flat_e)  # (S, HW)
-        flat_m = masks.reshape(n, -1).float()  # (N, HW)
+        flat_m = masks.reshape(n, masks.shape[-2] * masks.shape[-1]).float()  # (N, HW)
         gt_area = flat_m.sum(1)
         cls = (
             torch.ones(n, dtype=torch.long, device=masks.device)
@@ -295,7 +295,7 @@ def attraction_loss(embeddings: torch.Tensor, masks: torch.Tensor) -> torch.Tens
     if n == 0:
         return embeddings.sum() * 0.0
     flat_e = embeddings.reshape(d, -1)
-    flat_m = masks.reshape(n, -1).float()
+    flat_m = masks.reshape(n, masks.shape[-2] * masks.shape[-1]).float()
     area = flat_m.sum(1).clamp_min(1.0)
     means = (flat_m @ flat_e.T) / area[:, None]  # (N, D)
     total = embeddings.new_zeros(())

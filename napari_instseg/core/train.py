@@ -362,7 +362,7 @@ def _embedding_term(
     group = torch.cat([group, torch.full_like(bidx, n)])
     if idx.numel() < 2:
         return emb.sum() * 0.0
-    flat = masks.reshape(n, -1)
+    flat = masks.reshape(n, masks.shape[-2] * masks.shape[-1])
     e = emb.reshape(d, -1)[:, idx].T
     member = torch.cat([flat[:, idx].T, (group == n)[:, None]], 1).float()
     same = member @ member.T > 0
