@@ -1,4 +1,11 @@
-"""Reading images and instance masks from disk."""
+"""Reading images and instance masks from disk.
+
+:func:`read_image` returns every image in one canonical layout, ``(N, C, H, W)``: ``N``
+planes (a stack is a batch of 2D images: z-slices, time points and pages are all planes),
+``C`` channels, then the two spatial axes. A 2D grayscale image is ``(1, 1, H, W)``, an RGB
+PNG ``(1, 3, H, W)``, a multi-page grayscale TIFF ``(N, 1, H, W)``. :func:`read_image_2d`
+reads one plane as ``(C, H, W)``. :func:`read_bbbc010` reads the BBBC010 benchmark layout.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,224 @@ from .types import Sample
 _BBBC010_IMAGE = re.compile(r"_(?P<well>[A-P]\d{2})_(?P<channel>w[12])_[0-9A-Fa-f-]+\.tif{1,2}$")
 _BBBC010_MASK = re.compile(r"^(?P<well>[A-P]\d{2})_(?P<index>\d+)_ground_truth\.png$")
 
+#: File name endings read by :func:`read_image`, by reader.
+TIFF_SUFFIXES = (".tif", ".tiff")
+PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+ZARR_SUFFIXES = (".zarr",)
+_CHANNEL_AXES = "CS"  # tifffile axes codes for channels / samples (RGB)
+_SMALL = 4  # an axis this short or shorter is taken for channels when nothing says otherwise
+
+
+def read_image(path: str | Path, *, channel_axis: int | None = None) -> np.ndarray:
+    """Read an image file into the canonical ``(N, C, H, W)`` layout.
+
+    Parameters
+    ----------
+    path : str or Path
+        A TIFF (``.tif``, ``.tiff``; tifffile), a PNG/JPEG/BMP (imageio), or a zarr store:
+        a zarr array, or a zarr / OME-Zarr group, of which the first multiscale level
+        (OME-Zarr) or else the array ``"0"`` is read.
+    channel_axis : int, optional
+        Axis of the array *as stored* that holds the channels (negative counts from the
+        end). When omitted it is taken from the file's metadata (tifffile axes ``C``/``S``,
+        OME-Zarr axis of type ``"channel"``), else guessed: a last axis of length <= 4
+        (RGB/RGBA, "YXC"), else the first axis of a 3D or the second axis of a 4D array if
+        of length <= 4 ("CYX", "ZCYX"); otherwise there are no channels and all leading
+        axes together are the stack of planes.
+
+    Returns
+    -------
+    np.ndarray
+        ``(N, C, H, W)`` in the file's own numeric dtype (not normalised); boolean images
+        become ``uint8`` 0/1. A constant alpha channel of an RGBA PNG/JPEG is dropped.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        For an unknown file type, an empty image, a non-numeric dtype, fewer than two or
+        (after dropping length-1 axes) more than four dimensions, or a bad ``channel_axis``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No such image file or zarr store: {path}")
+    axes: str | None = None
+    suffix = _suffix(path)
+    if suffix in TIFF_SUFFIXES:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.series:
+                raise ValueError(f"{path} holds no image data")
+            series = tif.series[0]
+            data = series.asarray()
+            axes = series.axes
+    elif suffix in PLAIN_SUFFIXES:
+        data = np.asarray(_imread_png(path))
+        if data.ndim == 3 and channel_axis is None:
+            if data.shape[-1] in (2, 4):
+                alpha = data[..., -1]
+                if (alpha == alpha.flat[0]).all():
+                    data = data[..., :-1]
+            axes = "YXC"
+    elif suffix in ZARR_SUFFIXES or _is_zarr(path):
+        data, axes = _read_zarr(path)
+    else:
+        raise ValueError(
+            f"Cannot read {path.name!r}: unknown file type {suffix or '(none)'!r}; expected "
+            f"one of {', '.join(TIFF_SUFFIXES + PLAIN_SUFFIXES + ZARR_SUFFIXES)}"
+        )
+    return _to_nchw(np.asarray(data), axes, channel_axis, str(path))
+
+
+def read_image_2d(
+    path: str | Path, *, plane: int = 0, channel_axis: int | None = None
+) -> np.ndarray:
+    """Read one 2D plane of an image file as ``(C, H, W)``.
+
+    Parameters
+    ----------
+    path : str or Path
+        Any file :func:`read_image` reads.
+    plane : int
+        Which plane of a stack (negative counts from the end).
+    channel_axis : int, optional
+        See :func:`read_image`.
+
+    Returns
+    -------
+    np.ndarray
+        ``(C, H, W)``; a grayscale image is ``(1, H, W)`` (use ``[0]`` for ``(H, W)``).
+
+    Raises
+    ------
+    IndexError
+        If the stack has no plane ``plane``.
+    """
+    stack = read_image(path, channel_axis=channel_axis)
+    if not -len(stack) <= plane < len(stack):
+        raise IndexError(f"{path} has {len(stack)} plane(s); there is no plane {plane}")
+    return stack[plane]
+
+
+def _suffix(path: Path) -> str:
+    """Lower-case file type (``.ome.zarr`` gives ``.zarr``, ``.ome.tif`` gives ``.tif``)."""
+    return path.suffix.lower()
+
+
+def _is_zarr(path: Path) -> bool:
+    """True for a folder holding zarr (v2 or v3) metadata."""
+    return path.is_dir() and any(
+        (path / marker).exists() for marker in (".zarray", ".zgroup", "zarr.json")
+    )
+
+
+def _read_zarr(path: Path) -> tuple[np.ndarray, str | None]:
+    """Read a zarr array, or the first multiscale level / array "0" of a zarr group."""
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as err:  # zarr raises several types for a folder that is not a store
+        raise ValueError(f"{path} is not a readable zarr array or group: {err}") from err
+    axes = None
+    if isinstance(node, zarr.Group):
+        attrs = dict(node.attrs)
+        multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+        if multiscales:
+            meta = multiscales[0]
+            key = meta["datasets"][0]["path"]
+            axes = _ome_axes(meta.get("axes", []))
+        elif "0" in node:
+            key = "0"
+        else:
+            arrays = sorted(name for name, _ in node.arrays())
+            if not arrays:
+                raise ValueError(f"zarr group {path} holds no arrays")
+            key = arrays[0]
+        node = node[key]
+    data = np.asarray(node[...])
+    if axes is not None and len(axes) != data.ndim:
+        axes = None
+    return data, axes
+
+
+def _ome_axes(axes: list) -> str | None:
+    """OME-Zarr axes metadata (names or dicts with name/type) as tifffile-style codes."""
+    codes = []
+    for axis in axes:
+        name = axis.get("name", "") if isinstance(axis, dict) else str(axis)
+        kind = axis.get("type", "") if isinstance(axis, dict) else ""
+        codes.append("C" if kind == "channel" or name.lower() == "c" else name.upper()[:1] or "Q")
+    return "".join(codes) or None
+
+
+def _to_nchw(
+    data: np.ndarray, axes: str | None, channel_axis: int | None, where: str
+) -> np.ndarray:
+    """Move an array with optional axes codes to (N, C, H, W)."""
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise ValueError(f"{where}: unsupported dtype {data.dtype} (need integers or floats)")
+    if data.ndim < 2:
+        raise ValueError(f"{where}: a {data.ndim}D array is not an image (shape {data.shape})")
+    if data.size == 0:
+        raise ValueError(f"{where}: the image is empty (shape {data.shape})")
+    if channel_axis is not None:
+        if data.ndim == 2:
+            raise ValueError(f"{where}: a 2D image has no channel axis (shape {data.shape})")
+        if not -data.ndim <= channel_axis < data.ndim:
+            raise ValueError(
+                f"{where}: channel_axis={channel_axis} is out of range for shape {data.shape}"
+            )
+        channel_axis %= data.ndim
+        axes = None
+    if data.ndim > 4:
+        # drop length-1 axes that are neither the channel axis nor one of the last two
+        keep = [
+            i
+            for i in range(data.ndim)
+            if data.shape[i] != 1 or i == channel_axis or i >= data.ndim - 2
+        ]
+        if axes is not None:
+            axes = "".join(axes[i] for i in keep)
+        if channel_axis is not None:
+            channel_axis = keep.index(channel_axis)
+        data = data.reshape([data.shape[i] for i in keep])
+        if data.ndim > 4:
+            raise ValueError(
+                f"{where}: {data.ndim}D images are not supported (shape {data.shape}, axes "
+                f"{axes or 'unknown'}); at most 4D: planes x channels x height x width"
+            )
+    if channel_axis is None:
+        channel_axis = _guess_channel_axis(data.shape, axes)
+    if channel_axis is None:
+        return data.reshape((-1, 1, *data.shape[-2:]))
+    spatial = [i for i in range(data.ndim) if i != channel_axis][-2:]
+    other = [i for i in range(data.ndim) if i != channel_axis and i not in spatial]
+    moved = np.transpose(data, (*other, channel_axis, *spatial))
+    return moved.reshape((-1, *moved.shape[-3:]))
+
+
+def _guess_channel_axis(shape: tuple[int, ...], axes: str | None) -> int | None:
+    """Channel axis from axes codes, else from a short last / first axis, else None."""
+    ndim = len(shape)
+    if ndim == 2:
+        return None
+    if axes is not None and len(axes) == ndim:
+        found = [i for i, a in enumerate(axes) if a in _CHANNEL_AXES]
+        if len(found) == 1:
+            return found[0]
+        if not found and axes.endswith("YX"):
+            return None  # the metadata names every axis and none is a channel
+    if shape[-1] <= _SMALL < min(shape[-2], shape[-3]):
+        return ndim - 1
+    if shape[0] <= _SMALL and ndim == 3:
+        return 0
+    if ndim == 4 and shape[1] <= _SMALL:
+        return 1
+    return None
+
 
 def bbbc010_wells(root: str | Path) -> list[str]:
     """List the wells of a BBBC010-style folder that have a bright-field (w2) image.
@@ -29,6 +254,8 @@ def bbbc010_wells(root: str | Path) -> list[str]:
     list of str
         Sorted well names, e.g. ``["A01", "A02", ...]``.
     """
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"BBBC010 folder {root} does not exist")
     images = Path(root) / "images"
     if not images.is_dir():
         raise FileNotFoundError(f"{root} has no images/ folder (expected the BBBC010 layout)")
@@ -48,9 +275,10 @@ def read_bbbc010(
     Parameters
     ----------
     root : str or Path
-        Folder with ``images/*_<WELL>_w{1,2}_<GUID>.tif`` and ``masks/<WELL>_<NN>_ground_truth.png``.
-    wells : iterable of str, optional
-        Wells to read (default: all with a w2 image).
+        Folder with ``images/*_<WELL>_w{1,2}_<GUID>.tif`` and
+        ``masks/<WELL>_<NN>_ground_truth.png``.
+    wells : iterable of str or str, optional
+        Wells to read, e.g. ``["A01", "A02"]`` or ``"A01"`` (default: all with a w2 image).
     with_w1 : bool
         Also read the Sytox (w1) channel into ``Sample.channels["w1"]`` when present.
 
@@ -69,6 +297,8 @@ def read_bbbc010(
     """
     root = Path(root)
     available = bbbc010_wells(root)
+    if isinstance(wells, str):
+        wells = [wells]
     wells = available if wells is None else list(wells)
     missing = sorted(set(wells) - set(available))
     if missing:
