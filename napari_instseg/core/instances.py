@@ -1,0 +1,515 @@
+"""Automatic instances from a :class:`~napari_instseg.core.types.Prediction`.
+
+Three methods, all returning :class:`~napari_instseg.core.types.Instances` with overlapping
+masks allowed:
+
+``"seeds"`` (Fathi et al.)
+    Pick seeds greedily by ``log S_p + alpha log D(p, picked)`` (seediness times diversity in
+    embedding space), grow every seed's mask at its best threshold with one matrix product,
+    drop low scores and duplicates (mask IoU, higher score wins), then refine the survivors
+    with :meth:`~napari_instseg.core.grow.Grower.grow` (connectivity, crossing pixels).
+``"boundary"`` (BAISeg mask extraction pipeline)
+    Thin the boundary map, dilate, distance transform of the remaining foreground, threshold
+    into markers, watershed, per-instance closing (5 x 5 ellipse), clip to the foreground.
+    Cannot produce overlaps: a crossed worm comes out in pieces.
+``"hybrid"``
+    Seeds from both sources, grown by embedding similarity with the boundary as a barrier;
+    boundary segments no grown mask explains are added. See :func:`segment_hybrid`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from skimage.morphology import disk, ellipse, skeletonize
+from skimage.segmentation import watershed
+
+from .grow import Grower, d2_threshold, get_grower
+from .types import Instances, Prediction
+
+__all__ = [
+    "segment",
+    "segment_seeds",
+    "segment_boundary",
+    "segment_hybrid",
+    "sample_seeds",
+    "nms",
+    "METHODS",
+]
+
+METHODS = ("seeds", "boundary", "hybrid")
+_EIGHT = np.ones((3, 3), bool)
+
+
+def _check_prediction(prediction: Prediction) -> None:
+    if not isinstance(prediction, Prediction):
+        raise ValueError(f"expected a Prediction, got {type(prediction).__name__}")
+    h, w = prediction.shape
+    if h == 0 or w == 0:
+        raise ValueError(f"prediction has an empty image size {prediction.shape}")
+    for name in ("seediness", "boundary", "foreground", "class_scores"):
+        if not np.isfinite(np.asarray(getattr(prediction, name))).all():
+            raise ValueError(f"prediction.{name} contains NaN or infinite values")
+
+
+def _empty(shape: tuple[int, int]) -> Instances:
+    return Instances(
+        masks=np.zeros((0, *shape), bool),
+        scores=np.zeros(0, np.float32),
+        classes=np.zeros(0, np.int64),
+        seeds=np.zeros((0, 2), np.int64),
+        taus=np.zeros(0, np.float32),
+    )
+
+
+def nms(
+    masks: np.ndarray,
+    scores: np.ndarray,
+    iou_threshold: float = 0.5,
+    containment_threshold: float = 0.8,
+) -> np.ndarray:
+    """Greedy duplicate removal on masks: keep the higher score.
+
+    A mask is dropped when its IoU with an already kept (higher-scoring) mask reaches
+    ``iou_threshold`` or when at least ``containment_threshold`` of its area lies inside
+    one. Crossing worms share only a small part of their area, so both stay.
+
+    Parameters
+    ----------
+    masks : np.ndarray
+        (K, ...) bool masks (flattened or not).
+    scores : np.ndarray
+        (K,) scores.
+    iou_threshold, containment_threshold : float
+        Duplicate criteria.
+
+    Returns
+    -------
+    np.ndarray
+        Indices of the kept masks, by decreasing score.
+    """
+    k = len(masks)
+    if k == 0:
+        return np.zeros(0, np.int64)
+    flat = masks.reshape(k, -1)
+    cols = np.flatnonzero(flat.any(axis=0))  # only pixels some mask covers
+    f = flat[:, cols].astype(np.float32)
+    inter = f @ f.T
+    area = np.diag(inter).copy()
+    union = area[:, None] + area[None] - inter
+    iou = inter / np.maximum(union, 1.0)
+    contained = inter / np.maximum(area[:, None], 1.0)  # fraction of row i inside column j
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    kept: list[int] = []
+    for i in order:
+        if area[i] == 0:
+            continue
+        if kept and (
+            (iou[i, kept] >= iou_threshold).any()
+            or (contained[i, kept] >= containment_threshold).any()
+        ):
+            continue
+        kept.append(int(i))
+    return np.asarray(kept, np.int64)
+
+
+def sample_seeds(
+    prediction: Prediction | Grower,
+    max_seeds: int = 100,
+    alpha: float = 0.3,
+    min_seediness: float = 0.5,
+    fg_threshold: float = 0.5,
+    stride: int = 2,
+    min_distance: float | None = None,
+) -> np.ndarray:
+    """Fathi et al.'s seed sampling: ``argmax_p [log S_p + alpha log D(p, picked)]``.
+
+    ``D(p, picked) = min_q ||e_p - e_q||^2`` over already picked seeds q, so each new seed
+    is a good seed (high seediness) far in embedding space from the previous ones.
+
+    Parameters
+    ----------
+    prediction : Prediction or Grower
+        Network outputs.
+    max_seeds : int
+        At most this many seeds (the paper: ~100 cover an image).
+    alpha : float
+        Weight of diversity against seediness (paper: 0.3).
+    min_seediness : float
+        Candidates need seediness above this (and foreground above ``fg_threshold``).
+    fg_threshold : float
+        Foreground probability a candidate needs.
+    stride : int
+        Candidates on a grid with this spacing (speed; worms are wider than 2 px).
+    min_distance : float, optional
+        Stop when no candidate is farther than this (squared embedding distance) from the
+        picked seeds, i.e. everything is covered. Default: the distance at tau = 0.9.
+
+    Returns
+    -------
+    np.ndarray
+        (K, 2) int64 (row, col) seeds in picking order.
+    """
+    grower = get_grower(prediction)
+    pred = grower.prediction
+    h, w = grower.shape
+    if max_seeds < 1:
+        return np.zeros((0, 2), np.int64)
+    seed_map = np.asarray(pred.seediness, np.float32)
+    ok = (seed_map > min_seediness) & (np.asarray(pred.foreground) > fg_threshold)
+    grid = np.zeros((h, w), bool)
+    grid[::stride, ::stride] = True
+    cand = np.flatnonzero(ok & grid)
+    if len(cand) == 0:
+        return np.zeros((0, 2), np.int64)
+    min_distance = d2_threshold(0.9) if min_distance is None else float(min_distance)
+    log_s = np.log(np.maximum(seed_map.reshape(-1)[cand], 1e-6))
+    dist = np.full(len(cand), np.inf, np.float32)
+    picked: list[int] = []
+    score = log_s.copy()
+    for _ in range(min(max_seeds, len(cand))):
+        j = int(np.argmax(score))
+        if picked and dist[j] < min_distance:
+            break
+        picked.append(j)
+        d = grower.sq_dist(grower.flat[:, cand[j]][None], cand)[0]
+        np.minimum(dist, d, out=dist)
+        score = log_s + alpha * np.log(np.maximum(dist, 1e-6))
+        score[picked] = -np.inf
+    rows, cols = np.divmod(cand[picked], w)
+    return np.stack([rows, cols], axis=1).astype(np.int64)
+
+
+def _grow_all(
+    grower: Grower, seeds: np.ndarray, taus: np.ndarray, pixels: np.ndarray
+) -> np.ndarray:
+    """Masks of all seeds on ``pixels`` (flat indices) at once: (K, len(pixels)) bool."""
+    v = grower.vectors(seeds)
+    d2 = grower.sq_dist(v, pixels)
+    thr = np.array([d2_threshold(t) for t in taus], np.float32)
+    return d2 <= thr[:, None]
+
+
+def _seed_attributes(
+    prediction: Prediction, seeds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    tau, cls, score = prediction.best_tau_class()
+    r, c = seeds[:, 0], seeds[:, 1]
+    return tau[r, c].astype(np.float32), cls[r, c], score[r, c].astype(np.float32)
+
+
+def segment_seeds(
+    prediction: Prediction,
+    max_seeds: int = 100,
+    alpha: float = 0.3,
+    min_seediness: float = 0.5,
+    min_score: float = 0.5,
+    iou_threshold: float = 0.5,
+    containment_threshold: float = 0.8,
+    min_size: int = 30,
+    fg_threshold: float = 0.5,
+    boundary_barrier: float | None = None,
+    extra_seeds: np.ndarray | None = None,
+    extra_score_factor: float = 1.0,
+) -> Instances:
+    """Fathi et al.: sampled seeds grown at their best threshold, duplicates removed.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        Network outputs.
+    max_seeds, alpha, min_seediness : see :func:`sample_seeds`.
+    min_score : float
+        Drop seeds whose class score (at their best tau and class) is below this.
+    iou_threshold, containment_threshold : float
+        Duplicate removal, see :func:`nms`.
+    min_size : int
+        Drop masks smaller than this many pixels.
+    fg_threshold : float
+        Masks are grown on pixels with foreground above this.
+    boundary_barrier : float, optional
+        Boundary barrier for the final refinement (see :func:`~napari_instseg.core.grow.grow`).
+    extra_seeds : np.ndarray, optional
+        (K, 2) more seeds to try (the hybrid method passes boundary-segment centres).
+    extra_score_factor : float
+        Their scores are multiplied by this (ranks them after sampled seeds of equal score).
+
+    Returns
+    -------
+    Instances
+        Masks (overlaps kept), scores, classes, seeds, taus.
+    """
+    _check_prediction(prediction)
+    grower = get_grower(prediction)
+    shape = grower.shape
+    seeds = sample_seeds(grower, max_seeds, alpha, min_seediness, fg_threshold)
+    factor = np.ones(len(seeds), np.float32)
+    if extra_seeds is not None and len(extra_seeds):
+        extra = np.asarray(extra_seeds, np.int64).reshape(-1, 2)
+        seeds = np.concatenate([seeds, extra])
+        factor = np.concatenate([factor, np.full(len(extra), extra_score_factor, np.float32)])
+    if len(seeds) == 0:
+        return _empty(shape)
+    taus, classes, scores = _seed_attributes(prediction, seeds)
+    scores = scores * factor
+    good = scores >= min_score
+    seeds, taus, classes, scores = seeds[good], taus[good], classes[good], scores[good]
+    if len(seeds) == 0:
+        return _empty(shape)
+    pixels = np.flatnonzero(np.asarray(prediction.foreground).reshape(-1) > fg_threshold)
+    rough = _grow_all(grower, seeds, taus, pixels)
+    keep = nms(rough, scores, iou_threshold, containment_threshold)
+    masks = []
+    for i in keep:
+        m = grower.grow(
+            seeds[i], tau=float(taus[i]), boundary_barrier=boundary_barrier, connected=True
+        )
+        m &= np.asarray(prediction.foreground) > fg_threshold
+        masks.append(m)
+    if not masks:
+        return _empty(shape)
+    masks_arr = np.stack(masks)
+    # refinement can change masks (connectivity): remove duplicates and tiny ones again
+    sizes = masks_arr.reshape(len(masks_arr), -1).sum(axis=1)
+    ok = np.flatnonzero(sizes >= min_size)
+    keep2 = ok[nms(masks_arr[ok], scores[keep][ok], iou_threshold, containment_threshold)]
+    sel = keep[keep2]
+    return Instances(
+        masks=masks_arr[keep2],
+        scores=scores[sel],
+        classes=classes[sel],
+        seeds=seeds[sel],
+        taus=taus[sel],
+    )
+
+
+def _boundary_labels(
+    prediction: Prediction,
+    boundary_threshold: float,
+    marker_threshold: float,
+    fg_threshold: float,
+    min_marker_size: int,
+    dilate_iterations: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """BAISeg stages 1-3: thin, dilate, distance transform, markers, watershed.
+
+    Returns the watershed labels (before closing) and the distance map.
+    """
+    boundary = np.asarray(prediction.boundary, np.float32)
+    fg = np.asarray(prediction.foreground) > fg_threshold
+    thin = skeletonize(boundary > boundary_threshold)  # non-maximum suppression: 1-px lines
+    thick = (
+        ndimage.binary_dilation(thin, iterations=dilate_iterations) if dilate_iterations else thin
+    )
+    dist = ndimage.distance_transform_edt(fg & ~thick)
+    markers, n = ndimage.label(dist > marker_threshold, _EIGHT)
+    if n and min_marker_size > 1:
+        sizes = np.bincount(markers.ravel(), minlength=n + 1)
+        small = sizes < min_marker_size
+        small[0] = False
+        markers[small[markers]] = 0
+    labels = watershed(boundary, markers, mask=fg)
+    return labels, dist
+
+
+def segment_boundary(
+    prediction: Prediction,
+    boundary_threshold: float = 0.5,
+    marker_threshold: float = 0.5,
+    fg_threshold: float = 0.5,
+    min_marker_size: int = 5,
+    min_size: int = 30,
+    closing_size: int = 5,
+    dilate_iterations: int = 1,
+) -> Instances:
+    """BAISeg's mask extraction pipeline on the boundary and foreground maps.
+
+    Steps: skeletonize the thresholded boundary (thin lines), dilate twice, Euclidean
+    distance transform of the foreground outside the dilated lines, threshold it into
+    markers (connected components), watershed of the boundary map from the markers inside
+    the foreground, closing of every instance with a ``closing_size`` elliptical element,
+    and keep only foreground pixels. Score = mean seediness inside the instance.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        Network outputs.
+    boundary_threshold : float
+        Boundary probability above which a pixel is a boundary before thinning.
+    marker_threshold : float
+        Distance (pixels) from the boundary / background a marker pixel needs.
+    fg_threshold : float
+        Foreground probability threshold.
+    min_marker_size : int
+        Markers smaller than this are dropped (noise).
+    min_size : int
+        Instances smaller than this are dropped.
+    closing_size : int
+        Size of the elliptical closing element (BAISeg: 5).
+
+    Returns
+    -------
+    Instances
+        Non-overlapping masks (overlaps appear only through the closing), scores from the
+        seediness, classes from the class scores, seeds at each instance's deepest pixel.
+    """
+    _check_prediction(prediction)
+    shape = prediction.shape
+    labels, dist = _boundary_labels(
+        prediction,
+        boundary_threshold,
+        marker_threshold,
+        fg_threshold,
+        min_marker_size,
+        dilate_iterations,
+    )
+    fg = np.asarray(prediction.foreground) > fg_threshold
+    selem = ellipse(closing_size // 2, closing_size // 2).astype(bool)
+    if selem.shape != (closing_size, closing_size):  # even sizes: fall back to a disk
+        selem = disk(closing_size // 2).astype(bool)
+    pad = closing_size
+    _, cls_map, _ = prediction.best_tau_class()
+    seed_map = np.asarray(prediction.seediness, np.float32)
+    masks, scores, classes, seeds = [], [], [], []
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        r0, r1 = max(sl[0].start - pad, 0), min(sl[0].stop + pad, shape[0])
+        c0, c1 = max(sl[1].start - pad, 0), min(sl[1].stop + pad, shape[1])
+        crop = labels[r0:r1, c0:c1] == i
+        closed = ndimage.binary_closing(crop, selem) | crop
+        closed &= fg[r0:r1, c0:c1]
+        if closed.sum() < min_size:
+            continue
+        m = np.zeros(shape, bool)
+        m[r0:r1, c0:c1] = closed
+        d = np.where(closed, dist[r0:r1, c0:c1], -1)
+        sr, sc = np.unravel_index(int(np.argmax(d)), d.shape)
+        masks.append(m)
+        scores.append(float(seed_map[r0:r1, c0:c1][closed].mean()))
+        classes.append(int(np.bincount(cls_map[r0:r1, c0:c1][closed]).argmax()))
+        seeds.append((sr + r0, sc + c0))
+    if not masks:
+        return _empty(shape)
+    return Instances(
+        masks=np.stack(masks),
+        scores=np.asarray(scores, np.float32),
+        classes=np.asarray(classes, np.int64),
+        seeds=np.asarray(seeds, np.int64),
+        taus=None,
+    )
+
+
+def segment_hybrid(
+    prediction: Prediction,
+    max_seeds: int = 100,
+    alpha: float = 0.3,
+    min_seediness: float = 0.5,
+    min_score: float = 0.5,
+    iou_threshold: float = 0.5,
+    containment_threshold: float = 0.8,
+    min_size: int = 30,
+    fg_threshold: float = 0.5,
+    boundary_barrier: float | None = 0.5,
+    boundary_threshold: float = 0.5,
+    marker_threshold: float = 0.5,
+    dilate_iterations: int = 1,
+    cover_threshold: float = 0.5,
+    boundary_score_factor: float = 0.9,
+) -> Instances:
+    """Seeds, boundaries and similarity together.
+
+    1. The BAISeg pipeline (:func:`segment_boundary`) gives segments; each segment's deepest
+       pixel joins Fathi's sampled seeds as an extra seed (recall: a worm the sampler
+       missed still gets a seed).
+    2. Every seed grows by embedding similarity at its best tau, refined with the boundary
+       map as a barrier (touching worms whose embeddings are close stay apart) while
+       crossing pixels are bridged, so crossed worms stay whole and overlaps are kept
+       (which the watershed alone cannot do).
+    3. Duplicates are removed (:func:`nms`); boundary segments covered less than
+       ``cover_threshold`` by the grown masks are added with their score times
+       ``boundary_score_factor`` (recall where embeddings fail).
+
+    Parameters
+    ----------
+    prediction : Prediction
+        Network outputs.
+    max_seeds, alpha, min_seediness, min_score, iou_threshold, containment_threshold,
+    min_size, fg_threshold :
+        As in :func:`segment_seeds`.
+    boundary_barrier : float or None
+        Barrier for growing (None: no barrier).
+    boundary_threshold, marker_threshold :
+        As in :func:`segment_boundary`.
+    cover_threshold : float
+        A boundary segment is added when less than this fraction of it is covered.
+    boundary_score_factor : float
+        Score multiplier for seeds from boundary segments and for added segments.
+
+    Returns
+    -------
+    Instances
+        Overlapping masks with scores, classes, seeds and taus (NaN for added segments).
+    """
+    _check_prediction(prediction)
+    shape = prediction.shape
+    segs = segment_boundary(
+        prediction,
+        boundary_threshold=boundary_threshold,
+        marker_threshold=marker_threshold,
+        fg_threshold=fg_threshold,
+        min_size=min_size,
+        dilate_iterations=dilate_iterations,
+    )
+    grown = segment_seeds(
+        prediction,
+        max_seeds=max_seeds,
+        alpha=alpha,
+        min_seediness=min_seediness,
+        min_score=min_score,
+        iou_threshold=iou_threshold,
+        containment_threshold=containment_threshold,
+        min_size=min_size,
+        fg_threshold=fg_threshold,
+        boundary_barrier=boundary_barrier,
+        extra_seeds=segs.seeds,
+        extra_score_factor=boundary_score_factor,
+    )
+    if len(segs) == 0:
+        return grown
+    covered = grown.masks.any(axis=0) if len(grown) else np.zeros(shape, bool)
+    seg_area = segs.masks.reshape(len(segs), -1).sum(axis=1)
+    seg_cov = (segs.masks & covered).reshape(len(segs), -1).sum(axis=1) / np.maximum(seg_area, 1)
+    add = np.flatnonzero((seg_cov < cover_threshold) & (segs.scores >= min_score * 0.5))
+    if len(add) == 0:
+        return grown
+    masks = np.concatenate([grown.masks, segs.masks[add]])
+    scores = np.concatenate([grown.scores, segs.scores[add] * boundary_score_factor])
+    classes = np.concatenate([grown.classes, segs.classes[add]])
+    seeds = np.concatenate([grown.seeds.reshape(-1, 2), segs.seeds[add]])
+    taus = np.concatenate([grown.taus, np.full(len(add), np.nan, np.float32)])
+    return Instances(masks=masks, scores=scores, classes=classes, seeds=seeds, taus=taus)
+
+
+def segment(prediction: Prediction, method: str = "hybrid", **params: object) -> Instances:
+    """Segment all instances of a prediction automatically.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        Network outputs for one image.
+    method : {"seeds", "boundary", "hybrid"}
+        ``"seeds"``: :func:`segment_seeds` (Fathi et al.); ``"boundary"``:
+        :func:`segment_boundary` (BAISeg); ``"hybrid"``: :func:`segment_hybrid`.
+    **params
+        Keyword arguments of the chosen method.
+
+    Returns
+    -------
+    Instances
+        Per-instance masks (overlaps kept except for ``"boundary"``) with scores and classes.
+    """
+    funcs = {"seeds": segment_seeds, "boundary": segment_boundary, "hybrid": segment_hybrid}
+    if method not in funcs:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return funcs[method](prediction, **params)  # type: ignore[arg-type]
