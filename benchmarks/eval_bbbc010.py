@@ -1,0 +1,75 @@
+"""Accuracy of a model on BBBC010 wells, for every segmentation method.
+
+Predicts each well once (zarr cache), segments it with each method and prints COCO AP/AP50/
+AP75 and DSB S0.5/avS beside the published anchors; writes JSON with ``--json``.
+
+    python benchmarks/eval_bbbc010.py --model runs/bbbc010/best.safetensors --wells B13-C02
+
+Only the training half of BBBC010 is here; use your validation wells (B13-C02), never the
+held-back test half.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from napari_instseg.core.evaluate import evaluate, format_table  # noqa: E402
+from napari_instseg.core.instances import segment  # noqa: E402
+from napari_instseg.core.io import read_bbbc010  # noqa: E402
+from napari_instseg.core.predict import predict  # noqa: E402
+from napari_instseg.core.train import parse_names  # noqa: E402
+from napari_instseg.core.weights import load_model  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="weights (default: shipped)")
+    parser.add_argument("--data", default="../shared/data/bbbc010")
+    parser.add_argument("--wells", default="B13-C02")
+    parser.add_argument("--methods", default="seeds,boundary,hybrid")
+    parser.add_argument("--params", default="{}", help="JSON dict of segment kwargs per method")
+    parser.add_argument("--cache", default=".cache/predictions")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    model = load_model(args.model)
+    wells = parse_names(args.wells)
+    samples = read_bbbc010(args.data, wells, with_w1=False)
+    t0 = time.perf_counter()
+    predictions = [predict(s.image, model, cache=args.cache) for s in samples]
+    t_predict = time.perf_counter() - t0
+    params = json.loads(args.params)
+    results, timings = {}, {}
+    for method in args.methods.split(","):
+        t0 = time.perf_counter()
+        instances = [segment(p, method=method, **params.get(method, {})) for p in predictions]
+        timings[method] = (time.perf_counter() - t0) / len(samples)
+        res = evaluate(instances, [s.masks for s in samples], names=wells)
+        res.pop("per_image", None)
+        results[method] = res
+    print(format_table(results))
+    print(f"predict: {t_predict:.1f} s for {len(samples)} images (cache: {args.cache})")
+    for method, t in timings.items():
+        print(f"segment {method}: {t:.3f} s per image")
+    if args.json:
+        out = {
+            "model": args.model or "shipped",
+            "wells": args.wells,
+            "results": results,
+            "segment_s_per_image": timings,
+        }
+        Path(args.json).write_text(json.dumps(out, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    sys.exit(main())
