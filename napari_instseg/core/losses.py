@@ -207,7 +207,11 @@ def grown_mask_targets(
     d, h, w = embeddings.shape
     n = masks.shape[0]
     idx, _ = sample_instance_pixels(masks, n_per_instance, generator, include_background=False)
-    bg = ~masks.reshape(n, masks.shape[-2] * masks.shape[-1]).any(0) if n else torch.ones(h * w, dtype=torch.bool)
+    bg = (
+        ~masks.reshape(n, masks.shape[-2] * masks.shape[-1]).any(0)
+        if n
+        else torch.ones(h * w, dtype=torch.bool)
+    )
     bg_where = bg.nonzero(as_tuple=True)[0]
     if n_background and bg_where.numel():
         pick = torch.randint(bg_where.numel(), (n_background,), generator=generator)
@@ -338,7 +342,8 @@ def boundary_target(masks: torch.Tensor, width: int = 1) -> torch.Tensor:
 def balanced_boundary_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BAISeg's class-balanced boundary loss, averaged over pixels.
 
-    L_B = -mean[ alpha Y log B + (1 - alpha)(1 - Y) log(1 - B) ], alpha = |Y-| / |Y|.
+    L_B = -2 mean[ alpha Y log B + (1 - alpha)(1 - Y) log(1 - B) ], alpha = |Y-| / |Y|
+    (the factor 2 makes a half-positive map, alpha = 1/2, equal plain BCE).
 
     Parameters
     ----------
