@@ -152,8 +152,9 @@ def iter_predict(
     x_all = torch.from_numpy(norm)
     use_amp = dev.type == "cuda"
     for i, ((r0, r1), (c0, c1_)) in enumerate(tiles):
-        rr0, rr1 = max(r0 - halo, 0), min(r1 + halo, h)
-        cc0, cc1 = max(c0 - halo, 0), min(c1_ + halo, w)
+        # tile starts on multiples of the divisor: the same pooling grid as the whole image
+        rr0, rr1 = max(r0 - halo, 0) // cfg.divisor * cfg.divisor, min(r1 + halo, h)
+        cc0, cc1 = max(c0 - halo, 0) // cfg.divisor * cfg.divisor, min(c1_ + halo, w)
         x = x_all[:, rr0:rr1, cc0:cc1][None].to(dev)
         th, tw = x.shape[-2:]
         ph, pw = (-th) % cfg.divisor, (-tw) % cfg.divisor
