@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
+from skimage.segmentation import watershed
 
 from .types import Prediction
 
@@ -105,10 +106,16 @@ class Grower:
         self.prediction = prediction
         self.shape: tuple[int, int] = (h, w)
         self.dim = d
+        #: (D + 1, H*W): the embeddings with minus half their squared norm as a last row, so
+        #: that one matrix-vector product with ``(v, 1)`` gives ``v.e_q - |e_q|^2 / 2``
+        self._aug = np.empty((d + 1, h * w), np.float32)
+        self._aug[:d] = flat
+        np.einsum("dn,dn->n", flat, flat, out=self._aug[d])
+        self._aug[d] *= -0.5
         #: (D, H*W) float32 embeddings (the layout with the fastest matrix-vector product)
-        self.flat = flat
+        self.flat = self._aug[:d]
         #: (H*W,) half the squared norm of every pixel's embedding
-        self.half_sq = 0.5 * np.einsum("dn,dn->n", flat, flat)
+        self.half_sq = -self._aug[d]
         fg = np.asarray(prediction.foreground, np.float32)
         bd = np.asarray(prediction.boundary, np.float32)
         self.foreground = np.nan_to_num(fg, nan=0.0)
@@ -176,6 +183,7 @@ class Grower:
         bridge_overlaps: bool = True,
         overlap_radius: int = 12,
         fg_threshold: float = 0.5,
+        min_island: int = 50,
     ) -> np.ndarray:
         """Grow one mask from positive seeds; see :func:`grow` for the parameters."""
         h, w = self.shape
@@ -190,10 +198,15 @@ class Grower:
 
         # union over positive seeds of {q : d2(seed, q) <= thr}, as one comparison per seed
         # d2 <= thr  <=>  v.e_q - |e_q|^2/2 >= (|v|^2 - thr)/2
-        dots = vp @ self.flat
-        dots -= self.half_sq
-        dots -= (0.5 * ((vp * vp).sum(axis=1) - thr))[:, None].astype(np.float32)
-        keep = dots.max(axis=0) >= 0 if len(pos) > 1 else dots[0] >= 0
+        va = np.concatenate([vp, np.ones((len(pos), 1), np.float32)], axis=1)
+        limit = (0.5 * ((vp * vp).sum(axis=1) - thr)).astype(np.float32)
+        if len(pos) == 1:
+            keep = (va[0] @ self._aug) >= limit[0]
+        else:
+            dots = va @ self._aug
+            dots -= limit[:, None]
+            keep = dots.max(axis=0) >= 0
+        keep[pos[:, 0] * w + pos[:, 1]] = True  # the clicked pixels always belong to the mask
         idx = np.flatnonzero(keep)
 
         if len(neg) and len(idx):
@@ -201,9 +214,8 @@ class Grower:
             vn = self.vectors(neg)
             d_pos = self.sq_dist(vp, idx).min(axis=0)
             d_neg = self.sq_dist(vn, idx).min(axis=0)
-            idx = idx[d_neg >= d_pos]
-        seed_flat = pos[:, 0] * w + pos[:, 1]
-        idx = np.union1d(idx, seed_flat)  # the clicked pixels always belong to their mask
+            is_seed = np.isin(idx, pos[:, 0] * w + pos[:, 1])
+            idx = idx[(d_neg >= d_pos) | is_seed]
         if not connected and not bridge_overlaps:
             out = np.zeros(h * w, bool)
             out[idx] = True
@@ -232,10 +244,18 @@ class Grower:
             labels, _ = ndimage.label(passable, _EIGHT)
             ids = np.unique(labels[pos[:, 0] - r0, pos[:, 1] - c0])
             ids = ids[ids > 0]
-            region = np.isin(labels, ids)
-            if boundary_barrier is not None:
-                # barrier pixels similar to the seed and touching the region belong to it
-                region |= allowed & ~passable & ndimage.binary_dilation(region, _EIGHT)
+            region = labels == ids[0] if len(ids) == 1 else np.isin(labels, ids)
+            if boundary_barrier is not None and (allowed & ~region).any():
+                # Barrier pixels and small cut-off islands (worm tips lie entirely on the
+                # boundary) join whichever large part of the mask floods them first along
+                # the boundary map: a watershed from the seeds' part and every other part of
+                # at least ``min_island`` pixels, so a contact line splits between its sides.
+                sizes = np.bincount(labels.ravel())
+                markers = np.where(sizes[labels] >= min_island, 2, 0).astype(np.int32)
+                markers[labels == 0] = 0
+                markers[region] = 1
+                flooded = watershed(self.boundary[r0:r1, c0:c1], markers, mask=allowed)
+                region = flooded == 1
             allowed = region
         out = np.zeros((h, w), bool)
         out[r0:r1, c0:c1] = allowed
@@ -271,6 +291,13 @@ class Grower:
         sub[:, 1::2] = False
         ar, ac = np.nonzero(sub)
         a_idx = (ar + r0) * w + (ac + c0)
+        # an anchor must belong to another instance: for an exact midpoint q between the
+        # seed and anchor a, d2(seed, a) = 4 d2(seed, q) > 4 thr; requiring > 2 thr stops
+        # the test from creeping along smooth embedding gradients next to the mask
+        far = self.sq_dist(vp, a_idx).min(axis=0) > 2.0 * thr
+        a_idx = a_idx[far]
+        if len(a_idx) == 0:
+            return np.zeros_like(mask)
         eq = self.flat[:, q_idx]  # (D, nq)
         if len(vp) > 1:
             nearest = self.sq_dist(vp, q_idx).argmin(axis=0)
@@ -350,6 +377,7 @@ def grow(
     bridge_overlaps: bool = True,
     overlap_radius: int = 12,
     fg_threshold: float = 0.5,
+    min_island: int = 50,
 ) -> np.ndarray:
     """Grow one instance mask from clicked seed pixels.
 
@@ -370,8 +398,8 @@ def grow(
     boundary_barrier : float, optional
         When given (e.g. 0.5), pixels whose boundary probability exceeds it do not
         propagate: only parts connected to the seeds through non-barrier pixels are kept
-        (barrier pixels touching them are added back). Contours of a crossing worm are
-        exempt, so a crossed worm is not cut at the crossing.
+        (barrier pixels and small cut-off parts are flooded back, see ``min_island``).
+        Contours of a crossing worm are exempt, so a crossed worm is not cut there.
     connected : bool
         Keep only the part connected (8-neighbourhood) to the seeds.
     bridge_overlaps : bool
@@ -382,6 +410,10 @@ def grow(
         width of the widest worm.
     fg_threshold : float
         Foreground probability above which a pixel may be a crossing pixel.
+    min_island : int
+        With a barrier: parts of the similarity mask cut off from the seeds by the barrier
+        that are smaller than this (pixels) are flooded back in (worm tips), larger ones
+        (a look-alike neighbour) compete for the barrier pixels in a watershed.
 
     Returns
     -------
@@ -402,4 +434,5 @@ def grow(
         bridge_overlaps=bridge_overlaps,
         overlap_radius=overlap_radius,
         fg_threshold=fg_threshold,
+        min_island=min_island,
     )

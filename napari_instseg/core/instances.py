@@ -480,7 +480,7 @@ def segment_hybrid(
     covered = grown.masks.any(axis=0) if len(grown) else np.zeros(shape, bool)
     seg_area = segs.masks.reshape(len(segs), -1).sum(axis=1)
     seg_cov = (segs.masks & covered).reshape(len(segs), -1).sum(axis=1) / np.maximum(seg_area, 1)
-    add = np.flatnonzero((seg_cov < cover_threshold) & (segs.scores >= min_score * 0.5))
+    add = np.flatnonzero((seg_cov < cover_threshold) & (segs.scores >= min_score))
     if len(add) == 0:
         return grown
     masks = np.concatenate([grown.masks, segs.masks[add]])

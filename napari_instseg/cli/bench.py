@@ -1,0 +1,298 @@
+"""``napari-instseg bench``: speed of growing, similarity, prediction and segmentation.
+
+At 520 x 696 (BBBC010's size) it measures, as medians over repeats in one run:
+click-to-grow latency (random seeds inside worms), the similarity map, full-image prediction
+(when a model is given or shipped), each automatic segmentation method, and a *floor*: one
+(H*W x D) matrix-vector product, the least a click can cost. Without a trained model the
+prediction is the oracle (:mod:`napari_instseg.core.oracle`) on synthetic worms, whose
+segmentation accuracy is reported too. Results go to stdout, and to JSON or to a section
+of a Markdown file (``--out docs/benchmarks.md``) between markers.
+
+Example::
+
+    napari-instseg bench --repeats 50 --out docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+START = "<!-- bench:instances:start -->"
+END = "<!-- bench:instances:end -->"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the command's arguments."""
+    parser.add_argument("--model", help="weights file, or 'default' for the shipped model")
+    parser.add_argument("--repeats", type=int, default=30, help="repeats per timing (30)")
+    parser.add_argument("--out", type=Path, help="write results: *.json, or a Markdown file")
+    parser.add_argument("--size", default="520x696", help="image size HxW (520x696)")
+    parser.add_argument("--dim", type=int, default=16, help="oracle embedding dimension (16)")
+    parser.add_argument("--device", default="auto", help="device for --model")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
+
+
+def machine() -> dict[str, object]:
+    """CPU model, cores, torch threads, versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, object] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median and 90th percentile (milliseconds) of ``fn`` over ``repeats`` calls."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return {
+        "median_ms": float(np.median(ts)),
+        "p90_ms": float(np.percentile(ts, 90)),
+        "n": len(ts),
+    }
+
+
+def _synthetic(shape: tuple[int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image and masks of synthetic worms (make_worms, or simple drawn worms)."""
+    try:
+        from ..core.synthetic import make_worms
+
+        s = make_worms(shape, n_worms=12, length=(80, 170), n_crossings=3, n_touching=2, seed=seed)
+        return s.image, s.masks
+    except ImportError:  # pragma: no cover - synthetic data lands separately
+        from scipy import ndimage
+        from skimage.draw import line
+
+        rng = np.random.default_rng(seed)
+        masks = []
+        for _ in range(12):
+            r0, c0 = rng.integers(40, shape[0] - 40), rng.integers(40, shape[1] - 40)
+            ang, length = rng.uniform(0, np.pi), rng.uniform(60, 150)
+            r1 = int(np.clip(r0 + length * np.sin(ang), 0, shape[0] - 1))
+            c1 = int(np.clip(c0 + length * np.cos(ang), 0, shape[1] - 1))
+            m = np.zeros(shape, bool)
+            rr, cc = line(int(r0), int(c0), r1, c1)
+            m[rr, cc] = True
+            masks.append(ndimage.distance_transform_edt(~m) <= 4)
+        masks_arr = np.array(masks)
+        return 3000 - 1500 * masks_arr.any(0).astype(np.float32), masks_arr
+
+
+def run_bench(
+    repeats: int = 30,
+    model: str | None = None,
+    size: tuple[int, int] = (520, 696),
+    dim: int = 16,
+    device: str = "auto",
+    seed: int = 0,
+) -> dict[str, object]:
+    """Run every benchmark and return the results as a dict.
+
+    Parameters
+    ----------
+    repeats : int
+        Repeats per timing (segmentation uses a fifth, at least 3).
+    model : str, optional
+        Weights file or ``"default"``; None: use the oracle prediction.
+    size : tuple of int
+        Image size.
+    dim : int
+        Oracle embedding dimension.
+    device : str
+        Device for the model.
+    seed : int
+        Random seed.
+
+    Returns
+    -------
+    dict
+        ``machine``, ``command``, ``prediction`` (source), ``timings`` (name -> median_ms,
+        p90_ms, n, ratio_to_floor), ``accuracy`` (oracle only: method -> AP, avS, ...).
+    """
+    from ..core.evaluate import evaluate
+    from ..core.grow import Grower
+    from ..core.instances import METHODS, segment
+    from ..core.oracle import prediction_from_masks
+
+    image, masks = _synthetic(size, seed)
+    timings: dict[str, dict[str, float]] = {}
+    notes: list[str] = []
+    prediction = None
+    source = "oracle"
+    if model is not None:
+        try:
+            from ..core.predict import predict
+            from ..core.weights import load_model
+
+            net = load_model(None if model == "default" else model)
+            prediction = predict(image, model=net, device=device)  # warm-up
+            timings["predict"] = timeit(
+                lambda: predict(image, model=net, device=device), max(3, repeats // 10), 0
+            )
+            source = f"model {model}"
+        except (ImportError, FileNotFoundError, ValueError) as err:
+            notes.append(f"predict skipped: {err}")
+    else:
+        notes.append("predict skipped: no --model given (oracle prediction used)")
+    if prediction is None:
+        prediction = prediction_from_masks(masks, embedding_dim=dim, seed=seed)
+
+    t0 = time.perf_counter()
+    grower = Grower(prediction)
+    timings["grower_build"] = {"median_ms": (time.perf_counter() - t0) * 1e3, "n": 1}
+    flat = grower.flat
+    vec = flat[:, flat.shape[1] // 2].copy()
+    many = max(repeats, 30) * 3
+    timings["floor_matvec"] = timeit(lambda: vec @ flat, many)
+
+    rng = np.random.default_rng(seed)
+    single = masks.sum(axis=0) == 1
+    inside = np.argwhere(single & (prediction.foreground > 0.5))
+    if len(inside) == 0:
+        inside = np.argwhere(np.ones(prediction.shape, bool))
+    picks = inside[rng.integers(0, len(inside), max(repeats, 1))]
+    it = iter(list(picks) * 3)
+    timings["grow"] = timeit(lambda: grower.grow(tuple(next(it)), tau=0.5), repeats)
+    it = iter(list(picks) * 3)
+    timings["grow_barrier"] = timeit(
+        lambda: grower.grow(tuple(next(it)), tau=0.5, boundary_barrier=0.5), repeats
+    )
+    it = iter(list(picks) * 3)
+    timings["similarity"] = timeit(lambda: grower.similarity(tuple(next(it))), repeats)
+
+    accuracy: dict[str, dict[str, float]] = {}
+    seg_repeats = max(3, repeats // 5)
+    for method in METHODS:
+        timings[f"segment_{method}"] = timeit(
+            lambda method=method: segment(prediction, method=method), seg_repeats
+        )
+        if source == "oracle":
+            res = evaluate([segment(prediction, method=method)], [masks])
+            accuracy[method] = {
+                k: round(float(res[k]), 4) for k in ("AP", "AP50", "AP75", "avS")
+            } | {"S0.5": round(float(res["S"]["0.5"]), 4)}
+    floor = timings["floor_matvec"]["median_ms"]
+    for name, t in timings.items():
+        if name != "floor_matvec" and "median_ms" in t:
+            t["ratio_to_floor"] = t["median_ms"] / floor
+    return {
+        "machine": machine(),
+        "command": "napari-instseg bench " + " ".join(sys.argv[2:])
+        if len(sys.argv) > 1 and sys.argv[1] == "bench"
+        else f"run_bench(repeats={repeats}, model={model!r})",
+        "size": list(size),
+        "embedding_dim": int(prediction.embedding_dim),
+        "n_worms": int(len(masks)),
+        "prediction": source,
+        "timings": timings,
+        "accuracy": accuracy,
+        "notes": notes,
+    }
+
+
+def to_markdown(res: dict[str, object]) -> str:
+    """Markdown section for docs/benchmarks.md."""
+    m = res["machine"]
+    h, w = res["size"]  # type: ignore[misc]
+    lines = [
+        "## Instances and interaction speed (`napari-instseg bench`)",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, torch threads "  # type: ignore[index]
+        f"{m.get('torch_threads', '?')}, numpy {m['numpy']}, torch {m.get('torch', '?')}",  # type: ignore[union-attr,index]
+        f"- Command: `{res['command']}`",
+        f"- Image: {h} x {w}, D = {res['embedding_dim']}, {res['n_worms']} synthetic worms "
+        f"(make_worms, 3 crossings, 2 touching pairs); prediction: {res['prediction']}",
+        "- Floor: one (H*W x D) @ (D,) matrix-vector product (numpy float32), same run.",
+        "",
+        "| step | median ms | p90 ms | x floor |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, t in res["timings"].items():  # type: ignore[union-attr]
+        ratio = t.get("ratio_to_floor")
+        p90 = t.get("p90_ms")
+        lines.append(
+            f"| {name} | {t['median_ms']:.2f} | {'' if p90 is None else f'{p90:.2f}'} | "
+            f"{'' if ratio is None else f'{ratio:.1f}'} |"
+        )
+    if res["accuracy"]:
+        lines += [
+            "",
+            "Oracle accuracy on the same image (perfect embeddings/boundaries; checks the",
+            "extraction code, not the network):",
+            "",
+            "| method | AP | AP50 | AP75 | avS | S0.5 |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for method, a in res["accuracy"].items():  # type: ignore[union-attr]
+            lines.append(
+                f"| {method} | {a['AP']:.3f} | {a['AP50']:.3f} | {a['AP75']:.3f} | "
+                f"{a['avS']:.3f} | {a['S0.5']:.3f} |"
+            )
+    for note in res["notes"]:  # type: ignore[union-attr]
+        lines.append(f"\nNote: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace (or append) the text between the bench markers of a Markdown file."""
+    block = f"{START}\n{text}{END}\n"
+    old = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if START in old and END in old:
+        head, rest = old.split(START, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        new = head + block + ("\n" + tail if tail else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmarks, print them and write ``--out``."""
+    try:
+        h, w = (int(v) for v in str(args.size).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size must look like 520x696, got {args.size!r}") from None
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    res = run_bench(args.repeats, args.model, (h, w), args.dim, args.device, args.seed)
+    text = to_markdown(res)
+    print(text)
+    if args.out:
+        if args.out.suffix == ".json":
+            args.out.write_text(json.dumps(res, indent=2))
+        else:
+            write_section(args.out, text)
+        print(f"wrote {args.out}")
+    return 0

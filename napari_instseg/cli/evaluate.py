@@ -1,0 +1,155 @@
+"""``napari-instseg evaluate``: COCO mask AP and DSB accuracy against ground truth.
+
+Examples
+--------
+Compare exported predictions with ground truth (both training folders, or a BBBC010 folder
+as ground truth), matching images by name::
+
+    napari-instseg evaluate --pred results/ --gt ../shared/data/bbbc010 --json out.json
+
+Predict and segment BBBC010 validation wells with a model, then evaluate::
+
+    napari-instseg evaluate --model default --gt ../shared/data/bbbc010 --wells B13-C02
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ..core.evaluate import evaluate, format_table, parse_wells, to_json
+from ..core.types import Instances, Sample
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the command's arguments."""
+    parser.add_argument("--gt", required=True, help="ground truth: training folder or BBBC010")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pred", help="predicted instances: a training folder")
+    src.add_argument(
+        "--model",
+        help="predict + segment the ground truth's images with this model "
+        "('default' = shipped weights)",
+    )
+    parser.add_argument("--wells", help="BBBC010 wells, e.g. B13-C02 or A01,A05-A08")
+    parser.add_argument(
+        "--method",
+        default="hybrid",
+        choices=("seeds", "boundary", "hybrid"),
+        help="segmentation method with --model (default: hybrid)",
+    )
+    parser.add_argument("--device", default="auto", help="device for --model (auto|cpu|cuda|mps)")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+
+
+def is_bbbc010(root: Path) -> bool:
+    """Whether ``root`` looks like a BBBC010 folder (``images/`` with w2 TIFFs, ``masks/``)."""
+    from ..core.io import bbbc010_wells
+
+    if not (root / "images").is_dir() or not (root / "masks").is_dir():
+        return False
+    try:
+        return bool(bbbc010_wells(root))
+    except FileNotFoundError:
+        return False
+
+
+def load_samples(root: str | Path, wells: list[str] | None = None) -> list[Sample]:
+    """Read a BBBC010 folder or a training folder into samples.
+
+    Parameters
+    ----------
+    root : str or Path
+        The folder.
+    wells : list of str, optional
+        BBBC010 wells (or sample names of a training folder) to keep.
+
+    Returns
+    -------
+    list of Sample
+        In the folder's order.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"{root} does not exist")
+    if is_bbbc010(root):
+        from ..core.io import read_bbbc010
+
+        return read_bbbc010(root, wells=wells)
+    try:
+        from ..core.training_folder import read_training_folder
+    except ImportError as err:  # pragma: no cover - lands with the export work
+        raise ValueError(
+            f"{root} is not a BBBC010 folder and training folders cannot be read yet "
+            "(napari_instseg.core.training_folder is missing)"
+        ) from err
+    samples = list(read_training_folder(root))
+    if wells is not None:
+        keep = set(wells)
+        samples = [s for s in samples if s.name in keep]
+    return samples
+
+
+def _as_instances(sample: Sample) -> Instances:
+    scores = sample.metadata.get("scores") if sample.metadata else None
+    if scores is not None and len(scores) != sample.n_instances:
+        scores = None
+    return Instances(masks=sample.masks, scores=scores, classes=sample.classes)
+
+
+def _predict_all(args: argparse.Namespace, samples: list[Sample]) -> list[Instances]:
+    try:
+        from ..core.predict import predict
+        from ..core.weights import load_model
+    except ImportError as err:
+        raise ValueError(
+            "--model needs napari_instseg.core.predict and core.weights, which are not "
+            f"available yet ({err})"
+        ) from err
+    from ..core.instances import segment
+
+    model = load_model(None if args.model == "default" else args.model)
+    out = []
+    for s in samples:
+        prediction = predict(s.image, model=model, device=args.device)
+        out.append(segment(prediction, method=args.method))
+        print(f"  {s.name}: {len(out[-1])} instances", flush=True)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate and print the table (and write JSON when asked)."""
+    wells = parse_wells(args.wells) if args.wells else None
+    t0 = time.perf_counter()
+    gt = load_samples(args.gt, wells)
+    if not gt:
+        raise ValueError(f"no ground-truth images found in {args.gt}")
+    if args.model:
+        preds = _predict_all(args, gt)
+        names = [s.name for s in gt]
+    else:
+        pred_samples = {s.name: s for s in load_samples(args.pred)}
+        missing = [s.name for s in gt if s.name not in pred_samples]
+        if len(missing) == len(gt):
+            raise ValueError(
+                f"no image names shared by {args.pred} and {args.gt} "
+                f"(e.g. ground truth {gt[0].name!r})"
+            )
+        if missing:
+            print(f"warning: no prediction for {len(missing)} images: {', '.join(missing[:10])}")
+        gt = [s for s in gt if s.name in pred_samples]
+        preds = [_as_instances(pred_samples[s.name]) for s in gt]
+        names = [s.name for s in gt]
+    results = evaluate(preds, [s.masks for s in gt], names=names)
+    results["seconds"] = round(time.perf_counter() - t0, 2)
+    print(
+        f"{results['n_images']} images, {results['n_gt']} ground-truth instances, "
+        f"{results['n_pred']} predicted ({results['seconds']} s)"
+    )
+    print(format_table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(to_json(results))
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,150 @@
+import numpy as np
+import pytest
+
+from napari_instseg.core.grow import Grower, d2_threshold, get_grower, grow, similarity
+from napari_instseg.core.oracle import prediction_from_masks
+from napari_instseg.core.types import Prediction
+
+
+def _masks(shape=(64, 80)):
+    a = np.zeros(shape, bool)
+    b = np.zeros(shape, bool)
+    c = np.zeros(shape, bool)
+    d = np.zeros(shape, bool)
+    a[28:36, 4:60] = True  # horizontal worm ...
+    b[4:60, 28:36] = True  # ... crossed by a vertical one
+    c[44:50, 40:76] = True  # c and d touch (no gap, no shared pixels)
+    d[50:56, 40:76] = True
+    return np.stack([a, b, c, d])
+
+
+def _iou(a, b):
+    return (a & b).sum() / (a | b).sum()
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    masks = _masks()
+    return masks, prediction_from_masks(masks, embedding_dim=8, seed=0)
+
+
+def test_d2_threshold_matches_similarity_definition():
+    for tau in (0.1, 0.5, 0.9):
+        d2 = d2_threshold(tau)
+        assert 2 / (1 + np.exp(d2)) == pytest.approx(tau)
+    for bad in (0, 1, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="tau"):
+            d2_threshold(bad)
+
+
+def test_similarity_formula(oracle):
+    _, p = oracle
+    sim = similarity(p, (30, 10))
+    e = p.embeddings
+    ref = 2 / (1 + np.exp(((e - e[:, 30, 10][:, None, None]) ** 2).sum(0)))
+    np.testing.assert_allclose(sim, ref, atol=1e-5)
+    assert sim[30, 10] == pytest.approx(1.0) and sim.dtype == np.float32
+
+
+def test_grow_keeps_both_crossing_worms_whole(oracle):
+    masks, p = oracle
+    a = grow(p, (31, 10))  # left arm of the horizontal worm
+    b = grow(p, (10, 31))  # top arm of the vertical worm
+    np.testing.assert_array_equal(a, masks[0])
+    np.testing.assert_array_equal(b, masks[1])
+    assert (a & b).sum() == (masks[0] & masks[1]).sum() == 64
+    # without bridging the crossing cuts the worm: only the clicked arm survives
+    cut = grow(p, (31, 10), bridge_overlaps=False)
+    assert cut.sum() < 0.5 * masks[0].sum() and not cut[31, 50]
+    # the barrier does not cut at the crossing worm's contours
+    np.testing.assert_array_equal(grow(p, (31, 10), boundary_barrier=0.5), masks[0])
+
+
+def test_grow_several_seeds_union_and_negative(oracle):
+    masks, p = oracle
+    both = grow(p, [(46, 50), (52, 50)])
+    np.testing.assert_array_equal(both, masks[2] | masks[3])
+    # make c and d look alike (an embedding failure); a negative seed on d splits them
+    emb = p.embeddings.copy()
+    emb[:, masks[3]] = emb[:, 46, 50][:, None]
+    bad = Prediction(emb, p.seediness, p.class_scores, p.boundary, p.foreground)
+    merged = grow(bad, (46, 50))
+    assert merged[52, 50]
+    emb[:, masks[3]] += np.float32(0.3)  # slightly different, still similar at tau 0.5
+    bad = Prediction(emb, p.seediness, p.class_scores, p.boundary, p.foreground)
+    assert grow(bad, (46, 50))[52, 50]
+    fixed = grow(bad, (46, 50), negative=[(52, 50)])
+    np.testing.assert_array_equal(fixed, masks[2])
+
+
+def test_grow_boundary_barrier_separates_touching_lookalikes(oracle):
+    masks, p = oracle
+    emb = p.embeddings.copy()
+    emb[:, masks[3]] = emb[:, 46, 50][:, None]  # c and d identical embeddings
+    bad = Prediction(emb, p.seediness, p.class_scores, p.boundary, p.foreground)
+    assert _iou(grow(bad, (46, 50)), masks[2] | masks[3]) == 1.0
+    sep = grow(bad, (46, 50), boundary_barrier=0.5)
+    assert _iou(sep, masks[2]) > 0.8 and sep[46, 50] and not sep[54, 50]
+
+
+def test_grow_connected_drops_far_lookalikes():
+    shape = (40, 60)
+    a = np.zeros(shape, bool)
+    b = np.zeros(shape, bool)
+    a[5:10, 5:30] = True
+    b[28:33, 20:55] = True
+    p = prediction_from_masks(np.stack([a, b]), seed=2)
+    p.embeddings[:, b] = p.embeddings[:, 7, 10][:, None]  # far away, same embedding
+    g = Grower(p)
+    assert g.grow((7, 10), connected=False, bridge_overlaps=False)[30, 40]
+    np.testing.assert_array_equal(g.grow((7, 10)), a)
+
+
+def test_grow_tau_monotone_and_noise():
+    masks = _masks()
+    p = prediction_from_masks(masks, embedding_dim=16, noise=0.08, seed=4)
+    sizes = [grow(p, (31, 10), tau=t).sum() for t in (0.2, 0.5, 0.8)]
+    assert sizes[0] >= sizes[1] >= sizes[2]
+    assert _iou(grow(p, (31, 10), tau=0.5), masks[0]) > 0.9
+
+
+def test_grower_cache_reused(oracle):
+    _, p = oracle
+    assert get_grower(p) is get_grower(p)
+    g = Grower(p)
+    assert get_grower(g) is g
+    np.testing.assert_array_equal(grow(g, (31, 10)), grow(p, (31, 10)))
+
+
+def test_grow_bad_input(oracle):
+    _, p = oracle
+    with pytest.raises(ValueError, match="outside the image"):
+        grow(p, (64, 10))
+    with pytest.raises(ValueError, match="outside the image"):
+        grow(p, (10, -1))
+    with pytest.raises(ValueError, match="outside the image"):
+        grow(p, (31, 10), negative=[(0, 500)])
+    with pytest.raises(ValueError, match="tau"):
+        grow(p, (31, 10), tau=1.0)
+    with pytest.raises(ValueError, match="at least one"):
+        grow(p, [])
+    with pytest.raises(ValueError, match="pairs"):
+        grow(p, [(1, 2, 3)])
+    with pytest.raises(ValueError, match="one"):
+        similarity(p, [(1, 2), (3, 4)])
+    emb = p.embeddings.copy()
+    emb[0, 3, 3] = np.nan
+    nan = Prediction(emb, p.seediness, p.class_scores, p.boundary, p.foreground)
+    with pytest.raises(ValueError, match="NaN"):
+        grow(nan, (31, 10))
+    empty = Prediction(
+        np.zeros((0, 4, 4), np.float32),
+        np.zeros((4, 4), np.float32),
+        np.zeros((4, 2, 4, 4), np.float32),
+        np.zeros((4, 4), np.float32),
+        np.zeros((4, 4), np.float32),
+    )
+    with pytest.raises(ValueError, match="empty"):
+        grow(empty, (1, 1))
+    with pytest.raises(ValueError, match="Prediction"):
+        grow(np.zeros((3, 4, 4)), (1, 1))
