@@ -25,7 +25,18 @@ from .types import Sample
 
 __all__ = ["make_worms", "sample_worms"]
 
-_MAX_TRIES = 400  # placement attempts per worm before giving up
+_MAX_TRIES = 100  # placement attempts per worm before the layout starts again
+_RESTARTS = 3  # layouts tried before giving up
+
+
+class _NoRoom(Exception):
+    """No place found for the next worm; ``placed`` worms were placed."""
+
+    def __init__(self, placed: int) -> None:
+        super().__init__(placed)
+        self.placed = placed
+
+
 # small offsets, nearest first, tried to bring a touching worm into contact
 _NEAR = sorted(
     ((dr, dc) for dr in range(-2, 3) for dc in range(-2, 3)), key=lambda d: d[0] ** 2 + d[1] ** 2
@@ -50,11 +61,16 @@ class _Worm:
 
 
 def _centre_line(
-    rng: np.random.Generator, length: float, max_turn: float = 3.3
+    rng: np.random.Generator,
+    length: float,
+    heading: tuple[float, float] | None = None,
+    max_turn: float = 3.3,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A smooth random-walk centre line with unit spacing 0.5 px.
+    """A smooth random-walk centre line with points about 0.5 px apart.
 
-    Returns points (n, 2) as (row, col), heading angles (n,) and arc position u in [0, 1].
+    ``heading = (u, angle)`` turns the line so that its heading at arc position u is
+    ``angle``; otherwise the direction is random. Returns points (n, 2) as (row, col),
+    heading angles (n,) and arc position u in [0, 1].
     """
     n = max(int(round(length * 2)), 8)
     step = length / (n - 1)
@@ -67,7 +83,10 @@ def _centre_line(
     span = theta.max() - theta.min()
     if span > max_turn:  # avoid coiled worms that would cross themselves
         theta *= max_turn / span
-    theta += rng.uniform(0, 2 * np.pi)
+    if heading is None:
+        theta += rng.uniform(0, 2 * np.pi)
+    else:
+        theta += heading[1] - theta[int(round(heading[0] * (n - 1)))]
     d = np.stack([np.sin(theta), np.cos(theta)], axis=1) * step
     points = np.concatenate([[[0.0, 0.0]], np.cumsum(d[:-1], axis=0)])
     return points, theta, np.linspace(0.0, 1.0, n)
@@ -80,7 +99,7 @@ def _radius_profile(rng: np.random.Generator, u: np.ndarray, width: float) -> np
     if rng.random() < 0.5:  # which end is the head
         head, tail = tail[::-1].copy(), head[::-1].copy()
     wobble = 1 + 0.08 * np.sin(2 * np.pi * (u * rng.uniform(1, 2.5) + rng.random()))
-    return np.maximum(width / 2 * head * tail * wobble, 1.0)
+    return np.maximum(width / 2 * head * tail * wobble, 1.5)
 
 
 def _rasterise(
@@ -100,6 +119,10 @@ def _rasterise(
     dist = np.hypot(rr - local[nearest, 0], cc - local[nearest, 1])
     rad = radius[nearest]
     mask = dist <= rad
+    # the nearest-pixel lookup can leave a stray pixel or two beside a thin tip: keep the body
+    lab, n = ndi.label(mask)
+    if n > 1:
+        mask = lab == np.argmax(np.bincount(lab.ravel())[1:]) + 1
     rel = np.where(mask, dist / rad, 1.0)
     # body absorbance with a darker rim (cuticle) and lighter thin ends
     body = 0.5 + 0.5 * np.exp(-(((rel - 0.85) / 0.18) ** 2))
@@ -175,7 +198,7 @@ def make_worms(
     length : tuple of float
         (min, max) centre-line length in pixels; each worm draws one uniformly.
     width : tuple of float
-        (min, max) largest body width in pixels; ends taper to about 2 px.
+        (min, max) largest body width in pixels; ends taper to about 3 px.
     n_crossings : int
         Number of worm pairs that cross: the two masks of each pair share pixels. No other
         pair of worms overlaps, so exactly ``n_crossings`` pairs overlap.
@@ -248,10 +271,15 @@ def make_worms(
     crossings: list[list[int]] = []
     touching: list[list[int]] = []
 
-    def new_worm() -> _Worm:
-        pts, theta, u = _centre_line(rng, rng.uniform(*length))
+    def new_worm(heading: tuple[float, float] | None = None) -> tuple[_Worm, int]:
+        pts, theta, u = _centre_line(rng, rng.uniform(*length), heading)
         radius = _radius_profile(rng, u, rng.uniform(*width))
-        return _rasterise(pts, theta, radius, darkness=rng.uniform(0.6, 1.1))
+        worm = _rasterise(pts, theta, radius, darkness=rng.uniform(0.6, 1.1))
+        return worm, 0 if heading is None else int(round(heading[0] * (len(pts) - 1)))
+
+    def remove_last() -> None:
+        worm = worms.pop()
+        occupied[worm.slices()][worm.mask] = 0  # it overlapped nothing when it was placed
 
     def add(worm: _Worm) -> None:
         worms.append(worm)
@@ -260,29 +288,25 @@ def make_worms(
 
     def place_free() -> None:
         for _ in range(_MAX_TRIES):
-            worm = new_worm()
+            worm, _ = new_worm()
             hh, ww = worm.mask.shape
             if hh >= h or ww >= w:
                 continue
             worm.offset = (int(rng.integers(0, h - hh + 1)), int(rng.integers(0, w - ww + 1)))
-            if _fits(worm, region) and not _overlaps(worm, occupied).any():
+            if _fits(worm, region) and not _hits(worm, occupied):
                 add(worm)
                 return
-        raise ValueError(_no_fit(len(worms), n_worms, shape))
+        raise _NoRoom(len(worms))
 
-    def place_crossing(partner: int) -> None:
+    def place_crossing(partner: int, tries: int) -> bool:
         other = worms[partner]
-        for _ in range(_MAX_TRIES):
-            worm = new_worm()
-            n_a, n_b = len(other.points), len(worm.points)
-            i = int(rng.integers(int(0.25 * n_a), int(0.75 * n_a)))
-            j = int(rng.integers(int(0.3 * n_b), int(0.7 * n_b)))
-            # rotate the new worm about its point j so that it crosses at 30..150 degrees
+        for _ in range(tries):
+            i = int(rng.integers(int(0.25 * len(other.points)), int(0.75 * len(other.points))))
+            # the new worm's heading at its point j differs by 30..90 degrees from the other's
             angle = other.tangent[i] + rng.choice([-1, 1]) * rng.uniform(np.pi / 6, np.pi / 2)
-            worm = _rotated(worm, j, angle)
-            j_pt = worm.points[j]
+            worm, j = new_worm((rng.uniform(0.3, 0.7), angle))
             target = np.asarray(other.offset) + other.points[i]
-            worm.offset = tuple(int(v) for v in np.round(target - j_pt))
+            worm.offset = tuple(int(v) for v in np.round(target - worm.points[j]))
             if not _fits(worm, region):
                 continue
             under = _overlaps(worm, occupied)
@@ -290,51 +314,32 @@ def make_worms(
                 continue
             add(worm)
             crossings.append([partner, len(worms) - 1])
-            return
-        raise ValueError(_no_fit(len(worms), n_worms, shape))
+            return True
+        return False
+
+    def place_crossing_pair() -> None:
+        for _ in range(_MAX_TRIES // 10):
+            place_free()
+            if place_crossing(len(worms) - 1, tries=20):
+                return
+            remove_last()  # no room around this one: start the pair elsewhere
+        raise _NoRoom(len(worms))
 
     def place_touching() -> None:
         for _ in range(_MAX_TRIES):
-            # prefer worms that cross nothing: sliding towards a crossing pair mostly hits
-            # the other worm of the pair first
+            # prefer worms that cross nothing: there is more free room beside them
             crossing = {k for pair in crossings for k in pair}
             free = [k for k in range(len(worms)) if k not in crossing] or list(range(len(worms)))
             partner = int(rng.choice(free))
             other = worms[partner]
-            worm = new_worm()
-            n_a, n_b = len(other.points), len(worm.points)
-            i = int(rng.integers(int(0.3 * n_a), int(0.7 * n_a)))
-            j = int(rng.integers(int(0.3 * n_b), int(0.7 * n_b)))
+            i = int(rng.integers(int(0.3 * len(other.points)), int(0.7 * len(other.points))))
             angle = other.tangent[i] + rng.choice([0, np.pi]) + rng.uniform(-0.3, 0.3)
-            worm = _rotated(worm, j, angle)
-            side = rng.choice([-1, 1])
-            normal = side * np.array([np.cos(other.tangent[i]), -np.sin(other.tangent[i])])
-            far = (max(other.mask.shape) + max(worm.mask.shape)) / 2 + 4
-            start = np.asarray(other.offset) + other.points[i] + normal * far - worm.points[j]
-            # slide towards the partner until the next step would overlap it
-            placed, hit = None, set()
-            for t in np.arange(0.0, far + 1, 0.5):
-                worm.offset = tuple(int(v) for v in np.round(start - normal * t))
-                if not _fits(worm, region):
-                    if placed is None:
-                        continue
-                    break
-                hit = set(_overlaps(worm, occupied).tolist()) - {0}
-                if hit:
-                    break
-                placed = worm.offset
-            if placed is None or hit != {partner + 1}:
-                continue
-            # the last free position may still leave a 1 px gap: look around it for contact
+            worm, j = new_worm((rng.uniform(0.3, 0.7), angle))
+            first = rng.choice([-1, 1])
             contact = None
-            for dr, dc in _NEAR:
-                worm.offset = (placed[0] + dr, placed[1] + dc)
-                if (
-                    _fits(worm, region)
-                    and not _overlaps(worm, occupied).any()
-                    and _touches(worm, occupied, partner + 1)
-                ):
-                    contact = worm.offset
+            for side in (first, -first):  # try both sides of the partner
+                contact = _slide_to_contact(worm, other, i, j, side, partner + 1, occupied, region)
+                if contact is not None:
                     break
             if contact is None:
                 continue
@@ -342,15 +347,29 @@ def make_worms(
             add(worm)
             touching.append([partner, len(worms) - 1])
             return
-        raise ValueError(_no_fit(len(worms), n_worms, shape))
+        raise _NoRoom(len(worms))
 
-    for _ in range(n_crossings):
-        place_free()
-        place_crossing(len(worms) - 1)
-    while len(worms) < n_worms - n_touching:
-        place_free()
-    for _ in range(n_touching):
-        place_touching()
+    most = 0
+    for _ in range(_RESTARTS):  # a crowded layout can get stuck: start again from scratch
+        occupied[:] = 0
+        worms.clear()
+        crossings.clear()
+        touching.clear()
+        try:
+            for _ in range(n_crossings):
+                place_crossing_pair()
+            while len(worms) < n_worms - n_touching:
+                place_free()
+            for _ in range(n_touching):
+                place_touching()
+            break
+        except _NoRoom as stuck:
+            most = max(most, stuck.placed)
+    else:
+        raise ValueError(
+            f"could only place {most} of {n_worms} worms in a {h} x {w} image without "
+            "unwanted overlaps: use fewer or shorter worms, or a larger image"
+        )
 
     masks = np.zeros((n_worms, h, w), bool)
     absorbance = np.zeros((h, w), np.float32)
@@ -385,16 +404,42 @@ def make_worms(
     )
 
 
-def _rotated(worm: _Worm, j: int, angle: float) -> _Worm:
-    """Re-rasterise ``worm`` rotated about its point j so its heading there is ``angle``."""
-    turn = angle - worm.tangent[j]
-    c, s = np.cos(turn), np.sin(turn)
-    # points are (row, col) = (sin, cos) of the heading: rotate in (col, row) space
-    rel = worm.points - worm.points[j]
-    rows = rel[:, 1] * s + rel[:, 0] * c
-    cols = rel[:, 1] * c - rel[:, 0] * s
-    pts = np.stack([rows, cols], axis=1)
-    return _rasterise(pts, worm.tangent + turn, worm.radius, worm.darkness)
+def _slide_to_contact(
+    worm: _Worm,
+    other: _Worm,
+    i: int,
+    j: int,
+    side: int,
+    label: int,
+    occupied: np.ndarray,
+    region: np.ndarray,
+) -> tuple[int, int] | None:
+    """Offset at which ``worm`` lies against ``other`` (label ``label``), or None.
+
+    The worm's point ``j`` starts on the partner's point ``i`` and slides along the
+    partner's normal on ``side`` until it overlaps nothing; small shifts then close any gap.
+    """
+    theta = other.tangent[i]
+    normal = side * np.array([np.cos(theta), -np.sin(theta)])
+    base = np.asarray(other.offset) + other.points[i] - worm.points[j]
+    placed = None
+    for t in np.arange(0.0, max(worm.mask.shape) + 2 * other.radius.max(), 0.5):
+        worm.offset = tuple(int(v) for v in np.round(base + normal * t))
+        if _fits(worm, region) and not _hits(worm, occupied):
+            placed = worm.offset
+            break
+    if placed is None:
+        return None
+    for dr, dc in _NEAR:
+        worm.offset = (placed[0] + dr, placed[1] + dc)
+        if _fits(worm, region) and not _hits(worm, occupied) and _touches(worm, occupied, label):
+            return worm.offset
+    return None
+
+
+def _hits(worm: _Worm, occupied: np.ndarray) -> bool:
+    """True if the worm's mask covers any pixel of an earlier worm."""
+    return bool(occupied[worm.slices()][worm.mask].any())
 
 
 def _touches(worm: _Worm, occupied: np.ndarray, label: int) -> bool:
@@ -407,13 +452,6 @@ def _touches(worm: _Worm, occupied: np.ndarray, label: int) -> bool:
     grown[r - r0 : r - r0 + h, c - c0 : c - c0 + w] = worm.mask
     grown = ndi.binary_dilation(grown, structure=np.ones((3, 3), bool))
     return bool((occupied[r0:r1, c0:c1][grown] == label).any())
-
-
-def _no_fit(placed: int, n_worms: int, shape: tuple[int, int]) -> str:
-    return (
-        f"could only place {placed} of {n_worms} worms in a {shape[0]} x {shape[1]} image "
-        "without unwanted overlaps: use fewer or shorter worms, or a larger image"
-    )
 
 
 def _render(
