@@ -1,0 +1,265 @@
+"""napari reader, writer and sample data of napari-instseg (see ``napari.yaml``).
+
+- Reader: a BBBC010-style folder (``images/`` + ``masks/``; all wells become one stack, or
+  one well when a ``*_w2_*.tif`` file inside ``images/`` is opened) or a training folder
+  written by the plugin. Each sample gives an Image layer and a Labels layer; the full,
+  possibly overlapping masks and the reviewed flags travel in the Labels layer's
+  ``metadata["napari_instseg"]`` so the widget can keep overlaps.
+- Writer: a Labels layer (+ its Image layer) to the training-folder format.
+- Sample data: the synthetic worms of :func:`napari_instseg.core.synthetic.sample_worms`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.types import Instances, Sample
+
+LayerData = tuple[Any, dict[str, Any], str]
+
+META = "napari_instseg"
+_W2 = re.compile(r"_(?P<well>[A-P]\d{2})_w2_[0-9A-Fa-f-]+\.tif{1,2}$")
+
+
+# ------------------------------------------------------------------ sample data
+def sample_data() -> list[LayerData]:
+    """Synthetic bright-field worms (520 x 696, crossing and touching), as an Image layer.
+
+    Returns
+    -------
+    list of LayerData
+        One image layer named ``"sample worms"``.
+    """
+    from ..core.synthetic import sample_worms
+
+    sample = sample_worms()
+    return [(sample.image, {"name": "sample worms"}, "image")]
+
+
+# ------------------------------------------------------------------------ reader
+def _labels_meta(sample: Sample) -> dict[str, Any]:
+    n = sample.n_instances
+    reviewed = sample.reviewed if sample.reviewed is not None else np.zeros(n, bool)
+    classes = sample.classes if sample.classes is not None else np.ones(n, np.int64)
+    return {
+        META: {
+            "masks": sample.masks,
+            "reviewed": np.asarray(reviewed, bool),
+            "classes": np.asarray(classes, np.int64),
+            "provenance": dict(sample.metadata),
+        }
+    }
+
+
+def samples_to_layers(samples: Sequence[Sample]) -> list[LayerData]:
+    """Image and Labels layer data for samples (2D each; several of one size are stacked).
+
+    Parameters
+    ----------
+    samples : sequence of Sample
+        Images with instance masks.
+
+    Returns
+    -------
+    list of LayerData
+        ``(image, kwargs, "image")`` and ``(labels, kwargs, "labels")`` pairs. Label images
+        follow ``Instances.to_labels`` (label i + 1 is instance i; a smaller instance wins
+        overlapping pixels).
+    """
+    if not samples:
+        raise ValueError("no samples to show")
+    layers: list[LayerData] = []
+    if len(samples) == 1:
+        s = samples[0]
+        labels = Instances(masks=s.masks).to_labels()
+        name = s.name or "image"
+        layers.append((s.image, {"name": name}, "image"))
+        layers.append((labels, {"name": f"{name} worms", "metadata": _labels_meta(s)}, "labels"))
+        for cname, chan in s.channels.items():
+            layers.append((chan, {"name": f"{name} {cname}", "visible": False}, "image"))
+        return layers
+    shapes = {s.image.shape for s in samples}
+    if len(shapes) == 1:
+        images = np.stack([s.image for s in samples])
+        labels = np.stack([Instances(masks=s.masks).to_labels() for s in samples])
+        names = [s.name for s in samples]
+        layers.append((images, {"name": "images", "metadata": {META: {"names": names}}}, "image"))
+        layers.append((labels, {"name": "worms", "metadata": {META: {"names": names}}}, "labels"))
+        return layers
+    for s in samples:
+        layers.extend(samples_to_layers([s]))
+    return layers
+
+
+def _is_bbbc010(root: Path) -> bool:
+    images = root / "images"
+    if not (images.is_dir() and (root / "masks").is_dir()):
+        return False
+    return any(_W2.search(p.name) for p in images.iterdir())
+
+
+def _read_bbbc010(path: Path) -> list[Sample]:
+    from ..core.io import read_bbbc010
+
+    if path.is_file():
+        m = _W2.search(path.name)
+        return read_bbbc010(path.parent.parent, wells=[m["well"]] if m else None)
+    return read_bbbc010(path)
+
+
+def _read_training(path: Path) -> list[Sample]:
+    from ..core.training_folder import read_training_folder
+
+    return read_training_folder(path)
+
+
+def get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
+    """Return a reader for a BBBC010-style folder/image or a training folder, else None.
+
+    Parameters
+    ----------
+    path : str or list of str
+        What the user opened (napari passes a list when several paths are opened).
+
+    Returns
+    -------
+    callable or None
+        ``reader(path) -> list of LayerData``, or None when this plugin cannot read it.
+    """
+    if isinstance(path, list):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    p = Path(path)
+    if p.is_file():
+        if _W2.search(p.name) and p.parent.name == "images" and _is_bbbc010(p.parent.parent):
+            return read
+        return None
+    if not p.is_dir():
+        return None
+    if _is_bbbc010(p) or _looks_like_training_folder(p):
+        return read
+    return None
+
+
+def _looks_like_training_folder(p: Path) -> bool:
+    try:
+        from ..core.training_folder import is_training_folder  # type: ignore[attr-defined]
+    except ImportError:
+        is_training_folder = None
+    if is_training_folder is not None:
+        return bool(is_training_folder(p))
+    return (p / "images").is_dir() and (p / "masks").is_dir()
+
+
+def read(path: str | list[str]) -> list[LayerData]:
+    """Read a BBBC010-style folder/image or a training folder into Image + Labels layers.
+
+    Parameters
+    ----------
+    path : str or list of str
+        A folder (or one BBBC010 ``*_w2_*.tif``).
+
+    Returns
+    -------
+    list of LayerData
+        See :func:`samples_to_layers`.
+    """
+    if isinstance(path, list):
+        path = path[0]
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist")
+    samples = _read_bbbc010(p) if (p.is_file() or _is_bbbc010(p)) else _read_training(p)
+    return samples_to_layers(samples)
+
+
+# ------------------------------------------------------------------------ writer
+def _masks_for(labels: np.ndarray, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Per-instance masks for a labels layer: the live session's (overlaps) or from labels."""
+    from .session import live_session_for
+
+    session = live_session_for(labels)
+    if session is not None:
+        sample = session.to_sample()
+        return sample.masks, sample.reviewed, dict(sample.metadata)
+    info = (meta.get("metadata") or {}).get(META, {})
+    masks = info.get("masks")
+    if masks is not None and np.array_equal(Instances(masks=masks).to_labels(), labels):
+        reviewed = info.get("reviewed")
+        if reviewed is None:
+            reviewed = np.zeros(len(masks), bool)
+        return (
+            np.asarray(masks, bool),
+            np.asarray(reviewed, bool),
+            dict(info.get("provenance", {})),
+        )
+    inst = Instances.from_labels(labels)
+    return inst.masks, np.zeros(len(inst), bool), {}
+
+
+def write_training(path: str, layer_data: list[LayerData]) -> list[str]:
+    """Write a Labels layer (and the Image layer it annotates) as a training folder.
+
+    The folder must not exist yet (or be empty): the writer never overwrites; the core
+    writes atomically.
+
+    Parameters
+    ----------
+    path : str
+        Folder to create.
+    layer_data : list of LayerData
+        Exactly one labels layer and at most one image layer.
+
+    Returns
+    -------
+    list of str
+        The folder written.
+
+    Raises
+    ------
+    ValueError
+        If there is no labels layer, no image can be found, or sizes disagree.
+    FileExistsError
+        If the folder exists and is not empty.
+    """
+    from ..core.training_folder import write_training_folder
+
+    labels = [(d, m) for d, m, t in layer_data if t == "labels"]
+    images = [(d, m) for d, m, t in layer_data if t == "image"]
+    if len(labels) != 1:
+        raise ValueError(f"select exactly one Labels layer to export, got {len(labels)}")
+    data, meta = labels[0]
+    data = np.asarray(data)
+    if data.ndim != 2:
+        raise ValueError(f"the Labels layer must be 2D (H, W), got shape {data.shape}")
+    image = None
+    name = str(meta.get("name", "image"))
+    if images:
+        image = np.asarray(images[0][0])
+        name = str(images[0][1].get("name", name))
+        if images[0][1].get("rgb"):
+            image = image[..., :3].mean(axis=-1)
+    else:
+        from .session import live_session_for
+
+        session = live_session_for(data)
+        if session is not None:
+            image = session.image
+            name = str(session.image_layer.name)
+    if image is None:
+        raise ValueError("select the Image layer together with the Labels layer to export")
+    if image.shape[-2:] != data.shape:
+        raise ValueError(f"image is {image.shape[-2:]} but labels are {data.shape}")
+    root = Path(path)
+    if root.exists() and (root.is_file() or any(root.iterdir())):
+        raise FileExistsError(f"{root} exists; choose a new folder (nothing is overwritten)")
+    masks, reviewed, provenance = _masks_for(data, meta)
+    sample = Sample(image=image, masks=masks, name=name, reviewed=reviewed, metadata=provenance)
+    write_training_folder(root, [sample], overwrite=root.exists())
+    return [str(root)]

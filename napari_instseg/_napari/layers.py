@@ -1,0 +1,166 @@
+"""Turn a :class:`~napari_instseg.core.types.Prediction` into napari layer data.
+
+Functions here return plain arrays and keyword dictionaries (no napari import), so they
+are cheap to test; :class:`~napari_instseg._napari.session.Session` adds the layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..core.types import Prediction
+
+#: Names of the layers the plugin creates; one place so the widget, docs and tests agree.
+LAYER_NAMES: dict[str, str] = {
+    "embeddings": "embeddings (PCA RGB)",
+    "seediness": "seediness",
+    "class_score": "mask score",
+    "boundary": "boundary",
+    "foreground": "foreground",
+    "similarity": "similarity to cursor",
+    "seeds": "seeds",
+    "worms": "worms",
+}
+
+
+def embeddings_to_rgb(embeddings: np.ndarray, n_samples: int = 20000, seed: int = 0) -> np.ndarray:
+    """Project (D, H, W) embeddings onto their first three principal components as RGB.
+
+    As in Fathi et al. (2017, fig. 3): pixels of one instance get one colour, touching
+    instances get different colours. Each component is scaled so its 1st and 99th
+    percentiles map to 0 and 1.
+
+    Parameters
+    ----------
+    embeddings : np.ndarray
+        (D, H, W) float embeddings.
+    n_samples : int
+        Number of random pixels used to fit the PCA (the projection uses all pixels).
+    seed : int
+        Seed of the pixel sampling, so the colours are reproducible.
+
+    Returns
+    -------
+    np.ndarray
+        (H, W, 3) float32 in [0, 1].
+    """
+    emb = np.asarray(embeddings, dtype=np.float32)
+    if emb.ndim != 3:
+        raise ValueError(f"embeddings must be (D, H, W), got shape {emb.shape}")
+    d, h, w = emb.shape
+    flat = emb.reshape(d, -1).T  # (HW, D)
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(flat.shape[0], size=min(n_samples, flat.shape[0]), replace=False)
+    sample = flat[idx]
+    mean = sample.mean(axis=0)
+    if d >= 3:
+        _, _, vt = np.linalg.svd(sample - mean, full_matrices=False)
+        comps = vt[:3]
+    else:
+        comps = np.eye(d, dtype=np.float32)
+    proj = (flat - mean) @ comps.T  # (HW, k)
+    if proj.shape[1] < 3:
+        proj = np.concatenate([proj, np.zeros((proj.shape[0], 3 - proj.shape[1]))], axis=1)
+    lo = np.percentile(proj[idx], 1, axis=0)
+    hi = np.percentile(proj[idx], 99, axis=0)
+    rgb = (proj - lo) / np.maximum(hi - lo, 1e-6)
+    return np.clip(rgb, 0, 1).reshape(h, w, 3).astype(np.float32)
+
+
+def class_score_at(prediction: Prediction, tau: float) -> tuple[np.ndarray, float]:
+    """Foreground mask score at the threshold of ``prediction.taus`` nearest to ``tau``.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        The network outputs.
+    tau : float
+        A similarity threshold in (0, 1).
+
+    Returns
+    -------
+    score : np.ndarray
+        (H, W) float32, max over foreground classes of ``class_scores[t]``.
+    tau_used : float
+        The threshold of ``prediction.taus`` that was shown.
+    """
+    taus = np.asarray(prediction.taus, dtype=np.float32)
+    t = int(np.abs(taus - tau).argmin())
+    return prediction.class_scores[t, 1:].max(axis=0).astype(np.float32), float(taus[t])
+
+
+def prediction_layers(prediction: Prediction, tau: float = 0.5) -> list[tuple[str, Any, dict]]:
+    """Layer data for every map of a prediction, in the order they should be stacked.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        The network outputs.
+    tau : float
+        The threshold whose class scores are shown.
+
+    Returns
+    -------
+    list of (key, data, kwargs)
+        ``key`` is a key of :data:`LAYER_NAMES`; ``kwargs`` go to ``viewer.add_image``.
+        Secondary maps are hidden by default.
+    """
+    score, tau_used = class_score_at(prediction, tau)
+    return [
+        (
+            "embeddings",
+            embeddings_to_rgb(prediction.embeddings),
+            {"rgb": True, "visible": False, "opacity": 0.8, "blending": "translucent"},
+        ),
+        (
+            "seediness",
+            prediction.seediness.astype(np.float32),
+            {
+                "colormap": "inferno",
+                "contrast_limits": (0.0, 1.0),
+                "visible": False,
+                "opacity": 0.7,
+                "blending": "additive",
+            },
+        ),
+        (
+            "class_score",
+            score,
+            {
+                "colormap": "viridis",
+                "contrast_limits": (0.0, 1.0),
+                "visible": False,
+                "opacity": 0.7,
+                "blending": "translucent",
+                "metadata": {"tau": tau_used},
+            },
+        ),
+        (
+            "boundary",
+            prediction.boundary.astype(np.float32),
+            {
+                "colormap": "magenta",
+                "contrast_limits": (0.0, 1.0),
+                "visible": False,
+                "blending": "additive",
+            },
+        ),
+        (
+            "foreground",
+            prediction.foreground.astype(np.float32),
+            {
+                "colormap": "green",
+                "contrast_limits": (0.0, 1.0),
+                "visible": False,
+                "opacity": 0.5,
+                "blending": "additive",
+            },
+        ),
+    ]
+
+
+def class_score_name(tau: float) -> str:
+    """Layer name of the mask score map shown for threshold ``tau``."""
+    return f"{LAYER_NAMES['class_score']} (tau={tau:.2f})"

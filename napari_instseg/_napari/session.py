@@ -1,0 +1,929 @@
+"""The editing session behind the dock widget (napari layers, no Qt).
+
+A :class:`Session` ties one image layer to its :class:`~napari_instseg.core.types.Prediction`,
+to the instances being edited and to the layers that show them. Instances are kept in a
+side model (a tuple of :class:`Worm`, one full mask each, so overlaps survive); the
+``worms`` Labels layer is its flattened view. Every edit writes the difference to the
+Labels layer with ``data_setitem`` so that it is one step of napari's undo history
+(Ctrl+Z); after an undo/redo (or painting by hand) :meth:`Session.sync` brings the side
+model back in line with the Labels layer.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ..core.types import Instances, Prediction, Sample
+from .compute import array_digest
+from .layers import LAYER_NAMES, class_score_at, class_score_name, prediction_layers
+
+Point = tuple[int, int]
+
+#: Metadata key of the plugin on layers it creates or reads.
+META = "napari_instseg"
+
+_SESSIONS: weakref.WeakSet[Session] = weakref.WeakSet()
+
+
+def live_session_for(labels: Any) -> Session | None:
+    """Return the live session whose Labels layer holds ``labels`` (the same array), if any.
+
+    Parameters
+    ----------
+    labels : array
+        A Labels layer's data, e.g. as handed to a napari writer.
+
+    Returns
+    -------
+    Session or None
+        The session, so writers can export its full (overlapping) masks.
+    """
+    for session in list(_SESSIONS):
+        layer = session.labels_layer
+        if layer is not None and layer.data is labels:
+            return session
+    return None
+
+
+@dataclass(frozen=True, eq=False)
+class Worm:
+    """One instance in the side model (immutable: edits create new ``Worm`` objects).
+
+    Attributes
+    ----------
+    label : int
+        Its value in the Labels layer (stable across edits of other instances).
+    mask : np.ndarray
+        (H, W) bool full mask, including pixels hidden under overlapping instances.
+    seeds, negatives : tuple of (row, col)
+        Positive and negative seeds it was grown from (empty when painted or read).
+    tau : float or None
+        Similarity threshold it was grown at.
+    score : float
+        Confidence in [0, 1] (network score; 1 for hand-made instances).
+    cls : int
+        Class, 1..C.
+    reviewed : bool
+        Whether a person has checked it.
+    edited : bool
+        Whether a person has changed it (kept by automatic segmentation by default).
+    origin : str
+        ``"auto"``, ``"click"``, ``"hand"`` or ``"file"``.
+    """
+
+    label: int
+    mask: np.ndarray
+    seeds: tuple[Point, ...] = ()
+    negatives: tuple[Point, ...] = ()
+    tau: float | None = None
+    score: float = 1.0
+    cls: int = 1
+    reviewed: bool = False
+    edited: bool = False
+    origin: str = "auto"
+
+    @property
+    def area(self) -> int:
+        """Number of pixels of the full mask."""
+        return int(self.mask.sum())
+
+
+def render(worms: Sequence[Worm], shape: tuple[int, int]) -> np.ndarray:
+    """Flatten worms to an (H, W) int32 label image, as ``Instances.to_labels`` does.
+
+    Pixels covered by several masks go to the smaller instance (ties: higher score).
+
+    Parameters
+    ----------
+    worms : sequence of Worm
+        The instances.
+    shape : (int, int)
+        (H, W).
+
+    Returns
+    -------
+    np.ndarray
+        (H, W) int32 labels, 0 = background, each worm painted with its ``label``.
+    """
+    labels = np.zeros(shape, np.int32)
+    order = sorted(worms, key=lambda w: (-w.area, w.score))
+    for worm in order:
+        labels[worm.mask] = worm.label
+    return labels
+
+
+def _to_point(position: Sequence[float], shape: tuple[int, int]) -> Point | None:
+    r, c = (int(round(float(v))) for v in position[-2:])
+    if 0 <= r < shape[0] and 0 <= c < shape[1]:
+        return (r, c)
+    return None
+
+
+class Session:
+    """Prediction, instances and layers of one image in a napari viewer.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer or napari.components.ViewerModel
+        The viewer to add layers to.
+    image_layer : napari.layers.Image
+        The image being segmented (2D, grey or multi-channel first).
+    """
+
+    max_states = 256
+
+    def __init__(self, viewer: Any, image_layer: Any) -> None:
+        self.viewer = viewer
+        self.image_layer = image_layer
+        self.prediction: Prediction | None = None
+        self.model_name: str = ""
+        self.worms: tuple[Worm, ...] = ()
+        self.selected: int | None = None
+        self.tau: float = 0.5
+        self.labels_layer: Any = None
+        self.seeds_layer: Any = None
+        self.similarity_layer: Any = None
+        self.map_layers: dict[str, Any] = {}
+        self.last_method: dict[str, Any] = {}
+        self._states: OrderedDict[str, tuple[Worm, ...]] = OrderedDict()
+        self._digest: str | None = None
+        self._writing = False
+        self._preview_start: tuple[Worm, ...] | None = None
+        _SESSIONS.add(self)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def image(self) -> np.ndarray:
+        """The image as (H, W) or (C, H, W) (RGB layers are averaged to grey)."""
+        data = np.asarray(self.image_layer.data)
+        if getattr(self.image_layer, "rgb", False):
+            data = data[..., :3].mean(axis=-1)
+        if data.ndim not in (2, 3):
+            raise ValueError(
+                f"layer {self.image_layer.name!r} is {data.ndim}D; napari-instseg segments "
+                "2D images (H, W) or channel stacks (C, H, W)"
+            )
+        return data
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W) of the image."""
+        return tuple(self.image.shape[-2:])  # type: ignore[return-value]
+
+    def worm(self, label: int | None) -> Worm | None:
+        """Return the worm with this label, or None."""
+        for worm in self.worms:
+            if worm.label == label:
+                return worm
+        return None
+
+    def label_at(self, point: Point) -> int:
+        """Label shown in the Labels layer at ``point`` (0 for background)."""
+        self.sync()
+        if self.labels_layer is None:
+            return 0
+        return int(np.asarray(self.labels_layer.data)[point])
+
+    def world_to_point(self, position: Sequence[float]) -> Point | None:
+        """Convert a world position (e.g. ``event.position``) to an image pixel, or None."""
+        data = self.image_layer.world_to_data(position)
+        return _to_point(data, self.shape)
+
+    @property
+    def instances(self) -> Instances:
+        """The side model as :class:`~napari_instseg.core.types.Instances` (label order)."""
+        worms = sorted(self.worms, key=lambda w: w.label)
+        h, w = self.shape
+        masks = np.stack([x.mask for x in worms]) if worms else np.zeros((0, h, w), bool)
+        seeds = np.array([x.seeds[0] if x.seeds else (-1, -1) for x in worms], np.int64)
+        taus = np.array([np.nan if x.tau is None else x.tau for x in worms], np.float32)
+        return Instances(
+            masks=masks,
+            scores=np.array([x.score for x in worms], np.float32),
+            classes=np.array([x.cls for x in worms], np.int64),
+            seeds=seeds.reshape(-1, 2),
+            taus=taus,
+        )
+
+    # ------------------------------------------------------------- prediction
+    def set_prediction(self, prediction: Prediction, model_name: str = "") -> None:
+        """Show a prediction's maps as layers (replacing earlier ones) and keep it for edits.
+
+        Parameters
+        ----------
+        prediction : Prediction
+            Network outputs for :attr:`image`.
+        model_name : str
+            Shown in provenance when exporting.
+        """
+        if prediction.shape != self.shape:
+            raise ValueError(
+                f"prediction is {prediction.shape} but image {self.image_layer.name!r} is "
+                f"{self.shape}"
+            )
+        self.prediction = prediction
+        self.model_name = model_name
+        transform = self._transform_kwargs()
+        for key, data, kwargs in prediction_layers(prediction, self.tau):
+            name = LAYER_NAMES[key]
+            if key == "class_score":
+                name = class_score_name(kwargs["metadata"]["tau"])
+            layer = self.map_layers.get(key)
+            if layer is not None and layer in self.viewer.layers:
+                layer.data = data
+                layer.name = name
+                if "metadata" in kwargs:
+                    layer.metadata.update(kwargs["metadata"])
+            else:
+                layer = self.viewer.add_image(data, name=name, **transform, **kwargs)
+                self.map_layers[key] = layer
+        self.ensure_labels_layer()
+        self._ensure_similarity_layer()
+        self._ensure_seeds_layer()
+        self._raise_edit_layers()
+
+    def set_tau_display(self, tau: float) -> None:
+        """Show the class scores of the threshold nearest to ``tau``."""
+        layer = self.map_layers.get("class_score")
+        if self.prediction is None or layer is None:
+            return
+        score, used = class_score_at(self.prediction, tau)
+        if layer.metadata.get("tau") != used:
+            layer.data = score
+            layer.metadata["tau"] = used
+            layer.name = class_score_name(used)
+
+    def _transform_kwargs(self) -> dict[str, Any]:
+        layer = self.image_layer
+        nd = 2
+        return {
+            "scale": tuple(layer.scale[-nd:]),
+            "translate": tuple(layer.translate[-nd:]),
+        }
+
+    def ensure_labels_layer(self) -> Any:
+        """Create the ``worms`` Labels layer if needed and return it."""
+        if self.labels_layer is not None and self.labels_layer in self.viewer.layers:
+            return self.labels_layer
+        self.labels_layer = self.viewer.add_labels(
+            render(self.worms, self.shape),
+            name=LAYER_NAMES["worms"],
+            opacity=0.55,
+            metadata={META: {"image": self.image_layer.name}},
+            **self._transform_kwargs(),
+        )
+        self._digest = None
+        self._register()
+        self.labels_layer.events.set_data.connect(self._on_labels_changed)
+        self.labels_layer.events.paint.connect(self._on_labels_changed)
+        return self.labels_layer
+
+    def adopt_labels_layer(self, layer: Any) -> None:
+        """Edit an existing Labels layer (e.g. one opened with the reader).
+
+        Overlapping masks stored by the reader in ``layer.metadata`` are used when they
+        agree with the label image.
+        """
+        data = np.asarray(layer.data)
+        if data.shape != self.shape:
+            raise ValueError(f"labels layer {layer.name!r} is {data.shape}, image is {self.shape}")
+        meta = layer.metadata.get(META, {})
+        masks = meta.get("masks")
+        reviewed = meta.get("reviewed")
+        worms: list[Worm] = []
+        if (
+            masks is not None
+            and len(masks)
+            and np.array_equal(
+                render(
+                    [Worm(i + 1, np.asarray(m, bool)) for i, m in enumerate(masks)], self.shape
+                ),
+                data,
+            )
+        ):
+            for i, m in enumerate(masks):
+                rev = bool(reviewed[i]) if reviewed is not None else False
+                worms.append(Worm(i + 1, np.asarray(m, bool), reviewed=rev, origin="file"))
+        else:
+            for lab in np.unique(data):
+                if lab != 0:
+                    worms.append(Worm(int(lab), data == lab, origin="file"))
+        self.worms = tuple(worms)
+        self.labels_layer = layer
+        self._digest = None
+        self._register()
+        layer.events.set_data.connect(self._on_labels_changed)
+        layer.events.paint.connect(self._on_labels_changed)
+
+    def _ensure_similarity_layer(self) -> None:
+        if self.similarity_layer is None or self.similarity_layer not in self.viewer.layers:
+            self.similarity_layer = self.viewer.add_image(
+                np.zeros(self.shape, np.float32),
+                name=LAYER_NAMES["similarity"],
+                colormap="turbo",
+                contrast_limits=(0.0, 1.0),
+                opacity=0.6,
+                visible=False,
+                **self._transform_kwargs(),
+            )
+
+    def _ensure_seeds_layer(self) -> None:
+        if self.seeds_layer is None or self.seeds_layer not in self.viewer.layers:
+            self.seeds_layer = self.viewer.add_points(
+                np.zeros((0, 2)),
+                name=LAYER_NAMES["seeds"],
+                size=9,
+                border_color="white",
+                border_width=0.15,
+                face_color="lime",
+                **self._transform_kwargs(),
+            )
+        self._update_seeds_layer()
+
+    def _raise_edit_layers(self) -> None:
+        layers = self.viewer.layers
+        for layer in (self.similarity_layer, self.labels_layer, self.seeds_layer):
+            if layer is not None and layer in layers:
+                layers.move(layers.index(layer), len(layers))
+        if self.labels_layer is not None:
+            layers.selection.active = self.labels_layer
+
+    def _update_seeds_layer(self) -> None:
+        layer = self.seeds_layer
+        if layer is None:
+            return
+        pts, colors = [], []
+        for worm in self.worms:
+            for p in worm.seeds:
+                pts.append(p)
+                colors.append("lime")
+            for p in worm.negatives:
+                pts.append(p)
+                colors.append("red")
+        layer.data = np.array(pts, float).reshape(-1, 2)
+        if pts:
+            layer.face_color = colors
+
+    # ---------------------------------------------------------- side-model sync
+    def _register(self) -> None:
+        """Remember the current worms under the digest of the current label image."""
+        if self.labels_layer is None:
+            return
+        digest = array_digest(self.labels_layer.data)
+        self._digest = digest
+        self._states[digest] = self.worms
+        self._states.move_to_end(digest)
+        while len(self._states) > self.max_states:
+            self._states.popitem(last=False)
+
+    def _on_labels_changed(self, event: Any = None) -> None:
+        if not self._writing and self._preview_start is None:
+            self.sync()
+
+    def sync(self) -> bool:
+        """Bring the side model in line with the Labels layer after undo/redo or painting.
+
+        Returns
+        -------
+        bool
+            True if the worms changed.
+        """
+        layer = self.labels_layer
+        if layer is None or self._writing or self._preview_start is not None:
+            return False
+        data = np.asarray(layer.data)
+        digest = array_digest(data)
+        if digest == self._digest:
+            return False
+        known = self._states.get(digest)
+        if known is not None:
+            self.worms = known
+        else:
+            self.worms = self._reconcile(data)
+            self._states[digest] = self.worms
+        self._digest = digest
+        if self.selected is not None and self.worm(self.selected) is None:
+            self.selected = None
+        self._update_seeds_layer()
+        return True
+
+    def _reconcile(self, labels: np.ndarray) -> tuple[Worm, ...]:
+        """Side model for a label image painted by hand: keep untouched worms as they were."""
+        current = render(self.worms, self.shape)
+        changed = labels != current
+        touched = set(np.unique(labels[changed]).tolist()) | set(
+            np.unique(current[changed]).tolist()
+        )
+        touched.discard(0)
+        worms = []
+        for worm in self.worms:
+            if worm.label not in touched:
+                worms.append(worm)
+                continue
+            mask = labels == worm.label
+            if mask.any():
+                worms.append(replace(worm, mask=mask, edited=True, origin="hand"))
+        present = {w.label for w in worms}
+        for lab in sorted(touched - present):
+            mask = labels == lab
+            if mask.any():
+                worms.append(Worm(int(lab), mask, edited=True, origin="hand"))
+        return tuple(worms)
+
+    # ----------------------------------------------------------------- writing
+    def _write(self, worms: Iterable[Worm], preview: bool = False) -> None:
+        """Replace the worms and write the change to the Labels layer as one undo step."""
+        self.sync()
+        layer = self.ensure_labels_layer()
+        self.worms = tuple(worms)
+        new = render(self.worms, self.shape)
+        old = np.asarray(layer.data)
+        idx = np.nonzero(old != new)
+        self._writing = True
+        try:
+            if idx[0].size:
+                if preview or self._preview_start is not None:
+                    layer.data_setitem(idx, new[idx])
+                else:
+                    with layer.block_history():
+                        layer.data_setitem(idx, new[idx])
+        finally:
+            self._writing = False
+        if self._preview_start is None:
+            self._register()
+        self._update_seeds_layer()
+
+    def begin_preview(self) -> None:
+        """Start a live edit (e.g. dragging the tau slider); ends with :meth:`end_preview`.
+
+        All writes until :meth:`end_preview` become a single undo step.
+        """
+        if self._preview_start is not None:
+            return
+        self.sync()
+        layer = self.ensure_labels_layer()
+        self._preview_start = self.worms
+        if hasattr(layer, "_begin_stroke"):
+            layer._begin_stroke()
+        else:  # older napari: group by hand
+            layer._block_history = True
+
+    def end_preview(self) -> None:
+        """Commit a live edit as one undo step."""
+        if self._preview_start is None:
+            return
+        layer = self.labels_layer
+        self._preview_start = None
+        if hasattr(layer, "_commit_stroke"):
+            layer._commit_stroke()
+        else:
+            layer._block_history = False
+            layer._commit_staged_history()
+        self._register()
+
+    def _next_label(self) -> int:
+        labels = [w.label for w in self.worms]
+        if self.labels_layer is not None:
+            labels.append(int(np.asarray(self.labels_layer.data).max()))
+        return max(labels, default=0) + 1
+
+    def _require_prediction(self) -> Prediction:
+        if self.prediction is None:
+            raise RuntimeError("Run the model first: this tool needs its prediction")
+        return self.prediction
+
+    def _grow(self, seeds: Sequence[Point], negatives: Sequence[Point], tau: float) -> np.ndarray:
+        from ..core.grow import grow
+
+        prediction = self._require_prediction()
+        mask = grow(
+            prediction,
+            [tuple(p) for p in seeds],
+            tau=tau,
+            negative=[tuple(p) for p in negatives] or None,
+        )
+        return np.asarray(mask, bool)
+
+    def _score_at(self, point: Point) -> tuple[float, int]:
+        if self.prediction is None:
+            return 1.0, 1
+        _, cls, score = self.prediction.best_tau_class()
+        return float(score[point]), int(cls[point])
+
+    # ------------------------------------------------------------------- edits
+    def grow_new(self, point: Point, tau: float | None = None) -> int | None:
+        """Grow a new instance from a seed pixel at threshold ``tau`` (default: :attr:`tau`).
+
+        Parameters
+        ----------
+        point : (int, int)
+            (row, col) of the seed.
+        tau : float, optional
+            Similarity threshold.
+
+        Returns
+        -------
+        int or None
+            The new instance's label, or None if the mask was empty.
+        """
+        tau = self.tau if tau is None else float(tau)
+        mask = self._grow([point], [], tau)
+        if not mask.any():
+            return None
+        score, cls = self._score_at(point)
+        worm = Worm(
+            self._next_label(), mask, seeds=(point,), tau=tau, score=score, cls=cls,
+            edited=True, origin="click",
+        )  # fmt: skip
+        self._write((*self.worms, worm))
+        self.select(worm.label)
+        return worm.label
+
+    def _target(self, point: Point | None, label: int | None) -> Worm | None:
+        if label is None and point is not None:
+            label = self.label_at(point) or None
+        if label is None:
+            label = self.selected
+        return self.worm(label)
+
+    def add_seed(self, point: Point, label: int | None = None) -> int | None:
+        """Add a positive seed to an instance (default: the selected one) and re-grow it.
+
+        Returns
+        -------
+        int or None
+            The label changed, or None when no instance is selected.
+        """
+        self.sync()
+        worm = self.worm(label if label is not None else self.selected)
+        if worm is None:
+            return None
+        tau = worm.tau if worm.tau is not None else self.tau
+        grown = self._grow([*worm.seeds, point], worm.negatives, tau)
+        mask = grown if worm.seeds else (worm.mask | grown)
+        new = replace(worm, mask=mask, seeds=(*worm.seeds, point), tau=tau, edited=True)
+        self._replace(worm, new)
+        return worm.label
+
+    def add_negative(self, point: Point, label: int | None = None) -> int | None:
+        """Add a negative seed to an instance (default: the selected one) and re-grow it.
+
+        Returns
+        -------
+        int or None
+            The label changed, or None when no instance is selected.
+        """
+        self.sync()
+        worm = self.worm(label if label is not None else self.selected)
+        if worm is None:
+            return None
+        tau = worm.tau if worm.tau is not None else self.tau
+        negatives = (*worm.negatives, point)
+        if worm.seeds:
+            mask = self._grow(worm.seeds, negatives, tau)
+        else:
+            from ..core.grow import similarity
+
+            near = np.asarray(similarity(self._require_prediction(), point)) >= tau
+            mask = worm.mask & ~near
+        new = replace(worm, mask=mask, negatives=negatives, tau=tau, edited=True)
+        self._replace(worm, new)
+        return worm.label
+
+    def _replace(self, old: Worm, new: Worm) -> None:
+        worms = [new if w is old else w for w in self.worms]
+        if not new.mask.any():
+            worms = [w for w in worms if w is not new]
+        self._write(worms)
+
+    def remove(self, point: Point | None = None, label: int | None = None) -> int | None:
+        """Remove the instance under ``point`` (or with ``label``, or the selected one).
+
+        Returns
+        -------
+        int or None
+            The removed label, or None if there was nothing to remove.
+        """
+        worm = self._target(point, label)
+        if worm is None:
+            return None
+        self._write([w for w in self.worms if w is not worm])
+        if self.selected == worm.label:
+            self.selected = None
+        return worm.label
+
+    def merge(self, a: int, b: int) -> int | None:
+        """Merge instance ``b`` into instance ``a`` (union of masks and seeds).
+
+        Returns
+        -------
+        int or None
+            The label kept, or None if one label does not exist or they are equal.
+        """
+        self.sync()
+        wa, wb = self.worm(a), self.worm(b)
+        if wa is None or wb is None or wa is wb:
+            return None
+        merged = replace(
+            wa,
+            mask=wa.mask | wb.mask,
+            seeds=wa.seeds + wb.seeds,
+            negatives=wa.negatives + wb.negatives,
+            score=min(wa.score, wb.score),
+            edited=True,
+            reviewed=False,
+        )
+        self._write([merged if w is wa else w for w in self.worms if w is not wb])
+        self.select(merged.label)
+        return merged.label
+
+    def split(self, p: Point, q: Point) -> tuple[int, int] | None:
+        """Split the instance under ``p`` in two along the boundary map, seeded at p and q.
+
+        A marker-controlled watershed of the boundary probability inside the instance's
+        mask (flooding from the two clicks) decides which pixels go to which part.
+
+        Returns
+        -------
+        (int, int) or None
+            Labels of the two parts, or None if p is on background or q is not in the same
+            instance.
+        """
+        from skimage.segmentation import watershed
+
+        self.sync()
+        worm = self.worm(self.label_at(p)) or self.worm(self.selected)
+        if worm is None or not worm.mask[p] or not worm.mask[q] or p == q:
+            return None
+        prediction = self._require_prediction()
+        markers = np.zeros(self.shape, np.int32)
+        markers[p] = 1
+        markers[q] = 2
+        parts = watershed(prediction.boundary, markers, mask=worm.mask)
+        ma, mb = parts == 1, parts == 2
+        if not ma.any() or not mb.any():
+            return None
+        first = replace(worm, mask=ma, seeds=(p,), negatives=(), edited=True, reviewed=False)
+        second = replace(first, label=self._next_label(), mask=mb, seeds=(q,))
+        worms = [first if w is worm else w for w in self.worms]
+        self._write([*worms, second])
+        self.select(first.label)
+        return first.label, second.label
+
+    def select(self, label: int | None) -> None:
+        """Select an instance (the tau slider and seed tools act on it)."""
+        self.selected = label if self.worm(label) is not None else None
+        if self.selected is not None and self.labels_layer is not None:
+            self.labels_layer.selected_label = self.selected
+
+    def regrow_selected(self, tau: float, preview: bool = False) -> bool:
+        """Re-grow the selected instance from its seeds at a new threshold.
+
+        Parameters
+        ----------
+        tau : float
+            The new threshold.
+        preview : bool
+            True while a slider moves (call :meth:`begin_preview` first).
+
+        Returns
+        -------
+        bool
+            Whether an instance was re-grown (it needs seeds).
+        """
+        self.tau = float(tau)
+        worm = self.worm(self.selected)
+        if worm is None or not worm.seeds or self.prediction is None:
+            return False
+        mask = self._grow(worm.seeds, worm.negatives, self.tau)
+        if not mask.any():
+            return False
+        new = replace(worm, mask=mask, tau=self.tau, edited=True)
+        self._write([new if w is worm else w for w in self.worms], preview=preview)
+        return True
+
+    def similarity_to(self, point: Point | None) -> np.ndarray | None:
+        """Update the similarity layer with sigma(point, every pixel) and return it."""
+        if point is None or self.prediction is None:
+            return None
+        from ..core.grow import similarity
+
+        sim = np.asarray(similarity(self.prediction, point), np.float32)
+        self._ensure_similarity_layer()
+        self.similarity_layer.data = sim
+        return sim
+
+    # ---------------------------------------------------------- automatic mode
+    def auto_segment(self, method: str = "hybrid", keep_edited: bool = True, **params: Any) -> int:
+        """Segment the whole image and put the result in the Labels layer (one undo step).
+
+        Parameters
+        ----------
+        method : str
+            ``"seeds"``, ``"boundary"`` or ``"hybrid"``
+            (see :func:`napari_instseg.core.instances.segment`).
+        keep_edited : bool
+            Keep instances a person edited or reviewed; new instances that mostly overlap
+            them are dropped.
+        **params
+            Passed to ``segment``.
+
+        Returns
+        -------
+        int
+            Number of instances after segmentation.
+        """
+        from ..core.instances import segment
+
+        found = segment(self._require_prediction(), method=method, **params)
+        return self.apply_segmentation(found, keep_edited, {"method": method, **params})
+
+    def apply_segmentation(
+        self, found: Instances, keep_edited: bool = True, method: dict | None = None
+    ) -> int:
+        """Put automatically found instances in the Labels layer (one undo step).
+
+        Parameters
+        ----------
+        found : Instances
+            Result of ``segment``.
+        keep_edited : bool
+            Keep instances a person edited or reviewed; found instances lying mostly
+            (> 50 %) on them are dropped.
+        method : dict, optional
+            Method and parameters, kept for provenance.
+
+        Returns
+        -------
+        int
+            Number of instances after segmentation.
+        """
+        self.sync()
+        kept = [w for w in self.worms if w.edited or w.reviewed] if keep_edited else []
+        taken = np.zeros(self.shape, bool)
+        for w in kept:
+            taken |= w.mask
+        label = max((w.label for w in kept), default=0)
+        worms = list(kept)
+        seeds = found.seeds if found.seeds is not None else None
+        taus = found.taus if found.taus is not None else None
+        for i in range(len(found)):
+            mask = found.masks[i]
+            area = mask.sum()
+            if area == 0 or (taken[mask].sum() > 0.5 * area):
+                continue
+            label += 1
+            seed: tuple[Point, ...] = ()
+            if seeds is not None and seeds[i][0] >= 0:
+                seed = ((int(seeds[i][0]), int(seeds[i][1])),)
+            worms.append(
+                Worm(
+                    label,
+                    mask,
+                    seeds=seed,
+                    tau=None if taus is None or np.isnan(taus[i]) else float(taus[i]),
+                    score=float(found.scores[i]),
+                    cls=int(found.classes[i]),
+                    origin="auto",
+                )
+            )
+        self.last_method = dict(method or {})
+        self._write(worms)
+        return len(worms)
+
+    # ------------------------------------------------------------------ review
+    def mark_reviewed(self, label: int | None = None, reviewed: bool = True) -> int | None:
+        """Mark an instance (default: the selected one) as reviewed (or not).
+
+        Returns
+        -------
+        int or None
+            The label, or None when there is no such instance.
+        """
+        self.sync()
+        worm = self.worm(self.selected if label is None else label)
+        if worm is None:
+            return None
+        new = replace(worm, reviewed=reviewed)
+        self.worms = tuple(new if w is worm else w for w in self.worms)
+        if self.labels_layer is not None:  # no pixel changes: just remember the state
+            self._states[self._digest or ""] = self.worms
+        return worm.label
+
+    def next_to_review(self) -> int | None:
+        """Select the least certain unreviewed instance and centre the view on it.
+
+        Returns
+        -------
+        int or None
+            Its label, or None when every instance is reviewed.
+        """
+        self.sync()
+        todo = [w for w in self.worms if not w.reviewed]
+        if not todo:
+            return None
+        worm = min(todo, key=lambda w: (w.score, w.label))
+        self.select(worm.label)
+        rows, cols = np.nonzero(worm.mask)
+        centre = self.image_layer.data_to_world(
+            [*([0] * (self.image_layer.ndim - 2)), rows.mean(), cols.mean()]
+        )
+        self.viewer.camera.center = tuple(np.asarray(centre)[-2:])
+        return worm.label
+
+    # ---------------------------------------------------------- measurements
+    def measure(self) -> Any:
+        """Measure every instance and store the table as the Labels layer's ``features``.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per instance, with ``label``, ``score``, ``reviewed`` and the columns of
+            :func:`napari_instseg.core.measure.measure`.
+        """
+        import pandas as pd
+
+        from ..core.measure import measure
+
+        self.sync()
+        instances = self.instances
+        image = self.image
+        channels = {"image": image} if image.ndim == 2 else {}
+        if image.ndim == 3:
+            channels = {f"c{i}": ch for i, ch in enumerate(image)}
+        table = pd.DataFrame(measure(instances, image, channels)).reset_index(drop=True)
+        worms = sorted(self.worms, key=lambda w: w.label)
+        front = pd.DataFrame(
+            {
+                "label": [w.label for w in worms],
+                "score": [w.score for w in worms],
+                "reviewed": [w.reviewed for w in worms],
+                "origin": [w.origin for w in worms],
+            }
+        )
+        table = pd.concat(
+            [front, table.drop(columns=[c for c in front if c in table], errors="ignore")],
+            axis=1,
+        )
+        if self.labels_layer is not None:
+            features = table.copy()
+            features.insert(0, "index", features["label"])
+            self.labels_layer.features = features
+        return table
+
+    # ------------------------------------------------------------------ export
+    def to_sample(self, name: str | None = None) -> Sample:
+        """The image and instances as a training :class:`~napari_instseg.core.types.Sample`.
+
+        Reviewed flags, classes and provenance (model, method, date) are included.
+        """
+        self.sync()
+        worms = sorted(self.worms, key=lambda w: w.label)
+        instances = self.instances
+        import napari_instseg
+
+        return Sample(
+            image=self.image,
+            masks=instances.masks,
+            name=name or str(self.image_layer.name),
+            reviewed=np.array([w.reviewed for w in worms], bool),
+            classes=np.array([w.cls for w in worms], np.int64),
+            metadata={
+                "source_layer": str(self.image_layer.name),
+                "source": str(
+                    getattr(getattr(self.image_layer, "source", None), "path", "") or ""
+                ),
+                "model": self.model_name,
+                "segmentation": self.last_method,
+                "origins": [w.origin for w in worms],
+                "edited": [bool(w.edited) for w in worms],
+                "napari_instseg": napari_instseg.__version__,
+                "exported": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            },
+        )
+
+    def export(self, root: Any, overwrite: bool = False) -> Any:
+        """Write the image and instances as a training folder (see ``write_training_folder``).
+
+        Raises
+        ------
+        FileExistsError
+            If ``root`` exists and ``overwrite`` is False.
+        """
+        from pathlib import Path
+
+        from ..core.training_folder import write_training_folder
+
+        root = Path(root)
+        if root.exists() and any(root.iterdir()) and not overwrite:
+            raise FileExistsError(
+                f"{root} exists and is not empty; choose overwrite to replace it"
+            )
+        return write_training_folder(root, [self.to_sample()], overwrite=overwrite)

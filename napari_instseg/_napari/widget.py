@@ -1,0 +1,853 @@
+"""The dock widget: run the model, segment automatically, click to grow and fix, export.
+
+The widget is a thin Qt front end over :class:`~napari_instseg._napari.session.Session`;
+every action is also a method (``run_model``, ``click``, ``segment``, ``export``, ...) so
+that scripts and tests drive it without a mouse.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.qt.threading import thread_worker
+from napari.utils import progress
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QButtonGroup,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QPushButton,
+    QScrollArea,
+    QSlider,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from . import compute
+from .session import Point, Session
+
+#: Click tools: key -> (shortcut key, button text, help).
+TOOLS: dict[str, tuple[str, str, str]] = {
+    "new": ("N", "New", "click a worm: grow a new instance from that pixel at the current tau"),
+    "add": ("A", "+ seed", "click: add a positive seed to the selected instance"),
+    "negative": ("Q", "- seed", "click: add a negative seed (cut a leak) to the selected one"),
+    "remove": ("R", "Remove", "click an instance to delete it"),
+    "merge": ("J", "Merge", "click two instances to join them"),
+    "split": ("S", "Split", "click twice inside one instance: cut it along the boundary map"),
+    "select": ("I", "Select", "click an instance to select it (tau slider acts on it)"),
+}
+
+#: Other keys: key -> help.
+KEYS: dict[str, str] = {
+    "T": "toggle live similarity to the pixel under the cursor",
+    "K": "mark the selected instance reviewed",
+    ".": "centre on the next (least certain) unreviewed instance",
+    "Shift+click": "add a positive seed to the selected instance (any tool)",
+    "Ctrl+Z / Ctrl+Shift+Z": "undo / redo (napari Labels history, worms layer active)",
+}
+
+METHODS = ("hybrid", "seeds", "boundary")
+MODEL_SHIPPED = "shipped model (BBBC010 bright-field)"
+MODEL_FILE = "weights file..."
+
+
+def keys_help() -> str:
+    """One line per key, as shown in the widget and the user guide."""
+    lines = [f"{k}: {TOOLS[t][2]}" for t, (k, _, _) in ((t, TOOLS[t]) for t in TOOLS)]
+    lines += [f"{k}: {v}" for k, v in KEYS.items()]
+    return "\n".join(lines)
+
+
+class InstSegWidget(QWidget):
+    """Dock widget of napari-instseg.
+
+    Parameters
+    ----------
+    napari_viewer : napari.Viewer
+        The viewer (napari passes it when the widget is opened from the Plugins menu).
+    """
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.sessions: dict[int, Session] = {}
+        self.tool = "new"
+        self._pending: tuple[str, Point, int] | None = None
+        self._cancel = False
+        self.worker: Any = None
+        self._hover: Point | None = None
+        self._hover_timer = QTimer(self)
+        self._hover_timer.setSingleShot(True)
+        self._hover_timer.setInterval(30)
+        self._hover_timer.timeout.connect(self._update_hover)
+        self.table_data: Any = None
+        self._build()
+        self._connect_viewer()
+        self._refresh_images()
+
+    # =============================================================== building
+    def _build(self) -> None:
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        inner = QWidget()
+        lay = QVBoxLayout(inner)
+        scroll.setWidget(inner)
+        outer.addWidget(scroll)
+
+        # --- 1. model
+        box = QGroupBox("1. Model")
+        form = QFormLayout(box)
+        self.image_combo = QComboBox()
+        self.image_combo.setToolTip("The image layer to segment (2D)")
+        form.addRow("image", self.image_combo)
+        self.model_combo = QComboBox()
+        self.model_combo.addItems([MODEL_SHIPPED, MODEL_FILE])
+        form.addRow("model", self.model_combo)
+        row = QHBoxLayout()
+        self.model_path = QLineEdit()
+        self.model_path.setPlaceholderText("path to .safetensors weights")
+        self.model_path.setEnabled(False)
+        self.browse_btn = QPushButton("Browse...")
+        self.browse_btn.setEnabled(False)
+        row.addWidget(self.model_path)
+        row.addWidget(self.browse_btn)
+        form.addRow("", row)
+        row = QHBoxLayout()
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(_available_devices())
+        self.device_label = QLabel()
+        row.addWidget(self.device_combo)
+        row.addWidget(self.device_label)
+        form.addRow("device", row)
+        row = QHBoxLayout()
+        self.run_btn = QPushButton("Run model")
+        self.run_btn.setToolTip("Predict embeddings, seediness, boundaries (cached per image)")
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        row.addWidget(self.run_btn)
+        row.addWidget(self.cancel_btn)
+        form.addRow(row)
+        lay.addWidget(box)
+
+        # --- 2. automatic segmentation
+        box = QGroupBox("2. Automatic segmentation")
+        form = QFormLayout(box)
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(METHODS)
+        self.method_combo.setToolTip(
+            "seeds: Fathi et al. seed sampling; boundary: BAISeg watershed; hybrid: both"
+        )
+        form.addRow("method", self.method_combo)
+        self.min_score = QDoubleSpinBox()
+        self.min_score.setRange(0.0, 1.0)
+        self.min_score.setSingleStep(0.05)
+        self.min_score.setValue(0.5)
+        form.addRow("min score", self.min_score)
+        self.min_size = QSpinBox()
+        self.min_size.setRange(0, 100000)
+        self.min_size.setValue(30)
+        form.addRow("min size (px)", self.min_size)
+        self.keep_edited = QCheckBox("keep edited / reviewed instances")
+        self.keep_edited.setChecked(True)
+        form.addRow(self.keep_edited)
+        self.segment_btn = QPushButton("Segment all")
+        form.addRow(self.segment_btn)
+        lay.addWidget(box)
+
+        # --- 3. interactive editing
+        box = QGroupBox("3. Click to grow and fix")
+        vbox = QVBoxLayout(box)
+        grid = QHBoxLayout()
+        self.tool_group = QButtonGroup(self)
+        self.tool_group.setExclusive(True)
+        self.tool_buttons: dict[str, QPushButton] = {}
+        for i, (name, (key, text, tip)) in enumerate(TOOLS.items()):
+            btn = QPushButton(f"{text} [{key}]")
+            btn.setCheckable(True)
+            btn.setToolTip(tip)
+            self.tool_group.addButton(btn, i)
+            self.tool_buttons[name] = btn
+            grid.addWidget(btn)
+            if i == 3:
+                vbox.addLayout(grid)
+                grid = QHBoxLayout()
+        vbox.addLayout(grid)
+        self.tool_buttons["new"].setChecked(True)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("tau"))
+        self.tau_slider = QSlider(Qt.Orientation.Horizontal)
+        self.tau_slider.setRange(5, 95)
+        self.tau_slider.setValue(50)
+        self.tau_slider.setToolTip("similarity threshold: higher = tighter masks")
+        self.tau_label = QLabel("0.50")
+        row.addWidget(self.tau_slider)
+        row.addWidget(self.tau_label)
+        vbox.addLayout(row)
+        self.hover_check = QCheckBox("live similarity to cursor [T]")
+        vbox.addWidget(self.hover_check)
+        row = QHBoxLayout()
+        self.undo_btn = QPushButton("Undo")
+        self.redo_btn = QPushButton("Redo")
+        row.addWidget(self.undo_btn)
+        row.addWidget(self.redo_btn)
+        vbox.addLayout(row)
+        self.keys_label = QLabel(keys_help())
+        self.keys_label.setWordWrap(True)
+        self.keys_label.setStyleSheet("font-size: 10px")
+        vbox.addWidget(self.keys_label)
+        lay.addWidget(box)
+
+        # --- 4. review
+        box = QGroupBox("4. Review")
+        row = QHBoxLayout(box)
+        self.reviewed_btn = QPushButton("Mark reviewed [K]")
+        self.next_btn = QPushButton("Next to review [.]")
+        self.review_label = QLabel("0 / 0")
+        row.addWidget(self.reviewed_btn)
+        row.addWidget(self.next_btn)
+        row.addWidget(self.review_label)
+        lay.addWidget(box)
+
+        # --- 5. measure and export
+        box = QGroupBox("5. Measure and export")
+        vbox = QVBoxLayout(box)
+        row = QHBoxLayout()
+        self.measure_btn = QPushButton("Measure")
+        self.csv_btn = QPushButton("Save CSV...")
+        self.export_btn = QPushButton("Export training folder...")
+        row.addWidget(self.measure_btn)
+        row.addWidget(self.csv_btn)
+        vbox.addLayout(row)
+        vbox.addWidget(self.export_btn)
+        self.table = QTableWidget()
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setMinimumHeight(120)
+        vbox.addWidget(self.table)
+        lay.addWidget(box)
+
+        self.status = QLabel("Choose an image and run the model.")
+        self.status.setWordWrap(True)
+        lay.addWidget(self.status)
+        lay.addStretch(1)
+
+        # --- signals
+        self.model_combo.currentIndexChanged.connect(self._on_model_choice)
+        self.browse_btn.clicked.connect(self._browse_model)
+        self.device_combo.currentTextChanged.connect(self._update_device_label)
+        self.run_btn.clicked.connect(lambda: self.run_model())
+        self.cancel_btn.clicked.connect(self.cancel)
+        self.segment_btn.clicked.connect(lambda: self.segment())
+        self.tool_group.idClicked.connect(lambda i: self.set_tool(list(TOOLS)[i]))
+        self.tau_slider.sliderPressed.connect(self._tau_pressed)
+        self.tau_slider.sliderReleased.connect(self._tau_released)
+        self.tau_slider.valueChanged.connect(self._tau_changed)
+        self.hover_check.toggled.connect(self._on_hover_toggled)
+        self.undo_btn.clicked.connect(self.undo)
+        self.redo_btn.clicked.connect(self.redo)
+        self.reviewed_btn.clicked.connect(lambda: self.mark_reviewed())
+        self.next_btn.clicked.connect(lambda: self.next_to_review())
+        self.measure_btn.clicked.connect(lambda: self.measure())
+        self.csv_btn.clicked.connect(lambda: self.save_csv())
+        self.export_btn.clicked.connect(lambda: self.export())
+        self.image_combo.currentIndexChanged.connect(self._on_image_changed)
+        self._update_device_label()
+
+    def _connect_viewer(self) -> None:
+        v = self.viewer
+        for ev in (v.layers.events.inserted, v.layers.events.removed):
+            ev.connect(self._refresh_images)
+        v.mouse_drag_callbacks.append(self._on_mouse_drag)
+        v.mouse_move_callbacks.append(self._on_mouse_move)
+        keys = {TOOLS[t][0]: partial(_tool_key, self, t) for t in TOOLS}
+        keys["T"] = lambda viewer: self.hover_check.toggle()
+        keys["K"] = lambda viewer: self.mark_reviewed()
+        keys["."] = lambda viewer: self.next_to_review()
+        for key, func in keys.items():
+            v.bind_key(key, func, overwrite=True)
+
+    # ================================================================ helpers
+    def _say(self, text: str) -> None:
+        self.status.setText(text)
+        try:
+            self.viewer.status = text
+        except Exception:  # noqa: BLE001 - status is cosmetic
+            pass
+
+    def _refresh_images(self, event: Any = None) -> None:
+        current = self.image_combo.currentText()
+        names = [
+            layer.name
+            for layer in self.viewer.layers
+            if isinstance(layer, Image)
+            and not any(layer is m for s in self.sessions.values() for m in _own_layers(s))
+        ]
+        self.image_combo.blockSignals(True)
+        self.image_combo.clear()
+        self.image_combo.addItems(names)
+        if current in names:
+            self.image_combo.setCurrentText(current)
+        self.image_combo.blockSignals(False)
+        # forget sessions whose image is gone
+        for key in [
+            k for k, s in self.sessions.items() if s.image_layer not in self.viewer.layers
+        ]:
+            del self.sessions[key]
+
+    def image_layer(self) -> Any:
+        """The image layer chosen in the widget (or None)."""
+        name = self.image_combo.currentText()
+        if name and name in self.viewer.layers:
+            return self.viewer.layers[name]
+        return None
+
+    def session(self, create: bool = True) -> Session | None:
+        """The editing session of the chosen image (created on first use)."""
+        layer = self.image_layer()
+        if layer is None:
+            return None
+        key = id(layer)
+        if key not in self.sessions and create:
+            session = Session(self.viewer, layer)
+            for other in self.viewer.layers:
+                if (
+                    isinstance(other, Labels)
+                    and other.name == f"{layer.name} worms"
+                    and other.data.shape == session.shape
+                ):
+                    session.adopt_labels_layer(other)
+                    break
+            self.sessions[key] = session
+        return self.sessions.get(key)
+
+    def _on_image_changed(self, index: int) -> None:
+        session = self.session(create=False)
+        self._update_review_label()
+        if session is not None and session.labels_layer is not None:
+            self.viewer.layers.selection.active = session.labels_layer
+
+    def model_choice(self) -> str | None:
+        """``None`` for the shipped model, else the weights path typed or browsed."""
+        if self.model_combo.currentText() == MODEL_SHIPPED:
+            return None
+        path = self.model_path.text().strip()
+        return path or None
+
+    def _on_model_choice(self, index: int) -> None:
+        custom = self.model_combo.currentText() == MODEL_FILE
+        self.model_path.setEnabled(custom)
+        self.browse_btn.setEnabled(custom)
+
+    def _browse_model(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Model weights", "", "Weights (*.safetensors *.pt);;All files (*)"
+        )
+        if path:
+            self.model_path.setText(path)
+
+    def _update_device_label(self, *args: Any) -> None:
+        runs = compute.device_in_use(self.device_combo.currentText() or "auto")
+        self.device_label.setText(f"runs on: {runs}")
+
+    # ================================================================= model
+    def run_model(self, blocking: bool = False) -> Any:
+        """Predict on the chosen image (in a worker thread unless ``blocking``).
+
+        Results are cached per image content and model: running again (or switching back
+        to an image) shows the layers without recomputing.
+
+        Parameters
+        ----------
+        blocking : bool
+            Run in the calling thread and return the prediction (scripts, tests, demo).
+
+        Returns
+        -------
+        Prediction or worker or None
+            The prediction when blocking or cached, else the running worker.
+        """
+        session = self.session()
+        if session is None:
+            self._say("Add or open an image first.")
+            return None
+        image = session.image
+        model = self.model_choice()
+        device = self.device_combo.currentText() or "auto"
+        if self.model_combo.currentText() == MODEL_FILE and model is None:
+            self._say("Choose a weights file (Browse...) or the shipped model.")
+            return None
+        name = "shipped" if model is None else Path(model).name
+        if blocking or compute.is_cached(image, model):
+            prediction = compute.cached_predict(image, model, device)
+            self._show_prediction(session, prediction, name)
+            return prediction
+
+        self._cancel = False
+
+        @thread_worker
+        def work() -> Any:
+            with progress(total=100, desc="napari-instseg: predicting") as bar:
+
+                def report(*args: Any, **kwargs: Any) -> None:
+                    if self._cancel:
+                        raise compute.Cancelled
+                    _update_bar(bar, *args, **kwargs)
+
+                try:
+                    return compute.cached_predict(image, model, device, progress=report)
+                except compute.Cancelled:
+                    return None
+
+        worker = work()
+        worker.returned.connect(lambda p: self._on_predicted(session, p, name))
+        worker.errored.connect(lambda e: self._on_worker_error("Prediction", e))
+        worker.finished.connect(self._on_worker_finished)
+        self.worker = worker
+        self.run_btn.setEnabled(False)
+        self.cancel_btn.setEnabled(True)
+        self._say(f"Predicting on {compute.device_in_use(device)}...")
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        """Ask the running prediction to stop (at its next progress report)."""
+        self._cancel = True
+        if self.worker is not None:
+            self.worker.quit()
+        self._say("Cancelling...")
+
+    def _on_predicted(self, session: Session, prediction: Any, name: str) -> None:
+        if prediction is None:
+            self._say("Prediction cancelled.")
+            return
+        self._show_prediction(session, prediction, name)
+
+    def _on_worker_error(self, what: str, err: Exception) -> None:
+        self._say(f"{what} failed: {err}")
+
+    def _on_worker_finished(self) -> None:
+        self.worker = None
+        self.run_btn.setEnabled(True)
+        self.cancel_btn.setEnabled(False)
+
+    def _show_prediction(self, session: Session, prediction: Any, name: str) -> None:
+        session.tau = self.tau
+        session.set_prediction(prediction, model_name=name)
+        self._refresh_images()
+        dev = prediction.metadata.get("device", "")
+        self._say(
+            f"Model {name} done{' on ' + str(dev) if dev else ''}. Click a worm to grow it, "
+            "or 'Segment all'."
+        )
+
+    # ========================================================== segmentation
+    def segment_params(self) -> dict[str, Any]:
+        """Parameters of the chosen method from the widget's fields."""
+        method = self.method_combo.currentText()
+        params: dict[str, Any] = {"min_size": int(self.min_size.value())}
+        if method in ("seeds", "hybrid"):
+            params["min_score"] = float(self.min_score.value())
+        return params
+
+    def segment(self, blocking: bool = False) -> Any:
+        """Segment the chosen image automatically into the ``worms`` layer.
+
+        Parameters
+        ----------
+        blocking : bool
+            Run in the calling thread.
+
+        Returns
+        -------
+        int or worker or None
+            Number of instances when blocking, else the worker.
+        """
+        session = self.session()
+        if session is None or session.prediction is None:
+            self._say("Run the model first.")
+            return None
+        method = self.method_combo.currentText()
+        params = self.segment_params()
+        keep = self.keep_edited.isChecked()
+        info = {"method": method, **params}
+        from ..core.instances import segment
+
+        if blocking:
+            n = session.apply_segmentation(
+                segment(session.prediction, method=method, **params), keep, info
+            )
+            self._after_segment(n)
+            return n
+
+        @thread_worker
+        def work() -> Any:
+            with progress(total=0, desc=f"napari-instseg: {method} segmentation"):
+                return segment(session.prediction, method=method, **params)
+
+        worker = work()
+        worker.returned.connect(
+            lambda found: self._after_segment(session.apply_segmentation(found, keep, info))
+        )
+        worker.errored.connect(lambda e: self._on_worker_error("Segmentation", e))
+        self.segment_btn.setEnabled(False)
+        worker.finished.connect(lambda: self.segment_btn.setEnabled(True))
+        self._say(f"Segmenting ({method})...")
+        worker.start()
+        return worker
+
+    def _after_segment(self, n: int) -> None:
+        self._update_review_label()
+        self._say(f"{n} instances. Review them: '{KEYS_NEXT}' jumps to the least certain.")
+
+    # ================================================================ editing
+    @property
+    def tau(self) -> float:
+        """The threshold of the tau slider."""
+        return self.tau_slider.value() / 100.0
+
+    def set_tool(self, tool: str) -> None:
+        """Choose the click tool (a key of :data:`TOOLS`)."""
+        if tool not in TOOLS:
+            raise ValueError(f"unknown tool {tool!r}; choose one of {', '.join(TOOLS)}")
+        self.tool = tool
+        self._pending = None
+        self.tool_buttons[tool].setChecked(True)
+        self._say(f"Tool: {TOOLS[tool][1]} - {TOOLS[tool][2]}")
+
+    def click(self, point: Point, shift: bool = False) -> Any:
+        """Apply the current tool at an image pixel, as a mouse click does.
+
+        Parameters
+        ----------
+        point : (int, int)
+            (row, col) in the image.
+        shift : bool
+            Shift held: add a positive seed to the selected instance.
+
+        Returns
+        -------
+        object
+            What the session returned (a label, labels, or None).
+        """
+        session = self.session()
+        if session is None or session.prediction is None:
+            self._say("Run the model first, then click a worm.")
+            return None
+        session.tau = self.tau
+        tool = "add" if shift else self.tool
+        result: Any = None
+        if tool == "new":
+            result = session.grow_new(point)
+            self._say(f"New instance {result}." if result else "Nothing grew there.")
+        elif tool == "add":
+            result = session.add_seed(point)
+            if result is None:
+                result = session.grow_new(point)
+            self._say(f"Instance {result}: seed added.")
+        elif tool == "negative":
+            result = session.add_negative(point)
+            self._say(
+                f"Instance {result}: negative seed added." if result else "Select an instance."
+            )
+        elif tool == "remove":
+            result = session.remove(point=point)
+            self._say(f"Removed instance {result}." if result else "No instance there.")
+        elif tool == "select":
+            label = session.label_at(point)
+            session.select(label or None)
+            result = session.selected
+            self._say(f"Selected instance {result}." if result else "No instance there.")
+        elif tool in ("merge", "split"):
+            result = self._two_clicks(session, tool, point)
+        self._update_review_label()
+        return result
+
+    def _two_clicks(self, session: Session, tool: str, point: Point) -> Any:
+        label = session.label_at(point)
+        if self._pending is None or self._pending[0] != tool:
+            if label == 0:
+                self._say(f"{TOOLS[tool][1]}: click inside an instance.")
+                return None
+            self._pending = (tool, point, label)
+            session.select(label)
+            self._say(f"{TOOLS[tool][1]}: now click the second point.")
+            return None
+        _, first, first_label = self._pending
+        self._pending = None
+        if tool == "merge":
+            result = session.merge(first_label, label)
+            self._say(f"Merged into {result}." if result else "Click two different instances.")
+            return result
+        result = session.split(first, point)
+        self._say(
+            f"Split into {result[0]} and {result[1]}." if result else
+            "Split: click two points inside the same instance."
+        )  # fmt: skip
+        return result
+
+    def _on_mouse_drag(self, viewer: Any, event: Any) -> Any:
+        if event.button != 1:
+            return
+        layer = viewer.layers.selection.active
+        if layer is not None and getattr(layer, "mode", "pan_zoom") != "pan_zoom":
+            return  # painting / adding points: napari's own tools
+        session = self.session(create=False)
+        if session is None or session.prediction is None:
+            return
+        start_pos = np.asarray(event.pos, float)
+        position = event.position
+        shift = "Shift" in {str(getattr(m, "name", m)) for m in event.modifiers}
+        yield
+        while event.type == "mouse_move":
+            if np.abs(np.asarray(event.pos, float) - start_pos).max() > 3:
+                return  # a drag pans the view
+            yield
+        point = session.world_to_point(position)
+        if point is not None:
+            self.click(point, shift=shift)
+
+    def undo(self) -> None:
+        """Undo the last edit of the worms layer (napari Labels history)."""
+        session = self.session(create=False)
+        if session is not None and session.labels_layer is not None:
+            session.labels_layer.undo()
+            session.sync()
+            self._update_review_label()
+
+    def redo(self) -> None:
+        """Redo the last undone edit of the worms layer."""
+        session = self.session(create=False)
+        if session is not None and session.labels_layer is not None:
+            session.labels_layer.redo()
+            session.sync()
+            self._update_review_label()
+
+    # ------------------------------------------------------------- tau slider
+    def _tau_pressed(self) -> None:
+        session = self.session(create=False)
+        if session is not None and session.worm(session.selected) is not None:
+            session.begin_preview()
+
+    def _tau_released(self) -> None:
+        session = self.session(create=False)
+        if session is not None:
+            session.end_preview()
+
+    def _tau_changed(self, value: int) -> None:
+        tau = value / 100.0
+        self.tau_label.setText(f"{tau:.2f}")
+        session = self.session(create=False)
+        if session is None:
+            return
+        session.tau = tau
+        session.set_tau_display(tau)
+        if session.prediction is not None and session.selected is not None:
+            session.regrow_selected(tau, preview=self.tau_slider.isSliderDown())
+
+    def set_tau(self, tau: float, live: bool = False) -> None:
+        """Move the tau slider (re-grows the selected instance).
+
+        Parameters
+        ----------
+        tau : float
+            New threshold, 0.05..0.95.
+        live : bool
+            Treat as a drag step (grouped into one undo step until :meth:`end_tau_drag`).
+        """
+        session = self.session(create=False)
+        if live and session is not None:
+            session.begin_preview()
+            self.tau_slider.setSliderDown(True)
+        self.tau_slider.setValue(int(round(tau * 100)))
+
+    def end_tau_drag(self) -> None:
+        """Finish a live tau change started with ``set_tau(..., live=True)``."""
+        self.tau_slider.setSliderDown(False)
+        self._tau_released()
+
+    # ------------------------------------------------------------- similarity
+    def _on_hover_toggled(self, on: bool) -> None:
+        session = self.session(create=False)
+        if session is not None and session.similarity_layer is not None:
+            session.similarity_layer.visible = on
+
+    def _on_mouse_move(self, viewer: Any, event: Any) -> None:
+        if not self.hover_check.isChecked():
+            return
+        session = self.session(create=False)
+        if session is None or session.prediction is None:
+            return
+        self._hover = session.world_to_point(event.position)
+        if not self._hover_timer.isActive():
+            self._hover_timer.start()
+
+    def _update_hover(self) -> None:
+        session = self.session(create=False)
+        if session is not None and self._hover is not None:
+            session.similarity_to(self._hover)
+
+    # ================================================================ review
+    def mark_reviewed(self, label: int | None = None) -> int | None:
+        """Mark an instance (default: the selected one) reviewed."""
+        session = self.session(create=False)
+        if session is None:
+            return None
+        result = session.mark_reviewed(label)
+        self._update_review_label()
+        self._say(f"Instance {result} reviewed." if result else "Select an instance first.")
+        return result
+
+    def next_to_review(self) -> int | None:
+        """Select and centre on the least certain unreviewed instance."""
+        session = self.session(create=False)
+        if session is None:
+            return None
+        label = session.next_to_review()
+        worm = session.worm(label)
+        self._say(
+            f"Instance {label} (score {worm.score:.2f}): fix it, then K." if worm else
+            "Every instance is reviewed."
+        )  # fmt: skip
+        return label
+
+    def _update_review_label(self) -> None:
+        session = self.session(create=False)
+        worms = session.worms if session is not None else ()
+        done = sum(w.reviewed for w in worms)
+        self.review_label.setText(f"{done} / {len(worms)} reviewed")
+
+    # ============================================================ measurement
+    def measure(self) -> Any:
+        """Measure every instance; fill the table and the worms layer's ``features``."""
+        session = self.session(create=False)
+        if session is None or not session.worms:
+            self._say("Nothing to measure yet.")
+            return None
+        table = session.measure()
+        self.table_data = table
+        self.table.clear()
+        self.table.setRowCount(len(table))
+        self.table.setColumnCount(len(table.columns))
+        self.table.setHorizontalHeaderLabels([str(c) for c in table.columns])
+        for i, row in enumerate(table.itertuples(index=False)):
+            for j, value in enumerate(row):
+                text = f"{value:.4g}" if isinstance(value, float | np.floating) else str(value)
+                self.table.setItem(i, j, QTableWidgetItem(text))
+        self._say(f"Measured {len(table)} instances.")
+        return table
+
+    def save_csv(self, path: str | Path | None = None) -> Path | None:
+        """Save the measurement table as CSV (asks for a file name when ``path`` is None)."""
+        if self.table_data is None and self.measure() is None:
+            return None
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, "Save measurements", "", "CSV (*.csv)")
+            if not path:
+                return None
+        path = Path(path)
+        self.table_data.to_csv(path, index=False)
+        self._say(f"Saved {path}")
+        return path
+
+    # ================================================================= export
+    def export(self, path: str | Path | None = None, overwrite: bool | None = None) -> Any:
+        """Export image + instances as a training folder.
+
+        Parameters
+        ----------
+        path : str or Path, optional
+            Folder; asks when None.
+        overwrite : bool, optional
+            Replace an existing folder. When None and the folder exists, the user is asked
+            (and, without a dialog, a FileExistsError is raised).
+
+        Returns
+        -------
+        Path or None
+            The folder written.
+        """
+        session = self.session(create=False)
+        if session is None or not session.worms:
+            self._say("Nothing to export yet.")
+            return None
+        interactive = path is None
+        if path is None:
+            path = QFileDialog.getExistingDirectory(self, "Export training folder (new folder)")
+            if not path:
+                return None
+        path = Path(path)
+        exists = path.exists() and (path.is_file() or any(path.iterdir()))
+        if exists and overwrite is None:
+            if not interactive:
+                raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+            answer = QMessageBox.question(
+                self, "Overwrite?", f"{path} exists and is not empty. Replace it?"
+            )
+            overwrite = answer == QMessageBox.StandardButton.Yes
+            if not overwrite:
+                return None
+        session.export(path, overwrite=bool(overwrite))
+        self._say(f"Exported {len(session.worms)} instances to {path}")
+        return path
+
+
+KEYS_NEXT = "."
+
+
+def _tool_key(widget: InstSegWidget, tool: str, viewer: Any) -> None:
+    widget.set_tool(tool)
+
+
+def _own_layers(session: Session) -> list[Any]:
+    return [
+        *session.map_layers.values(),
+        session.similarity_layer,
+        session.labels_layer,
+        session.seeds_layer,
+    ]
+
+
+def _available_devices() -> list[str]:
+    try:
+        from ..core.device import available_devices
+
+        return available_devices()
+    except Exception:  # noqa: BLE001 - torch missing or broken: still show the widget
+        return ["auto", "cpu"]
+
+
+def _update_bar(bar: Any, *args: Any, **kwargs: Any) -> None:
+    """Map the core's progress report to napari's progress bar.
+
+    Accepts ``(done, total)``, a fraction in [0, 1], or keywords ``done``/``total``.
+    """
+    done = kwargs.get("done", args[0] if args else None)
+    total = kwargs.get("total", args[1] if len(args) > 1 else None)
+    if done is None:
+        return
+    try:
+        if total:
+            bar.total = int(total)
+            bar.n = int(done)
+        else:
+            bar.n = int(round(float(done) * 100))
+        bar.refresh()
+    except (TypeError, ValueError):
+        pass

@@ -1,0 +1,266 @@
+"""The dock widget in a real (offscreen-X) napari window: clicks on the canvas, undo, layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_instseg._napari import compute
+from napari_instseg.core.oracle import prediction_from_masks
+from napari_instseg.core.synthetic import make_worms
+
+pytest.importorskip("napari")
+
+
+@pytest.fixture
+def worms():
+    return make_worms(shape=(160, 160), n_worms=4, n_crossings=1, n_touching=1, seed=3)
+
+
+@pytest.fixture
+def widget(make_napari_viewer, monkeypatch, worms):
+    """Viewer + widget whose model is the oracle prediction of the synthetic worms."""
+    from napari_instseg._napari.widget import InstSegWidget
+
+    compute.clear_cache()
+    oracle = prediction_from_masks(worms.masks, noise=0.1)  # noise: tau matters
+    calls = []
+
+    def fake_predict(image, model=None, device="auto", progress=None):
+        calls.append(image.shape)
+        if progress is not None:
+            progress(1, 1)
+        return oracle
+
+    monkeypatch.setattr(compute, "predict_image", fake_predict)
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(worms.image, name="worms image")
+    w = InstSegWidget(viewer)
+    viewer.window.add_dock_widget(w, name="instseg")
+    w.calls = calls
+    return w
+
+
+def canvas_pos(viewer, row, col):
+    """Canvas pixel position of a data (row, col) in a 2D view (layers without transforms)."""
+    canvas = viewer.window._qt_viewer.canvas
+    x, y = canvas.view.scene.transform.map([col, row, 0, 1])[:2]
+    return float(x), float(y)
+
+
+def click(qtbot, viewer, row, col, modifiers=()):
+    canvas = viewer.window._qt_viewer.canvas._scene_canvas
+    pos = canvas_pos(viewer, row, col)
+    canvas.events.mouse_press(pos=pos, modifiers=modifiers, button=1)
+    canvas.events.mouse_release(pos=pos, modifiers=modifiers, button=1)
+    qtbot.wait(5)
+
+
+def inner_pixel(masks, i):
+    """A pixel deep inside mask i (max distance transform), away from crossings."""
+    from scipy import ndimage
+
+    mask = masks[i] & ~np.delete(masks, i, axis=0).any(axis=0)
+    dt = ndimage.distance_transform_edt(mask)
+    return tuple(int(v) for v in np.unravel_index(dt.argmax(), mask.shape))
+
+
+def iou(a, b):
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+def test_canvas_position_round_trip(widget, qtbot):
+    viewer = widget.viewer
+    canvas = viewer.window._qt_viewer.canvas._scene_canvas
+    canvas.events.mouse_move(pos=canvas_pos(viewer, 40, 90), modifiers=(), button=None)
+    qtbot.wait(5)
+    assert np.allclose(viewer.cursor.position[-2:], (40, 90), atol=0.6)
+
+
+def test_click_grows_worm_and_undo(widget, worms, qtbot):
+    viewer = widget.viewer
+    widget.run_model(blocking=True)
+    session = widget.session()
+    names = [layer.name for layer in viewer.layers]
+    for expected in (
+        "embeddings (PCA RGB)",
+        "seediness",
+        "boundary",
+        "foreground",
+        "worms",
+        "seeds",
+    ):
+        assert expected in names
+    assert viewer.layers["embeddings (PCA RGB)"].rgb
+    assert not viewer.layers["seediness"].visible  # secondary maps hidden by default
+    labels = session.labels_layer
+    assert labels.data.max() == 0
+
+    target = 0
+    r, c = inner_pixel(worms.masks, target)
+    click(qtbot, viewer, r, c)
+    assert labels.data.max() == 1
+    grown = labels.data == 1
+    assert iou(grown, worms.masks[target]) > 0.8
+    assert len(session.worms) == 1 and session.worms[0].seeds == ((r, c),)
+
+    r2, c2 = inner_pixel(worms.masks, 1)
+    click(qtbot, viewer, r2, c2)
+    assert set(np.unique(labels.data)) == {0, 1, 2}
+    second = session.worm(2).mask  # full mask, overlaps kept in the side model
+    assert iou(second, worms.masks[1]) > 0.8
+    assert not ((labels.data == 2) & ~second).any()
+
+    labels.undo()
+    assert set(np.unique(labels.data)) == {0, 1}
+    assert [w.label for w in session.worms] == [1]
+    labels.redo()
+    assert len(session.worms) == 2
+
+    # a second Run reuses the cached prediction
+    widget.run_model()
+    assert len(widget.calls) == 1
+
+
+def test_remove_merge_split_with_clicks(widget, worms, qtbot):
+    viewer = widget.viewer
+    widget.run_model(blocking=True)
+    session = widget.session()
+    labels = session.labels_layer
+    pair = (2, 3)  # a touching (not crossing) pair in this image
+    assert not (worms.masks[2] & worms.masks[3]).any()
+    pts = [inner_pixel(worms.masks, i) for i in pair]
+    for p in pts:
+        click(qtbot, viewer, *p)
+    assert len(session.worms) == 2
+
+    # merge: two clicks
+    widget.set_tool("merge")
+    click(qtbot, viewer, *pts[0])
+    click(qtbot, viewer, *pts[1])
+    assert len(session.worms) == 1
+    merged = session.worms[0].mask
+    assert iou(merged, worms.masks[2] | worms.masks[3]) > 0.8
+    assert set(np.unique(labels.data)) == {0, 1}
+    labels.undo()
+    assert len(session.worms) == 2
+    labels.redo()
+    assert len(session.worms) == 1
+
+    # split the merged instance back along the boundary map
+    widget.set_tool("split")
+    click(qtbot, viewer, *pts[0])
+    click(qtbot, viewer, *pts[1])
+    assert len(session.worms) == 2
+    a, b = (w.mask for w in sorted(session.worms, key=lambda w: w.label))
+    assert iou(a, worms.masks[2]) > 0.8 and iou(b, worms.masks[3]) > 0.8
+    assert not (a & b).any()
+
+    # remove
+    widget.set_tool("remove")
+    click(qtbot, viewer, *pts[1])
+    assert len(session.worms) == 1
+    assert not labels.data[worms.masks[3]].any() and labels.data[worms.masks[2]].all()
+    labels.undo()
+    assert len(session.worms) == 2
+
+
+def test_tau_slider_regrows_selected_one_undo_step(widget, worms, qtbot):
+    viewer = widget.viewer
+    widget.run_model(blocking=True)
+    session = widget.session()
+    labels = session.labels_layer
+    click(qtbot, viewer, *inner_pixel(worms.masks, 0))
+    before = labels.data.copy()
+    n_undo = len(labels._undo_history)
+    sizes = []
+    for tau in (0.7, 0.85, 0.95):
+        widget.set_tau(tau, live=True)
+        sizes.append(int((labels.data == 1).sum()))
+    widget.end_tau_drag()
+    assert session.worms[0].tau == pytest.approx(0.95)
+    assert before.astype(bool).sum() >= sizes[0] > sizes[-1] > 0  # higher tau: tighter mask
+    assert len(labels._undo_history) == n_undo + 1  # the whole drag is one undo step
+    labels.undo()
+    np.testing.assert_array_equal(labels.data, before)
+    assert session.worms[0].tau == pytest.approx(0.5)
+
+
+def test_seeds_and_similarity(widget, worms, qtbot):
+    viewer = widget.viewer
+    widget.run_model(blocking=True)
+    session = widget.session()
+    p = inner_pixel(worms.masks, 0)
+    click(qtbot, viewer, *p)
+    # a negative seed on the same worm's far end removes pixels near it
+    rows, cols = np.nonzero(worms.masks[0] & ~worms.masks[1:].any(0))
+    far = int(np.argmax((rows - p[0]) ** 2 + (cols - p[1]) ** 2))
+    neg = (int(rows[far]), int(cols[far]))
+    widget.set_tool("negative")
+    click(qtbot, viewer, *neg)
+    worm = session.worms[0]
+    assert worm.negatives == (neg,)
+    assert not worm.mask[neg]
+    assert len(viewer.layers["seeds"].data) == 2
+    # shift+click adds a positive seed back
+    widget.set_tool("new")
+    click(qtbot, viewer, *neg, modifiers=("Shift",))
+    assert session.worms[0].mask[neg] and len(session.worms) == 1
+
+    # live similarity: moving the mouse updates the layer
+    widget.hover_check.setChecked(True)
+    assert viewer.layers["similarity to cursor"].visible
+    canvas = viewer.window._qt_viewer.canvas._scene_canvas
+    canvas.events.mouse_move(pos=canvas_pos(viewer, *p), modifiers=(), button=None)
+    qtbot.waitUntil(lambda: viewer.layers["similarity to cursor"].data.max() > 0.99, timeout=2000)
+    sim = viewer.layers["similarity to cursor"].data
+    assert sim[worms.masks[0] & ~worms.masks[1:].any(0)].mean() > 0.9
+    assert sim[~worms.masks.any(0)].mean() < 0.1
+
+
+def test_auto_segment_keeps_edits_review_measure(widget, worms, qtbot, tmp_path):
+    viewer = widget.viewer
+    widget.run_model(blocking=True)
+    session = widget.session()
+    click(qtbot, viewer, *inner_pixel(worms.masks, 0))
+    edited = session.worms[0]
+    n = widget.segment(blocking=True)
+    assert n >= len(worms.masks) - 1
+    assert edited in session.worms  # the hand-made instance survived
+    labels = session.labels_layer
+    matched = sum(max(iou(w.mask, m) for w in session.worms) > 0.7 for m in worms.masks)
+    assert matched >= len(worms.masks) - 1
+    # keep_edited off replaces everything
+    widget.keep_edited.setChecked(False)
+    widget.segment(blocking=True)
+    assert edited not in session.worms
+    labels.undo()
+    assert edited in session.worms
+
+    # review: next_to_review goes to the lowest score, centres the camera
+    first = widget.next_to_review()
+    worm = session.worm(first)
+    assert worm.score == min(w.score for w in session.worms)
+    rows, cols = np.nonzero(worm.mask)
+    assert np.allclose(viewer.camera.center[-2:], (rows.mean(), cols.mean()), atol=1)
+    widget.mark_reviewed()
+    assert session.worm(first).reviewed
+    assert widget.next_to_review() != first
+
+    # measurements
+    table = widget.measure()
+    assert len(table) == len(session.worms)
+    assert list(labels.features["index"]) == sorted(w.label for w in session.worms)
+    csv = widget.save_csv(tmp_path / "m.csv")
+    assert csv.read_text().splitlines()[0].startswith("label")
+
+
+def test_screenshot_shows_worms(widget, worms):
+    widget.run_model(blocking=True)
+    widget.segment(blocking=True)
+    shot = widget.viewer.screenshot(canvas_only=False)
+    assert shot.ndim == 3 and shot.shape[0] > 200 and shot.shape[1] > 300
+    canvas = widget.viewer.screenshot(canvas_only=True)
+    assert canvas[..., :3].std() > 10  # not blank: worms coloured on the image
+    colours = np.unique(canvas[..., :3].reshape(-1, 3) // 32, axis=0)
+    assert len(colours) > 8
