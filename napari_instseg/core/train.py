@@ -64,6 +64,8 @@ class TrainConfig:
         Classification-loss weight ramp (epochs), Fathi et al. use 0 -> 0.2.
     boundary_weight, foreground_weight, attraction_weight, contrast_weight : float
         Weights of the other losses (0 disables).
+    boundary_max_alpha : float
+        Cap on the class balance of the boundary loss (1 = BAISeg's full balance).
     rotation, scale_min, scale_max, flips : augmentation
         Fathi et al.: rotation within 10 degrees, scale 0.7-1.5, flips.
     crop_candidates : int
@@ -99,6 +101,7 @@ class TrainConfig:
     lambda_start: float = 4.0
     lambda_end: float = 12.0
     boundary_weight: float = 1.0
+    boundary_max_alpha: float = 1.0
     foreground_weight: float = 1.0
     attraction_weight: float = 0.0
     contrast_weight: float = 0.0
@@ -316,7 +319,9 @@ def training_loss(
         fg = inst.any(0).float() if inst.shape[0] else torch.zeros_like(bnd)
         k = keep.float()
         terms["boundary"].append(
-            L.balanced_boundary_loss(outputs["boundary_logits"][i].float()[keep], bnd[keep])
+            L.balanced_boundary_loss(
+                outputs["boundary_logits"][i].float()[keep], bnd[keep], config.boundary_max_alpha
+            )
         )
         terms["foreground"].append(
             L.foreground_loss(outputs["foreground_logits"][i].float() * k - 20 * (1 - k), fg * k)
