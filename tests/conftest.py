@@ -27,7 +27,9 @@ def find_bbbc010() -> Path | None:
 def bbbc010_root() -> Path:
     root = find_bbbc010()
     if root is None:
-        pytest.skip("BBBC010 data not found (set NAPARI_INSTSEG_BBBC010 or ../shared/data/bbbc010)")
+        pytest.skip(
+            "BBBC010 data not found (set NAPARI_INSTSEG_BBBC010 or ../shared/data/bbbc010)"
+        )
     return root
 
 
@@ -38,4 +40,7 @@ def _few_threads():
         import torch
     except ImportError:  # pragma: no cover
         return
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # OMP_NUM_THREADS (e.g. 1 beside a running training job) wins: two threads fighting a
+    # busy machine make small convolutions ~20x slower than one thread
+    limit = int(os.environ.get("OMP_NUM_THREADS") or 2)
+    torch.set_num_threads(max(1, min(2, limit, os.cpu_count() or 1)))
