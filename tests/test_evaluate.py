@@ -1,0 +1,139 @@
+import json
+
+import numpy as np
+import pytest
+
+from napari_instseg.core.evaluate import evaluate, format_table, iou_matrix, parse_wells, to_json
+from napari_instseg.core.types import Instances
+
+
+def _labels(seed, shape=(48, 64), n=6):
+    rng = np.random.default_rng(seed)
+    lab = np.zeros(shape, np.int32)
+    for i in range(1, n + 1):
+        r, c = rng.integers(0, shape[0] - 10), rng.integers(0, shape[1] - 12)
+        lab[r : r + rng.integers(4, 10), c : c + rng.integers(5, 12)] = i
+    return lab
+
+
+def test_perfect_prediction_scores_one():
+    gts = [Instances.from_labels(_labels(s)).masks for s in range(3)]
+    res = evaluate([Instances(m) for m in gts], gts)
+    assert res["AP"] == pytest.approx(1.0) and res["AP50"] == pytest.approx(1.0)
+    assert all(v == 1.0 for v in res["S"].values()) and res["avS"] == 1.0
+
+
+def test_one_missing_instance_known_values():
+    gt = np.zeros((3, 20, 20), bool)
+    gt[0, 0:5, 0:5] = gt[1, 10:15, 0:5] = gt[2, 0:5, 10:20] = True
+    res = evaluate([Instances(gt[:2])], [gt])
+    # S = TP / (TP + FP + FN) = 2 / 3 at every threshold; AP: recall tops out at 2/3
+    assert all(v == pytest.approx(2 / 3) for v in res["S"].values())
+    assert res["fn"] == [1] * 5 and res["fp"] == [0] * 5
+    assert res["AP"] == pytest.approx(0.663, abs=0.01)  # 101-point interpolation: 67/101
+
+
+def test_overlapping_masks_and_scores_rank():
+    gt = np.zeros((2, 20, 20), bool)
+    gt[0, 8:12, :] = True
+    gt[1, :, 8:12] = True  # crossing: shares 16 pixels
+    wrong = np.zeros((1, 20, 20), bool)
+    wrong[0, 0:3, 0:3] = True
+    pred = Instances(np.concatenate([gt, wrong]), scores=np.array([0.9, 0.8, 0.1]))
+    res = evaluate([pred], [gt])
+    assert res["AP"] == pytest.approx(1.0)  # the false positive ranks last
+    assert res["S"]["0.5"] == pytest.approx(2 / 3)
+    ranked_first = Instances(pred.masks, scores=np.array([0.5, 0.4, 0.9]))
+    assert evaluate([ranked_first], [gt])["AP"] < 0.9
+
+
+def test_dsb_matches_stardist():
+    matching = pytest.importorskip("stardist.matching")
+    rng = np.random.default_rng(0)
+    preds, gts = [], []
+    for s in range(4):
+        gt = _labels(s)
+        pred = np.roll(gt, rng.integers(-2, 3), axis=1)  # shifted copies: IoUs spread out
+        pred[pred == 3] = 0  # one missed instance
+        preds.append(pred)
+        gts.append(gt)
+    res = evaluate(preds, gts)
+    for t in (0.5, 0.6, 0.7, 0.8, 0.9):
+        ref = np.mean(
+            [matching.matching(g, p, thresh=t).accuracy for g, p in zip(gts, preds, strict=True)]
+        )
+        assert res["S"][f"{t:g}"] == pytest.approx(ref)
+
+
+def test_iou_matrix_and_errors():
+    a = np.zeros((1, 4, 4), bool)
+    a[0, :2] = True
+    b = np.zeros((2, 4, 4), bool)
+    b[0, :1] = True
+    b[1, 2:] = True
+    np.testing.assert_allclose(iou_matrix(a, b), [[0.5, 0.0]])
+    with pytest.raises(ValueError, match="ground-truth images"):
+        evaluate([a], [b, b])
+    with pytest.raises(ValueError, match="predicted masks are"):
+        evaluate([np.zeros((1, 5, 5), bool)], [b])
+
+
+def test_empty_images_and_table_json():
+    empty = np.zeros((0, 8, 8), bool)
+    res = evaluate([Instances(empty)], [empty])
+    assert res["S"]["0.5"] == 1.0 and np.isnan(res["AP"])
+    gt = np.ones((1, 8, 8), bool)
+    res = evaluate([Instances(empty)], [gt])
+    assert res["AP"] == 0.0 and res["avS"] == 0.0
+    table = format_table({"mine": res})
+    assert "mine" in table and "PatchPerPix" in table and "0.569" in table
+    assert json.loads(to_json(res))["n_gt"] == 1
+
+
+def test_parse_wells():
+    assert parse_wells("B13-C02") == [
+        "B13",
+        "B14",
+        "B15",
+        "B16",
+        "B17",
+        "B18",
+        "B19",
+        "B20",
+        "B21",
+        "B22",
+        "B23",
+        "B24",
+        "C01",
+        "C02",
+    ]
+    assert parse_wells("a01, A03-A04,A03") == ["A01", "A03", "A04"]
+    assert len(parse_wells("A01-C02")) == 50
+    for bad in ("A25", "Z1x", "B02-A01", ""):
+        with pytest.raises(ValueError):
+            parse_wells(bad)
+
+
+def test_cli_evaluate_bbbc010_needs_model_or_pred(bbbc010_root, tmp_path, capsys):
+    from napari_instseg.cli import main
+
+    # the ground truth against itself through a training folder is not needed: compare a
+    # BBBC010 folder with itself (perfect), on two wells
+    out = tmp_path / "r.json"
+    rc = main(
+        [
+            "evaluate",
+            "--gt",
+            str(bbbc010_root),
+            "--pred",
+            str(bbbc010_root),
+            "--wells",
+            "A01-A02",
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["n_images"] == 2 and res["avS"] == 1.0 and res["AP"] == pytest.approx(1.0)
+    assert "PatchPerPix" in capsys.readouterr().out
