@@ -1,0 +1,169 @@
+"""Prediction: shapes, input forms, errors, tiling, the zarr cache, progress."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_instseg.core.model import InstSegNet, ModelConfig
+from napari_instseg.core.predict import iter_predict, predict
+from napari_instseg.core.types import Prediction
+
+
+def _model(in_channels: int = 1, seed: int = 0) -> InstSegNet:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        in_channels=in_channels,
+        channels=(8, 16, 32),
+        embedding_dim=4,
+        head_channels=8,
+        coord_scale=32.0,
+    )
+    return InstSegNet(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> InstSegNet:
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    img = rng.normal(1000.0, 50.0, (100, 150)).astype(np.float32)
+    img[30:40, 20:120] += 400.0  # a bright bar
+    return img
+
+
+@pytest.fixture(scope="module")
+def whole(model, image) -> Prediction:
+    return predict(image, model, "cpu")
+
+
+def test_shapes_and_probabilities(whole, image, model):
+    h, w = image.shape
+    cfg = model.config
+    assert whole.embeddings.shape == (cfg.embedding_dim, h, w)
+    assert whole.class_scores.shape == (len(cfg.taus), cfg.n_classes + 1, h, w)
+    for name in ("seediness", "boundary", "foreground"):
+        arr = getattr(whole, name)
+        assert arr.shape == (h, w) and arr.dtype == np.float32
+        assert (arr >= 0).all() and (arr <= 1).all()
+    np.testing.assert_allclose(whole.class_scores.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(whole.seediness, whole.class_scores[:, 1:].max(axis=(0, 1)))
+    assert whole.taus == tuple(cfg.taus)
+    assert whole.metadata["cached"] is False and whole.metadata["tiles"] == 1
+    assert whole.metadata["model_sha256"] is None  # an unsaved model has no file signature
+
+
+def test_input_forms_agree(model, image, whole):
+    chw = predict(image[None], model, "cpu")
+    np.testing.assert_array_equal(chw.embeddings, whole.embeddings)
+    two = _model(in_channels=2)
+    stack = np.stack([image, image[::-1]])
+    a = predict(stack, two, "cpu")  # (C, H, W)
+    b = predict(np.moveaxis(stack, 0, -1), two, "cpu")  # (H, W, C)
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)
+    np.testing.assert_array_equal(a.foreground, b.foreground)
+    # integer images are fine too
+    ints = predict(image.astype(np.uint16), model, "cpu")
+    assert ints.embeddings.shape == whole.embeddings.shape
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (np.full((32, 32), np.nan, np.float32), "NaN"),
+        (np.zeros((2, 1, 32, 32), np.float32), "2D image"),
+        (np.zeros((3, 32, 32), np.float32), "channel"),
+        (np.zeros((0, 32), np.float32), "empty"),
+        (np.array([["a", "b"], ["c", "d"]]), "numeric"),
+        (np.zeros((4, 4), np.float32), "too small"),
+    ],
+)
+def test_bad_inputs(model, bad, match):
+    with pytest.raises(ValueError, match=match):
+        predict(bad, model, "cpu")
+
+
+def test_inf_is_rejected(model):
+    img = np.zeros((32, 32), np.float32)
+    img[3, 3] = np.inf
+    with pytest.raises(ValueError, match="infinite"):
+        predict(img, model, "cpu")
+
+
+@pytest.mark.parametrize(("tile", "halo"), [(64, 64), (48, 32)])
+def test_tiled_equals_whole(model, image, whole, tile, halo):
+    calls = []
+    tiled = predict(
+        image, model, "cpu", tile_size=tile, halo=halo, progress=lambda d, t: calls.append((d, t))
+    )
+    assert tiled.metadata["tiles"] > 1
+    for name in ("embeddings", "class_scores", "boundary", "foreground", "seediness"):
+        np.testing.assert_allclose(getattr(tiled, name), getattr(whole, name), atol=1e-4)
+    total = tiled.metadata["tiles"]
+    assert calls == [(i, total) for i in range(1, total + 1)]
+
+
+def test_iter_predict_yields_progress_then_returns(model, image, whole):
+    gen = iter_predict(image, model, "cpu", tile_size=64, halo=64)
+    steps = []
+    while True:
+        try:
+            steps.append(next(gen))
+        except StopIteration as stop:
+            result = stop.value
+            break
+    assert len(steps) > 1 and steps[-1][0] == steps[-1][1] == len(steps)
+    assert isinstance(result, Prediction)
+    np.testing.assert_allclose(result.embeddings, whole.embeddings, atol=1e-4)
+
+
+def test_zarr_cache(model, image, tmp_path):
+    cache = tmp_path / "cache"
+    first = predict(image, model, "cpu", cache=cache)
+    assert first.metadata["cached"] is False
+    stores = sorted(cache.glob("*.zarr"))
+    assert len(stores) == 1
+    calls = []
+    second = predict(image, model, "cpu", cache=cache, progress=lambda d, t: calls.append((d, t)))
+    assert second.metadata["cached"] is True
+    assert calls[-1][0] == calls[-1][1]
+    for name in ("embeddings", "class_scores", "boundary", "foreground", "seediness"):
+        np.testing.assert_array_equal(getattr(second, name), getattr(first, name))
+    assert second.taus == first.taus
+    assert len(list(cache.glob("*.zarr"))) == 1
+
+    # a changed image, a changed model, or other tiling: a new key, never the stale entry
+    changed = image.copy()
+    changed[0, 0] += 1.0
+    assert predict(changed, model, "cpu", cache=cache).metadata["cached"] is False
+    assert len(list(cache.glob("*.zarr"))) == 2
+    other = _model(seed=0)
+    with torch.no_grad():
+        next(other.embedding_head.parameters()).add_(0.5)
+    new = predict(image, other, "cpu", cache=cache)
+    assert new.metadata["cached"] is False
+    assert not np.array_equal(new.embeddings, first.embeddings)
+    assert len(list(cache.glob("*.zarr"))) == 3
+    assert predict(image, model, "cpu", tile_size=64, cache=cache).metadata["cached"] is False
+    assert len(list(cache.glob("*.zarr"))) == 4
+    # an incomplete entry (e.g. killed while writing) is recomputed, not trusted
+    import zarr
+
+    for store in cache.glob("*.zarr"):
+        zarr.open_group(str(store), mode="r+").attrs["complete"] = False
+    again = predict(image, model, "cpu", cache=cache)
+    assert again.metadata["cached"] is False
+    np.testing.assert_array_equal(again.embeddings, first.embeddings)
+
+
+def test_model_from_path(model, image, whole, tmp_path):
+    from napari_instseg.core.weights import save_model
+
+    path = save_model(model, tmp_path / "m.safetensors", {"name": "tiny"})
+    pred = predict(image, path, "cpu")
+    np.testing.assert_allclose(pred.embeddings, whole.embeddings, atol=1e-6)
+    assert pred.metadata["model"] == "tiny" and pred.metadata["model_sha256"]
