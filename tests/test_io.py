@@ -156,19 +156,29 @@ def test_zarr_group_array_zero(tmp_path):
     np.testing.assert_array_equal(out[0, 0], data)
 
 
-def test_ome_zarr_first_level_and_axes(tmp_path):
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_first_level_and_axes(tmp_path, version):
     import zarr
-    from ome_zarr.io import parse_url
-    from ome_zarr.writer import write_image
 
     # c, z, y, x: 2 channels, 3 planes; without the metadata a short second axis would be
-    # taken for the channels
+    # taken for the channels. Level "1" is a smaller copy listed second, level "0" is at
+    # a path other than "0" to check that the metadata is followed.
     data = _ramp(2, 3, 64, 96)
-    store = parse_url(str(tmp_path / "img.ome.zarr"), mode="w").store
-    root = zarr.group(store=store)
-    write_image(data, root, axes="czyx")
+    axes = [{"name": "c", "type": "channel"}] + [
+        {"name": n, "type": "space"} for n in ("z", "y", "x")
+    ]
+    multiscales = [
+        {"version": version, "axes": axes, "datasets": [{"path": "full"}, {"path": "half"}]}
+    ]
+    zarr_format = 2 if version == "0.4" else 3
+    group = zarr.open_group(str(tmp_path / "img.ome.zarr"), mode="w", zarr_format=zarr_format)
+    group.attrs.update(
+        {"multiscales": multiscales} if version == "0.4" else {"ome": {"multiscales": multiscales}}
+    )
+    group.create_array("full", shape=data.shape, dtype=data.dtype)[...] = data
+    group.create_array("half", shape=(2, 3, 32, 48), dtype=data.dtype)
     out = read_image(tmp_path / "img.ome.zarr")
-    assert out.shape == (3, 2, 64, 96)  # first (full-resolution) level
+    assert out.shape == (3, 2, 64, 96)
     np.testing.assert_array_equal(out[2, 1], data[1, 2])
 
 

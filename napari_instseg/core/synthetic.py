@@ -223,7 +223,8 @@ def make_worms(
     -------
     Sample
         ``image`` (H, W) float32 with intensities roughly in 100..3000 (uint16-like),
-        ``masks`` (n_worms, H, W) bool with overlaps kept, ``name`` ``"synthetic-<seed>"``,
+        ``masks`` (n_worms, H, W) bool with overlaps kept, ``name`` ``"synthetic-<seed>"``
+        (``"synthetic"`` without a seed),
         ``metadata`` holding the parameters, the crossing pairs (``"crossings"``) and the
         touching pairs (``"touching"``) as lists of index pairs.
 
@@ -394,7 +395,7 @@ def make_worms(
     return Sample(
         image=image,
         masks=masks,
-        name=f"synthetic-{seed}",
+        name="synthetic" if seed is None else f"synthetic-{seed}",
         metadata={
             "dataset": "synthetic",
             "params": params,

@@ -235,7 +235,7 @@ def write_training_folder(
             "other names"
         )
 
-    for sub in ("images", "masks", "instances", "channels"):
+    for sub in ("images", "masks"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     pending: list[tuple[Path, Path]] = []  # (temporary, final)
     entries: dict[str, dict[str, Any]] = {}
@@ -245,10 +245,15 @@ def write_training_folder(
         for tmp, final in pending:
             os.replace(tmp, final)
         stale = _stale_files(root, manifest, entries)
-        manifest["version"] = FORMAT_VERSION
-        manifest["label_rule"] = LABEL_RULE
-        manifest["updated"] = _now()
-        manifest["images"].update(entries)
+        manifest = {
+            **manifest,
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "label_rule": LABEL_RULE,
+            "updated": _now(),
+            "images": {**manifest["images"], **entries},
+        }
+        manifest["images"] = manifest.pop("images")  # keep the long table last
         _write_json_atomic(root / MANIFEST, manifest)
     finally:
         for tmp, _ in pending:
@@ -257,8 +262,8 @@ def write_training_folder(
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-    for folder in (root / "channels").glob("*"):
-        if folder.is_dir() and not any(folder.iterdir()):
+    for folder in (root / "channels").glob("*/"):
+        if not any(folder.iterdir()):
             folder.rmdir()
     return root
 
