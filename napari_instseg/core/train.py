@@ -125,6 +125,11 @@ class TrainConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        if data.get("model"):
+            try:
+                ModelConfig.from_dict(data["model"])
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{path}: [model]: {err}") from err
         return cls(**data)
 
     def to_toml(self, path: str | Path) -> None:

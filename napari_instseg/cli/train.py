@@ -1,0 +1,139 @@
+"""``napari-instseg train``: train or fine-tune a model from a TOML config and/or flags.
+
+Examples
+--------
+Train the shipped BBBC010 model (checkpoints and ``log.csv`` in ``runs/bbbc010``)::
+
+    napari-instseg train --config configs/bbbc010.toml
+
+Fine-tune it on a corrected training folder for a few epochs::
+
+    napari-instseg train --init napari_instseg/weights/bbbc010.safetensors
+        --data my_training_folder --train-wells "" --val-wells "" --epochs 5 --out runs/mine
+
+(one line; ``--train-wells ""`` takes every image of the folder, ``--val-wells ""`` none).
+
+Flags override the TOML; without ``--config`` the defaults of
+:class:`~napari_instseg.core.train.TrainConfig` apply. A run resumes from its
+``last.ckpt.safetensors`` unless ``--no-resume`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+# flag destination -> TrainConfig field
+_OVERRIDES = {
+    "out": "out",
+    "epochs": "epochs",
+    "device": "device",
+    "init": "init",
+    "data": "data",
+    "train_wells": "train_wells",
+    "val_wells": "val_wells",
+    "steps_per_epoch": "steps_per_epoch",
+    "batch_size": "batch_size",
+    "crop_size": "crop_size",
+    "lr": "lr",
+    "seed": "seed",
+    "time_limit": "time_limit_minutes",
+    "threads": "num_threads",
+}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``train`` arguments.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The sub-command's parser.
+    """
+    parser.add_argument("--config", type=Path, help="TOML file of TrainConfig fields")
+    parser.add_argument("--out", help="run folder (checkpoints, log.csv, best weights)")
+    parser.add_argument("--epochs", type=int, help="number of epochs")
+    parser.add_argument("--device", help="auto, cuda, mps or cpu")
+    parser.add_argument(
+        "--no-resume", action="store_true", help="start afresh even if the run has a checkpoint"
+    )
+    parser.add_argument("--init", help="weights to start from (fine-tuning)")
+    parser.add_argument(
+        "--data", nargs="+", metavar="DIR", help="BBBC010-style folders or training folders"
+    )
+    parser.add_argument(
+        "--train-wells", help='wells / image names for training, e.g. "A01-B12" ("" = all)'
+    )
+    parser.add_argument(
+        "--val-wells", help='wells / image names for validation, e.g. "B13-C02" ("" = none)'
+    )
+    parser.add_argument("--steps-per-epoch", type=int, help="batches per epoch")
+    parser.add_argument("--batch-size", type=int, help="crops per batch")
+    parser.add_argument("--crop-size", type=int, help="crop side in pixels")
+    parser.add_argument("--lr", type=float, help="learning rate")
+    parser.add_argument("--seed", type=int, help="random seed")
+    parser.add_argument("--time-limit", type=float, help="stop after this many minutes")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (0 = default)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_config(args: argparse.Namespace):
+    """Merge the TOML (or the defaults) with the flags given.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed arguments of :func:`configure`.
+
+    Returns
+    -------
+    TrainConfig
+        The run's configuration.
+    """
+    from ..core.train import TrainConfig
+
+    if args.config is not None:
+        if not args.config.is_file():
+            raise FileNotFoundError(f"config file {args.config} does not exist")
+        config = TrainConfig.from_toml(args.config)
+    else:
+        config = TrainConfig()
+    changes = {
+        field: getattr(args, dest)
+        for dest, field in _OVERRIDES.items()
+        if getattr(args, dest, None) is not None
+    }
+    if "data" in changes:
+        changes["data"] = [str(d) for d in changes["data"]]
+    for name in ("epochs", "steps_per_epoch", "batch_size", "crop_size"):
+        if name in changes and changes[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    return replace(config, **changes)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train; prints where the best weights went.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed arguments of :func:`configure`.
+
+    Returns
+    -------
+    int
+        0 on success.
+    """
+    from ..core.train import train
+
+    config = build_config(args)
+    for folder in config.data:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"data folder {folder} does not exist")
+    if config.init and not Path(config.init).exists():
+        raise FileNotFoundError(f"--init weights {config.init} do not exist")
+    print(f"training into {config.out} (epochs {config.epochs}, device {config.device})")
+    best = train(config, resume=not args.no_resume, progress=not args.no_progress)
+    print(f"best weights: {best}")
+    return 0

@@ -1,0 +1,265 @@
+"""Training: a tiny run end to end, resume, loss decrease, crops, configs, well names."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_instseg.core.model import InstSegNet, ModelConfig
+from napari_instseg.core.synthetic import make_worms
+from napari_instseg.core.train import (
+    TrainConfig,
+    load_samples,
+    parse_names,
+    prepare,
+    random_crop,
+    train,
+    training_loss,
+)
+from napari_instseg.core.types import Sample
+from napari_instseg.core.weights import load_model
+
+TINY_MODEL = {"channels": [8, 16], "embedding_dim": 4, "head_channels": 8, "coord_scale": 32.0}
+
+
+def _worms(seed: int) -> Sample:
+    return make_worms(
+        shape=(96, 96), n_worms=3, length=(30, 50), width=(5, 8), n_touching=0, seed=seed
+    )
+
+
+def write_bbbc010_layout(root: Path, wells: list[str]) -> Path:
+    """A tiny folder in BBBC010's layout: images/..._<WELL>_w2_<GUID>.tif, one PNG per worm."""
+    import imageio.v3 as iio
+    import tifffile
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i, well in enumerate(wells):
+        sample = _worms(i)
+        tifffile.imwrite(
+            root / "images" / f"plate_{well}_w2_0A1B2C3D.tif", sample.image.astype(np.uint16)
+        )
+        for j, mask in enumerate(sample.masks):
+            path = root / "masks" / f"{well}_{j + 1:02d}_ground_truth.png"
+            iio.imwrite(path, mask.astype(np.uint8) * 255)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A training folder with images A01, A02 (train) and A03 (validation)."""
+    from napari_instseg.core.training_folder import write_training_folder
+
+    root = tmp_path_factory.mktemp("data") / "folder"
+    samples = []
+    for i, name in enumerate(["A01", "A02", "A03"]):
+        sample = _worms(i)
+        sample.name = name
+        samples.append(sample)
+    return write_training_folder(root, samples)
+
+
+def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
+    base = {
+        "data": [str(data)],
+        "train_wells": "A01-A02",
+        "val_wells": "A03",
+        "out": str(out),
+        "model": dict(TINY_MODEL),
+        "epochs": 2,
+        "steps_per_epoch": 2,
+        "batch_size": 2,
+        "crop_size": 64,
+        "n_embedding_samples": 8,
+        "n_class_samples": 4,
+        "lambda_start": 0.0,
+        "lambda_end": 1.0,
+        "val_every": 1,
+        "device": "cpu",
+        "crop_candidates": 2,
+    }
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _log(out: Path) -> list[dict[str, str]]:
+    with open(out / "log.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_tiny_run_then_resume(data, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(data, out)
+    rows_seen = []
+    best = train(cfg, progress=False, callback=lambda row: rows_seen.append(row) and False)
+    assert best == out / "best.safetensors" and best.is_file()
+    assert TrainConfig.from_toml(out / "config.toml") == cfg
+    rows = _log(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert len(rows_seen) == 2
+    for column in ("loss_total", "loss_embedding", "loss_boundary", "loss_foreground"):
+        values = [float(r[column]) for r in rows]
+        assert all(np.isfinite(values)) and all(v > 0 for v in values), column
+    assert float(rows[-1]["loss_classification"]) > 0  # lambda ramps from epoch 0 here
+    assert 0.0 <= float(rows[-1]["val_grow_iou"]) <= 1.0
+
+    model = load_model(best)
+    assert model.config.channels == (8, 16) and model.config.embedding_dim == 4
+    training = model.metadata["training"]
+    assert training["train_wells"] == "A01-A02" and training["val_wells"] == "A03"
+    assert training["epoch"] in (1, 2)
+    assert training["hardware"] and training["commit"]
+    assert "val_grow_iou" in model.metadata["metrics"]
+
+    # resume: raising the epochs continues at epoch 3, the log keeps its first rows
+    first_rows = rows
+    train(tiny_config(data, out, epochs=3), progress=False)
+    rows = _log(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    for i in range(2):
+        assert rows[i]["loss_total"] == first_rows[i]["loss_total"]
+    assert float(rows[2]["elapsed_s"]) >= float(rows[1]["elapsed_s"])
+
+    # a callback returning True stops after the current epoch
+    out2 = tmp_path / "stopped"
+    train(tiny_config(data, out2, epochs=5, val_wells=""), progress=False, callback=lambda r: True)
+    assert [int(r["epoch"]) for r in _log(out2)] == [1]
+    assert (out2 / "best.safetensors").is_file()  # without validation: the last weights
+
+
+def test_overlapping_train_and_val_wells(data, tmp_path):
+    with pytest.raises(ValueError, match="overlap"):
+        train(tiny_config(data, tmp_path / "x", val_wells="A02-A03"), progress=False)
+
+
+def test_loss_goes_down_on_a_fixed_problem(data):
+    torch.manual_seed(0)
+    cfg = tiny_config(data, Path("unused"), n_embedding_samples=16)
+    model = InstSegNet(ModelConfig.from_dict(TINY_MODEL))
+    model.train()
+    item = prepare(load_samples([data], ["A01"])[0], 1)
+    rng = np.random.default_rng(0)
+    crops = [random_crop(item, cfg, rng) for _ in range(2)]
+    x = torch.stack([c[0] for c in crops])
+    masks = [c[1] for c in crops]
+    trusted = torch.stack([c[2] for c in crops])
+    assert sum(len(m) for m in masks) > 0
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        generator = torch.Generator().manual_seed(0)  # same pixel samples every step
+        terms = training_loss(model(x), masks, trusted, cfg, model.config.taus, 0.2, generator)
+        optimizer.zero_grad()
+        terms["total"].backward()
+        optimizer.step()
+        losses.append(float(terms["total"].detach()))
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
+
+
+def test_parse_names():
+    assert parse_names("A01-A03") == ["A01", "A02", "A03"]
+    assert parse_names("A24-B01") == ["A24", "B01"]
+    assert parse_names("A01-B12") == [f"A{i:02d}" for i in range(1, 25)] + [
+        f"B{i:02d}" for i in range(1, 13)
+    ]
+    assert len(parse_names("B13-C02")) == 14
+    assert parse_names("A05, C01-C02,") == ["A05", "C01", "C02"]
+    assert parse_names("a01-a02") == ["A01", "A02"]
+    assert parse_names("") == []
+    for bad in ("A03-A01", "A1-A3", "A01-Q01", "A00-A02", "A01-A25", "XY1-A02"):
+        with pytest.raises(ValueError):
+            parse_names(bad)
+
+
+def test_random_crop_and_prepare():
+    sample = _worms(0)
+    cfg = TrainConfig(crop_size=48, crop_candidates=4)
+    item = prepare(sample)
+    assert item.image.shape == (1, 96, 96) and item.image.dtype == torch.float32
+    assert item.trusted.all() and item.masks.shape == (3, 96, 96)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        image, masks, trusted = random_crop(item, cfg, rng)
+        assert image.shape == (1, 48, 48) and image.dtype == torch.float32
+        assert masks.dtype == torch.bool and masks.shape[1:] == (48, 48)
+        assert masks.shape[0] <= 3
+        assert all(m.any() for m in masks)  # only instances still visible
+        assert trusted.dtype == torch.bool and trusted.shape == (48, 48)
+        assert torch.isfinite(image).all()
+    # without augmentation the masks' pixel counts are kept (scale 1, no rotation)
+    plain = TrainConfig(
+        crop_size=96, rotation=0.0, scale_min=1.0, scale_max=1.0, flips=False, crop_candidates=1
+    )
+    centred = prepare(sample)
+    _, masks, _ = random_crop(centred, plain, np.random.default_rng(0))
+    assert masks.sum() <= sample.masks.sum()
+
+
+def test_unreviewed_instances_are_excluded():
+    sample = _worms(1)
+    sample.reviewed = np.array([True, False, True])
+    item = prepare(sample)
+    assert item.masks.shape[0] == 2
+    assert torch.equal(item.masks, torch.from_numpy(sample.masks[[0, 2]]))
+    unreviewed = torch.from_numpy(sample.masks[1])
+    assert not item.trusted[unreviewed].any()
+    assert item.trusted[~torch.from_numpy(sample.masks.any(0))].float().mean() > 0.8
+    with pytest.raises(ValueError, match="channels"):
+        prepare(sample, in_channels=2)
+
+
+def test_load_samples_bbbc010_layout(tmp_path):
+    root = write_bbbc010_layout(tmp_path / "bbbc", ["A01", "A02"])
+    samples = load_samples([root], ["A02"])
+    assert [s.name for s in samples] == ["A02"]
+    assert samples[0].masks.shape == (3, 96, 96)
+    with pytest.raises(ValueError, match="no images"):
+        load_samples([root], ["B01"])
+
+
+def test_train_config_toml(tmp_path):
+    cfg = TrainConfig(epochs=3, model={"channels": [8, 16], "semi_conv": False}, data=["a", "b"])
+    path = tmp_path / "c.toml"
+    cfg.to_toml(path)
+    assert TrainConfig.from_toml(path) == cfg
+    text = path.read_text()
+    path.write_text("epochz = 4\n" + text)
+    with pytest.raises(ValueError, match="epochz"):
+        TrainConfig.from_toml(path)
+    path.write_text(text + "\nembeding_dim = 4\n")  # lands in [model]
+    with pytest.raises(ValueError, match="embeding_dim"):
+        TrainConfig.from_toml(path)
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "bbbc010.toml"
+    if shipped.is_file():
+        parsed = TrainConfig.from_toml(shipped)
+        assert set(parse_names(parsed.train_wells)).isdisjoint(parse_names(parsed.val_wells))
+        ModelConfig.from_dict(parsed.model)  # valid architecture keys
+
+
+def test_cli_train(data, tmp_path, capsys):
+    from napari_instseg.cli import main
+
+    config = tmp_path / "tiny.toml"
+    tiny_config(data, tmp_path / "ignored", epochs=5).to_toml(config)
+    out = tmp_path / "cli-run"
+    status = main(
+        ["train", "--config", str(config), "--out", str(out), "--epochs", "1"]
+        + ["--device", "cpu", "--no-progress", "--val-wells", "A03", "--train-wells", "A01"]
+    )
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert str(out / "best.safetensors") in printed
+    saved = TrainConfig.from_toml(out / "config.toml")
+    assert saved.epochs == 1 and saved.out == str(out) and saved.train_wells == "A01"
+    assert saved.crop_size == 64  # from the TOML
+    assert len(_log(out)) == 1
+    # bad input: a clear error and a non-zero status, no traceback
+    status = main(["train", "--config", str(tmp_path / "missing.toml")])
+    assert status == 1
+    assert "missing.toml" in capsys.readouterr().err
