@@ -148,3 +148,20 @@ def test_grow_bad_input(oracle):
         grow(empty, (1, 1))
     with pytest.raises(ValueError, match="Prediction"):
         grow(np.zeros((3, 4, 4)), (1, 1))
+
+
+def test_bench_runs_small_and_writes_section(tmp_path):
+    from napari_instseg.cli.bench import END, START, run_bench, to_markdown, write_section
+
+    res = run_bench(repeats=2, size=(96, 128), dim=4)
+    assert {"grow", "similarity", "floor_matvec", "segment_hybrid"} <= set(res["timings"])
+    t = res["timings"]["grow"]
+    assert t["ratio_to_floor"] == pytest.approx(
+        t["median_ms"] / res["timings"]["floor_matvec"]["median_ms"]
+    )
+    assert set(res["accuracy"]) == {"seeds", "boundary", "hybrid"}
+    doc = tmp_path / "b.md"
+    doc.write_text(f"# B\n\n## X\n\n{START}\nold\n{END}\n\n## After\n")
+    write_section(doc, to_markdown(res))
+    text = doc.read_text()
+    assert "old" not in text and "| grow |" in text and text.endswith("## After\n")
