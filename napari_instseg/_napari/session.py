@@ -16,6 +16,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -89,10 +90,19 @@ class Worm:
     edited: bool = False
     origin: str = "auto"
 
-    @property
+    @cached_property
     def area(self) -> int:
         """Number of pixels of the full mask."""
         return int(self.mask.sum())
+
+    @cached_property
+    def bbox(self) -> tuple[int, int, int, int]:
+        """(row0, row1, col0, col1) of the mask, ends exclusive; (0, 0, 0, 0) when empty."""
+        rows = np.flatnonzero(self.mask.any(axis=1))
+        if not len(rows):
+            return (0, 0, 0, 0)
+        cols = np.flatnonzero(self.mask.any(axis=0))
+        return (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
 
 
 def render(worms: Sequence[Worm], shape: tuple[int, int]) -> np.ndarray:
@@ -112,11 +122,29 @@ def render(worms: Sequence[Worm], shape: tuple[int, int]) -> np.ndarray:
     np.ndarray
         (H, W) int32 labels, 0 = background, each worm painted with its ``label``.
     """
-    labels = np.zeros(shape, np.int32)
+    return render_box(worms, (0, shape[0], 0, shape[1]))
+
+
+def render_box(worms: Sequence[Worm], box: tuple[int, int, int, int]) -> np.ndarray:
+    """Like :func:`render`, for the crop ``(row0, row1, col0, col1)`` of the image only."""
+    r0, r1, c0, c1 = box
+    labels = np.zeros((r1 - r0, c1 - c0), np.int32)
     order = sorted(worms, key=lambda w: (-w.area, w.score))
     for worm in order:
-        labels[worm.mask] = worm.label
+        a0, a1, b0, b1 = worm.bbox
+        if a1 <= r0 or a0 >= r1 or b1 <= c0 or b0 >= c1:
+            continue
+        crop = worm.mask[r0:r1, c0:c1]
+        labels[crop] = worm.label
     return labels
+
+
+def _union_box(worms: Iterable[Worm]) -> tuple[int, int, int, int] | None:
+    boxes = [w.bbox for w in worms if w.bbox[1] > w.bbox[0]]
+    if not boxes:
+        return None
+    b = np.array(boxes)
+    return (int(b[:, 0].min()), int(b[:, 1].max()), int(b[:, 2].min()), int(b[:, 3].max()))
 
 
 def _to_point(position: Sequence[float], shape: tuple[int, int]) -> Point | None:
@@ -442,23 +470,36 @@ class Session:
         """Replace the worms and write the change to the Labels layer as one undo step."""
         self.sync()
         layer = self.ensure_labels_layer()
+        before = {id(w): w for w in self.worms}
         self.worms = tuple(worms)
-        new = render(self.worms, self.shape)
-        old = np.asarray(layer.data)
-        idx = np.nonzero(old != new)
+        after = {id(w): w for w in self.worms}
+        changed = [w for k, w in before.items() if k not in after]
+        changed += [w for k, w in after.items() if k not in before]
+        box = _union_box(changed)  # only this part of the label image can change
+        idx: tuple[np.ndarray, ...] = ()
+        if box is not None:
+            r0, r1, c0, c1 = box
+            new = render_box(self.worms, box)
+            old = np.asarray(layer.data[r0:r1, c0:c1])
+            rows, cols = np.nonzero(old != new)
+            idx = (rows + r0, cols + c0)
+            values = new[rows, cols]
         self._writing = True
         try:
-            if idx[0].size:
+            if idx and idx[0].size:
                 if preview or self._preview_start is not None:
-                    layer.data_setitem(idx, new[idx])
+                    layer.data_setitem(idx, values)
                 else:
                     with layer.block_history():
-                        layer.data_setitem(idx, new[idx])
+                        layer.data_setitem(idx, values)
         finally:
             self._writing = False
         if self._preview_start is None:
             self._register()
-        self._update_seeds_layer()
+        seeds_before = [(w.seeds, w.negatives) for w in changed if id(w) in before]
+        seeds_after = [(w.seeds, w.negatives) for w in changed if id(w) in after]
+        if seeds_before != seeds_after:
+            self._update_seeds_layer()
 
     def begin_preview(self) -> None:
         """Start a live edit (e.g. dragging the tau slider); ends with :meth:`end_preview`.
