@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 import time
 
@@ -34,6 +33,7 @@ import torch
 
 from napari_instseg.core.losses import embedding_pair_loss, pair_similarity
 from napari_instseg.core.model import InstSegNet, ModelConfig
+from napari_instseg.core.train import hardware_description
 
 
 def make_dots(
@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     print(f"command: {' '.join([sys.executable.split('/')[-1], *sys.argv])}")
     print(
-        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"1 thread; {args.grid}x{args.grid} discs of radius 4 px, 16 px apart, 64x64 image"
+        f"machine: {hardware_description(torch.device('cpu'))}; "
+        f"{args.grid}x{args.grid} discs of radius 4 px, 16 px apart, 64x64 image"
     )
     print(f"{args.steps} steps, coord_scale {args.coord_scale} px, seeds {args.seeds}")
     print()

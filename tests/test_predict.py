@@ -167,3 +167,51 @@ def test_model_from_path(model, image, whole, tmp_path):
     pred = predict(image, path, "cpu")
     np.testing.assert_allclose(pred.embeddings, whole.embeddings, atol=1e-6)
     assert pred.metadata["model"] == "tiny" and pred.metadata["model_sha256"]
+
+
+def test_cli_predict(model, tmp_path, capsys):
+    import pandas as pd
+    import tifffile
+
+    from napari_instseg.cli import main
+    from napari_instseg.core.synthetic import make_worms
+    from napari_instseg.core.weights import save_model
+
+    weights = save_model(model, tmp_path / "tiny.safetensors", {"name": "tiny"})
+    sample = make_worms(
+        shape=(64, 80), n_worms=3, length=(25, 40), width=(5, 7), n_touching=0, seed=0
+    )
+    single = tmp_path / "worms.tif"
+    tifffile.imwrite(single, sample.image.astype(np.uint16))
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.stack([sample.image, sample.image[::-1]]).astype(np.uint16))
+    out = tmp_path / "out"
+    argv = ["predict", str(single), str(stack), "--out", str(out), "--model", str(weights)]
+    argv += ["--device", "cpu", "--save-maps", "--method", "seeds", "--cache", str(out / "c")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "worms.tif: 1 plane(s)" in printed and "stack.tif: 2 plane(s)" in printed
+
+    labels = tifffile.imread(out / "worms_labels.tif")
+    assert labels.shape == (64, 80) and labels.dtype.kind == "u"
+    assert tifffile.imread(out / "stack_labels.tif").shape == (2, 64, 80)
+    emb = tifffile.imread(out / "worms_embeddings.tif")
+    assert emb.shape == (model.config.embedding_dim, 64, 80) and emb.dtype == np.float32
+    for key in ("seediness", "boundary", "foreground"):
+        assert tifffile.imread(out / f"worms_{key}.tif").shape == (64, 80)
+        assert tifffile.imread(out / f"stack_{key}.tif").shape == (2, 64, 80)
+    table = pd.read_csv(out / "stack_measurements.csv")
+    assert {"image", "plane"} <= set(table.columns)
+    assert set(table["plane"]) <= {0, 1}
+    measured = pd.read_csv(out / "worms_measurements.csv")
+    assert len(measured) >= len(np.unique(labels)) - 1  # every visible label is measured
+    # worms.tif and the stack's first plane are the same image: one cache entry for both
+    assert len(list((out / "c").glob("*.zarr"))) == 2
+
+    # clear errors, non-zero status
+    assert main(["predict", str(tmp_path / "nope.tif"), "--out", str(out)]) == 1
+    assert "nope.tif" in capsys.readouterr().err
+    bad = tmp_path / "garbage.safetensors"
+    bad.write_bytes(b"not weights")
+    assert main(["predict", str(single), "--out", str(out), "--model", str(bad)]) == 1
+    assert "safetensors" in capsys.readouterr().err

@@ -1,0 +1,171 @@
+"""``napari-instseg predict``: predict and segment images, write labels, maps, measurements.
+
+Example::
+
+    napari-instseg predict images/*.tif --out results --method hybrid --save-maps
+
+For every input ``<name>.tif`` (any file :func:`napari_instseg.core.io.read_image` reads;
+a stack is processed plane by plane) it writes, in ``--out``:
+
+- ``<name>_labels.tif``: the instance label image, (H, W) or (N, H, W) for a stack
+  (where instances overlap, the smaller one's label is shown; see ``Instances.to_labels``);
+- ``<name>_measurements.csv``: one row per instance (area, length, width, score, ...)
+  with the plane index;
+- with ``--save-maps``: ``<name>_embeddings.tif`` (D, H, W), ``<name>_seediness.tif``,
+  ``<name>_boundary.tif`` and ``<name>_foreground.tif`` (H, W), float32, each with a
+  leading plane axis for a stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+METHODS = ("hybrid", "seeds", "boundary")
+_MAPS = ("embeddings", "seediness", "boundary", "foreground")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``predict`` arguments.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The sub-command's parser.
+    """
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--model", help="weights file (.safetensors); default: the shipped BBBC010 model"
+    )
+    parser.add_argument(
+        "--method", default="hybrid", choices=METHODS, help="automatic segmentation method"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    parser.add_argument(
+        "--save-maps", action="store_true", help="also write the network's maps as TIFF"
+    )
+    parser.add_argument("--cache", type=Path, help="zarr cache folder for predictions")
+    parser.add_argument(
+        "--tile-size", type=int, default=1024, help="predict larger images in tiles"
+    )
+    parser.add_argument(
+        "--channel-axis", type=int, help="axis of the stored array that holds the channels"
+    )
+
+
+def output_name(path: Path) -> str:
+    """File name stem of an input, without ``.ome`` / ``.zarr`` / ``.tif`` endings."""
+    name = path.name.rstrip("/")
+    for suffix in (".zarr", ".tiff", ".tif", ".png", ".jpeg", ".jpg", ".bmp", ".ome"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return name or path.stem
+
+
+def _load_model(weights: str | None, device: str):
+    from ..core.weights import load_model, shipped_weights_path
+
+    if weights is None and not shipped_weights_path().is_file():
+        raise FileNotFoundError(
+            f"no shipped model at {shipped_weights_path()}; pass --model WEIGHTS.safetensors"
+        )
+    from ..core.device import get_device
+
+    return load_model(weights, device=get_device(device))
+
+
+def _segmenter():
+    try:
+        from ..core.instances import segment
+    except ImportError as err:  # pragma: no cover - the module ships with the package
+        raise RuntimeError(
+            f"automatic segmentation (napari_instseg.core.instances) is unavailable: {err}"
+        ) from err
+    return segment
+
+
+def _measurer():
+    try:
+        from ..core.measure import measure
+    except ImportError:  # pragma: no cover - the module ships with the package
+        return None
+    return measure
+
+
+def run(args: argparse.Namespace) -> int:
+    """Predict, segment and write the results of every input.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed arguments of :func:`configure`.
+
+    Returns
+    -------
+    int
+        0 on success.
+    """
+    import pandas as pd
+    import tifffile
+
+    from ..core.io import read_image
+    from ..core.predict import predict
+
+    missing = [str(p) for p in args.inputs if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"input(s) not found: {', '.join(missing)}")
+    names = [output_name(p) for p in args.inputs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"several inputs would write the same outputs: {repeated}")
+    if args.tile_size < 16:
+        raise ValueError("--tile-size must be at least 16")
+    segment, measure = _segmenter(), _measurer()
+    model = _load_model(args.model, args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path, name in zip(args.inputs, names, strict=True):
+        t0 = time.perf_counter()
+        stack = read_image(path, channel_axis=args.channel_axis)  # (N, C, H, W)
+        labels, maps, tables, n_instances = [], {k: [] for k in _MAPS}, [], 0
+        for plane, image in enumerate(stack):
+            image = image[0] if image.shape[0] == 1 else image
+            prediction = predict(
+                image, model, args.device, tile_size=args.tile_size, cache=args.cache
+            )
+            instances = segment(prediction, args.method)
+            labels.append(instances.to_labels())
+            n_instances += len(instances)
+            if args.save_maps:
+                for key in _MAPS:
+                    maps[key].append(getattr(prediction, key).astype(np.float32))
+            if measure is not None:
+                table = pd.DataFrame(measure(instances, image=image))
+                table.insert(0, "plane", plane)
+                table.insert(0, "image", path.name)
+                tables.append(table)
+        single = len(stack) == 1
+        label_stack = np.stack(labels)
+        dtype = np.uint16 if label_stack.max(initial=0) < 2**16 else np.uint32
+        label_stack = label_stack.astype(dtype)
+        tifffile.imwrite(
+            args.out / f"{name}_labels.tif",
+            label_stack[0] if single else label_stack,
+            compression="zlib",
+        )
+        if args.save_maps:
+            for key, arrays in maps.items():
+                arr = arrays[0] if single else np.stack(arrays)
+                tifffile.imwrite(args.out / f"{name}_{key}.tif", arr)
+        if tables:
+            pd.concat(tables, ignore_index=True).to_csv(
+                args.out / f"{name}_measurements.csv", index=False
+            )
+        print(
+            f"{path}: {len(stack)} plane(s), {n_instances} instance(s) "
+            f"({args.method}), {time.perf_counter() - t0:.1f} s -> {args.out / name}_*"
+        )
+    return 0
