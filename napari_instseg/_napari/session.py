@@ -876,7 +876,9 @@ class Session:
         centre = self.image_layer.data_to_world(
             [*([0] * (self.image_layer.ndim - 2)), rows.mean(), cols.mean()]
         )
-        self.viewer.camera.center = tuple(np.asarray(centre)[-2:])
+        scene = getattr(self.viewer, "scene", None)  # napari >= 0.9 moved the camera
+        camera = scene.camera if scene is not None else self.viewer.camera
+        camera.center = tuple(np.asarray(centre)[-2:])
         return worm.label
 
     # ---------------------------------------------------------- measurements

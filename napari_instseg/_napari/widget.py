@@ -156,14 +156,22 @@ class InstSegWidget(QWidget):
             "seeds: Fathi et al. seed sampling; boundary: BAISeg watershed; hybrid: both"
         )
         form.addRow("method", self.method_combo)
+        defaults = _segment_defaults()
         self.min_score = QDoubleSpinBox()
         self.min_score.setRange(0.0, 1.0)
         self.min_score.setSingleStep(0.05)
-        self.min_score.setValue(0.5)
+        self.min_score.setValue(defaults.get("min_score", 0.5))
+        self.min_score.setToolTip("drop instances whose class score is lower (seeds, hybrid)")
         form.addRow("min score", self.min_score)
+        self.min_seediness = QDoubleSpinBox()
+        self.min_seediness.setRange(0.0, 1.0)
+        self.min_seediness.setSingleStep(0.05)
+        self.min_seediness.setValue(defaults.get("min_seediness", 0.5))
+        self.min_seediness.setToolTip("only pixels this seedy become seeds (seeds, hybrid)")
+        form.addRow("min seediness", self.min_seediness)
         self.min_size = QSpinBox()
         self.min_size.setRange(0, 100000)
-        self.min_size.setValue(30)
+        self.min_size.setValue(int(defaults.get("min_size", 30)))
         form.addRow("min size (px)", self.min_size)
         self.keep_edited = QCheckBox("keep edited / reviewed instances")
         self.keep_edited.setChecked(True)
@@ -464,6 +472,7 @@ class InstSegWidget(QWidget):
         params: dict[str, Any] = {"min_size": int(self.min_size.value())}
         if method in ("seeds", "hybrid"):
             params["min_score"] = float(self.min_score.value())
+            params["min_seediness"] = float(self.min_seediness.value())
         return params
 
     def segment(self, blocking: bool = False) -> Any:
@@ -822,6 +831,21 @@ def _own_layers(session: Session) -> list[Any]:
         session.labels_layer,
         session.seeds_layer,
     ]
+
+
+def _segment_defaults() -> dict[str, Any]:
+    """Default parameters of the hybrid method, so the widget follows the core."""
+    import inspect
+
+    try:
+        from ..core.instances import segment_hybrid
+    except ImportError:  # pragma: no cover - core incomplete
+        return {}
+    return {
+        name: p.default
+        for name, p in inspect.signature(segment_hybrid).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 def _available_devices() -> list[str]:
