@@ -257,3 +257,53 @@ def test_auto_segment_keeps_edits_review_measure(widget, worms, qtbot, tmp_path)
     without = viewer.screenshot(canvas_only=True)[..., :3].astype(float)
     changed = np.abs(with_worms - without).max(axis=-1) > 20
     assert changed.mean() > 0.01  # the worms layer visibly colours the worms
+
+
+def test_run_model_in_worker_cancel_and_cache(make_napari_viewer, monkeypatch, worms, qtbot):
+    """A background prediction reports progress, can be cancelled, and is cached after."""
+    import time
+
+    from napari_instseg._napari.widget import InstSegWidget
+
+    compute.clear_cache()
+    oracle = prediction_from_masks(worms.masks)
+    reports = []
+
+    def slow_predict(image, model=None, device="auto", progress=None):
+        for i in range(200):
+            time.sleep(0.01)
+            progress(i + 1, 200)  # raises Cancelled once the user pressed Cancel
+            reports.append(i)
+        return oracle
+
+    monkeypatch.setattr(compute, "predict_image", slow_predict)
+    viewer = make_napari_viewer()
+    viewer.add_image(worms.image, name="img")
+    widget = InstSegWidget(viewer)
+    worker = widget.run_model()
+    assert not widget.run_btn.isEnabled() and widget.cancel_btn.isEnabled()
+    qtbot.waitUntil(lambda: len(reports) > 3, timeout=5000)
+    widget.cancel()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=5000)
+    assert len(reports) < 200 and widget.session().prediction is None
+    assert "cancelled" in widget.status.text().lower()
+    assert not compute.is_cached(worms.image)
+
+    # a full run in the worker shows the layers, then the result comes from the cache
+    reports.clear()
+    worker = widget.run_model()
+    with qtbot.waitSignal(worker.finished, timeout=10000):
+        pass
+    qtbot.waitUntil(lambda: widget.session().prediction is not None, timeout=5000)
+    assert len(reports) == 200 and "worms" in viewer.layers
+    reports.clear()
+    assert widget.run_model() is oracle and not reports
+
+    # automatic segmentation in a worker fills the worms layer (one undo step)
+    worker = widget.segment()
+    with qtbot.waitSignal(worker.finished, timeout=20000):
+        pass
+    qtbot.waitUntil(lambda: len(widget.session().worms) > 0, timeout=5000)
+    assert viewer.layers["worms"].data.max() > 0
+    viewer.layers["worms"].undo()
+    assert viewer.layers["worms"].data.max() == 0 and not widget.session().worms

@@ -97,6 +97,11 @@ class InstSegWidget(QWidget):
         self._hover_timer.setInterval(30)
         self._hover_timer.timeout.connect(self._update_hover)
         self.table_data: Any = None
+        self._bar: Any = None
+        self._progress_state: Any = None
+        self._bar_timer = QTimer(self)
+        self._bar_timer.setInterval(100)
+        self._bar_timer.timeout.connect(self._tick_bar)
         self._build()
         self._connect_viewer()
         self._refresh_images()
@@ -408,20 +413,22 @@ class InstSegWidget(QWidget):
             return prediction
 
         self._cancel = False
+        # the progress bar lives in the main thread; the worker only records the progress
+        self._bar = progress(total=100, desc="napari-instseg: predicting")
+        self._progress_state = None
+        self._bar_timer.start()
+
+        def report(*args: Any, **kwargs: Any) -> None:
+            if self._cancel:
+                raise compute.Cancelled
+            self._progress_state = (args, kwargs)
 
         @thread_worker
         def work() -> Any:
-            with progress(total=100, desc="napari-instseg: predicting") as bar:
-
-                def report(*args: Any, **kwargs: Any) -> None:
-                    if self._cancel:
-                        raise compute.Cancelled
-                    _update_bar(bar, *args, **kwargs)
-
-                try:
-                    return compute.cached_predict(image, model, device, progress=report)
-                except compute.Cancelled:
-                    return None
+            try:
+                return compute.cached_predict(image, model, device, progress=report)
+            except compute.Cancelled:
+                return None
 
         worker = work()
         worker.returned.connect(lambda p: self._on_predicted(session, p, name))
@@ -436,9 +443,7 @@ class InstSegWidget(QWidget):
 
     def cancel(self) -> None:
         """Ask the running prediction to stop (at its next progress report)."""
-        self._cancel = True
-        if self.worker is not None:
-            self.worker.quit()
+        self._cancel = True  # the worker's next progress report raises Cancelled
         self._say("Cancelling...")
 
     def _on_predicted(self, session: Session, prediction: Any, name: str) -> None:
@@ -450,7 +455,17 @@ class InstSegWidget(QWidget):
     def _on_worker_error(self, what: str, err: Exception) -> None:
         self._say(f"{what} failed: {err}")
 
+    def _tick_bar(self) -> None:
+        if self._bar is not None and self._progress_state is not None:
+            args, kwargs = self._progress_state
+            _update_bar(self._bar, *args, **kwargs)
+
     def _on_worker_finished(self) -> None:
+        self._bar_timer.stop()
+        if self._bar is not None:
+            self._tick_bar()
+            self._bar.close()
+            self._bar = None
         self.worker = None
         self.run_btn.setEnabled(True)
         self.cancel_btn.setEnabled(False)
@@ -507,10 +522,11 @@ class InstSegWidget(QWidget):
 
         @thread_worker
         def work() -> Any:
-            with progress(total=0, desc=f"napari-instseg: {method} segmentation"):
-                return segment(session.prediction, method=method, **params)
+            return segment(session.prediction, method=method, **params)
 
+        bar = progress(total=0, desc=f"napari-instseg: {method} segmentation")
         worker = work()
+        worker.finished.connect(bar.close)
         worker.returned.connect(
             lambda found: self._after_segment(session.apply_segmentation(found, keep, info))
         )
