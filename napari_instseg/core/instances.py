@@ -491,18 +491,23 @@ def segment_hybrid(
     return Instances(masks=masks, scores=scores, classes=classes, seeds=seeds, taus=taus)
 
 
-def segment(prediction: Prediction, method: str = "hybrid", **params: object) -> Instances:
+def segment(prediction: Prediction, method: str = "auto", **params: object) -> Instances:
     """Segment all instances of a prediction automatically.
 
     Parameters
     ----------
     prediction : Prediction
         Network outputs for one image.
-    method : {"seeds", "boundary", "hybrid"}
+    method : {"auto", "seeds", "boundary", "hybrid"}
         ``"seeds"``: :func:`segment_seeds` (Fathi et al.); ``"boundary"``:
         :func:`segment_boundary` (BAISeg); ``"hybrid"``: :func:`segment_hybrid`.
+        ``"auto"``: the method recommended in the model's metadata (chosen on its
+        validation wells, copied into ``prediction.metadata["recommended_method"]`` by
+        ``predict``), else ``"hybrid"``.
     **params
-        Keyword arguments of the chosen method.
+        Keyword arguments of the chosen method. They override the parameters tuned for the
+        model (``prediction.metadata["segment_params"][method]``), which override the
+        method's own defaults.
 
     Returns
     -------
@@ -510,6 +515,9 @@ def segment(prediction: Prediction, method: str = "hybrid", **params: object) ->
         Per-instance masks (overlaps kept except for ``"boundary"``) with scores and classes.
     """
     funcs = {"seeds": segment_seeds, "boundary": segment_boundary, "hybrid": segment_hybrid}
+    if method == "auto":
+        method = str(prediction.metadata.get("recommended_method") or "hybrid")
     if method not in funcs:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return funcs[method](prediction, **params)  # type: ignore[arg-type]
+        raise ValueError(f"unknown method {method!r}; choose one of auto, {', '.join(METHODS)}")
+    tuned = dict((prediction.metadata.get("segment_params") or {}).get(method, {}))
+    return funcs[method](prediction, **{**tuned, **params})  # type: ignore[arg-type]

@@ -190,6 +190,8 @@ def iter_predict(
             "model_sha256": meta.get("sha256"),
             "device": str(dev),
             "tiles": len(tiles),
+            "recommended_method": meta.get("recommended_method"),
+            "segment_params": meta.get("segment_params", {}),
         },
     )
 
