@@ -141,3 +141,29 @@ def test_session_sync_after_hand_painting(session):
     layer.undo()
     session.sync()
     assert session.worm(7) is None and len(session.worms) == 1
+
+
+def test_napari_save_and_open_through_the_plugin(session, tmp_path):
+    """File > Save Selected Layers / Open Folder go through the manifest's writer and reader."""
+    import npe2
+    from napari.plugins import _initialize_plugins
+    from napari.plugins.io import save_layers
+
+    _initialize_plugins()
+    if npe2.PluginManager.instance().get_manifest("napari-instseg") is None:
+        pytest.skip("napari-instseg is not installed (pip install -e .)")
+    for p in seeds_of(session.sample.masks):
+        session.grow_new(p)
+    out = tmp_path / "saved"
+    written = save_layers(
+        str(out), [session.image_layer, session.labels_layer], plugin="napari-instseg"
+    )
+    assert written == [str(out)] and (out / "manifest.json").is_file()
+    viewer = ViewerModel()
+    layers = viewer.open(str(out), plugin="napari-instseg")
+    assert [type(layer).__name__ for layer in layers][:2] == ["Image", "Labels"]
+    np.testing.assert_array_equal(layers[1].data, session.labels_layer.data)
+    again = Session(viewer, layers[0])
+    again.adopt_labels_layer(layers[1])
+    assert len(again.worms) == len(session.worms)
+    assert (again.instances.masks.sum(0) > 1).any()  # overlaps survived the round trip
