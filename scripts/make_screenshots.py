@@ -30,12 +30,12 @@ def save(array: np.ndarray, path: Path, width: int = 900) -> None:
     img = PILImage.fromarray(np.asarray(array)[..., :3].astype(np.uint8))
     if img.width > width:
         img = img.resize((width, round(img.height * width / img.width)), PILImage.LANCZOS)
-    img = img.quantize(colors=128, method=PILImage.Quantize.MEDIANCUT)
+    img = img.quantize(colors=96, method=PILImage.Quantize.MEDIANCUT)
     img.save(path, optimize=True)
     print(f"{path.name}: {path.stat().st_size / 1024:.0f} KB")
 
 
-def window_shot(viewer, path: Path, width: int = 1200) -> None:
+def window_shot(viewer, path: Path, width: int = 1100) -> None:
     save(viewer.screenshot(canvas_only=False, flash=False), path, width)
 
 
@@ -101,9 +101,7 @@ def main() -> None:
     save(viewer.screenshot(canvas_only=True), args.out / "workflow_1_removed.png", 700)
     label = session.grow_new(point, tau=0.5)
     settle()
-    save(
-        viewer.screenshot(canvas_only=False, flash=False), args.out / "workflow_2_click.png", 1200
-    )
+    window_shot(viewer, args.out / "workflow_2_click.png")
     session.select(label)
     widget.set_tau(0.9)
     settle()
@@ -111,16 +109,14 @@ def main() -> None:
     widget.set_tau(0.5)
     widget.next_to_review()
     settle()
-    save(
-        viewer.screenshot(canvas_only=False, flash=False), args.out / "workflow_4_review.png", 1200
-    )
+    window_shot(viewer, args.out / "workflow_4_review.png", 950)
     widget.measure()
+    from qtpy.QtWidgets import QScrollArea
+
+    scroll = widget.findChild(QScrollArea)
+    scroll.verticalScrollBar().setValue(scroll.verticalScrollBar().maximum())  # show the table
     settle()
-    save(
-        viewer.screenshot(canvas_only=False, flash=False),
-        args.out / "workflow_5_measure.png",
-        1200,
-    )
+    window_shot(viewer, args.out / "workflow_5_measure.png", 950)
     viewer.close()
 
 

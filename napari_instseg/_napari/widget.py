@@ -62,7 +62,7 @@ KEYS: dict[str, str] = {
     "Ctrl+Z / Ctrl+Shift+Z": "undo / redo (napari Labels history, worms layer active)",
 }
 
-METHODS = ("hybrid", "seeds", "boundary")
+METHODS = ("auto", "hybrid", "seeds", "boundary")
 MODEL_SHIPPED = "shipped model (BBBC010 bright-field)"
 MODEL_FILE = "weights file..."
 
@@ -158,7 +158,8 @@ class InstSegWidget(QWidget):
         self.method_combo = QComboBox()
         self.method_combo.addItems(METHODS)
         self.method_combo.setToolTip(
-            "seeds: Fathi et al. seed sampling; boundary: BAISeg watershed; hybrid: both"
+            "auto: the model's recommended method and tuned parameters; seeds: Fathi et al. "
+            "seed sampling; boundary: BAISeg watershed; hybrid: both"
         )
         form.addRow("method", self.method_combo)
         defaults = _segment_defaults()
@@ -281,7 +282,9 @@ class InstSegWidget(QWidget):
         self.csv_btn.clicked.connect(lambda: self.save_csv())
         self.export_btn.clicked.connect(lambda: self.export())
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
+        self.method_combo.currentTextChanged.connect(lambda *_: self._sync_param_fields())
         self._update_device_label()
+        self._sync_param_fields()
 
     def _connect_viewer(self) -> None:
         v = self.viewer
@@ -474,6 +477,7 @@ class InstSegWidget(QWidget):
         session.tau = self.tau
         session.set_prediction(prediction, model_name=name)
         self._refresh_images()
+        self._sync_param_fields()
         dev = prediction.metadata.get("device", "")
         self._say(
             f"Model {name} done{' on ' + str(dev) if dev else ''}. Click a worm to grow it, "
@@ -484,6 +488,8 @@ class InstSegWidget(QWidget):
     def segment_params(self) -> dict[str, Any]:
         """Parameters of the chosen method from the widget's fields."""
         method = self.method_combo.currentText()
+        if method == "auto":
+            return {}  # the parameters tuned for the model (shown in the fields)
         params: dict[str, Any] = {"min_size": int(self.min_size.value())}
         if method in ("seeds", "hybrid"):
             params["min_score"] = float(self.min_score.value())
@@ -536,6 +542,26 @@ class InstSegWidget(QWidget):
         self._say(f"Segmenting ({method})...")
         worker.start()
         return worker
+
+    def _sync_param_fields(self) -> None:
+        """Show the parameters the chosen method will use (tuned for the model if any)."""
+        method = self.method_combo.currentText()
+        session = self.session(create=False)
+        meta = session.prediction.metadata if session and session.prediction else {}
+        resolved = str(meta.get("recommended_method") or "hybrid") if method == "auto" else method
+        values = {
+            **_segment_defaults(resolved),
+            **(meta.get("segment_params") or {}).get(resolved, {}),
+        }
+        for key, box in (
+            ("min_score", self.min_score),
+            ("min_seediness", self.min_seediness),
+            ("min_size", self.min_size),
+        ):
+            if key in values and values[key] is not None:
+                box.setValue(type(box.value())(values[key]))
+            box.setEnabled(method != "auto" and key in values)
+        self.method_combo.setToolTip(f"{method} -> {resolved}" if method == "auto" else method)
 
     def _after_segment(self, n: int) -> None:
         self._update_review_label()
@@ -849,17 +875,18 @@ def _own_layers(session: Session) -> list[Any]:
     ]
 
 
-def _segment_defaults() -> dict[str, Any]:
-    """Default parameters of the hybrid method, so the widget follows the core."""
+def _segment_defaults(method: str = "hybrid") -> dict[str, Any]:
+    """Default parameters of a segmentation method, so the widget follows the core."""
     import inspect
 
-    try:
-        from ..core.instances import segment_hybrid
-    except ImportError:  # pragma: no cover - core incomplete
+    from ..core import instances
+
+    func = getattr(instances, f"segment_{method}", None)
+    if func is None:
         return {}
     return {
         name: p.default
-        for name, p in inspect.signature(segment_hybrid).parameters.items()
+        for name, p in inspect.signature(func).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
 
