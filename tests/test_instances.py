@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -95,3 +97,14 @@ def test_segment_empty_and_bad_input(worms):
         segment(bad, method="seeds")
     with pytest.raises(ValueError, match="Prediction"):
         segment(np.zeros((5, 5)), method="seeds")
+
+
+def test_segment_auto_uses_model_recommendation(worms):
+    p = dataclasses.replace(worms[1], metadata={})
+    p.metadata["recommended_method"] = "boundary"
+    p.metadata["segment_params"] = {"boundary": {"min_size": 10**9}}
+    # the tuned min_size removes everything; explicit params override the tuned ones
+    assert len(segment(p)) == 0
+    assert len(segment(p, min_size=30)) == len(segment(p, method="boundary", min_size=30)) > 0
+    p.metadata.pop("recommended_method")
+    assert len(segment(p)) == len(segment(p, method="hybrid"))

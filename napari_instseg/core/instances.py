@@ -515,9 +515,10 @@ def segment(prediction: Prediction, method: str = "auto", **params: object) -> I
         Per-instance masks (overlaps kept except for ``"boundary"``) with scores and classes.
     """
     funcs = {"seeds": segment_seeds, "boundary": segment_boundary, "hybrid": segment_hybrid}
+    metadata = getattr(prediction, "metadata", None) or {}
     if method == "auto":
-        method = str(prediction.metadata.get("recommended_method") or "hybrid")
+        method = str(metadata.get("recommended_method") or "hybrid")
     if method not in funcs:
         raise ValueError(f"unknown method {method!r}; choose one of auto, {', '.join(METHODS)}")
-    tuned = dict((prediction.metadata.get("segment_params") or {}).get(method, {}))
+    tuned = dict((metadata.get("segment_params") or {}).get(method, {}))
     return funcs[method](prediction, **{**tuned, **params})  # type: ignore[arg-type]
