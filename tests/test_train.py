@@ -172,7 +172,9 @@ def test_parse_names():
     assert parse_names("A05, C01-C02,") == ["A05", "C01", "C02"]
     assert parse_names("a01-a02") == ["A01", "A02"]
     assert parse_names("") == []
-    for bad in ("A03-A01", "A1-A3", "A01-Q01", "A00-A02", "A01-A25", "XY1-A02"):
+    assert parse_names("A1-A3") == ["A01", "A02", "A03"]  # one-digit columns are fine
+    assert parse_names("img7,A01") == ["img7", "A01"]  # plain names pass through
+    for bad in ("A03-A01", "A01-Q01", "A00-A02", "A01-A25", "XY1-A02"):
         with pytest.raises(ValueError):
             parse_names(bad)
 

@@ -138,40 +138,29 @@ class TrainConfig:
 
 
 def parse_names(spec: str) -> list[str]:
-    """Expand ``"A01-B12,C01"`` into well names (rows A-P, columns 01-24).
+    """Expand ``"A01-B12,C01,img7"`` into image names.
 
     Parameters
     ----------
     spec : str
-        Comma-separated names or ranges ``START-END`` in plate order (A01..A24, B01, ...).
+        Comma-separated names; a part with a dash is a range of wells in plate order
+        (A01..A24, B01, ...; see :func:`napari_instseg.core.evaluate.parse_wells`), any
+        other part is taken as an image name as it is (e.g. a training-folder image).
 
     Returns
     -------
     list of str
         The names, in order.
     """
+    from .evaluate import parse_wells
+
     out: list[str] = []
     for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
         if "-" in part:
-            start, end = (x.strip() for x in part.split("-", 1))
-            a, b = _well_index(start), _well_index(end)
-            if a > b:
-                raise ValueError(f"well range {part!r} runs backwards")
-            out.extend(f"{chr(65 + i // 24)}{i % 24 + 1:02d}" for i in range(a, b + 1))
-        else:
+            out.extend(parse_wells(part))
+        elif part:
             out.append(part)
     return out
-
-
-def _well_index(name: str) -> int:
-    if len(name) != 3 or not name[0].isalpha() or not name[1:].isdigit():
-        raise ValueError(f"{name!r} is not a well name like 'A01'")
-    row, col = ord(name[0].upper()) - 65, int(name[1:]) - 1
-    if not (0 <= row < 16 and 0 <= col < 24):
-        raise ValueError(f"{name!r} is outside a 384-well plate")
-    return row * 24 + col
 
 
 def load_samples(folders: Sequence[str | Path], names: Sequence[str] | None) -> list[Sample]:
