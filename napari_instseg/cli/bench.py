@@ -43,14 +43,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def machine() -> dict[str, object]:
     """CPU model, cores, torch threads, versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from napari_instseg.core.device import cpu_name
+
+    cpu = cpu_name()
     info: dict[str, object] = {
         "cpu": cpu,
         "cores": os.cpu_count(),

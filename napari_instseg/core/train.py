@@ -10,7 +10,6 @@ import csv
 import json
 import math
 import os
-import platform
 import subprocess
 import time
 import tomllib
@@ -28,7 +27,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import losses as L
-from .device import get_device
+from .device import cpu_name, get_device
 from .model import InstSegNet, ModelConfig
 from .normalize import normalize_percentile
 from .types import Sample
@@ -439,14 +438,7 @@ def hardware_description(device: torch.device) -> str:
     """A one-line description of where training ran."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA), torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU"
 
 
