@@ -13,6 +13,7 @@ import os
 import subprocess
 import time
 import tomllib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -549,8 +550,10 @@ def train(
         elapsed_before = state.get("elapsed", 0.0)
         rng = np.random.default_rng([config.seed, start_epoch])
         generator.manual_seed(config.seed + start_epoch)
-        for _ in range(start_epoch * config.steps_per_epoch):
-            scheduler.step()
+        with warnings.catch_warnings():  # fast-forwarding the schedule, not a misuse
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+            for _ in range(start_epoch * config.steps_per_epoch):
+                scheduler.step()
     log_path = out / "log.csv"
     use_amp = config.amp and device.type == "cuda"
     t0 = time.time()
