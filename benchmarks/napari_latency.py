@@ -1,0 +1,546 @@
+"""Viewer latency of the napari plugin, measured in a real napari window.
+
+Opens ``napari.Viewer(show=True)`` with the plugin's sample worms (520 x 696), docks the
+widget, runs the shipped model (blocking), then measures (medians over repeated trials):
+
+1. **click to visible mask**: a left click is sent through the vispy canvas (mouse press +
+   release events, as ``tests/test_napari_widget.py`` does); the widget's mouse callback
+   grows a new instance and writes it to the worms Labels layer. Times: until the Labels
+   data changed, until the canvas finished its next draw (``canvas.native.update()``, then
+   ``QApplication.processEvents()`` until vispy's draw event has run), and until the
+   framebuffer was read back (``QOpenGLWidget.grabFramebuffer()``, a pessimistic
+   "visible" proxy: it renders once more and copies the pixels to the CPU).
+2. **tau slider**: the grown instance is selected; the slider is moved through the widget
+   (``InstSegWidget.set_tau(tau, live=True)``, which sets the QSlider value as a drag
+   does) over a sweep of values, each step waiting for the canvas draw as above.
+3. **UI blocking during Run model**: the prediction cache is cleared, the Run button is
+   clicked from the Qt event loop (the model runs in napari's ``thread_worker``), and a
+   10 ms ``QTimer`` (precise) records its ticks; the longest gap between ticks is the
+   longest the event loop was blocked. Reported separately: while the network runs and for
+   the whole run including showing the result layers (main thread).
+
+Needs a display: run under ``xvfb-run -a`` when there is none::
+
+    OMP_NUM_THREADS=1 xvfb-run -a .venv/bin/python benchmarks/napari_latency.py \
+        --out docs/benchmarks.md
+
+``--out`` replaces the section ``## Viewer latency (napari)`` of that Markdown file
+(inserting it after the "Instance extraction" section when missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SECTION = "## Viewer latency (napari)"
+AFTER = "## Instance extraction"
+COMMAND = (
+    "OMP_NUM_THREADS=1 xvfb-run -a .venv/bin/python benchmarks/napari_latency.py "
+    "--out docs/benchmarks.md"
+)
+
+
+def has_display() -> bool:
+    """Whether Qt can open a window (X11/Wayland display or an offscreen platform)."""
+    platform = os.environ.get("QT_QPA_PLATFORM", "")
+    return bool(
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or platform == "offscreen"
+    )
+
+
+def inner_pixel(masks: np.ndarray, i: int) -> tuple[int, int]:
+    """Return the pixel deepest inside mask ``i`` away from the other masks.
+
+    Parameters
+    ----------
+    masks : (N, H, W) bool array
+        Instance masks.
+    i : int
+        Which mask.
+
+    Returns
+    -------
+    (int, int)
+        (row, col) of the maximum of the distance transform.
+    """
+    from scipy import ndimage
+
+    mask = masks[i] & ~np.delete(masks, i, axis=0).any(axis=0)
+    dt = ndimage.distance_transform_edt(mask)
+    return tuple(int(v) for v in np.unravel_index(dt.argmax(), mask.shape))  # type: ignore[return-value]
+
+
+class Redraw:
+    """Wait for the napari canvas to finish a draw (vispy draw event, connected last).
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+        The viewer whose canvas is watched.
+    """
+
+    def __init__(self, viewer: Any) -> None:
+        self.canvas = viewer.window._qt_viewer.canvas
+        self.scene_canvas = self.canvas._scene_canvas
+        self.count = 0
+        self.scene_canvas.events.draw.connect(self._on_draw, position="last")
+
+    def _on_draw(self, event: Any) -> None:
+        self.count += 1
+
+    def wait(self, timeout: float = 5.0) -> None:
+        """Request a repaint and process Qt events until one draw has completed.
+
+        Parameters
+        ----------
+        timeout : float
+            Seconds before giving up with a RuntimeError.
+        """
+        from qtpy.QtWidgets import QApplication
+
+        start = self.count
+        self.canvas.native.update()
+        deadline = time.perf_counter() + timeout
+        while self.count == start:
+            QApplication.processEvents()
+            if time.perf_counter() > deadline:
+                raise RuntimeError("the canvas did not redraw")
+
+    def read_back(self) -> np.ndarray:
+        """Render and copy the canvas framebuffer to the CPU (QOpenGLWidget.grabFramebuffer).
+
+        Returns
+        -------
+        ndarray
+            The framebuffer's size (height, width), to keep the call from being skipped.
+        """
+        image = self.canvas.native.grabFramebuffer()
+        return np.array([image.height(), image.width()])
+
+
+def settle(n: int = 5) -> None:
+    """Process pending Qt events a few times (finish earlier redraws before a trial)."""
+    from qtpy.QtWidgets import QApplication
+
+    for _ in range(n):
+        QApplication.processEvents()
+
+
+def send_click(viewer: Any, row: int, col: int) -> None:
+    """Send a left click at image pixel (row, col) through the vispy canvas."""
+    canvas = viewer.window._qt_viewer.canvas
+    x, y = canvas.view.scene.transform.map([col, row, 0, 1])[:2]
+    scene_canvas = canvas._scene_canvas
+    pos = (float(x), float(y))
+    scene_canvas.events.mouse_press(pos=pos, modifiers=(), button=1)
+    scene_canvas.events.mouse_release(pos=pos, modifiers=(), button=1)
+
+
+def measure_clicks(
+    viewer: Any, widget: Any, masks: np.ndarray, repeats: int, redraw: Redraw
+) -> dict[str, list[float]]:
+    """Click on worms (cycling through them), undoing each new instance after timing it.
+
+    Parameters
+    ----------
+    viewer, widget : napari.Viewer, InstSegWidget
+        The viewer and the docked widget (model already run).
+    masks : (N, H, W) bool array
+        Ground-truth masks, to click deep inside a worm.
+    repeats : int
+        Number of timed clicks.
+    redraw : Redraw
+        Draw watcher of the canvas.
+
+    Returns
+    -------
+    dict
+        Milliseconds per trial: ``data``, ``drawn``, ``read_back`` (wall clock) and the
+        same with ``_cpu`` (CPU time of the whole process, all threads).
+    """
+    session = widget.session()
+    labels = session.labels_layer
+    widget.set_tool("new")
+    points = [inner_pixel(masks, i) for i in range(len(masks))]
+    out: dict[str, list[float]] = {k: [] for k in ("data", "drawn", "read_back")}
+    out.update({k + "_cpu": [] for k in ("data", "drawn", "read_back")})
+    for k in range(repeats + 1):  # the first click is a warm-up
+        row, col = points[k % len(points)]
+        before = int(labels.data[row, col])
+        n_worms = len(session.worms)
+        settle()
+        c0, t0 = time.process_time(), time.perf_counter()
+        send_click(viewer, row, col)
+        c_data, t_data = time.process_time(), time.perf_counter()
+        redraw.wait()
+        c_drawn, t_drawn = time.process_time(), time.perf_counter()
+        redraw.read_back()
+        c_read, t_read = time.process_time(), time.perf_counter()
+        if len(session.worms) != n_worms + 1 or int(labels.data[row, col]) == before:
+            raise RuntimeError(f"the click at {(row, col)} did not grow a new instance")
+        if k > 0:
+            out["data"].append(1000 * (t_data - t0))
+            out["drawn"].append(1000 * (t_drawn - t0))
+            out["read_back"].append(1000 * (t_read - t0))
+            out["data_cpu"].append(1000 * (c_data - c0))
+            out["drawn_cpu"].append(1000 * (c_drawn - c0))
+            out["read_back_cpu"].append(1000 * (c_read - c0))
+        widget.undo()
+        redraw.wait()
+    return out
+
+
+def measure_tau(
+    viewer: Any, widget: Any, masks: np.ndarray, steps: int, redraw: Redraw
+) -> tuple[list[float], list[float]]:
+    """Grow one worm, then move the tau slider through the widget ``steps`` times.
+
+    Parameters
+    ----------
+    viewer, widget : napari.Viewer, InstSegWidget
+        The viewer and the docked widget (model already run).
+    masks : (N, H, W) bool array
+        Ground-truth masks, to click deep inside a worm.
+    steps : int
+        Number of timed slider updates (a sweep 0.30 -> 0.90 -> 0.30 ... in 0.02 steps).
+    redraw : Redraw
+        Draw watcher of the canvas.
+
+    Returns
+    -------
+    wall, cpu : list of float
+        Milliseconds per update (slider value set, instance re-grown, canvas drawn): wall
+        clock and CPU time of the process.
+    """
+    session = widget.session()
+    labels = session.labels_layer
+    widget.set_tool("new")
+    row, col = inner_pixel(masks, 0)
+    send_click(viewer, row, col)
+    redraw.wait()
+    label = session.selected
+    if label is None:
+        raise RuntimeError("the grown instance is not selected; the tau slider would do nothing")
+    sweep = list(range(30, 91, 2)) + list(range(88, 31, -2))
+    values = [sweep[i % len(sweep)] / 100 for i in range(steps + 1)]
+    sizes = []
+    times = []
+    cpu = []
+    for i, tau in enumerate(values):
+        settle(2)
+        c0, t0 = time.process_time(), time.perf_counter()
+        widget.set_tau(tau, live=True)
+        redraw.wait()
+        dt = time.perf_counter() - t0
+        dc = time.process_time() - c0
+        sizes.append(int((labels.data == label).sum()))
+        if i > 0:  # the first step starts the preview (warm-up)
+            times.append(1000 * dt)
+            cpu.append(1000 * dc)
+    widget.end_tau_drag()
+    if len(set(sizes)) < 2:
+        raise RuntimeError("moving the tau slider never changed the instance")
+    widget.undo()  # the whole drag
+    widget.undo()  # the new instance
+    redraw.wait()
+    return times, cpu
+
+
+def measure_worker(widget: Any, runs: int) -> dict[str, list[float]]:
+    """Click Run model from the event loop (prediction in a thread) and time the ticks.
+
+    Parameters
+    ----------
+    widget : InstSegWidget
+        The docked widget.
+    runs : int
+        Number of model runs (each with an empty prediction cache).
+
+    Returns
+    -------
+    dict
+        Per run: ``model_s`` (click to result shown), ``gap_model_ms`` (longest tick gap
+        while the network ran), ``show_ms`` (main-thread time to show the result layers),
+        ``gap_all_ms`` (longest gap over the whole run), ``gap_model_at_s`` (when the
+        longest model gap began, seconds after the click), ``idle_gap_ms`` (longest gap
+        without a model run, same timer, 1 s).
+    """
+    from qtpy.QtCore import QEventLoop, Qt, QTimer
+
+    from napari_instseg._napari import compute
+
+    out: dict[str, list[float]] = {k: [] for k in ("model_s", "gap_model_ms", "show_ms")}
+    out["gap_all_ms"] = []
+    out["idle_gap_ms"] = []
+    out["gap_model_at_s"] = []
+
+    def run_loop(seconds_after_done: float, start: Any | None) -> tuple[list[float], dict]:
+        ticks: list[float] = []
+        marks: dict[str, float] = {}
+        loop = QEventLoop()
+        timer = QTimer()
+        timer.setTimerType(Qt.TimerType.PreciseTimer)
+        timer.setInterval(10)
+        timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+        original = widget._on_predicted
+
+        def on_predicted(*args: Any) -> None:
+            marks["show_start"] = time.perf_counter()
+            original(*args)
+            marks["show_end"] = time.perf_counter()
+
+        def finished() -> None:
+            marks["finished"] = time.perf_counter()
+            QTimer.singleShot(int(1000 * seconds_after_done), loop.quit)
+
+        def begin() -> None:
+            marks["start"] = time.perf_counter()
+            if start is None:
+                finished()
+                return
+            widget._on_predicted = on_predicted
+            start()
+            worker = widget.worker
+            if worker is None:
+                raise RuntimeError("Run model did not start a worker")
+            worker.finished.connect(finished)
+
+        timer.start()
+        QTimer.singleShot(100, begin)
+        QTimer.singleShot(600_000, loop.quit)  # safety net
+        loop.exec()
+        timer.stop()
+        if "_on_predicted" in widget.__dict__:
+            del widget._on_predicted
+        return ticks, marks
+
+    ticks, marks = run_loop(1.0, None)
+    out["idle_gap_ms"].append(1000 * float(np.diff(ticks).max()))
+    for _ in range(runs):
+        compute.clear_cache()  # a fresh prediction (and model load) in the worker
+        ticks, marks = run_loop(0.3, widget.run_btn.click)
+        if "show_end" not in marks:
+            raise RuntimeError(f"the prediction did not finish: {widget.status.text()}")
+        t = np.asarray(ticks)
+        gaps = np.diff(t)
+        ends = t[1:]
+        starts = t[:-1]
+        during = (ends > marks["start"]) & (starts < marks["show_start"])
+        # the tick gap that contains showing the result belongs to "show", not "model"
+        during &= ~((starts <= marks["show_start"]) & (ends >= marks["show_end"]))
+        out["model_s"].append(marks["show_end"] - marks["start"])
+        out["gap_model_ms"].append(1000 * float(gaps[during].max()) if during.any() else 0.0)
+        if during.any():
+            worst = int(np.argmax(np.where(during, gaps, -1.0)))
+            out["gap_model_at_s"].append(float(starts[worst] - marks["start"]))
+        out["show_ms"].append(1000 * (marks["show_end"] - marks["show_start"]))
+        out["gap_all_ms"].append(1000 * float(gaps[ends > marks["start"]].max()))
+    return out
+
+
+def machine() -> str:
+    """Describe the machine: CPU, cores, torch threads, load, versions."""
+    import napari
+    import torch
+
+    from napari_instseg.core.device import cpu_name
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+        f"napari {napari.__version__}, torch {torch.__version__}, "
+        f"Qt platform {os.environ.get('QT_QPA_PLATFORM') or 'xcb'}, "
+        f"load average {load:.2f} at the start"
+    )
+
+
+def stats(values: list[float]) -> tuple[float, float, float]:
+    """Median, 90th percentile and maximum."""
+    a = np.asarray(values, float)
+    return float(np.median(a)), float(np.percentile(a, 90)), float(a.max())
+
+
+def report(results: dict[str, Any]) -> str:
+    """Format the results as the Markdown section (heading included)."""
+    clicks, tau, worker = results["clicks"], results["tau"], results["worker"]
+    lines = [
+        SECTION,
+        "",
+        f"- Machine: {results['machine']}",
+        f"- Command: `{COMMAND}`",
+        "- Image: `sample_worms()` 520 x 696 (12 synthetic worms) in a real napari window "
+        f"(Xvfb, Mesa software OpenGL), widget docked, shipped model run first "
+        f"({results['predict_s']:.2f} s, blocking).",
+        f"- Load average at the end: {results['load_end']:.2f}"
+        + (f". {results['note']}" if results.get("note") else ""),
+        "",
+        "| measurement | trials | wall median | wall p90 | wall max | CPU median | target |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+
+    def row(
+        name: str, values: list[float], unit: str, target: str, cpu: list[float] | None = None
+    ) -> None:
+        med, p90, mx = stats(values)
+        cpu_text = f"{np.median(cpu):.1f} {unit}" if cpu else ""
+        lines.append(
+            f"| {name} | {len(values)} | {med:.1f} {unit} | {p90:.1f} {unit} | "
+            f"{mx:.1f} {unit} | {cpu_text} | {target} |"
+        )
+
+    tau_wall, tau_cpu = tau
+    row("click -> Labels data changed", clicks["data"], "ms", "", clicks["data_cpu"])
+    row("click -> canvas drawn (visible)", clicks["drawn"], "ms", "<= 50 ms", clicks["drawn_cpu"])
+    row("click -> framebuffer read back", clicks["read_back"], "ms", "", clicks["read_back_cpu"])
+    row("tau slider step -> re-grown + drawn", tau_wall, "ms", "<= 50 ms (20/s)", tau_cpu)
+    med, med_cpu = float(np.median(tau_wall)), float(np.median(tau_cpu))
+    lines.append(
+        f"| tau slider updates per second (1 / median) | {len(tau_wall)} | "
+        f"{1000 / med:.1f} /s | | | {1000 / max(med_cpu, 1e-6):.1f} /s | >= 20 /s |"
+    )
+    row("Run model (worker): longest event-loop gap while the network runs",
+        worker["gap_model_ms"], "ms", "<= 100 ms")  # fmt: skip
+    row("Run model: showing the result layers (main thread, one block)",
+        worker["show_ms"], "ms", "")  # fmt: skip
+    row("Run model: longest event-loop gap, whole run", worker["gap_all_ms"], "ms", "")
+    row("Run model: click to result shown", worker["model_s"], "s", "")
+    row("idle: longest gap of the same 10 ms timer (1 s, no work)", worker["idle_gap_ms"], "ms",
+        "")  # fmt: skip
+    if worker["gap_model_at_s"]:
+        at = ", ".join(f"{v:.1f}" for v in worker["gap_model_at_s"])
+        lines += ["", f"Longest gap while the network ran began at {at} s after the click."]
+    lines += [
+        "",
+        "What is measured (`benchmarks/napari_latency.py`):",
+        "",
+        "- Clicks: mouse press + release through the vispy canvas (as in the widget tests),",
+        "  the *New* tool grows a new instance, each on another worm, undone after timing.",
+        '  "Canvas drawn" = `canvas.native.update()` then `QApplication.processEvents()` until',
+        '  vispy\'s draw event (connected last) has run; "read back" adds',
+        "  `grabFramebuffer()` (one more render + copy to the CPU, a pessimistic proxy for",
+        "  pixels on screen). The first click is a warm-up and not counted.",
+        "- Tau slider: `InstSegWidget.set_tau(tau, live=True)` (sets the QSlider value as a",
+        "  drag does, preview mode, one undo step per drag) over a 0.30 -> 0.90 -> 0.30 sweep",
+        "  in 0.02 steps, each step waiting for the canvas draw.",
+        "- Run model: the prediction cache is cleared, the Run button is clicked from the Qt",
+        "  event loop, the model loads and runs in napari's `thread_worker` while a precise",
+        '  10 ms `QTimer` records its ticks; a gap is the time between two ticks. "While the',
+        '  network runs" excludes the gap that contains showing the result (setting the',
+        "  prediction, PCA RGB, new layers), which runs in the main thread after the worker",
+        "  returns and is listed separately.",
+        "- Wall = wall clock (includes waiting for a core: on a shared machine the training",
+        "  job and other work compete for the 2 cores, so wall times are upper bounds).",
+        "  CPU = CPU time of the whole napari process (all threads, Mesa's included) over",
+        "  the same interval: close to what the step costs on an idle machine; it excludes",
+        "  the X server.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace (or insert) the viewer-latency section of a Markdown file.
+
+    Parameters
+    ----------
+    path : Path
+        The Markdown file (e.g. docs/benchmarks.md).
+    section : str
+        The new section, starting with its ``## `` heading.
+    """
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = section.rstrip("\n") + "\n\n"
+    headings = [m.start() for m in re.finditer(r"^## ", text, flags=re.M)]
+    start = text.find("\n" + SECTION + "\n")
+    if start >= 0:
+        start += 1
+        end = next((h for h in headings if h > start), len(text))
+        text = text[:start] + block + text[end:]
+    else:
+        after = text.find("\n" + AFTER)
+        if after >= 0:
+            end = next((h for h in headings if h > after + 1), len(text))
+        else:
+            end = len(text)
+        if end == len(text) and not text.endswith("\n\n"):
+            text = text.rstrip("\n") + "\n\n"
+            end = len(text)
+        text = text[:end] + block + text[end:]
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clicks", type=int, default=24, help="timed clicks (default 24)")
+    parser.add_argument("--tau-steps", type=int, default=60, help="timed slider updates")
+    parser.add_argument("--model-runs", type=int, default=3, help="model runs in the worker")
+    parser.add_argument("--note", default="", help="free text added to the machine line")
+    parser.add_argument("--out", type=Path, help="Markdown file whose section to replace")
+    args = parser.parse_args(argv)
+    if not has_display():
+        print(
+            "No display: run under a virtual X server, e.g.\n"
+            f"  {COMMAND}\n(or set DISPLAY to a running X server).",
+            file=sys.stderr,
+        )
+        return 2
+
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari_instseg._napari.widget import InstSegWidget
+    from napari_instseg.core.synthetic import sample_worms
+
+    info = machine()
+    sample = sample_worms()
+    viewer = napari.Viewer(title="napari-instseg latency benchmark", show=True)
+    viewer.window._qt_window.resize(1500, 950)
+    viewer.add_image(sample.image, name="sample worms")
+    widget = InstSegWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Worm segmentation (napari-instseg)", area="right")
+    settle(10)
+    t0 = time.perf_counter()
+    widget.run_model(blocking=True)
+    predict_s = time.perf_counter() - t0
+    session = widget.session()
+    if session.labels_layer is None:
+        raise RuntimeError("running the model did not create the worms layer")
+    viewer.layers.selection.active = session.labels_layer
+    viewer.reset_view()
+    settle(10)
+    redraw = Redraw(viewer)
+    redraw.wait()
+
+    clicks = measure_clicks(viewer, widget, sample.masks, args.clicks, redraw)
+    tau = measure_tau(viewer, widget, sample.masks, args.tau_steps, redraw)
+    worker = measure_worker(widget, args.model_runs)
+    results = {
+        "machine": info,
+        "predict_s": predict_s,
+        "clicks": clicks,
+        "tau": tau,
+        "worker": worker,
+        "load_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
+        "note": args.note,
+    }
+    section = report(results)
+    print(section)
+    if args.out is not None:
+        write_section(args.out, section)
+        print(f"wrote section {SECTION!r} of {args.out}")
+    viewer.close()
+    QApplication.processEvents()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
