@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .normalize import INPUT_NORMS
 from .types import DEFAULT_TAUS
 
 
@@ -45,6 +46,14 @@ class ModelConfig:
         Pixels per embedding unit for the semi-convolutional coordinates.
     head_channels : int
         Width of the hidden 3x3 layer of each head.
+    input_norm : str
+        ``"percentile"``: each channel scaled by its 1 / 99.8 percentiles. ``"flatfield"``:
+        also a flat-field corrected copy of each channel (divided by its Gaussian blur of
+        ``flatfield_sigma``), which makes worms in the dark rim of a well visible; the
+        network then sees ``2 * in_channels`` channels. See
+        :func:`napari_instseg.core.normalize.model_input`.
+    flatfield_sigma : float
+        Blur of the flat-field estimate, pixels.
     """
 
     in_channels: int = 1
@@ -55,6 +64,8 @@ class ModelConfig:
     semi_conv: bool = True
     coord_scale: float = 256.0
     head_channels: int = 32
+    input_norm: str = "percentile"
+    flatfield_sigma: float = 16.0
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -77,6 +88,15 @@ class ModelConfig:
         if "channels" in data:
             data["channels"] = tuple(int(c) for c in data["channels"])
         return cls(**data)
+
+    def __post_init__(self) -> None:
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, not {self.input_norm!r}")
+
+    @property
+    def network_channels(self) -> int:
+        """Channels the first convolution sees (after :func:`model_input`)."""
+        return self.in_channels * (2 if self.input_norm == "flatfield" else 1)
 
     @property
     def divisor(self) -> int:
@@ -150,7 +170,7 @@ class InstSegNet(nn.Module):
         self.config = config = config or ModelConfig()
         chans = config.channels
         self.encoders = nn.ModuleList()
-        c_prev = config.in_channels
+        c_prev = config.network_channels
         for c in chans:
             self.encoders.append(_block(c_prev, c))
             c_prev = c

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .device import get_device
 from .model import InstSegNet
-from .normalize import normalize_percentile
+from .normalize import model_input
 from .types import Prediction
 from .weights import DEFAULT_NORMALIZATION, load_model, model_signature
 
@@ -141,7 +141,13 @@ def iter_predict(
     model = model.to(dev).eval()
     cfg = model.config
     chw = as_model_input(image, cfg.in_channels)
-    norm = normalize_percentile(chw, DEFAULT_NORMALIZATION["low"], DEFAULT_NORMALIZATION["high"])
+    norm = model_input(
+        chw,
+        cfg.input_norm,
+        DEFAULT_NORMALIZATION["low"],
+        DEFAULT_NORMALIZATION["high"],
+        cfg.flatfield_sigma,
+    )
     _, h, w = norm.shape
     t_count, c1 = len(cfg.taus), cfg.n_classes + 1
     embeddings = np.empty((cfg.embedding_dim, h, w), np.float32)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import losses as L
 from .device import cpu_name, get_device
 from .model import InstSegNet, ModelConfig
-from .normalize import normalize_percentile
+from .normalize import model_input
 from .types import Sample
 from .weights import DEFAULT_NORMALIZATION, save_model
 
@@ -192,21 +192,33 @@ class _Item:
     trusted: torch.Tensor  # (H, W) bool: pixels that count in the loss
 
 
-def prepare(sample: Sample, in_channels: int = 1) -> _Item:
+def prepare(
+    sample: Sample, in_channels: int = 1, model_config: ModelConfig | None = None
+) -> _Item:
     """Normalise a sample and turn it into tensors for training.
 
+    ``model_config`` (when given) decides the input normalisation and the channel count
+    (:func:`napari_instseg.core.normalize.model_input`); otherwise percentile
+    normalisation of ``in_channels`` channels.
     Pixels of unreviewed instances (``Sample.reviewed`` False) are left out of the loss:
     they are marked untrusted, and those instances are dropped from the targets.
     """
-    image = normalize_percentile(
-        sample.image, DEFAULT_NORMALIZATION["low"], DEFAULT_NORMALIZATION["high"]
-    )
+    if model_config is not None:
+        in_channels = model_config.in_channels
+    image = np.asarray(sample.image, np.float32)
     if image.ndim == 2:
         image = image[None]
     if image.shape[0] != in_channels:
         raise ValueError(
             f"{sample.name}: image has {image.shape[0]} channels, model takes {in_channels}"
         )
+    image = model_input(
+        image,
+        model_config.input_norm if model_config else "percentile",
+        DEFAULT_NORMALIZATION["low"],
+        DEFAULT_NORMALIZATION["high"],
+        model_config.flatfield_sigma if model_config else 16.0,
+    )
     masks = np.asarray(sample.masks, bool)
     trusted = np.ones(masks.shape[1:], bool)
     if sample.reviewed is not None and len(sample.reviewed) == len(masks):
@@ -532,8 +544,8 @@ def train(
         model = InstSegNet(model_cfg)
         base_meta = {}
     model.to(device).train()
-    items = [prepare(s, model.config.in_channels) for s in samples]
-    val_items = [prepare(s, model.config.in_channels) for s in val_samples]
+    items = [prepare(s, model_config=model.config) for s in samples]
+    val_items = [prepare(s, model_config=model.config) for s in val_samples]
 
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
