@@ -36,6 +36,8 @@ _API: dict[str, str] = {
     "measure": "napari_instseg.core.measure",
     "evaluate": "napari_instseg.core.evaluate",
     "train": "napari_instseg.core.train",
+    "finetune": "napari_instseg.core.finetune",
+    "list_model_versions": "napari_instseg.core.finetune",
     "read_image": "napari_instseg.core.io",
     "read_bbbc010": "napari_instseg.core.io",
     "read_training_folder": "napari_instseg.core.training_folder",

@@ -13,6 +13,10 @@ import sys
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("napari_instseg.cli.train", "train a model from a TOML config or flags"),
+    "finetune": (
+        "napari_instseg.cli.finetune",
+        "fine-tune a model on corrected labels (training folders); list model versions",
+    ),
     "predict": ("napari_instseg.cli.predict", "predict and segment images, write results"),
     "evaluate": ("napari_instseg.cli.evaluate", "COCO AP and DSB accuracy against ground truth"),
     "bench": ("napari_instseg.cli.bench", "speed benchmarks (grow, similarity, predict, segment)"),

@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import time
 import tomllib
@@ -74,6 +75,12 @@ class TrainConfig:
         Validate every this many epochs.
     time_limit_minutes : float
         Stop cleanly (checkpoint saved) after this long; 0 = no limit.
+    freeze : str
+        ``""`` trains everything; ``"encoder"`` freezes the U-Net's down path;
+        ``"backbone"`` freezes encoder and decoder (only the heads learn). For fine-tuning.
+    select_metric : str
+        Validation metric that picks ``best.safetensors``: ``val_grow_iou`` (embeddings) or
+        ``val_ap`` (COCO AP of the boundary pipeline at the best of a few thresholds).
     device : str
         ``auto``, ``cuda``, ``mps`` or ``cpu``.
     amp : bool
@@ -112,6 +119,8 @@ class TrainConfig:
     crop_candidates: int = 8
     val_every: int = 2
     time_limit_minutes: float = 0.0
+    freeze: str = ""
+    select_metric: str = "val_grow_iou"
     device: str = "auto"
     amp: bool = True
     num_threads: int = 0
@@ -137,13 +146,16 @@ class TrainConfig:
         Path(path).write_text(tomli_w.dumps(asdict(self)))
 
 
+_WELL_RANGE = re.compile(r"[A-Za-z]+\d+\s*-\s*[A-Za-z]+\d+")
+
+
 def parse_names(spec: str) -> list[str]:
     """Expand ``"A01-B12,C01,img7"`` into image names.
 
     Parameters
     ----------
     spec : str
-        Comma-separated names; a part with a dash is a range of wells in plate order
+        Comma-separated names; a part like ``A01-B12`` is a range of wells in plate order
         (A01..A24, B01, ...; see :func:`napari_instseg.core.evaluate.parse_wells`), any
         other part is taken as an image name as it is (e.g. a training-folder image).
 
@@ -156,7 +168,7 @@ def parse_names(spec: str) -> list[str]:
 
     out: list[str] = []
     for part in (p.strip() for p in spec.split(",")):
-        if "-" in part:
+        if _WELL_RANGE.fullmatch(part):
             out.extend(parse_wells(part))
         elif part:
             out.append(part)
@@ -407,9 +419,14 @@ def validate(model: InstSegNet, items: Sequence[_Item], device: torch.device) ->
     """
     model.eval()
     ious, dices, seed_ok = [], [], []
+    boundaries, foregrounds = [], []
     for item in items:
         x, (h, w) = pad_to_multiple(item.image[None].to(device), model.config.divisor)
         out = model(x)
+        boundaries.append(torch.sigmoid(out["boundary_logits"][0, :h, :w].float()).cpu().numpy())
+        foregrounds.append(
+            torch.sigmoid(out["foreground_logits"][0, :h, :w].float()).cpu().numpy()
+        )
         emb = out["embeddings"][0, :, :h, :w].float().reshape(model.config.embedding_dim, -1)
         fg = torch.sigmoid(out["foreground_logits"][0, :h, :w].float()) > 0.5
         masks = item.masks.to(device)
@@ -426,12 +443,74 @@ def validate(model: InstSegNet, items: Sequence[_Item], device: torch.device) ->
             ious.append(inter / max(np.logical_or(grown, m).sum(), 1))
             seed_ok.append(float(probs[:, 1:, r, c].amax() > probs[:, 0, r, c].amin()))
     model.train()
+    ap, ap_threshold = boundary_ap(boundaries, foregrounds, [it.masks.numpy() for it in items])
     return {
+        "val_ap": ap,
+        "val_ap_threshold": ap_threshold,
         "val_grow_iou": float(np.mean(ious)) if ious else 0.0,
         "val_grow_iou_gt50": float(np.mean(np.asarray(ious) > 0.5)) if ious else 0.0,
         "val_fg_dice": float(np.mean(dices)) if dices else 0.0,
         "val_seed_fg": float(np.mean(seed_ok)) if seed_ok else 0.0,
     }
+
+
+VALIDATION_BOUNDARY_THRESHOLDS = (0.5, 0.7, 0.85, 0.92)
+
+
+def boundary_ap(
+    boundaries: Sequence[np.ndarray],
+    foregrounds: Sequence[np.ndarray],
+    ground_truth: Sequence[np.ndarray],
+    thresholds: Sequence[float] = VALIDATION_BOUNDARY_THRESHOLDS,
+) -> tuple[float, float]:
+    """COCO AP of BAISeg's mask extraction on boundary and foreground maps.
+
+    The cheap validation metric of instance quality: no embeddings needed, a few
+    boundary thresholds tried, the best kept.
+
+    Parameters
+    ----------
+    boundaries, foregrounds : sequence of np.ndarray
+        (H, W) probabilities per image.
+    ground_truth : sequence of np.ndarray
+        (N, H, W) bool masks per image.
+    thresholds : sequence of float
+        Boundary thresholds to try.
+
+    Returns
+    -------
+    tuple of float
+        Best AP and its boundary threshold (0, 0 without images).
+    """
+    from .evaluate import evaluate
+    from .instances import segment_boundary
+
+    if not len(boundaries):
+        return 0.0, 0.0
+    best = (-1.0, 0.0)
+    for threshold in thresholds:
+        found = [
+            segment_boundary(_maps_only(b, f), boundary_threshold=threshold)
+            for b, f in zip(boundaries, foregrounds, strict=True)
+        ]
+        ap = float(evaluate(found, list(ground_truth))["AP"])
+        best = max(best, (ap, float(threshold)))
+    return best
+
+
+def _maps_only(boundary: np.ndarray, foreground: np.ndarray):
+    """A Prediction carrying only the maps the boundary pipeline reads."""
+    from .types import Prediction
+
+    h, w = boundary.shape
+    return Prediction(
+        embeddings=np.zeros((1, h, w), np.float32),
+        seediness=np.zeros((h, w), np.float32),
+        class_scores=np.zeros((1, 2, h, w), np.float32),
+        boundary=boundary,
+        foreground=foreground,
+        taus=(0.5,),
+    )
 
 
 def _git_commit() -> str:
@@ -489,6 +568,37 @@ def _load_checkpoint(path: Path, model, optimizer) -> dict:
     return meta
 
 
+FREEZE_OPTIONS = ("", "encoder", "backbone")
+SELECT_METRICS = ("val_grow_iou", "val_ap", "val_fg_dice")
+
+
+def freeze_parameters(model: InstSegNet, freeze: str = "") -> list[torch.nn.Parameter]:
+    """Freeze part of the network for fine-tuning; return the parameters left to train.
+
+    Parameters
+    ----------
+    model : InstSegNet
+        The network (modified in place: ``requires_grad``).
+    freeze : {"", "encoder", "backbone"}
+        Nothing, the down path, or down and up path (only the heads train).
+
+    Returns
+    -------
+    list of torch.nn.Parameter
+        Trainable parameters.
+    """
+    if freeze not in FREEZE_OPTIONS:
+        raise ValueError(f"freeze must be one of {FREEZE_OPTIONS}, not {freeze!r}")
+    frozen_prefixes = {"": (), "encoder": ("encoders.",), "backbone": ("encoders.", "decoders.")}
+    prefixes = frozen_prefixes[freeze]
+    params = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(not name.startswith(prefixes) if prefixes else True)
+        if param.requires_grad:
+            params.append(param)
+    return params
+
+
 def train(
     config: TrainConfig | str | Path,
     resume: bool = True,
@@ -512,10 +622,13 @@ def train(
     Returns
     -------
     Path
-        Best weights (by validation grow IoU), or the last ones without validation.
+        Best weights (by ``config.select_metric`` on the validation images), or the last
+        ones without validation.
     """
     if not isinstance(config, TrainConfig):
         config = TrainConfig.from_toml(config)
+    if config.select_metric not in SELECT_METRICS:
+        raise ValueError(f"select_metric must be one of {SELECT_METRICS}")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     config.to_toml(out / "config.toml")
@@ -547,9 +660,8 @@ def train(
     items = [prepare(s, model_config=model.config) for s in samples]
     val_items = [prepare(s, model_config=model.config) for s in val_samples]
 
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
+    trainable = freeze_parameters(model, config.freeze)
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     total_steps = config.epochs * config.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
@@ -598,7 +710,7 @@ def train(
             terms = training_loss(outputs, masks, trusted, config, taus, cls_weight, generator)
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 5.0)
             optimizer.step()
             scheduler.step()
             for k, v in terms.items():
@@ -614,8 +726,8 @@ def train(
         over_time = config.time_limit_minutes and elapsed > 60 * config.time_limit_minutes
         if val_items and ((epoch + 1) % config.val_every == 0 or last_epoch or over_time):
             row.update(validate(model, val_items, device))
-            if row["val_grow_iou"] > best:
-                best = row["val_grow_iou"]
+            if row[config.select_metric] > best:
+                best = row[config.select_metric]
                 _save_weights(model, best_path, config, row, elapsed, device, base_meta)
         elif not val_items:
             _save_weights(model, best_path, config, row, elapsed, device, base_meta)

@@ -1,0 +1,106 @@
+"""``napari-instseg finetune``: fine-tune a model on corrected labels; list model versions.
+
+Examples
+--------
+Fine-tune the shipped model on two exports from the plugin (a version appears in
+``corrected_a/models/bbbc010-ft1``)::
+
+    napari-instseg finetune corrected_a corrected_b
+
+From another parent, freezing the encoder, 300 steps::
+
+    napari-instseg finetune corrected_a --model my.safetensors --freeze encoder --steps 300
+
+List the versions kept beside some data::
+
+    napari-instseg finetune corrected_a --list
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``finetune`` arguments.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The sub-command's parser.
+    """
+    parser.add_argument(
+        "data", nargs="+", type=Path, metavar="DIR", help="training folders (plugin exports)"
+    )
+    parser.add_argument("--model", help="parent weights (default: the shipped model)")
+    parser.add_argument("--steps", type=int, default=200, help="optimiser steps (default 200)")
+    parser.add_argument(
+        "--freeze",
+        default="",
+        choices=["", "encoder", "backbone"],
+        help='keep part of the network fixed ("" = train everything)',
+    )
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    parser.add_argument(
+        "--val", help="comma-separated validation image names (default: hold out 20%%)"
+    )
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.2, help="fraction held out for validation"
+    )
+    parser.add_argument("--name", help="version name (default <parent>-ft<N>)")
+    parser.add_argument("--out", type=Path, help="version folder (default DATA/models/NAME)")
+    parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--time-limit", type=float, default=0.0, help="stop after N minutes")
+    parser.add_argument("--list", action="store_true", help="only list the model versions")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fine-tune (or list versions); prints the new version.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed arguments of :func:`configure`.
+
+    Returns
+    -------
+    int
+        0 on success.
+    """
+    from ..core.finetune import finetune, list_model_versions
+
+    if args.list:
+        for folder in args.data:
+            versions = list_model_versions(folder)
+            if not versions:
+                print(f"{folder}: no model versions")
+            for version in versions:
+                print(f"{version.label}\t{version.created}\t{version.path}")
+        return 0
+
+    def report(row: dict) -> None:
+        val = f", val AP {row['val_ap']:.3f}" if "val_ap" in row else ""
+        print(f"epoch {row['epoch']}: loss {row['loss_total']:.3f}{val}", flush=True)
+
+    version = finetune(
+        args.data,
+        args.model,
+        steps=args.steps,
+        freeze=args.freeze,
+        lr=args.lr,
+        val_names=[v for v in args.val.split(",") if v] if args.val else None,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        name=args.name,
+        out=args.out,
+        device=args.device,
+        num_threads=args.threads,
+        time_limit_minutes=args.time_limit,
+        progress=True,
+        callback=report,
+    )
+    print(f"model version {version.label}: {version.path}")
+    return 0

@@ -1,0 +1,324 @@
+"""Fine-tuning from corrected labels, and the model versions it leaves beside the data.
+
+The loop the plugin exists for: a user corrects a few images, exports them as training
+folders (:mod:`napari_instseg.core.training_folder`), and :func:`finetune` turns them into a
+better model in minutes. It is :func:`napari_instseg.core.train.train` with few-shot
+defaults:
+
+- starts from a parent model (the shipped one unless told otherwise);
+- holds part of the images out for validation automatically (at least one when there are
+  two or more) and keeps the checkpoint with the best validation AP of the boundary
+  pipeline;
+- trains everything by default (``freeze=""``); ``"encoder"`` or ``"backbone"`` freeze
+  parts of the network (see docs/benchmarks.md for what each gives);
+- unreviewed instances of an export are left out of the loss (:func:`train.prepare`);
+- the result is a *model version* in ``<first data folder>/models/<name>/``: weights
+  (``model.safetensors`` + JSON metadata with parent, data, metrics, time), the config and
+  the per-epoch log. :func:`list_model_versions` finds them again (the widget lists them).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .train import FREEZE_OPTIONS, TrainConfig, load_samples, train
+from .weights import load_model, read_metadata, save_model, shipped_weights_path
+
+MODELS_DIRNAME = "models"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A fine-tuned model found beside its data.
+
+    Attributes
+    ----------
+    name : str
+        Folder name, e.g. ``bbbc010-ft3``.
+    path : Path
+        The weights file.
+    parent : str
+        Weights it was fine-tuned from.
+    created : str
+        ISO time.
+    metrics : dict
+        Validation metrics at the kept checkpoint.
+    images : list of str
+        Training and validation image names.
+    """
+
+    name: str
+    path: Path
+    parent: str
+    created: str
+    metrics: dict[str, Any]
+    images: list[str]
+
+    @property
+    def label(self) -> str:
+        """Short text for a model chooser."""
+        ap = self.metrics.get("val_ap")
+        score = f", val AP {ap:.2f}" if isinstance(ap, int | float) else ""
+        return f"{self.name} ({len(self.images)} images{score})"
+
+
+def split_holdout(
+    names: Sequence[str], val_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """Choose validation images: ``round(val_fraction * n)``, at least 1 when ``n >= 2``.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Image names (unique).
+    val_fraction : float
+        Fraction held out, in [0, 1).
+    seed : int
+        The split is random but reproducible.
+
+    Returns
+    -------
+    tuple of list of str
+        Training names, validation names (both in the input order).
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    names = list(names)
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"image names must be unique across the data folders: {dup}")
+    n = len(names)
+    n_val = 0 if n < 2 or val_fraction == 0 else min(max(1, round(val_fraction * n)), n - 1)
+    picked = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
+    train = [x for i, x in enumerate(names) if i not in picked]
+    val = [x for i, x in enumerate(names) if i in picked]
+    return train, val
+
+
+def models_folder(data: Sequence[str | Path]) -> Path:
+    """Where model versions of these data are kept: ``<first folder>/models``."""
+    if not data:
+        raise ValueError("no data folders given")
+    return Path(data[0]) / MODELS_DIRNAME
+
+
+def _next_name(folder: Path, stem: str) -> str:
+    i = 1
+    while (folder / f"{stem}-ft{i}").exists():
+        i += 1
+    return f"{stem}-ft{i}"
+
+
+def finetune(
+    data: Sequence[str | Path],
+    init: str | Path | None = None,
+    *,
+    steps: int = 200,
+    freeze: str = "",
+    lr: float = 5e-4,
+    val_names: Sequence[str] | None = None,
+    val_fraction: float = 0.2,
+    batch_size: int = 4,
+    crop_size: int = 256,
+    steps_per_epoch: int = 20,
+    seed: int = 0,
+    name: str | None = None,
+    out: str | Path | None = None,
+    device: str = "auto",
+    num_threads: int = 0,
+    time_limit_minutes: float = 0.0,
+    progress: bool = False,
+    callback: Callable[[dict[str, Any]], bool | None] | None = None,
+) -> ModelVersion:
+    """Fine-tune a model on training folders (or BBBC010-style folders).
+
+    Parameters
+    ----------
+    data : sequence of path
+        Training folders (the plugin's export format) or BBBC010-style folders.
+    init : path, optional
+        Parent weights; default: the shipped model.
+    steps : int
+        Optimiser steps (batches of ``batch_size`` random crops).
+    freeze : {"", "encoder", "backbone"}
+        Parts of the network kept fixed.
+    lr : float
+        Peak learning rate (cosine decay to 0).
+    val_names : sequence of str, optional
+        Validation images; default: :func:`split_holdout` with ``val_fraction``.
+    val_fraction : float
+        Fraction of the images held out when ``val_names`` is not given.
+    batch_size, crop_size, steps_per_epoch : int
+        Batches; validation and the ``callback`` run after every ``steps_per_epoch`` steps.
+    seed : int
+        Seeds the split, the crops and the network.
+    name : str, optional
+        Version name; default ``<parent name>-ft<N>``.
+    out : path, optional
+        Version folder; default ``<first data folder>/models/<name>``.
+    device : str
+        ``auto``, ``cuda``, ``mps`` or ``cpu``.
+    num_threads : int
+        torch CPU threads (0: torch's default).
+    time_limit_minutes : float
+        Stop early (best checkpoint kept) after this long; 0: no limit.
+    progress : bool
+        tqdm progress bar.
+    callback : callable, optional
+        Gets every epoch's log row (losses, ``val_ap``, ...); returning True stops.
+
+    Returns
+    -------
+    ModelVersion
+        The new version (weights in ``out/model.safetensors``).
+    """
+    if not data:
+        raise ValueError("no data folders given")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if freeze not in FREEZE_OPTIONS:
+        raise ValueError(f"freeze must be one of {FREEZE_OPTIONS}, not {freeze!r}")
+    missing = [str(d) for d in data if not Path(d).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"data folder(s) not found: {missing}")
+    parent = Path(init) if init else shipped_weights_path()
+    if not parent.is_file():
+        raise FileNotFoundError(f"parent weights not found: {parent}")
+    parent_meta = read_metadata(parent)
+    samples = load_samples(list(data), None)
+    names = [s.name for s in samples]
+    bad = [n for n in names if "," in n]
+    if bad:
+        raise ValueError(f"image names must not contain commas: {bad}")
+    if val_names is None:
+        train_names, val_list = split_holdout(names, val_fraction, seed)
+    else:
+        val_list = list(val_names)
+        unknown = sorted(set(val_list) - set(names))
+        if unknown:
+            raise ValueError(f"validation images not in the data: {unknown}")
+        train_names = [n for n in names if n not in set(val_list)]
+    if not train_names:
+        raise ValueError("no images left for training after holding out validation images")
+    stem = str(parent_meta.get("name") or parent.stem).split("-ft")[0]
+    if out is None:
+        folder = models_folder(data)
+        name = name or _next_name(folder, stem)
+        out = folder / name
+    out = Path(out)
+    name = name or out.name
+    if (out / WEIGHTS_NAME).exists():
+        raise FileExistsError(f"{out / WEIGHTS_NAME} exists; choose another name")
+    epochs = max(1, int(np.ceil(steps / steps_per_epoch)))
+    config = TrainConfig(
+        data=[str(d) for d in data],
+        train_wells=",".join(train_names),
+        val_wells=",".join(val_list),
+        out=str(out),
+        init=str(parent),
+        epochs=epochs,
+        steps_per_epoch=min(steps_per_epoch, steps),
+        batch_size=batch_size,
+        crop_size=crop_size,
+        lr=lr,
+        seed=seed,
+        lambda_start=-1.0,
+        lambda_end=0.0,
+        val_every=1,
+        time_limit_minutes=time_limit_minutes,
+        freeze=freeze,
+        select_metric="val_ap",
+        device=device,
+        num_threads=num_threads,
+    )
+    t0 = time.time()
+    best = train(config, resume=True, progress=progress, callback=callback)
+    model = load_model(best)
+    meta = dict(model.metadata)
+    metrics = meta.get("metrics", {})
+    meta["name"] = name
+    meta["kind"] = "finetuned"
+    meta["parent"] = {
+        "path": str(parent),
+        "name": parent_meta.get("name"),
+        "sha256": parent_meta.get("sha256"),
+    }
+    meta["data"] = {"folders": [str(d) for d in data], "train": train_names, "val": val_list}
+    meta["finetune"] = {
+        "steps": steps,
+        "freeze": freeze,
+        "lr": lr,
+        "wall_time_s": round(time.time() - t0, 1),
+    }
+    params = json.loads(json.dumps(parent_meta.get("segment_params") or {}))
+    if "val_ap_threshold" in metrics and metrics.get("val_ap_threshold"):
+        params.setdefault("boundary", {})["boundary_threshold"] = metrics["val_ap_threshold"]
+    meta["segment_params"] = params
+    meta["recommended_method"] = parent_meta.get("recommended_method") or "boundary"
+    meta["description"] = (
+        f"Fine-tuned from {parent_meta.get('name') or parent.name} on "
+        f"{len(train_names)} image(s), validated on {len(val_list)}."
+    )
+    weights = save_model(model, out / WEIGHTS_NAME, meta)
+    (out / "best.safetensors").unlink(missing_ok=True)
+    (out / "best.json").unlink(missing_ok=True)
+    ckpt = out / "last.ckpt.safetensors"
+    if ckpt.exists():
+        ckpt.unlink()
+    return _version(weights)
+
+
+def _version(path: Path) -> ModelVersion:
+    meta = read_metadata(path)
+    data = meta.get("data") or {}
+    return ModelVersion(
+        name=str(meta.get("name") or path.parent.name),
+        path=path,
+        parent=str((meta.get("parent") or {}).get("path", "")),
+        created=str(meta.get("created", "")),
+        metrics=dict(meta.get("metrics") or {}),
+        images=list(data.get("train", [])) + list(data.get("val", [])),
+    )
+
+
+def list_model_versions(folder: str | Path) -> list[ModelVersion]:
+    """Model versions kept beside some data, newest first.
+
+    Parameters
+    ----------
+    folder : path
+        A data folder (its ``models/`` is searched) or a ``models`` folder itself.
+
+    Returns
+    -------
+    list of ModelVersion
+        Unreadable entries are skipped.
+    """
+    folder = Path(folder)
+    root = folder if folder.name == MODELS_DIRNAME else folder / MODELS_DIRNAME
+    if not root.is_dir():
+        return []
+    found = []
+    for weights in root.glob(f"*/{WEIGHTS_NAME}"):
+        try:
+            found.append(_version(weights))
+        except (OSError, ValueError, KeyError):
+            continue
+    return sorted(found, key=lambda v: (v.created, v.name), reverse=True)
+
+
+def remove_model_version(version: ModelVersion) -> None:
+    """Delete a version's folder (weights, config, log)."""
+    folder = version.path.parent
+    if folder.parent.name != MODELS_DIRNAME:
+        raise ValueError(f"{folder} is not a model version folder")
+    shutil.rmtree(folder)

@@ -1,0 +1,163 @@
+"""Fine-tuning from exported training folders and the model versions it leaves."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from napari_instseg.core.finetune import (
+    finetune,
+    list_model_versions,
+    remove_model_version,
+    split_holdout,
+)
+from napari_instseg.core.model import InstSegNet, ModelConfig
+from napari_instseg.core.synthetic import make_worms
+from napari_instseg.core.train import freeze_parameters, parse_names
+from napari_instseg.core.training_folder import write_training_folder
+from napari_instseg.core.weights import load_model, read_metadata, save_model
+
+
+@pytest.fixture()
+def export(tmp_path):
+    samples = []
+    for i in range(3):
+        s = make_worms((96, 96), n_worms=3, length=(40, 60), n_crossings=0, seed=i)
+        reviewed = np.ones(len(s.masks), bool)
+        reviewed[0] = i != 0  # image-0's first worm is not reviewed
+        samples.append(dataclasses.replace(s, name=f"corrected-{i}", reviewed=reviewed))
+    return write_training_folder(tmp_path / "export", samples, model="parent")
+
+
+@pytest.fixture()
+def parent(tmp_path):
+    torch.manual_seed(0)
+    model = InstSegNet(ModelConfig(channels=(8, 8, 8), embedding_dim=4, head_channels=8))
+    meta = {
+        "name": "tiny",
+        "recommended_method": "boundary",
+        "segment_params": {"boundary": {"boundary_threshold": 0.8, "marker_threshold": 0.5}},
+    }
+    return save_model(model, tmp_path / "tiny.safetensors", meta)
+
+
+def test_split_holdout_sizes_and_errors():
+    assert split_holdout(["a"], 0.2) == (["a"], [])
+    train, val = split_holdout(["a", "b", "c", "d", "e"], 0.2, seed=3)
+    assert len(val) == 1 and sorted(train + val) == ["a", "b", "c", "d", "e"]
+    assert split_holdout(list("abcde"), 0.2, seed=3) == (train, val)  # reproducible
+    assert len(split_holdout(list("abcdefghij"), 0.3)[1]) == 3
+    assert split_holdout(list("ab"), 0.9)[0]  # never everything held out
+    with pytest.raises(ValueError, match="unique"):
+        split_holdout(["a", "a"])
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_holdout(["a", "b"], 1.0)
+
+
+def test_parse_names_keeps_dashed_image_names():
+    assert parse_names("corrected-1,A01-A03") == ["corrected-1", "A01", "A02", "A03"]
+
+
+def test_freeze_parameters():
+    model = InstSegNet(ModelConfig(channels=(8, 8, 8), embedding_dim=4))
+    heads_only = freeze_parameters(model, "backbone")
+    assert heads_only and all(p.requires_grad for p in heads_only)
+    assert not any(p.requires_grad for p in model.encoders.parameters())
+    assert not any(p.requires_grad for p in model.decoders.parameters())
+    enc = freeze_parameters(model, "encoder")
+    assert any(p.requires_grad for p in model.decoders.parameters())
+    assert len(enc) > len(heads_only)
+    assert len(freeze_parameters(model, "")) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="freeze"):
+        freeze_parameters(model, "all")
+
+
+def test_finetune_makes_a_version_beside_the_data(export, parent):
+    rows = []
+    version = finetune(
+        [export],
+        parent,
+        steps=4,
+        steps_per_epoch=2,
+        batch_size=2,
+        crop_size=64,
+        freeze="encoder",
+        num_threads=1,
+        device="cpu",
+        callback=rows.append,
+    )
+    assert version.path == export / "models" / "tiny-ft1" / "model.safetensors"
+    assert len(rows) == 2 and all("val_ap" in r and "loss_total" in r for r in rows)
+    meta = read_metadata(version.path)
+    assert meta["parent"]["name"] == "tiny"
+    assert sorted(meta["data"]["train"] + meta["data"]["val"]) == [
+        "corrected-0",
+        "corrected-1",
+        "corrected-2",
+    ]
+    assert len(meta["data"]["val"]) == 1
+    assert meta["recommended_method"] == "boundary"
+    assert meta["segment_params"]["boundary"]["marker_threshold"] == 0.5
+    assert (version.path.parent / "log.csv").is_file()
+    assert not (version.path.parent / "last.ckpt.safetensors").exists()
+    # the frozen encoder did not move, the rest did
+    before, after = load_model(parent).state_dict(), load_model(version.path).state_dict()
+    enc = [k for k in before if k.startswith("encoders.") and k.endswith("weight")]
+    heads = [k for k in before if k.startswith("embedding_head.") and k.endswith("weight")]
+    assert all(torch.equal(before[k], after[k]) for k in enc)
+    assert any(not torch.equal(before[k], after[k]) for k in heads)
+    # a second run gets the next name; both are listed newest first
+    second = finetune(
+        [export],
+        parent,
+        steps=2,
+        steps_per_epoch=2,
+        batch_size=1,
+        crop_size=64,
+        num_threads=1,
+        device="cpu",
+        val_names=["corrected-2"],
+    )
+    assert second.name == "tiny-ft2"
+    assert [v.name for v in list_model_versions(export)][:2] == ["tiny-ft2", "tiny-ft1"]
+    assert version.label.startswith("tiny-ft1 (3 images")
+    remove_model_version(second)
+    assert [v.name for v in list_model_versions(export)] == ["tiny-ft1"]
+
+
+def test_finetune_errors(export, parent, tmp_path):
+    with pytest.raises(FileNotFoundError, match="data folder"):
+        finetune([tmp_path / "nowhere"], parent)
+    with pytest.raises(FileNotFoundError, match="parent"):
+        finetune([export], tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="not in the data"):
+        finetune([export], parent, val_names=["nope"])
+    with pytest.raises(ValueError, match="freeze"):
+        finetune([export], parent, freeze="everything")
+
+
+def test_finetune_cli(export, parent, capsys):
+    from napari_instseg.cli import main
+
+    code = main(
+        [
+            "finetune",
+            str(export),
+            "--model",
+            str(parent),
+            "--steps",
+            "2",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+            "--name",
+            "cli-version",
+        ]
+    )
+    assert code == 0
+    assert (export / "models" / "cli-version" / "model.safetensors").is_file()
+    assert main(["finetune", str(export), "--list"]) == 0
+    assert "cli-version" in capsys.readouterr().out
+    assert main(["finetune", str(export), "--model", str(export / "nope.safetensors")]) == 1
