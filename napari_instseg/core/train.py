@@ -189,7 +189,13 @@ def load_samples(folders: Sequence[str | Path], names: Sequence[str] | None) -> 
             found = read_training_folder(folder)
             samples.extend(s for s in found if wanted is None or s.name in wanted)
         else:
-            wells = bbbc010_wells(folder)
+            try:
+                wells = bbbc010_wells(folder)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(
+                    f"{folder} is neither a training folder (no manifest.json) nor a "
+                    "BBBC010-style folder (no images/)"
+                ) from err
             pick = wells if wanted is None else [w for w in wells if w in wanted]
             samples.extend(read_bbbc010(folder, pick, with_w1=False))
     if not samples:

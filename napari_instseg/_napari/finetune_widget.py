@@ -1,0 +1,322 @@
+"""Dock widget "Fine-tune model": corrected training folders -> a new model version.
+
+A thin Qt front end over :func:`napari_instseg.core.finetune.finetune`. Training runs in
+napari's ``thread_worker``; after every epoch the worker reports the log row, which moves
+napari's progress bar and draws the loss and validation-AP curves; *Stop* ends training
+after the current epoch and keeps the best checkpoint so far. The new version is saved in
+``<first folder>/models/<name>/`` and announced on :data:`model_versions`, which the main
+widget listens to (its model list gains the version).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from napari.qt.threading import thread_worker
+from napari.utils import progress
+from psygnal import Signal
+from qtpy.QtCore import QObject, QPointF, Qt
+from qtpy.QtCore import Signal as QtSignal
+from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+PARENT_SHIPPED = "shipped model (BBBC010 bright-field)"
+PARENT_FILE = "weights file..."
+FREEZE_CHOICES = {
+    "nothing (all layers learn)": "",
+    "encoder": "encoder",
+    "encoder + decoder": "backbone",
+}
+
+
+class _ModelVersions:
+    """Announces new model versions (``trained.emit(path)``) to every widget."""
+
+    trained = Signal(str)
+
+
+#: Emitted with the weights path of every version a fine-tune widget produces.
+model_versions = _ModelVersions()
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """What the worker returns when fine-tuning raised (superqt re-raises returned errors)."""
+
+    error: Exception
+
+
+class _Rows(QObject):
+    """Carries log rows from the worker thread to the GUI thread (queued signal)."""
+
+    row = QtSignal(dict)
+
+
+class CurvePlot(QWidget):
+    """Training loss (blue) and validation AP (orange) per epoch, drawn with QPainter."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.losses: list[float] = []
+        self.val_ap: list[float] = []
+        self.setMinimumHeight(110)
+        self.setToolTip("blue: training loss (scaled to its maximum); orange: validation AP")
+
+    def clear(self) -> None:
+        """Forget the curves."""
+        self.losses, self.val_ap = [], []
+        self.update()
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Append one epoch's log row."""
+        self.losses.append(float(row.get("loss_total", 0.0)))
+        if "val_ap" in row:
+            self.val_ap.append(float(row["val_ap"]))
+        self.update()
+
+    def _polyline(self, values: list[float], top: float) -> QPolygonF:
+        w, h = max(self.width() - 8, 1), max(self.height() - 8, 1)
+        n = max(len(self.losses), 2)
+        return QPolygonF(
+            [
+                QPointF(4 + w * i / (n - 1), 4 + h * (1 - v / top if top else 1))
+                for i, v in enumerate(values)
+            ]
+        )
+
+    def paintEvent(self, event: Any) -> None:
+        """Draw the two curves."""
+        painter = QPainter(self)
+        painter.fillRect(self.rect(), QColor(38, 41, 48))
+        for values, color, top in (
+            (self.losses, QColor(80, 160, 255), max(self.losses, default=1.0)),
+            (self.val_ap, QColor(255, 160, 60), 1.0),
+        ):
+            if len(values) >= 1:
+                painter.setPen(QPen(color, 2))
+                painter.drawPolyline(self._polyline(values, top))
+        painter.end()
+
+
+class FinetuneWidget(QWidget):
+    """Fine-tune a model on corrected labels (training folders exported by the plugin).
+
+    Parameters
+    ----------
+    napari_viewer : napari.Viewer
+        The viewer (napari passes it).
+    """
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.worker: Any = None
+        self.version: Any = None
+        self.last_error: str = ""
+        self._stop = False
+        self._progress: Any = None
+        self._rows = _Rows()
+        self._rows.row.connect(self._on_row)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(QLabel("Training folders (exports of corrected labels):"))
+        self.folders = QListWidget()
+        self.folders.setMaximumHeight(90)
+        layout.addWidget(self.folders)
+        row = QHBoxLayout()
+        add, remove = QPushButton("Add folder..."), QPushButton("Remove")
+        add.clicked.connect(self._browse_folder)
+        remove.clicked.connect(self._remove_folder)
+        row.addWidget(add)
+        row.addWidget(remove)
+        layout.addLayout(row)
+
+        form = QFormLayout()
+        self.parent_model = QComboBox()
+        self.parent_model.addItems([PARENT_SHIPPED, PARENT_FILE])
+        self.parent_model.activated.connect(self._parent_chosen)
+        self._parent_path: str | None = None
+        form.addRow("Start from", self.parent_model)
+        self.steps = QSpinBox()
+        self.steps.setRange(1, 100000)
+        self.steps.setValue(200)
+        self.steps.setToolTip(
+            "optimiser steps of 4 random 256 x 256 crops (about 1 s each on CPU)"
+        )
+        form.addRow("Steps", self.steps)
+        self.freeze = QComboBox()
+        self.freeze.addItems(list(FREEZE_CHOICES))
+        self.freeze.setToolTip("parts of the network kept fixed while fine-tuning")
+        form.addRow("Freeze", self.freeze)
+        self.val_fraction = QDoubleSpinBox()
+        self.val_fraction.setRange(0.0, 0.9)
+        self.val_fraction.setSingleStep(0.05)
+        self.val_fraction.setValue(0.2)
+        self.val_fraction.setToolTip(
+            "fraction of the images held out to choose the checkpoint (at least one image)"
+        )
+        form.addRow("Held out", self.val_fraction)
+        layout.addLayout(form)
+
+        row = QHBoxLayout()
+        self.start_button, self.stop_button = QPushButton("Fine-tune"), QPushButton("Stop")
+        self.start_button.clicked.connect(self.start)
+        self.stop_button.clicked.connect(self.stop)
+        self.stop_button.setEnabled(False)
+        row.addWidget(self.start_button)
+        row.addWidget(self.stop_button)
+        layout.addLayout(row)
+        self.curve = CurvePlot()
+        layout.addWidget(self.curve)
+        self.status = QLabel("Add one or more training folders, then Fine-tune.")
+        self.status.setWordWrap(True)
+        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+    # -- inputs -------------------------------------------------------------------------
+    def add_folder(self, folder: str | Path) -> None:
+        """Add a training folder (ignored if already listed)."""
+        folder = str(Path(folder))
+        if folder not in self.data_folders():
+            self.folders.addItem(folder)
+        self._refresh_parents()
+
+    def data_folders(self) -> list[str]:
+        """The folders listed."""
+        return [self.folders.item(i).text() for i in range(self.folders.count())]
+
+    def _browse_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Training folder")
+        if folder:
+            self.add_folder(folder)
+
+    def _remove_folder(self) -> None:
+        for item in self.folders.selectedItems():
+            self.folders.takeItem(self.folders.row(item))
+        self._refresh_parents()
+
+    def set_parent(self, path: str | Path | None) -> None:
+        """Start from these weights (None: the shipped model)."""
+        self._parent_path = None if path is None else str(path)
+        if path is None:
+            self.parent_model.setCurrentIndex(0)
+            return
+        text = f"{Path(path).parent.name}/{Path(path).name}"
+        index = self.parent_model.findText(text)
+        if index < 0:
+            self.parent_model.addItem(text, str(path))
+            index = self.parent_model.count() - 1
+        self.parent_model.setCurrentIndex(index)
+
+    def _parent_chosen(self, index: int) -> None:
+        text = self.parent_model.itemText(index)
+        if text == PARENT_SHIPPED:
+            self._parent_path = None
+        elif text == PARENT_FILE:
+            path, _ = QFileDialog.getOpenFileName(self, "Weights", "", "*.safetensors")
+            self.set_parent(path or None)
+        else:
+            self._parent_path = self.parent_model.itemData(index)
+
+    def _refresh_parents(self) -> None:
+        from ..core.finetune import list_model_versions
+
+        for folder in self.data_folders():
+            for version in list_model_versions(folder):
+                text = f"{version.path.parent.name}/{version.path.name}"
+                if self.parent_model.findText(text) < 0:
+                    self.parent_model.addItem(text, str(version.path))
+
+    # -- running ------------------------------------------------------------------------
+    def start(self) -> Any:
+        """Fine-tune in a worker thread; returns the worker (None when nothing to do)."""
+        if self.worker is not None:
+            return self.worker
+        folders = self.data_folders()
+        if not folders:
+            self.status.setText("Add at least one training folder first.")
+            return None
+        from ..core.finetune import finetune
+
+        kwargs = {
+            "steps": self.steps.value(),
+            "freeze": FREEZE_CHOICES[self.freeze.currentText()],
+            "val_fraction": self.val_fraction.value(),
+        }
+        parent = self._parent_path
+        self._stop, self.version, self.last_error = False, None, ""
+        self.curve.clear()
+        epochs = max(1, -(-kwargs["steps"] // 20))
+        self._progress = progress(total=epochs, desc="Fine-tuning")
+        rows = self._rows
+
+        def callback(row: dict[str, Any]) -> bool:
+            rows.row.emit(dict(row))
+            return self._stop
+
+        @thread_worker
+        def work() -> Any:
+            # errors come back as values: shown in the widget, never lost in a log
+            try:
+                return finetune(folders, parent, callback=callback, **kwargs)
+            except Exception as err:  # noqa: BLE001 - any failure is reported to the user
+                return _Failure(err)
+
+        self.worker = work()
+        self.worker.returned.connect(self._on_done)
+        self.worker.finished.connect(self._on_finished)
+        self.start_button.setEnabled(False)
+        self.stop_button.setEnabled(True)
+        self.status.setText(f"Fine-tuning on {len(folders)} folder(s)...")
+        self.worker.start()
+        return self.worker
+
+    def stop(self) -> None:
+        """Stop after the current epoch (the best checkpoint so far is kept)."""
+        self._stop = True
+        self.status.setText("Stopping after this epoch...")
+
+    def _on_row(self, row: dict[str, Any]) -> None:
+        self.curve.add(row)
+        if self._progress is not None:
+            self._progress.update(1)
+        val = f", validation AP {row['val_ap']:.3f}" if "val_ap" in row else ""
+        self.status.setText(
+            f"epoch {row.get('epoch')}: loss {row.get('loss_total', float('nan')):.3f}{val}"
+        )
+
+    def _on_done(self, version: Any) -> None:
+        if isinstance(version, _Failure):
+            self._on_error(version.error)
+            return
+        self.version = version
+        self.status.setText(f"New model version {version.label}\n{version.path}")
+        self._refresh_parents()
+        model_versions.trained.emit(str(version.path))
+
+    def _on_error(self, error: Exception) -> None:
+        self.last_error = f"{type(error).__name__}: {error}"
+        self.status.setText(f"Fine-tuning failed: {self.last_error}")
+
+    def _on_finished(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self.worker = None
+        self.start_button.setEnabled(True)
+        self.stop_button.setEnabled(False)

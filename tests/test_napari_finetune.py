@@ -1,0 +1,96 @@
+"""The fine-tune dock widget: runs in a worker, draws curves, stops, announces the version."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from napari_instseg.core.model import InstSegNet, ModelConfig
+from napari_instseg.core.synthetic import make_worms
+from napari_instseg.core.training_folder import write_training_folder
+from napari_instseg.core.weights import save_model
+
+pytest.importorskip("napari")
+
+
+@pytest.fixture
+def export(tmp_path):
+    samples = [
+        dataclasses.replace(
+            make_worms((96, 96), n_worms=3, length=(40, 60), n_crossings=0, seed=i),
+            name=f"img{i}",
+        )
+        for i in range(2)
+    ]
+    return write_training_folder(tmp_path / "export", samples)
+
+
+@pytest.fixture
+def parent(tmp_path):
+    torch.manual_seed(0)
+    model = InstSegNet(ModelConfig(channels=(8, 8, 8), embedding_dim=4, head_channels=8))
+    return save_model(model, tmp_path / "tiny.safetensors", {"name": "tiny"})
+
+
+@pytest.fixture
+def widget(make_napari_viewer, monkeypatch):
+    from napari_instseg._napari.finetune_widget import FinetuneWidget
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    viewer = make_napari_viewer(show=True)
+    w = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(w, name="finetune")
+    return w
+
+
+def test_finetune_widget_trains_a_version(widget, export, parent, qtbot):
+    from napari_instseg._napari.finetune_widget import model_versions
+
+    announced = []
+    model_versions.trained.connect(announced.append)
+    assert widget.start() is None  # no folder yet: nothing happens, the user is told
+    assert "training folder" in widget.status.text()
+    widget.add_folder(export)
+    widget.add_folder(export)  # listed once
+    assert widget.data_folders() == [str(export)]
+    widget.set_parent(parent)
+    widget.steps.setValue(2)
+    worker = widget.start()
+    assert worker is not None and not widget.start_button.isEnabled()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.last_error == ""
+    assert widget.version is not None and widget.version.path.is_file()
+    assert widget.version.path.parent.parent == export / "models"
+    assert announced == [str(widget.version.path)]
+    assert len(widget.curve.losses) == 1 and np.isfinite(widget.curve.losses[0])
+    assert widget.version.name in widget.status.text()
+    # the new version can be the parent of the next run
+    index = widget.parent_model.findText(f"{widget.version.path.parent.name}/model.safetensors")
+    assert index >= 0
+    model_versions.trained.disconnect(announced.append)
+
+
+def test_finetune_widget_stop_keeps_best_so_far(widget, export, parent, qtbot):
+    widget.add_folder(export)
+    widget.set_parent(parent)
+    widget.steps.setValue(60)  # three epochs of 20 steps
+    widget.start()
+    widget.stop()  # honoured after the first epoch
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert len(widget.curve.losses) == 1
+    assert widget.version is not None and widget.version.path.is_file()
+    assert widget.start_button.isEnabled() and not widget.stop_button.isEnabled()
+
+
+def test_finetune_widget_reports_errors(widget, tmp_path, parent, qtbot):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    widget.add_folder(empty)
+    widget.set_parent(parent)
+    widget.start()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.version is None
+    assert "failed" in widget.status.text() and widget.last_error
