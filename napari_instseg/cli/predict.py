@@ -14,6 +14,15 @@ a stack is processed plane by plane) it writes, in ``--out``:
 - with ``--save-maps``: ``<name>_embeddings.tif`` (D, H, W), ``<name>_seediness.tif``,
   ``<name>_boundary.tif`` and ``<name>_foreground.tif`` (H, W), float32, each with a
   leading plane axis for a stack.
+
+When ``--out`` ends with ``.zarr`` the inputs (files, folders, glob patterns, multi-page
+TIFFs, zarr arrays) run as one dask job into a single OME-Zarr store instead: planes of any
+size are cut into chunks with a halo, instances are stitched across chunk borders, and a
+rerun resumes where a crash stopped (see :mod:`napari_instseg.core.batch` and docs/batch.md)::
+
+    napari-instseg predict "plate/*.tif" --out plate.zarr --workers 2
+    napari-instseg predict mosaic.zarr --out mosaic-result.zarr --chunk-size 2048
+    napari-instseg predict plate/ --out plate.zarr --scheduler tcp://10.0.0.5:8786
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("hybrid", "seeds", "boundary")
+METHODS = ("hybrid", "seeds", "boundary", "auto")
 _MAPS = ("embeddings", "seediness", "boundary", "foreground")
 
 
@@ -36,8 +45,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser : argparse.ArgumentParser
         The sub-command's parser.
     """
-    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="INPUT",
+        help="image files (with --out *.zarr also folders, glob patterns and zarr stores)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder, or an OME-Zarr store (*.zarr): one dask batch job",
+    )
     parser.add_argument(
         "--model", help="weights file (.safetensors); default: the shipped BBBC010 model"
     )
@@ -54,6 +74,33 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--channel-axis", type=int, help="axis of the stored array that holds the channels"
+    )
+    batch = parser.add_argument_group("batch into OME-Zarr (--out ending in .zarr)")
+    batch.add_argument(
+        "--chunk-size", type=int, default=1024, help="side of a chunk in pixels (1024)"
+    )
+    batch.add_argument("--halo", type=int, default=64, help="context around a chunk (64)")
+    batch.add_argument(
+        "--scheduler",
+        help="dask.distributed scheduler address (tcp://HOST:8786); default: local",
+    )
+    batch.add_argument(
+        "--workers", type=int, default=1, help="local worker processes (1: threads only)"
+    )
+    batch.add_argument(
+        "--threads", type=int, help="threads (per worker with --workers > 1; default: cores)"
+    )
+    batch.add_argument(
+        "--measurements",
+        default="csv",
+        choices=("csv", "parquet"),
+        help="per-instance table format (parquet needs pyarrow)",
+    )
+    batch.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="skip chunks a previous run into --out finished (default); --no-resume starts afresh",
     )
 
 
@@ -109,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
     int
         0 on success.
     """
+    if str(args.out).rstrip("/").lower().endswith(".zarr"):
+        return _run_batch(args)
     import pandas as pd
     import tifffile
 
@@ -168,4 +217,63 @@ def run(args: argparse.Namespace) -> int:
             f"{path}: {len(stack)} plane(s), {n_instances} instance(s) "
             f"({args.method}), {time.perf_counter() - t0:.1f} s -> {args.out / name}_*"
         )
+    return 0
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    """``--out *.zarr``: one dask job into an OME-Zarr store; 1 when inputs were skipped."""
+    import sys
+
+    from ..core.batch import run_batch
+
+    if args.model is None:
+        from ..core.weights import shipped_weights_path
+
+        if not shipped_weights_path().is_file():
+            raise FileNotFoundError(
+                f"no shipped model at {shipped_weights_path()}; pass --model WEIGHTS.safetensors"
+            )
+    shown: dict[str, int] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        step = max(1, total // 20)
+        if done == total or done - shown.get(stage, 0) >= step:
+            shown[stage] = done
+            print(f"{stage}: {done}/{total}", flush=True)
+
+    result = run_batch(
+        args.inputs,
+        args.out,
+        model=args.model,
+        device=args.device,
+        method=args.method,
+        chunk_size=args.chunk_size,
+        halo=args.halo,
+        save_maps=args.save_maps,
+        measurements=args.measurements,
+        resume=args.resume,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        threads=args.threads,
+        channel_axis=args.channel_axis,
+        progress=progress,
+    )
+    report = result.report
+    chunks = report["chunks"]
+    print(
+        f"{args.out}: {report['planes']} image(s) of {report['shape'][2]} x "
+        f"{report['shape'][3]}, {report['instances']} instance(s); chunks: "
+        f"{chunks['computed']} computed, {chunks['skipped']} already done, "
+        f"{chunks['failed']} failed ({report['seconds']['total']:.1f} s, {report['scheduler']})"
+    )
+    for item in report["skipped_inputs"]:
+        print(f"skipped {item['path']}: {item['error']}", file=sys.stderr)
+    for item in report["failed_chunks"]:
+        print(f"failed chunk {item['chunk']} of {item['input']}: {item['error']}", file=sys.stderr)
+    if not result.ok:
+        print(
+            f"see {args.out}/report.json; rerun the same command to retry failed chunks",
+            file=sys.stderr,
+        )
+        return 1
     return 0

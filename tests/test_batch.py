@@ -1,0 +1,431 @@
+"""Batch prediction into OME-Zarr: stitching, resume, bad inputs, normalisation, CLI."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+import zarr
+
+from napari_instseg.core.batch import (
+    find_inputs,
+    match_overlap,
+    normalization_stats,
+    normalize_window,
+    plan_batch,
+    run_batch,
+)
+from napari_instseg.core.instances import segment
+from napari_instseg.core.model import InstSegNet, ModelConfig
+from napari_instseg.core.normalize import model_input
+from napari_instseg.core.oracle import prediction_from_masks
+from napari_instseg.core.predict import predict
+from napari_instseg.core.synthetic import make_worms
+from napari_instseg.core.types import Prediction
+
+
+def _tiny_model(input_norm: str = "percentile") -> InstSegNet:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        in_channels=1,
+        channels=(8, 16, 32),
+        embedding_dim=4,
+        head_channels=8,
+        coord_scale=32.0,
+        input_norm=input_norm,
+        flatfield_sigma=4.0,
+    )
+    return InstSegNet(cfg).eval()
+
+
+class Oracle:
+    """A perfect network: crops a prediction built from the true masks at each window."""
+
+    def __init__(self, prediction: Prediction) -> None:
+        self.prediction = prediction
+        self.calls = 0
+        self.fail_at: int | None = None
+        self.error: type[BaseException] = RuntimeError
+        self.lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # picklable for dask.distributed (without the lock)
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, lock=threading.Lock())
+
+    def __call__(self, x: np.ndarray, chunk) -> Prediction:
+        with self.lock:
+            self.calls += 1
+            if self.fail_at is not None and self.calls == self.fail_at:
+                raise self.error(f"simulated failure in chunk {chunk.key}")
+        p = self.prediction
+        r0, r1, c0, c1 = chunk.window
+        assert x.shape[-2:] == (r1 - r0, c1 - c0)
+        return Prediction(
+            embeddings=p.embeddings[:, r0:r1, c0:c1],
+            seediness=p.seediness[r0:r1, c0:c1],
+            class_scores=p.class_scores[..., r0:r1, c0:c1],
+            boundary=p.boundary[r0:r1, c0:c1],
+            foreground=p.foreground[r0:r1, c0:c1],
+            taus=p.taus,
+        )
+
+
+class Crash(BaseException):
+    """Stands in for a killed process: not an ``Exception``, so nothing catches it."""
+
+
+@pytest.fixture(scope="module")
+def mosaic(tmp_path_factory):
+    """A 160 x 224 image of 8 worms written as a zarr array, and its oracle prediction."""
+    sample = make_worms(
+        shape=(160, 224),
+        n_worms=8,
+        length=(50, 90),
+        width=(6, 9),
+        n_crossings=1,
+        n_touching=1,
+        seed=3,
+    )
+    path = tmp_path_factory.mktemp("mosaic") / "mosaic.zarr"
+    arr = zarr.create_array(str(path), shape=sample.image.shape, dtype="uint16", chunks=(64, 64))
+    arr[...] = sample.image.astype(np.uint16)
+    return path, sample, prediction_from_masks(sample.masks, seed=0)
+
+
+def _labels(out, level: int = 0) -> np.ndarray:
+    return np.asarray(zarr.open_array(str(out / "labels" / "instances" / str(level)))[...])
+
+
+def _match(reference: np.ndarray, labels: np.ndarray) -> list[tuple[int, int, float]]:
+    """For each reference label: the label covering most of it and their IoU."""
+    out = []
+    for i in np.unique(reference)[1:]:
+        m = reference == i
+        vals, counts = np.unique(labels[m], return_counts=True)
+        j = int(vals[np.argmax(counts)])
+        other = labels == j
+        out.append((int(i), j, float((m & other).sum() / (m | other).sum())))
+    return out
+
+
+# ---------------------------------------------------------------------------- stitching
+
+
+def test_match_overlap_pairs_by_iou():
+    a = np.zeros((10, 10), int)
+    b = np.zeros((10, 10), int)
+    a[:, :4], b[:, :4] = 1, 7  # the same instance under different ids
+    a[:, 5:], b[:, 5:7], b[:, 7:] = 2, 3, 4  # one instance cut in two: no half wins
+    pairs = match_overlap(a, b)
+    assert pairs.tolist() == [[1, 7], [2, 4]]
+    assert match_overlap(a, b, min_iou=0.9).tolist() == [[1, 7]]
+    with pytest.raises(ValueError, match="differ in size"):
+        match_overlap(a, b[:5])
+
+
+def test_worms_crossing_chunk_borders_are_one_instance(mosaic, tmp_path):
+    path, sample, oracle = mosaic
+    out = tmp_path / "out.zarr"
+    result = run_batch(
+        [path], out, chunk_size=48, halo=24, method="seeds", predictor=Oracle(oracle)
+    )
+    assert result.ok and result.report["chunks"]["total"] == 4 * 5
+    labels = _labels(out)
+    assert labels.shape == (1, 160, 224) and labels.dtype == np.uint32
+    labels = labels[0]
+
+    # meaningful: most worms lie in several chunk cores
+    def cores(mask):
+        rows, cols = np.nonzero(mask)
+        return len(set(zip(rows // 48, cols // 48, strict=True)))
+
+    assert sum(cores(m) > 1 for m in sample.masks) >= 6
+    # the stitched labels are the whole-image segmentation: one instance per worm
+    whole = segment(oracle, "seeds").to_labels()
+    assert len(np.unique(whole)) - 1 == len(sample.masks)
+    matches = _match(whole, labels)
+    assert len(np.unique(labels)) - 1 == len(matches)
+    assert len({j for _, j, _ in matches}) == len(matches)
+    assert min(iou for _, _, iou in matches) > 0.97
+
+    table = pd.read_csv(result.table)
+    assert sorted(table["label"]) == sorted(np.unique(labels)[1:].tolist())
+    assert (table["chunks"] > 1).sum() >= 6
+    for _, row in table.iterrows():  # areas (overlaps counted) and boxes of the whole worm
+        mask = labels == row["label"]
+        rows, cols = np.nonzero(mask)
+        assert row["area"] >= mask.sum()
+        assert row["bbox_min_row"] <= rows.min() and row["bbox_max_row"] >= rows.max() + 1
+        assert row["bbox_min_col"] <= cols.min() and row["bbox_max_col"] >= cols.max() + 1
+    # a pyramid for napari: level 1 is level 0 every second pixel
+    np.testing.assert_array_equal(_labels(out, 1)[0], labels[:160:2, :224:2])
+    assert _labels(out, 2).shape == (1, 40, 56)
+
+
+def test_without_matching_worms_would_split(mosaic, tmp_path, monkeypatch):
+    """Control: the same chunks with no matches leave the worms in pieces."""
+    from napari_instseg.core import batch
+
+    monkeypatch.setattr(batch, "match_overlap", lambda a, b, min_iou: np.zeros((0, 2), int))
+    path, sample, oracle = mosaic
+    out = tmp_path / "split.zarr"
+    run_batch([path], out, chunk_size=48, halo=24, method="seeds", predictor=Oracle(oracle))
+    assert len(np.unique(_labels(out)[0])) - 1 > len(sample.masks) + 6
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def test_resume_after_failed_chunk_and_crash(mosaic, tmp_path):
+    path, _, oracle = mosaic
+    kwargs = {"chunk_size": 48, "halo": 24, "method": "seeds", "scheduler": "sync"}
+    reference = tmp_path / "reference.zarr"
+    run_batch([path], reference, predictor=Oracle(oracle), **kwargs)
+
+    # an error in the 3rd chunk is reported; the other chunks are written
+    out = tmp_path / "out.zarr"
+    flaky = Oracle(oracle)
+    flaky.fail_at = 3
+    first = run_batch([path], out, predictor=flaky, **kwargs)
+    assert not first.ok and first.report["chunks"]["failed"] == 1
+    (failed,) = first.report["failed_chunks"]
+    assert "simulated failure" in failed["error"] and failed["input"] == str(path)
+    assert first.report["inputs"][0]["status"] == "incomplete"
+    report = json.loads((out / "report.json").read_text())
+    assert report["failed_chunks"][0]["chunk"] == failed["chunk"]
+
+    # a rerun computes only that chunk, and the result is that of an uninterrupted run
+    again = Oracle(oracle)
+    second = run_batch([path], out, predictor=again, **kwargs)
+    assert second.ok and again.calls == 1
+    assert second.report["chunks"] == {"total": 20, "skipped": 19, "computed": 1, "failed": 0}
+    np.testing.assert_array_equal(_labels(out), _labels(reference))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(second.table), pd.read_csv(reference / "measurements.csv")
+    )
+
+    # a crash (nothing caught) in the 5th chunk: a rerun does the 16 chunks left
+    crashed = tmp_path / "crashed.zarr"
+    dying = Oracle(oracle)
+    dying.fail_at, dying.error = 5, Crash
+    with pytest.raises(Crash):
+        run_batch([path], crashed, predictor=dying, **kwargs)
+    assert len(list((crashed / ".work" / "done").glob("*.json"))) == 4
+    resumed = Oracle(oracle)
+    third = run_batch([path], crashed, predictor=resumed, **kwargs)
+    assert third.ok and resumed.calls == 16
+    np.testing.assert_array_equal(_labels(crashed), _labels(reference))
+
+    # finished: nothing left to do; another job into the same store is refused
+    done = Oracle(oracle)
+    assert run_batch([path], crashed, predictor=done, **kwargs).report["chunks"]["computed"] == 0
+    assert done.calls == 0
+    with pytest.raises(ValueError, match="different run"):
+        run_batch([path], crashed, predictor=done, **{**kwargs, "halo": 16})
+    fresh = run_batch([path], crashed, predictor=done, resume=False, **{**kwargs, "halo": 16})
+    assert fresh.ok and done.calls == 20
+
+
+# ---------------------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs_are_reported_and_skipped(mosaic, tmp_path):
+    _, sample, oracle = mosaic
+    folder = tmp_path / "plate"
+    folder.mkdir()
+    image = sample.image.astype(np.uint16)
+    tifffile.imwrite(folder / "a.tif", image)
+    tifffile.imwrite(folder / "b.tif", np.stack([image, image]))  # two planes
+    tifffile.imwrite(folder / "small.tif", image[:100, :100])  # mixed size
+    (folder / "broken.tif").write_bytes(b"this is not a TIFF file")
+    (folder / "notes.txt").write_text("not an image, ignored")
+    inputs = [folder, tmp_path / "missing.tif", str(tmp_path / "none-*.tif")]
+    out = tmp_path / "out.zarr"
+    kwargs = {"chunk_size": 96, "halo": 24, "method": "seeds"}
+    result = run_batch(inputs, out, predictor=Oracle(oracle), **kwargs)
+
+    skipped = {item["path"]: item["error"] for item in result.report["skipped_inputs"]}
+    assert set(skipped) == {
+        str(folder / "small.tif"),
+        str(folder / "broken.tif"),
+        str(tmp_path / "missing.tif"),
+        str(tmp_path / "none-*.tif"),
+    }
+    assert "differs from the batch's 160 x 224" in skipped[str(folder / "small.tif")]
+    assert "cannot read" in skipped[str(folder / "broken.tif")]
+    assert "no such file" in skipped[str(tmp_path / "missing.tif")]
+    assert "matches" in skipped[str(tmp_path / "none-*.tif")]
+    assert not result.ok and result.report["chunks"]["failed"] == 0
+    # the good inputs are done: three planes, each segmented
+    labels = _labels(out)
+    assert labels.shape == (3, 160, 224)
+    np.testing.assert_array_equal(labels[1], labels[0])
+    table = pd.read_csv(result.table)
+    assert set(zip(table["image"], table["plane"], table["index"], strict=True)) == {
+        ("a.tif", 0, 0),
+        ("b.tif", 0, 1),
+        ("b.tif", 1, 2),
+    }
+    image_back = zarr.open_array(str(out / "0"))[...]
+    np.testing.assert_array_equal(image_back[2, 0], image)
+    # finished work is kept: a rerun computes nothing
+    rerun = Oracle(oracle)
+    assert run_batch(inputs, out, predictor=rerun, **kwargs).report["chunks"]["skipped"] == 18
+    assert rerun.calls == 0
+    # nothing usable: a clear error
+    with pytest.raises(ValueError, match="no readable input"):
+        run_batch([folder / "broken.tif"], tmp_path / "x.zarr", predictor=rerun)
+
+
+def test_find_inputs_and_plan(tmp_path):
+    for name in ("b.tif", "a.png", ".hidden.tif", "c.txt"):
+        (tmp_path / name).write_bytes(b"")
+    paths, errors = find_inputs([tmp_path, tmp_path / "a.png", str(tmp_path / "*.tif")])
+    assert [p.name for p in paths] == ["a.png", "b.tif"] and not errors
+    tifffile.imwrite(tmp_path / "img.tif", np.zeros((100, 130), np.uint16))
+    plan = plan_batch([tmp_path / "img.tif"], chunk_size=48, halo=16, divisor=8)
+    assert plan.grid == (3, 3) and len(plan.chunks()) == 9
+    for chunk in plan.chunks():
+        r0, r1, c0, c1 = chunk.window
+        assert r0 % 8 == 0 and c0 % 8 == 0  # the network's pooling grid is the global one
+        assert r0 <= chunk.core[0] - 16 or r0 == 0
+        assert r1 == min(chunk.core[1] + 16, 100)
+    with pytest.raises(ValueError, match="halo"):
+        plan_batch([tmp_path / "img.tif"], chunk_size=48, halo=2)
+    with pytest.raises(ValueError, match="chunk size"):
+        plan_batch([tmp_path / "img.tif"], chunk_size=8)
+
+
+# ---------------------------------------------------------------------------- the network
+
+
+@pytest.mark.parametrize("input_norm", ["percentile", "flatfield"])
+def test_plane_statistics_reproduce_model_input(input_norm):
+    rng = np.random.default_rng(0)
+    image = (1000 + 300 * rng.random((1, 96, 120)) * np.linspace(0.5, 1, 120)).astype(np.float32)
+    stats = normalization_stats(image, input_norm, flatfield_sigma=4.0)
+    whole = model_input(image, input_norm, flatfield_sigma=4.0)
+    np.testing.assert_array_equal(normalize_window(image, stats), whole)
+    # from a strided sample the numbers are close
+    sub = normalization_stats(image[:, ::3, ::3], input_norm, flatfield_sigma=4.0, stride=3)
+    np.testing.assert_allclose(sub["low"], stats["low"], rtol=0.02)
+    np.testing.assert_allclose(sub["high"], stats["high"], rtol=0.02)
+    if input_norm == "flatfield":
+        np.testing.assert_allclose(sub["flat_high"], stats["flat_high"], rtol=0.05)
+    with pytest.raises(ValueError, match="NaN"):
+        normalize_window(np.full((1, 4, 4), np.nan), stats)
+
+
+@pytest.mark.parametrize("input_norm", ["percentile", "flatfield"])
+def test_network_in_chunks_agrees_with_whole_image(tmp_path, input_norm):
+    model = _tiny_model(input_norm)
+    sample = make_worms(shape=(120, 160), n_worms=5, length=(25, 50), width=(5, 7), seed=0)
+    image = sample.image.astype(np.uint16)
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    whole = predict(image.astype(np.float32), model, "cpu")
+    params = {"model": model, "device": "cpu", "method": "boundary", "save_maps": True}
+    # one chunk: exactly predict + segment
+    run_batch([tmp_path / "img.tif"], tmp_path / "one.zarr", chunk_size=256, **params)
+    emb = zarr.open_array(str(tmp_path / "one.zarr" / "maps" / "embeddings" / "0"))[...]
+    assert emb.shape == (1, 4, 120, 160)
+    np.testing.assert_allclose(emb[0], whole.embeddings, atol=1e-5)
+    expected = segment(whole, "boundary").to_labels()
+    np.testing.assert_array_equal(_labels(tmp_path / "one.zarr")[0], expected)
+    # 3 x 4 chunks with a halo beyond the receptive field (~21 px): the same maps
+    many = tmp_path / "many.zarr"
+    result = run_batch([tmp_path / "img.tif"], many, chunk_size=48, halo=32, **params)
+    assert result.report["chunks"]["total"] == 12
+    for name in ("embeddings", "seediness", "foreground"):
+        got = zarr.open_array(str(many / "maps" / name / "0"))[0]
+        np.testing.assert_allclose(got, getattr(whole, name), atol=1e-4, err_msg=name)
+
+
+# ---------------------------------------------------------------------------- CLI, napari
+
+
+def _whole_plane_model() -> InstSegNet:
+    """An untrained model whose heads say "foreground everywhere, no boundary"."""
+    model = _tiny_model()
+    with torch.no_grad():
+        model.boundary_head[-1].bias.copy_(torch.tensor([-8.0, 8.0]))
+    return model
+
+
+def test_cli_writes_ome_zarr_that_napari_reads(tmp_path, capsys):
+    from napari_instseg.cli import main
+    from napari_instseg.core.io import read_image
+    from napari_instseg.core.weights import save_model
+
+    weights = save_model(_whole_plane_model(), tmp_path / "tiny.safetensors", {"name": "tiny"})
+    sample = make_worms(shape=(64, 80), n_worms=3, length=(25, 40), width=(5, 7), seed=0)
+    image = sample.image.astype(np.uint16)
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    tifffile.imwrite(tmp_path / "b.tif", np.stack([image, image[::-1]]))
+    out = tmp_path / "res.zarr"
+    argv = ["predict", str(tmp_path / "*.tif"), "--out", str(out), "--model", str(weights)]
+    argv += ["--device", "cpu", "--method", "boundary", "--chunk-size", "32", "--halo", "16"]
+    assert main([*argv, "--threads", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 image(s) of 64 x 80" in printed and "18 computed" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["chunks"]["failed"] == 0 and report["planes"] == 3
+    # each plane is one instance over 2 x 3 chunks, stitched through the real network path
+    labels = _labels(out)
+    assert labels.shape == (3, 64, 80) and (labels == 1).all()
+    table = pd.read_csv(out / "measurements.csv")
+    assert table["label"].tolist() == [1, 1, 1] and table["index"].tolist() == [0, 1, 2]
+    assert (table["area"] == 64 * 80).all() and (table["chunks"] == 6).all()
+    assert table["image"].tolist() == ["a.tif", "b.tif", "b.tif"]
+    np.testing.assert_allclose(table["mean_intensity"][:2], image.mean(), rtol=1e-6)
+    np.testing.assert_array_equal(read_image(out)[:, 0], [image, image, image[::-1]])
+    # rerun: everything already done
+    assert main(argv) == 0
+    assert "0 computed" in capsys.readouterr().out
+    # an unreadable input: reported, exit status 1
+    (tmp_path / "c.tif").write_bytes(b"garbage")
+    assert main([*argv[:3], str(tmp_path / "out2.zarr"), *argv[4:]]) == 1
+    assert "skipped" in capsys.readouterr().err
+
+    reader = pytest.importorskip("napari_ome_zarr").napari_get_reader(str(out))
+    layers = {kind: (data, meta) for data, meta, kind in reader()}
+    assert set(layers) == {"image", "labels"}
+    np.testing.assert_array_equal(np.asarray(layers["labels"][0][0]), labels)
+    assert layers["image"][1]["channel_axis"] == 1
+
+
+def test_parquet_needs_pyarrow(mosaic, tmp_path):
+    path, _, oracle = mosaic
+    params = {"chunk_size": 96, "measurements": "parquet", "predictor": Oracle(oracle)}
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="pyarrow"):
+            run_batch([path], tmp_path / "p.zarr", **params)
+        return
+    result = run_batch([path], tmp_path / "p.zarr", **params)
+    assert result.table.suffix == ".parquet" and len(pd.read_parquet(result.table)) > 0
+
+
+def test_distributed_client_gives_the_same_result(mosaic, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    path, _, oracle = mosaic
+    kwargs = {"chunk_size": 48, "halo": 24, "method": "seeds", "predictor": Oracle(oracle)}
+    local = run_batch([path], tmp_path / "threads.zarr", **kwargs)
+    # an in-process cluster keeps the test fast; the benchmark runs worker processes
+    with distributed.Client(
+        processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None
+    ) as client:
+        remote = run_batch([path], tmp_path / "cluster.zarr", scheduler=client, **kwargs)
+    assert remote.ok and remote.report["scheduler"].startswith("dask.distributed")
+    assert remote.report["chunks"]["computed"] == 20
+    np.testing.assert_array_equal(
+        _labels(tmp_path / "cluster.zarr"), _labels(tmp_path / "threads.zarr")
+    )
+    pd.testing.assert_frame_equal(pd.read_csv(remote.table), pd.read_csv(local.table))
