@@ -5,6 +5,9 @@ AP75 and DSB S0.5/avS beside the published anchors; writes JSON with ``--json``.
 
     python benchmarks/eval_bbbc010.py --model runs/bbbc010/best.safetensors --wells B13-C02
 
+``--tune`` first tunes each method's parameters on the same wells (coordinate search,
+:mod:`napari_instseg.core.tune`); ``--write`` stores them in the weights' metadata.
+
 Only the training half of BBBC010 is here; use your validation wells (B13-C02), never the
 held-back test half.
 """
@@ -38,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="{}", help="JSON dict of segment kwargs per method")
     parser.add_argument("--cache", default=".cache/predictions")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--tune", action="store_true", help="tune each method's parameters on these wells first"
+    )
+    parser.add_argument(
+        "--write", action="store_true", help="with --tune: store the result in the weights"
+    )
     args = parser.parse_args(argv)
 
     model = load_model(args.model)
@@ -47,6 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     predictions = [predict(s.image, model, cache=args.cache) for s in samples]
     t_predict = time.perf_counter() - t0
     params = json.loads(args.params)
+    if args.tune:
+        from napari_instseg.core.tune import tune_segmentation, write_tuning
+
+        t0 = time.perf_counter()
+        tuned = tune_segmentation(
+            predictions, [s.masks for s in samples], methods=args.methods.split(",")
+        )
+        print(f"tuned in {time.perf_counter() - t0:.0f} s ({tuned.trials} evaluations)")
+        print(json.dumps({"recommended": tuned.method, "params": tuned.params}, indent=1))
+        params = tuned.params
+        if args.write and args.model:
+            write_tuning(args.model, tuned, images=args.wells)
+            print(f"wrote the tuned parameters into {args.model}")
     results, timings = {}, {}
     for method in args.methods.split(","):
         t0 = time.perf_counter()

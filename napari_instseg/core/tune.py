@@ -1,0 +1,184 @@
+"""Choose the segmentation method and its parameters for a model on validation images.
+
+A model's maps differ from one training run to the next (how sharp its boundaries are,
+how confident its seediness is), so the parameters of :func:`~.instances.segment` are
+tuned per model on validation images and stored in the weights' metadata
+(``recommended_method``, ``segment_params``); ``segment(prediction, "auto")`` then uses them.
+
+The search is coordinate-wise: each parameter in turn tries its candidate values while the
+others stay at their best so far, for ``passes`` rounds. It is cheap (tens of evaluations
+per method) and deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .evaluate import evaluate
+from .instances import segment
+from .types import Prediction
+
+#: Candidate values per method and parameter (the first value of each list starts the search).
+DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
+    "boundary": {
+        "boundary_threshold": [0.5, 0.7, 0.8, 0.85, 0.9, 0.92, 0.95],
+        "marker_threshold": [0.5, 1.0, 1.5, 2.0],
+        "dilate_iterations": [0, 1, 2],
+        "fg_threshold": [0.5, 0.4, 0.3],
+    },
+    "seeds": {
+        "min_seediness": [0.0, 0.1, 0.3, 0.5],
+        "min_score": [0.0, 0.2, 0.5],
+        "alpha": [0.3, 1.0],
+    },
+    "hybrid": {
+        "boundary_threshold": [0.5, 0.7, 0.85, 0.92],
+        "marker_threshold": [0.5, 1.0, 1.5],
+        "dilate_iterations": [0, 1],
+        "fg_threshold": [0.5, 0.4, 0.3],
+        "boundary_barrier": [0.5, 0.8, 0.92],
+        "min_seediness": [0.0, 0.3, 0.5],
+        "min_score": [0.0, 0.3, 0.5],
+    },
+}
+
+
+@dataclass
+class TuneResult:
+    """Outcome of :func:`tune_segmentation`.
+
+    Attributes
+    ----------
+    method : str
+        Best method by ``metric``.
+    params : dict
+        Best parameters per method.
+    scores : dict
+        Full evaluation (:func:`~.evaluate.evaluate`) at the best parameters, per method.
+    metric : str
+        What was maximised.
+    trials : int
+        Evaluations run.
+    """
+
+    method: str
+    params: dict[str, dict[str, Any]]
+    scores: dict[str, dict[str, Any]]
+    metric: str = "AP"
+    trials: int = 0
+    history: list[tuple[str, dict[str, Any], float]] = field(default_factory=list)
+
+
+def tune_segmentation(
+    predictions: Sequence[Prediction],
+    ground_truth: Sequence[Any],
+    methods: Sequence[str] = ("boundary", "seeds", "hybrid"),
+    grids: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
+    metric: str = "AP",
+    passes: int = 2,
+    progress: Callable[[str, dict[str, Any], float], None] | None = None,
+) -> TuneResult:
+    """Coordinate-wise search of each method's parameters on validation images.
+
+    Parameters
+    ----------
+    predictions : sequence of Prediction
+        Model outputs on the validation images.
+    ground_truth : sequence
+        Per image, what :func:`~.evaluate.evaluate` accepts (e.g. (N, H, W) masks).
+    methods : sequence of str
+        Methods to tune.
+    grids : mapping, optional
+        ``{method: {param: [candidates]}}``; default :data:`DEFAULT_GRIDS`.
+    metric : str
+        Key of the evaluation to maximise (``AP``, ``AP50``, ``avS``).
+    passes : int
+        Rounds over all parameters.
+    progress : callable, optional
+        Called with (method, params, score) after every evaluation.
+
+    Returns
+    -------
+    TuneResult
+        Best method and parameters.
+    """
+    if len(predictions) != len(ground_truth) or not predictions:
+        raise ValueError("need as many ground-truth entries as predictions (at least one)")
+    grids = grids or DEFAULT_GRIDS
+    unknown = [m for m in methods if m not in grids]
+    if unknown:
+        raise ValueError(f"no parameter grid for method(s) {unknown}")
+    result = TuneResult(method="", params={}, scores={}, metric=metric)
+    seen: dict[tuple, tuple[float, dict[str, Any]]] = {}
+
+    def score(method: str, params: dict[str, Any]) -> float:
+        key = (method, tuple(sorted(params.items())))
+        if key not in seen:
+            found = [segment(p, method, **params) for p in predictions]
+            full = evaluate(found, list(ground_truth))
+            full.pop("per_image", None)
+            seen[key] = (float(full[metric]), full)
+            result.trials += 1
+            result.history.append((method, dict(params), seen[key][0]))
+            if progress is not None:
+                progress(method, dict(params), seen[key][0])
+        return seen[key][0]
+
+    for method in methods:
+        grid = grids[method]
+        best = {name: values[0] for name, values in grid.items()}
+        best_score = score(method, best)
+        for _ in range(passes):
+            changed = False
+            for name, values in grid.items():
+                for value in values:
+                    trial = {**best, name: value}
+                    s = score(method, trial)
+                    if s > best_score + 1e-9:
+                        best, best_score, changed = trial, s, True
+            if not changed:
+                break
+        result.params[method] = best
+        result.scores[method] = seen[(method, tuple(sorted(best.items())))][1]
+    result.method = max(methods, key=lambda m: result.scores[m][metric])
+    return result
+
+
+def write_tuning(
+    weights: str | Path, result: TuneResult, images: str, description: str | None = None
+) -> Path:
+    """Store a tuning result in a weights file's metadata (``segment(..., "auto")`` uses it).
+
+    Parameters
+    ----------
+    weights : path
+        ``.safetensors`` file (rewritten atomically with its JSON).
+    result : TuneResult
+        From :func:`tune_segmentation`.
+    images : str
+        Which images it was tuned on (e.g. ``"B13-C02"``), recorded in the metrics.
+    description : str, optional
+        Replaces the model's description.
+
+    Returns
+    -------
+    Path
+        The weights path.
+    """
+    from .weights import load_model, save_model
+
+    model = load_model(weights)
+    meta = dict(model.metadata)
+    meta["recommended_method"] = result.method
+    meta["segment_params"] = result.params
+    metrics = dict(meta.get("metrics") or {})
+    metrics["validation_wells"] = images
+    for method, full in result.scores.items():
+        metrics[method] = {k: full[k] for k in ("AP", "AP50", "AP75", "avS", "S") if k in full}
+    meta["metrics"] = metrics
+    if description:
+        meta["description"] = description
+    return save_model(model, weights, meta)

@@ -1,0 +1,58 @@
+"""Per-model tuning of the segmentation parameters."""
+
+import numpy as np
+import pytest
+
+from napari_instseg.core.instances import segment
+from napari_instseg.core.model import InstSegNet, ModelConfig
+from napari_instseg.core.oracle import prediction_from_masks
+from napari_instseg.core.synthetic import make_worms
+from napari_instseg.core.tune import tune_segmentation, write_tuning
+from napari_instseg.core.weights import load_model, save_model
+
+
+def _soft(seed):
+    """Oracle maps made blurry: the default boundary threshold 0.5 is a poor choice."""
+    s = make_worms((128, 128), n_worms=4, n_touching=2, n_crossings=0, seed=seed)
+    p = prediction_from_masks(s.masks)
+    p.boundary = np.clip(0.75 + 0.25 * p.boundary, 0, 1).astype(np.float32)
+    return p, s.masks
+
+
+def test_tuning_finds_better_parameters_than_the_defaults(tmp_path):
+    data = [_soft(i) for i in range(2)]
+    preds, gts = [d[0] for d in data], [d[1] for d in data]
+    calls = []
+    result = tune_segmentation(
+        preds,
+        gts,
+        methods=["boundary"],
+        grids={"boundary": {"boundary_threshold": [0.5, 0.9], "dilate_iterations": [1, 0]}},
+        progress=lambda m, p, s: calls.append(s),
+    )
+    assert result.method == "boundary" and result.trials == len(calls) >= 3
+    assert result.params["boundary"]["boundary_threshold"] == 0.9
+    default_ap = calls[0]
+    assert result.scores["boundary"]["AP"] > default_ap
+    # stored in the weights and used by segment(method="auto") through predict's metadata
+    model = InstSegNet(ModelConfig(channels=(8, 8), embedding_dim=4))
+    path = save_model(model, tmp_path / "m.safetensors", {"name": "m"})
+    write_tuning(path, result, images="synthetic")
+    meta = load_model(path).metadata
+    assert meta["recommended_method"] == "boundary"
+    assert meta["segment_params"]["boundary"]["boundary_threshold"] == 0.9
+    assert meta["metrics"]["validation_wells"] == "synthetic"
+    preds[0].metadata.update(recommended_method="boundary", segment_params=meta["segment_params"])
+    auto = segment(preds[0], "auto")
+    tuned = segment(preds[0], "boundary", **meta["segment_params"]["boundary"])
+    assert len(auto) == len(tuned) and all(
+        np.array_equal(a, b) for a, b in zip(auto.masks, tuned.masks, strict=True)
+    )
+
+
+def test_tuning_errors():
+    p, m = _soft(0)
+    with pytest.raises(ValueError, match="as many"):
+        tune_segmentation([p], [])
+    with pytest.raises(ValueError, match="grid"):
+        tune_segmentation([p], [m], methods=["magic"])
