@@ -844,11 +844,12 @@ def _read_json(path: Path) -> Any:
 def _worker_model(path: str, device: str, threads: int | None):
     import torch
 
+    from .device import get_device
     from .weights import load_model
 
     if threads:
         torch.set_num_threads(threads)
-    return load_model(path, device=device)
+    return load_model(path, device=get_device(device))
 
 
 def _read_region(job: _Job, plane: int, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -871,6 +872,14 @@ def _plane_stats(job: _Job, plane: int, norm: dict[str, Any]) -> dict[str, Any]:
     stats = normalization_stats(sample, stride=stride, **norm)
     _atomic_json(path, stats)
     return stats
+
+
+@lru_cache(maxsize=64)
+def _array(path: str, key: str) -> Any:
+    """A zarr array of the store, opened once per process and run (``key``)."""
+    import zarr
+
+    return zarr.open_array(path, mode="r+")
 
 
 @lru_cache(maxsize=4)
@@ -1003,10 +1012,9 @@ def _match_task(
 
 
 def _relabel_task(job: _Job, chunk: Chunk, lut: np.ndarray) -> None:
-    import zarr
 
-    local = zarr.open_array(str(_work(job.out) / "local.zarr"), mode="r")
-    labels = zarr.open_array(str(Path(job.out) / "labels" / LABELS_NAME / "0"), mode="r+")
+    local = _array(str(_work(job.out) / "local.zarr"), job.key)
+    labels = _array(str(Path(job.out) / "labels" / LABELS_NAME / "0"), job.key)
     r0, r1, c0, c1 = chunk.core
     core = np.asarray(local[chunk.plane, r0:r1, c0:c1])
     labels[chunk.plane, r0:r1, c0:c1] = lut[np.minimum(core, len(lut) - 1)]
@@ -1195,12 +1203,12 @@ def _datasets(levels: int, ndim: int) -> list[dict[str, Any]]:
     ]
 
 
-def _downsample_task(path: str, level: int, lead: tuple, box: tuple, labels: bool) -> None:
+def _downsample_task(
+    path: str, level: int, lead: tuple, box: tuple, labels: bool, key: str
+) -> None:
     """Write one chunk of pyramid level ``level`` from the 2x larger region of the previous."""
-    import zarr
-
-    src = zarr.open_array(f"{path}/{level - 1}", mode="r")
-    dst = zarr.open_array(f"{path}/{level}", mode="r+")
+    src = _array(f"{path}/{level - 1}", key)
+    dst = _array(f"{path}/{level}", key)
     r0, r1, c0, c1 = box
     block = np.asarray(src[(*lead, slice(2 * r0, 2 * r1), slice(2 * c0, 2 * c1))])
     if labels:
@@ -1214,8 +1222,14 @@ def _downsample_task(path: str, level: int, lead: tuple, box: tuple, labels: boo
 
 
 def _pyramid(
-    group: Any, path: Path, levels: int, chunk_size: int, labels: bool, executor: _Executor
-) -> list[Any]:
+    group: Any,
+    path: Path,
+    levels: int,
+    chunk_size: int,
+    labels: bool,
+    executor: _Executor,
+    key: str,
+) -> None:
     """Write levels 1.. of a multiscale group from level 0 (2x mean, or 2x stride for labels).
 
     Every task writes one zarr chunk of a level from the level above, so memory stays at
@@ -1242,6 +1256,7 @@ def _pyramid(
                 lead,
                 (r0, min(r0 + chunk_size, h), c0, min(c0 + chunk_size, w)),
                 labels,
+                key,
                 dask_key_name=f"pyramid-{path}-{level}-{lead}-{r0}-{c0}",
             )
             for lead in np.ndindex(*prev.shape[:-2])
@@ -1249,7 +1264,6 @@ def _pyramid(
             for c0 in range(0, w, chunk_size)
         ]
         executor.run(tasks)
-    return []
 
 
 def _n_levels(h: int, w: int, chunk_size: int) -> int:
@@ -1613,8 +1627,8 @@ def _execute(
     executor.run(relabel, progress, "write")
     levels = _n_levels(h, w, s)
     fmt = FormatV04()
-    _pyramid(root, out, levels, s, False, executor)
-    _pyramid(label_group, out / "labels" / LABELS_NAME, levels, s, True, executor)
+    _pyramid(root, out, levels, s, False, executor, job.key)
+    _pyramid(label_group, out / "labels" / LABELS_NAME, levels, s, True, executor, job.key)
     write_multiscales_metadata(
         root, _datasets(levels, 4), fmt, [_IMAGE_AXIS, _C_AXIS, *_YX_AXES], name="image"
     )
@@ -1626,7 +1640,7 @@ def _execute(
     if job.save_maps:
         for name in MAP_NAMES:
             group = root["maps"][name]
-            _pyramid(group, out / "maps" / name, levels, s, False, executor)
+            _pyramid(group, out / "maps" / name, levels, s, False, executor, job.key)
             axes = [_IMAGE_AXIS, *([_C_AXIS] if name == "embeddings" else []), *_YX_AXES]
             write_multiscales_metadata(group, _datasets(levels, len(axes)), fmt, axes, name=name)
 
