@@ -245,6 +245,9 @@ def test_bad_inputs_are_reported_and_skipped(mosaic, tmp_path):
     tifffile.imwrite(folder / "b.tif", np.stack([image, image]))  # two planes
     tifffile.imwrite(folder / "small.tif", image[:100, :100])  # mixed size
     (folder / "broken.tif").write_bytes(b"this is not a TIFF file")
+    with_nan = sample.image.copy()
+    with_nan[50, 60] = np.nan
+    tifffile.imwrite(folder / "nan.tif", with_nan)  # readable, fails in its chunks
     (folder / "notes.txt").write_text("not an image, ignored")
     inputs = [folder, tmp_path / "missing.tif", str(tmp_path / "none-*.tif")]
     out = tmp_path / "out.zarr"
@@ -262,10 +265,17 @@ def test_bad_inputs_are_reported_and_skipped(mosaic, tmp_path):
     assert "cannot read" in skipped[str(folder / "broken.tif")]
     assert "no such file" in skipped[str(tmp_path / "missing.tif")]
     assert "matches" in skipped[str(tmp_path / "none-*.tif")]
-    assert not result.ok and result.report["chunks"]["failed"] == 0
+    # the NaN image fails in all its chunks; its plane stays empty
+    assert not result.ok and result.report["chunks"]["failed"] == 6
+    assert {f["input"] for f in result.report["failed_chunks"]} == {str(folder / "nan.tif")}
+    assert "NaN" in result.report["failed_chunks"][0]["error"]
+    status = {item["path"]: item["status"] for item in result.report["inputs"]}
+    assert (
+        status[str(folder / "nan.tif")] == "incomplete" and status[str(folder / "a.tif")] == "ok"
+    )
     # the good inputs are done: three planes, each segmented
     labels = _labels(out)
-    assert labels.shape == (3, 160, 224)
+    assert labels.shape == (4, 160, 224) and not labels[3].any()
     np.testing.assert_array_equal(labels[1], labels[0])
     table = pd.read_csv(result.table)
     assert set(zip(table["image"], table["plane"], table["index"], strict=True)) == {
@@ -275,9 +285,10 @@ def test_bad_inputs_are_reported_and_skipped(mosaic, tmp_path):
     }
     image_back = zarr.open_array(str(out / "0"))[...]
     np.testing.assert_array_equal(image_back[2, 0], image)
-    # finished work is kept: a rerun computes nothing
+    # finished work is kept: a rerun retries only the failed chunks
     rerun = Oracle(oracle)
-    assert run_batch(inputs, out, predictor=rerun, **kwargs).report["chunks"]["skipped"] == 18
+    chunks = run_batch(inputs, out, predictor=rerun, **kwargs).report["chunks"]
+    assert chunks == {"total": 24, "skipped": 18, "computed": 0, "failed": 6}
     assert rerun.calls == 0
     # nothing usable: a clear error
     with pytest.raises(ValueError, match="no readable input"):

@@ -860,6 +860,14 @@ def _read_region(job: _Job, plane: int, box: tuple[int, int, int, int]) -> np.nd
 
 
 def _plane_stats(job: _Job, plane: int, norm: dict[str, Any]) -> dict[str, Any]:
+    """A plane's normalisation (cached in the store); ``{"error": ...}`` if it fails."""
+    try:
+        return _plane_stats_body(job, plane, norm)
+    except Exception as err:  # reported by every chunk of the plane
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def _plane_stats_body(job: _Job, plane: int, norm: dict[str, Any]) -> dict[str, Any]:
     path = _work(job.out) / "stats" / f"{plane}.json"
     stats = _read_json(path)
     if stats is not None:
@@ -903,6 +911,8 @@ def _run_chunk(job: _Job, chunk: Chunk, stats: dict[str, Any]) -> dict[str, Any]
     """Predict, segment and write one chunk; never raises an ``Exception`` (reports it)."""
     t0 = time.perf_counter()
     try:
+        if "error" in stats:
+            raise ValueError(f"normalisation of the image failed: {stats['error']}")
         return _chunk_body(job, chunk, stats, t0)
     except Exception as err:  # one bad chunk must not stop the batch: reported instead
         path, p = job.plan.source_of(chunk.plane)
