@@ -314,6 +314,28 @@ def test_find_inputs_and_plan(tmp_path):
         plan_batch([tmp_path / "img.tif"], chunk_size=8)
 
 
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"compression": "zlib", "tile": (32, 32)}, {"compression": "zlib"}]
+)
+def test_open_input_reads_windows_of_tiff_stacks(tmp_path, kwargs):
+    from napari_instseg.core.batch import open_input
+
+    data = np.random.default_rng(0).integers(0, 4000, (3, 100, 120)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "s.tif", data, photometric="minisblack", **kwargs)
+    arr = open_input(tmp_path / "s.tif")  # uncompressed: memory map; else chunk by chunk
+    assert arr.shape == (3, 1, 100, 120) and arr.dtype == np.uint16
+    np.testing.assert_array_equal(arr[2, 0, 40:90, 70:110].compute(), data[2, 40:90, 70:110])
+    rgb = np.zeros((50, 60, 3), np.uint8)
+    rgb[..., 1] = 7
+    import imageio.v3 as iio
+
+    iio.imwrite(tmp_path / "c.png", rgb)
+    assert open_input(tmp_path / "c.png").shape == (1, 3, 50, 60)
+    with pytest.raises(ValueError, match="unknown file type"):
+        (tmp_path / "x.xyz").write_bytes(b"")
+        open_input(tmp_path / "x.xyz")
+
+
 # ---------------------------------------------------------------------------- the network
 
 
