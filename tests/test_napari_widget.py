@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
+from qtpy.QtCore import QTimer
 
 from napari_instseg._napari import compute
 from napari_instseg.core.oracle import prediction_from_masks
 from napari_instseg.core.synthetic import make_worms
 
 pytest.importorskip("napari")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Keep the on-disk prediction cache of these tests out of the user's cache folder."""
+    monkeypatch.setenv(compute.CACHE_ENV, str(tmp_path / "cache"))
 
 
 @pytest.fixture
@@ -291,11 +300,20 @@ def test_run_model_in_worker_cancel_and_cache(make_napari_viewer, monkeypatch, w
 
     # a full run in the worker shows the layers, then the result comes from the cache
     reports.clear()
-    worker = widget.run_model()
-    with qtbot.waitSignal(worker.finished, timeout=10000):
-        pass
-    qtbot.waitUntil(lambda: widget.session().prediction is not None, timeout=5000)
-    assert len(reports) == 200 and "worms" in viewer.layers
+    turns = []  # layers present at each turn of the event loop while showing
+    timer = QTimer()
+    timer.timeout.connect(lambda: turns.append(len(viewer.layers)))
+    timer.start(0)
+    with qtbot.waitSignal(widget.prediction_shown, timeout=15000):
+        worker = widget.run_model()
+        assert not widget.progress_bar.isHidden()
+    timer.stop()
+    assert len(reports) == 200 and "worms" in viewer.layers and "seeds" in viewer.layers
+    assert widget.session().prediction is oracle
+    # the layers were added one per event-loop turn, not in one block
+    counts = sorted(set(turns))
+    assert len([c for c in counts if 1 < c < len(viewer.layers)]) >= 3
+    qtbot.waitUntil(widget.progress_bar.isHidden, timeout=5000)
     reports.clear()
     assert widget.run_model() is oracle and not reports
 
@@ -307,3 +325,123 @@ def test_run_model_in_worker_cancel_and_cache(make_napari_viewer, monkeypatch, w
     assert viewer.layers["worms"].data.max() > 0
     viewer.layers["worms"].undo()
     assert viewer.layers["worms"].data.max() == 0 and not widget.session().worms
+
+
+def test_click_redraws_only_its_region_and_undo_restores(widget, worms, qtbot):
+    """A click writes the new worm's pixels only (partial refresh), as one undo step."""
+    import numba
+
+    viewer = widget.viewer
+    widget.run_model(blocking=True)
+    session = widget.session()
+    labels = session.labels_layer
+    click(qtbot, viewer, *inner_pixel(worms.masks, 0))
+    before = labels.data.copy()
+    partial, full = [], []
+    labels.events.labels_update.connect(lambda e: partial.append((e.offset, e.data.shape)))
+    labels.events.set_data.connect(lambda e: full.append(e))
+    click(qtbot, viewer, *inner_pixel(worms.masks, 1))
+    grown = session.worm(2).mask
+    assert not full and len(partial) == 1  # no full refresh of the label image
+    (r0, c0), (h, w) = partial[0][0][-2:], partial[0][1][:2]
+    rows, cols = np.nonzero(grown & (labels.data == 2))
+    assert r0 == rows.min() and c0 == cols.min()  # the updated box is the new worm's
+    assert r0 + h == rows.max() + 1 and c0 + w == cols.max() + 1
+    changed = np.argwhere(labels.data != before)
+    assert changed.min(0).tolist() == [r0, c0]  # exactly the pixels of the update box changed
+    assert changed.max(0).tolist() == [r0 + h - 1, c0 + w - 1]
+    labels.undo()
+    np.testing.assert_array_equal(labels.data, before)
+    assert [w.label for w in session.worms] == [1]
+    labels.redo()
+    assert session.worm(2) is not None and np.array_equal(session.worm(2).mask, grown)
+
+    # napari's label colouring runs numba loops in this (GUI) thread: one thread there
+    assert numba.get_num_threads() == 1
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(numba.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert seen == [numba.config.NUMBA_NUM_THREADS]  # other threads keep the default
+
+
+def test_seeds_layer_follows_seeds_only(widget, worms, qtbot):
+    viewer = widget.viewer
+    widget.run_model(blocking=True)
+    session = widget.session()
+    seeds = viewer.layers["seeds"]
+    changes = []
+    seeds.events.data.connect(lambda e: changes.append(e.action))
+    p = inner_pixel(worms.masks, 0)
+    click(qtbot, viewer, *p)
+    assert seeds.data.tolist() == [list(p)] and changes
+    np.testing.assert_allclose(seeds.face_color[0], [0, 1, 0, 1])
+    n = len(changes)
+    widget.set_tool("select")
+    click(qtbot, viewer, *p)
+    widget.mark_reviewed()
+    assert len(changes) == n  # selecting and reviewing do not touch the seeds layer
+    rows, cols = np.nonzero(worms.masks[0] & ~worms.masks[1:].any(0))
+    far = int(np.argmax((rows - p[0]) ** 2 + (cols - p[1]) ** 2))
+    neg = (int(rows[far]), int(cols[far]))
+    widget.set_tool("negative")
+    click(qtbot, viewer, *neg)
+    assert seeds.data.tolist() == [list(p), list(neg)]
+    np.testing.assert_allclose(seeds.face_color, [[0, 1, 0, 1], [1, 0, 0, 1]])
+    session.labels_layer.undo()
+    assert seeds.data.tolist() == [list(p)]
+
+    # the score of a clicked worm is best_tau_class at that pixel
+    _, cls, score = session.prediction.best_tau_class()
+    for q in (p, neg, (0, 0)):
+        assert session._score_at(q) == (pytest.approx(float(score[q])), int(cls[q]))
+
+
+def test_prediction_disk_cache_after_restart(make_napari_viewer, worms, tmp_path, qtbot):
+    """A real (tiny) model: the second run after clearing memory reads the zarr cache."""
+    from napari_instseg._napari.widget import MODEL_FILE, InstSegWidget
+    from napari_instseg.core.model import InstSegNet, ModelConfig
+    from napari_instseg.core.weights import save_model
+
+    compute.clear_cache()
+    net = InstSegNet(ModelConfig(channels=(4, 8), embedding_dim=4, head_channels=4))
+    path = save_model(net, tmp_path / "tiny.safetensors")
+    viewer = make_napari_viewer()
+    viewer.add_image(worms.image[:64, :96], name="img")
+    widget = InstSegWidget(viewer)
+    widget.model_combo.setCurrentText(MODEL_FILE)
+    widget.model_path.setText(str(path))
+    with qtbot.waitSignal(widget.prediction_shown, timeout=60000):
+        widget.run_model()
+    first = widget.session().prediction
+    assert first.metadata["cached"] is False
+    assert len(list(compute.cache_dir().glob("*.zarr"))) == 1
+    assert compute.cache_dir().is_relative_to(tmp_path)
+
+    compute.clear_cache()  # as after restarting napari
+    with qtbot.waitSignal(widget.prediction_shown, timeout=60000):
+        widget.run_model()
+    second = widget.session().prediction
+    assert second is not first and second.metadata["cached"] is True
+    np.testing.assert_array_equal(second.embeddings, first.embeddings)
+    assert "cache" in widget.status.text()
+
+
+def test_cache_dir_env_and_prune(tmp_path, monkeypatch):
+    monkeypatch.setenv(compute.CACHE_ENV, "off")
+    assert compute.cache_dir() is None
+    monkeypatch.setenv(compute.CACHE_ENV, str(tmp_path))
+    folder = compute.cache_dir()
+    assert folder == tmp_path / "predictions"
+    folder.mkdir()
+    import os
+
+    for i in range(3):
+        entry = folder / f"{i}.zarr"
+        entry.mkdir()
+        (entry / "data").write_bytes(b"x" * 1000)
+        os.utime(entry, (1000 + i, 1000 + i))
+    removed = compute.prune_cache(folder, max_gb=2500 / 1e9)
+    assert removed == [folder / "0.zarr"]  # the oldest goes first, until it fits
+    assert sorted(p.name for p in folder.iterdir()) == ["1.zarr", "2.zarr"]
+    assert compute.prune_cache(folder, max_gb=0) == [folder / "1.zarr"]  # never the newest

@@ -1,14 +1,23 @@
-"""Model loading and prediction for the widget, with an in-memory cache.
+"""Model loading and prediction for the widget, with an in-memory and an on-disk cache.
 
 The widget calls only :func:`get_model` and :func:`predict_image`; tests replace them
 (``monkeypatch``) with an oracle so that no trained network is needed.
+
+Two caches: :func:`cached_predict` keeps the last few predictions in memory (keyed by image
+content and model choice), and :func:`predict_image` passes a per-user folder (see
+:func:`cache_dir`) to :func:`napari_instseg.core.predict.predict`, whose zarr cache is keyed
+by image content, model tensors and prediction parameters. So re-opening an image after
+restarting napari reads the maps back instead of running the network.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +27,13 @@ from ..core.types import Prediction
 
 #: The model choice meaning "weights shipped with the package".
 SHIPPED = "shipped"
+
+#: Environment variable naming the cache folder (``off`` disables the on-disk cache).
+CACHE_ENV = "NAPARI_INSTSEG_CACHE"
+#: Environment variable with the cache size limit in GB (default :data:`CACHE_MAX_GB`).
+CACHE_MAX_ENV = "NAPARI_INSTSEG_CACHE_MAX_GB"
+CACHE_MAX_GB = 2.0
+_OFF = {"", "0", "off", "no", "none", "false"}
 
 _MODELS: dict[str, Any] = {}
 _PREDICTIONS: OrderedDict[tuple[str, str, str], Prediction] = OrderedDict()
@@ -89,13 +105,113 @@ def get_model(model: str | Path | None = None) -> Any:
     return _MODELS[key]
 
 
+def cache_dir() -> Path | None:
+    """The folder of the on-disk prediction cache, or None when it is switched off.
+
+    ``$NAPARI_INSTSEG_CACHE`` when set (``off`` switches the cache off), else the user cache
+    folder of the platform (``~/.cache/napari-instseg`` on Linux).
+
+    Returns
+    -------
+    Path or None
+        ``<root>/predictions``.
+    """
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        if value.strip().lower() in _OFF:
+            return None
+        root = Path(value).expanduser()
+    else:
+        try:
+            from platformdirs import user_cache_dir
+
+            root = Path(user_cache_dir("napari-instseg", appauthor=False))
+        except ImportError:  # platformdirs comes with napari; be safe anyway
+            root = Path.home() / ".cache" / "napari-instseg"
+    return root / "predictions"
+
+
+def _usable_cache() -> Path | None:
+    folder = cache_dir()
+    if folder is None:
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder if os.access(folder, os.W_OK) else None
+
+
+def prune_cache(folder: Path | None = None, max_gb: float | None = None) -> list[Path]:
+    """Delete the least recently written predictions until the cache fits its size limit.
+
+    Parameters
+    ----------
+    folder : Path, optional
+        The cache folder (default :func:`cache_dir`).
+    max_gb : float, optional
+        Size limit in GB (default ``$NAPARI_INSTSEG_CACHE_MAX_GB`` or 2).
+
+    Returns
+    -------
+    list of Path
+        The entries deleted.
+    """
+    folder = cache_dir() if folder is None else Path(folder)
+    if folder is None or not folder.is_dir():
+        return []
+    if max_gb is None:
+        try:
+            max_gb = float(os.environ.get(CACHE_MAX_ENV, CACHE_MAX_GB))
+        except ValueError:
+            max_gb = CACHE_MAX_GB
+    entries = []
+    for entry in folder.glob("*.zarr"):
+        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        entries.append((entry.stat().st_mtime, size, entry))
+    entries.sort()
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, entry in entries[:-1]:  # never the newest one
+        if total <= max_gb * 1e9:
+            break
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= size
+        removed.append(entry)
+    return removed
+
+
+@contextmanager
+def leave_a_core() -> Iterator[None]:
+    """Let torch use at most all cores but one, so the GUI thread keeps a core.
+
+    The thread count is restored afterwards; with one core (or one torch thread, e.g.
+    ``OMP_NUM_THREADS=1``) nothing changes.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    wanted = max(1, min(before, (os.cpu_count() or 1) - 1))
+    if wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if wanted != before:
+            torch.set_num_threads(before)
+
+
 def predict_image(
     image: np.ndarray,
     model: str | Path | None = None,
     device: str = "auto",
     progress: Callable[..., Any] | None = None,
 ) -> Prediction:
-    """Run the network on one 2D image (no caching here; see :func:`cached_predict`).
+    """Run the network on one 2D image, or read its maps from the on-disk cache.
+
+    No in-memory caching here (see :func:`cached_predict`). The disk cache
+    (:func:`cache_dir`) is used when it is writable; torch leaves a core to the GUI
+    (:func:`leave_a_core`).
 
     Parameters
     ----------
@@ -115,7 +231,14 @@ def predict_image(
     """
     from ..core.predict import predict
 
-    return predict(image, model=get_model(model), device=device, progress=progress)
+    folder = _usable_cache()
+    with leave_a_core():
+        prediction = predict(
+            image, model=get_model(model), device=device, progress=progress, cache=folder
+        )
+    if folder is not None and not prediction.metadata.get("cached", False):
+        prune_cache(folder)
+    return prediction
 
 
 def cached_predict(
@@ -159,7 +282,7 @@ def is_cached(image: np.ndarray, model: str | Path | None = None) -> bool:
 
 
 def clear_cache() -> None:
-    """Forget cached predictions and loaded models."""
+    """Forget cached predictions and loaded models (in memory; the disk cache stays)."""
     _PREDICTIONS.clear()
     _MODELS.clear()
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import weakref
+import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
@@ -22,10 +24,12 @@ from typing import Any
 import numpy as np
 
 from ..core.types import Instances, Prediction, Sample
-from .compute import array_digest
 from .layers import LAYER_NAMES, class_score_at, class_score_name, prediction_layers
 
 Point = tuple[int, int]
+
+_LIME = np.array([0.0, 1.0, 0.0, 1.0], np.float32)  # positive seeds
+_RED = np.array([1.0, 0.0, 0.0, 1.0], np.float32)  # negative seeds
 
 #: Metadata key of the plugin on layers it creates or reads.
 META = "napari_instseg"
@@ -147,6 +151,56 @@ def _union_box(worms: Iterable[Worm]) -> tuple[int, int, int, int] | None:
     return (int(b[:, 0].min()), int(b[:, 1].max()), int(b[:, 2].min()), int(b[:, 3].max()))
 
 
+def state_key(labels: np.ndarray) -> tuple[tuple[int, ...], str, int, int]:
+    """A cheap key of a label image's content: shape, dtype, CRC-32 and Adler-32 of the bytes.
+
+    Used to find the side model that belongs to a label image after undo/redo. The two
+    32-bit checksums together take a fraction of a millisecond at 520 x 696 (a
+    cryptographic hash takes several), and a collision among the few hundred states a
+    session remembers is far less likely than a stray cosmic ray.
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        The label image.
+
+    Returns
+    -------
+    tuple
+        ``(shape, dtype, crc32, adler32)``.
+    """
+    arr = np.ascontiguousarray(labels)
+    view = memoryview(arr).cast("B")
+    return (arr.shape, arr.dtype.str, zlib.crc32(view), zlib.adler32(view))
+
+
+@contextmanager
+def same_extent(viewer: Any, layer: Any) -> Iterator[None]:
+    """Skip the viewer's dims/extent update while ``layer``'s data changes within its extent.
+
+    ``layer.data = ...`` (and Points data changes) make napari's viewer recompute the dims
+    ranges of every layer, which costs more than a small edit itself. When the new data
+    has the same shape (maps) or lies inside the image (seeds), the ranges cannot change,
+    so that one callback is blocked (``EventEmitter.blocker(callback)``); every other
+    listener (vispy, layer list, other plugins) still gets the event.
+    """
+    callback = getattr(viewer, "_on_layers_change", None)
+    emitter = getattr(getattr(layer, "events", None), "data", None)
+    if callback is None or emitter is None:
+        yield
+        return
+    with emitter.blocker(callback):
+        yield
+
+
+def set_layer_data(viewer: Any, layer: Any, data: np.ndarray) -> None:
+    """``layer.data = data``, without the viewer-wide extent update when the shape is kept."""
+    old = getattr(layer, "data", None)
+    same = getattr(old, "shape", None) == data.shape and getattr(old, "ndim", 0) == data.ndim
+    with same_extent(viewer, layer) if same else nullcontext():
+        layer.data = data
+
+
 def _to_point(position: Sequence[float], shape: tuple[int, int]) -> Point | None:
     r, c = (int(round(float(v))) for v in position[-2:])
     if 0 <= r < shape[0] and 0 <= c < shape[1]:
@@ -180,10 +234,12 @@ class Session:
         self.similarity_layer: Any = None
         self.map_layers: dict[str, Any] = {}
         self.last_method: dict[str, Any] = {}
-        self._states: OrderedDict[str, tuple[Worm, ...]] = OrderedDict()
-        self._digest: str | None = None
+        self._states: OrderedDict[Any, tuple[Worm, ...]] = OrderedDict()
+        self._digest: Any = None
+        self._seeds_shown: tuple[Any, ...] | None = None
         self._writing = False
         self._preview_start: tuple[Worm, ...] | None = None
+        self._preview_history: Any = None
         _SESSIONS.add(self)
 
     # ------------------------------------------------------------------ basics
@@ -241,7 +297,12 @@ class Session:
         )
 
     # ------------------------------------------------------------- prediction
-    def set_prediction(self, prediction: Prediction, model_name: str = "") -> None:
+    def set_prediction(
+        self,
+        prediction: Prediction,
+        model_name: str = "",
+        layers: list[tuple[str, Any, dict]] | None = None,
+    ) -> None:
         """Show a prediction's maps as layers (replacing earlier ones) and keep it for edits.
 
         Parameters
@@ -250,6 +311,29 @@ class Session:
             Network outputs for :attr:`image`.
         model_name : str
             Shown in provenance when exporting.
+        layers : list, optional
+            The layer data of :func:`~napari_instseg._napari.layers.prediction_layers`, when
+            already computed (e.g. in a worker thread); computed here otherwise.
+        """
+        for _ in self.iter_set_prediction(prediction, model_name, layers):
+            pass
+
+    def iter_set_prediction(
+        self,
+        prediction: Prediction,
+        model_name: str = "",
+        layers: list[tuple[str, Any, dict]] | None = None,
+    ) -> Iterator[str]:
+        """Like :meth:`set_prediction`, one layer at a time (a generator).
+
+        It yields after each layer it adds or updates, so a GUI can spread the work over
+        several turns of its event loop and stay responsive. The prediction is usable for
+        edits from the first step on.
+
+        Yields
+        ------
+        str
+            The key of the layer just shown (see :data:`LAYER_NAMES`).
         """
         if prediction.shape != self.shape:
             raise ValueError(
@@ -258,33 +342,55 @@ class Session:
             )
         self.prediction = prediction
         self.model_name = model_name
+        if layers is None:
+            layers = prediction_layers(prediction, self.tau)
+        # the layers needed to click come first, so editing can start while the maps follow
+        self.ensure_labels_layer()
+        yield "worms"
+        self._ensure_similarity_layer()
+        yield "similarity"
+        self._ensure_seeds_layer()
+        self._raise_edit_layers()
+        yield "seeds"
+        from napari.layers import Image
+
         transform = self._transform_kwargs()
-        for key, data, kwargs in prediction_layers(prediction, self.tau):
+        for key, data, kwargs in layers:
             name = LAYER_NAMES[key]
             if key == "class_score":
                 name = class_score_name(kwargs["metadata"]["tau"])
             layer = self.map_layers.get(key)
             if layer is not None and layer in self.viewer.layers:
-                layer.data = data
+                set_layer_data(self.viewer, layer, data)
                 layer.name = name
                 if "metadata" in kwargs:
                     layer.metadata.update(kwargs["metadata"])
-            else:
-                layer = self.viewer.add_image(data, name=name, **transform, **kwargs)
+            else:  # inserted under the edit layers: no reordering afterwards
+                layer = Image(data, name=name, **transform, **kwargs)
+                below = [self.viewer.layers.index(x) for x in self._edit_layers()]
+                self.viewer.layers.insert(min(below, default=len(self.viewer.layers)), layer)
                 self.map_layers[key] = layer
-        self.ensure_labels_layer()
-        self._ensure_similarity_layer()
-        self._ensure_seeds_layer()
+            yield key
         self._raise_edit_layers()
+
+    def _edit_layers(self) -> list[Any]:
+        """Similarity, worms and seeds layers that are in the viewer, bottom to top."""
+        return [
+            layer
+            for layer in (self.similarity_layer, self.labels_layer, self.seeds_layer)
+            if layer is not None and layer in self.viewer.layers
+        ]
 
     def set_tau_display(self, tau: float) -> None:
         """Show the class scores of the threshold nearest to ``tau``."""
         layer = self.map_layers.get("class_score")
         if self.prediction is None or layer is None:
             return
-        score, used = class_score_at(self.prediction, tau)
+        taus = np.asarray(self.prediction.taus, dtype=np.float32)
+        used = float(taus[int(np.abs(taus - tau).argmin())])
         if layer.metadata.get("tau") != used:
-            layer.data = score
+            score, used = class_score_at(self.prediction, tau)
+            set_layer_data(self.viewer, layer, score)
             layer.metadata["tau"] = used
             layer.name = class_score_name(used)
 
@@ -373,38 +479,48 @@ class Session:
                 face_color="lime",
                 **self._transform_kwargs(),
             )
+            self._seeds_shown = None
         self._update_seeds_layer()
 
     def _raise_edit_layers(self) -> None:
+        """Put similarity, worms and seeds on top (one move, none when already there)."""
         layers = self.viewer.layers
-        for layer in (self.similarity_layer, self.labels_layer, self.seeds_layer):
-            if layer is not None and layer in layers:
-                layers.move(layers.index(layer), len(layers))
-        if self.labels_layer is not None:
+        own = self._edit_layers()
+        if own and list(layers[len(layers) - len(own) :]) != own:
+            layers.move_multiple([layers.index(layer) for layer in own], len(layers))
+        if self.labels_layer is not None and layers.selection.active is not self.labels_layer:
             layers.selection.active = self.labels_layer
 
     def _update_seeds_layer(self) -> None:
         layer = self.seeds_layer
         if layer is None:
             return
-        pts, colors = [], []
+        pts: list[Point] = []
+        negative: list[bool] = []
         for worm in self.worms:
-            for p in worm.seeds:
-                pts.append(p)
-                colors.append("lime")
-            for p in worm.negatives:
-                pts.append(p)
-                colors.append("red")
-        layer.data = np.array(pts, float).reshape(-1, 2)
+            pts += worm.seeds
+            negative += [False] * len(worm.seeds)
+            pts += worm.negatives
+            negative += [True] * len(worm.negatives)
+        shown = (tuple(pts), tuple(negative))
+        if shown == self._seeds_shown and len(layer.data) == len(pts):
+            return  # nothing to redraw (most edits leave the seeds alone)
+        data = np.array(pts, float).reshape(-1, 2)
+        with same_extent(self.viewer, layer):  # seeds lie inside the image
+            layer.data = data
         if pts:
-            layer.face_color = colors
+            colors = np.where(np.array(negative)[:, None], _RED, _LIME)
+            current = np.asarray(layer.face_color)
+            if current.shape != colors.shape or not np.allclose(current, colors):
+                layer.face_color = colors
+        self._seeds_shown = shown
 
     # ---------------------------------------------------------- side-model sync
     def _register(self) -> None:
         """Remember the current worms under the digest of the current label image."""
         if self.labels_layer is None:
             return
-        digest = array_digest(self.labels_layer.data)
+        digest = state_key(self.labels_layer.data)
         self._digest = digest
         self._states[digest] = self.worms
         self._states.move_to_end(digest)
@@ -427,7 +543,7 @@ class Session:
         if layer is None or self._writing or self._preview_start is not None:
             return False
         data = np.asarray(layer.data)
-        digest = array_digest(data)
+        digest = state_key(data)
         if digest == self._digest:
             return False
         known = self._states.get(digest)
@@ -504,29 +620,30 @@ class Session:
     def begin_preview(self) -> None:
         """Start a live edit (e.g. dragging the tau slider); ends with :meth:`end_preview`.
 
-        All writes until :meth:`end_preview` become a single undo step.
+        All writes until :meth:`end_preview` become a single undo step. The grouping is
+        napari's public ``Labels.block_history()`` context manager, entered here and left
+        in :meth:`end_preview` (a drag spans many events, so it cannot be one ``with``).
         """
         if self._preview_start is not None:
             return
         self.sync()
         layer = self.ensure_labels_layer()
         self._preview_start = self.worms
-        if hasattr(layer, "_begin_stroke"):
-            layer._begin_stroke()
-        else:  # older napari: group by hand
-            layer._block_history = True
+        self._preview_history = layer.block_history()
+        self._preview_history.__enter__()
 
     def end_preview(self) -> None:
         """Commit a live edit as one undo step."""
         if self._preview_start is None:
             return
-        layer = self.labels_layer
         self._preview_start = None
-        if hasattr(layer, "_commit_stroke"):
-            layer._commit_stroke()
-        else:
-            layer._block_history = False
-            layer._commit_staged_history()
+        history, self._preview_history = self._preview_history, None
+        if history is not None:
+            self._writing = True  # committing emits ``paint``: our own edit, no sync
+            try:
+                history.__exit__(None, None, None)
+            finally:
+                self._writing = False
         self._register()
 
     def _next_label(self) -> int:
@@ -553,10 +670,12 @@ class Session:
         return np.asarray(mask, bool)
 
     def _score_at(self, point: Point) -> tuple[float, int]:
+        """Score and class of the best (tau, class) at one pixel (``best_tau_class`` there)."""
         if self.prediction is None:
             return 1.0, 1
-        _, cls, score = self.prediction.best_tau_class()
-        return float(score[point]), int(cls[point])
+        fg = np.asarray(self.prediction.class_scores[:, 1:, point[0], point[1]])  # (T, C)
+        t, c = np.unravel_index(int(fg.argmax()), fg.shape)
+        return float(fg[t, c]), int(c) + 1
 
     # ------------------------------------------------------------------- edits
     def grow_new(self, point: Point, tau: float | None = None) -> int | None:
@@ -758,7 +877,7 @@ class Session:
 
         sim = np.asarray(similarity(self.prediction, point), np.float32)
         self._ensure_similarity_layer()
-        self.similarity_layer.data = sim
+        set_layer_data(self.viewer, self.similarity_layer, sim)
         return sim
 
     # ---------------------------------------------------------- automatic mode

@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
-from napari.utils import progress
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QButtonGroup,
@@ -29,6 +28,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QMessageBox,
+    QProgressBar,
     QPushButton,
     QScrollArea,
     QSlider,
@@ -40,6 +40,7 @@ from qtpy.QtWidgets import (
 )
 
 from . import compute
+from .layers import prediction_layers
 from .session import Point, Session
 
 #: Click tools: key -> (shortcut key, button text, help).
@@ -83,8 +84,12 @@ class InstSegWidget(QWidget):
         The viewer (napari passes it when the widget is opened from the Plugins menu).
     """
 
+    #: Emitted (with the session) once a prediction's layers are all shown.
+    prediction_shown = Signal(object)
+
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__()
+        _one_numba_thread()
         self.viewer = napari_viewer
         self.sessions: dict[int, Session] = {}
         self.tool = "new"
@@ -97,8 +102,8 @@ class InstSegWidget(QWidget):
         self._hover_timer.setInterval(30)
         self._hover_timer.timeout.connect(self._update_hover)
         self.table_data: Any = None
-        self._bar: Any = None
         self._progress_state: Any = None
+        self._showing: Any = None
         self._bar_timer = QTimer(self)
         self._bar_timer.setInterval(100)
         self._bar_timer.timeout.connect(self._tick_bar)
@@ -150,6 +155,10 @@ class InstSegWidget(QWidget):
         row.addWidget(self.run_btn)
         row.addWidget(self.cancel_btn)
         form.addRow(row)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setVisible(False)
+        self.progress_bar.setTextVisible(True)
+        form.addRow(self.progress_bar)
         lay.addWidget(box)
 
         # --- 2. automatic segmentation
@@ -386,8 +395,14 @@ class InstSegWidget(QWidget):
     def run_model(self, blocking: bool = False) -> Any:
         """Predict on the chosen image (in a worker thread unless ``blocking``).
 
-        Results are cached per image content and model: running again (or switching back
-        to an image) shows the layers without recomputing.
+        Results are cached per image content and model, in memory and on disk (see
+        :func:`~napari_instseg._napari.compute.cache_dir`): running again, switching back to
+        an image or re-opening it after a restart shows the layers without recomputing.
+
+        In the background the worker also prepares every layer's data (PCA colours, score
+        maps, the grow cache); the main thread then adds or updates one layer per turn of
+        the event loop, so the viewer never freezes. :attr:`prediction_shown` is emitted
+        when all layers are shown.
 
         Parameters
         ----------
@@ -397,7 +412,7 @@ class InstSegWidget(QWidget):
         Returns
         -------
         Prediction or worker or None
-            The prediction when blocking or cached, else the running worker.
+            The prediction when blocking or already shown, else the running worker.
         """
         session = self.session()
         if session is None:
@@ -410,36 +425,45 @@ class InstSegWidget(QWidget):
             self._say("Choose a weights file (Browse...) or the shipped model.")
             return None
         name = "shipped" if model is None else Path(model).name
-        if blocking or compute.is_cached(image, model):
+        if blocking:
             prediction = compute.cached_predict(image, model, device)
             self._show_prediction(session, prediction, name)
             return prediction
+        if compute.is_cached(image, model):
+            prediction = compute.cached_predict(image, model, device)
+            if session.prediction is prediction and session.labels_layer is not None:
+                self._say(f"Model {name}: already shown (cached).")
+                return prediction
+        if self.worker is not None:
+            self._say("The model is already running; cancel it first.")
+            return None
 
         self._cancel = False
-        # the progress bar lives in the main thread; the worker only records the progress
-        self._bar = progress(total=100, desc="napari-instseg: predicting")
         self._progress_state = None
-        self._bar_timer.start()
+        tau = self.tau
 
         def report(*args: Any, **kwargs: Any) -> None:
             if self._cancel:
                 raise compute.Cancelled
-            self._progress_state = (args, kwargs)
+            self._progress_state = (args, kwargs)  # the main thread's timer shows it
 
         @thread_worker
         def work() -> Any:
             try:
-                return compute.cached_predict(image, model, device, progress=report)
+                prediction = compute.cached_predict(image, model, device, progress=report)
             except compute.Cancelled:
                 return None
+            self._progress_state = ((), {"stage": "preparing layers"})
+            return prediction, prepare_layers(prediction, tau)
 
         worker = work()
-        worker.returned.connect(lambda p: self._on_predicted(session, p, name))
+        worker.returned.connect(lambda result: self._on_predicted(session, result, name))
         worker.errored.connect(lambda e: self._on_worker_error("Prediction", e))
         worker.finished.connect(self._on_worker_finished)
         self.worker = worker
         self.run_btn.setEnabled(False)
         self.cancel_btn.setEnabled(True)
+        self._start_bar("predicting")
         self._say(f"Predicting on {compute.device_in_use(device)}...")
         worker.start()
         return worker
@@ -449,40 +473,93 @@ class InstSegWidget(QWidget):
         self._cancel = True  # the worker's next progress report raises Cancelled
         self._say("Cancelling...")
 
-    def _on_predicted(self, session: Session, prediction: Any, name: str) -> None:
-        if prediction is None:
+    def _on_predicted(self, session: Session, result: Any, name: str) -> None:
+        if result is None:
             self._say("Prediction cancelled.")
             return
-        self._show_prediction(session, prediction, name)
+        prediction, layers = result
+        self._show_prediction(session, prediction, name, layers, incremental=True)
 
     def _on_worker_error(self, what: str, err: Exception) -> None:
         self._say(f"{what} failed: {err}")
 
+    # ------------------------------------------------------------- progress
+    def _start_bar(self, what: str) -> None:
+        bar = self.progress_bar
+        bar.setRange(0, 0)  # busy until the first report
+        bar.setFormat(what)
+        bar.setVisible(True)
+        self._bar_timer.start()
+
     def _tick_bar(self) -> None:
-        if self._bar is not None and self._progress_state is not None:
+        if self._progress_state is not None:
             args, kwargs = self._progress_state
-            _update_bar(self._bar, *args, **kwargs)
+            _update_bar(self.progress_bar, *args, **kwargs)
+
+    def _stop_bar(self) -> None:
+        self._bar_timer.stop()
+        self.progress_bar.setVisible(False)
+        self.progress_bar.setRange(0, 100)
 
     def _on_worker_finished(self) -> None:
-        self._bar_timer.stop()
-        if self._bar is not None:
-            self._tick_bar()
-            self._bar.close()
-            self._bar = None
+        self._tick_bar()
+        if self._showing is None:
+            self._stop_bar()
         self.worker = None
         self.run_btn.setEnabled(True)
         self.cancel_btn.setEnabled(False)
 
-    def _show_prediction(self, session: Session, prediction: Any, name: str) -> None:
+    # ---------------------------------------------------------- showing maps
+    def _show_prediction(
+        self,
+        session: Session,
+        prediction: Any,
+        name: str,
+        layers: list | None = None,
+        incremental: bool = False,
+    ) -> None:
+        """Show a prediction's layers: at once, or one layer per event-loop turn."""
         session.tau = self.tau
-        session.set_prediction(prediction, model_name=name)
+        steps = session.iter_set_prediction(prediction, model_name=name, layers=layers)
+        if not incremental:
+            for _ in steps:
+                pass
+            self._prediction_done(session, prediction, name)
+            return
+        self._showing = (session, prediction, name, steps)
+        self._progress_state = ((), {"stage": "showing layers"})
+        self._tick_bar()
+        QTimer.singleShot(0, self._show_step)
+
+    def _show_step(self) -> None:
+        if self._showing is None:
+            return
+        session, prediction, name, steps = self._showing
+        try:
+            next(steps)
+        except StopIteration:
+            self._showing = None
+            self._prediction_done(session, prediction, name)
+            return
+        except Exception as err:  # noqa: BLE001 - e.g. a layer deleted meanwhile: say so
+            self._showing = None
+            self._stop_bar()
+            self._say(f"Showing the prediction failed: {err}")
+            return
+        QTimer.singleShot(0, self._show_step)
+
+    def _prediction_done(self, session: Session, prediction: Any, name: str) -> None:
+        if self.worker is None:
+            self._stop_bar()
         self._refresh_images()
         self._sync_param_fields()
         dev = prediction.metadata.get("device", "")
+        cached = " (from the cache)" if prediction.metadata.get("cached") else ""
         self._say(
-            f"Model {name} done{' on ' + str(dev) if dev else ''}. Click a worm to grow it, "
-            "or 'Segment all'."
+            f"Model {name} done{' on ' + str(dev) if dev else ''}{cached}. Click a worm to "
+            "grow it, or 'Segment all'."
         )
+        self.prediction_shown.emit(session)
 
     # ========================================================== segmentation
     def segment_params(self) -> dict[str, Any]:
@@ -530,9 +607,10 @@ class InstSegWidget(QWidget):
         def work() -> Any:
             return segment(session.prediction, method=method, **params)
 
-        bar = progress(total=0, desc=f"napari-instseg: {method} segmentation")
+        self._progress_state = None
+        self._start_bar(f"{method} segmentation")
         worker = work()
-        worker.finished.connect(bar.close)
+        worker.finished.connect(self._stop_bar)
         worker.returned.connect(
             lambda found: self._after_segment(session.apply_segmentation(found, keep, info))
         )
@@ -900,21 +978,77 @@ def _available_devices() -> list[str]:
         return ["auto", "cpu"]
 
 
-def _update_bar(bar: Any, *args: Any, **kwargs: Any) -> None:
-    """Map the core's progress report to napari's progress bar.
+def prepare_layers(prediction: Any, tau: float) -> list[tuple[str, Any, dict]]:
+    """Everything slow about showing a prediction, done off the GUI thread.
 
-    Accepts ``(done, total)``, a fraction in [0, 1], or keywords ``done``/``total``.
+    Computes the layer data (PCA colours of the embeddings, score maps; see
+    :func:`~napari_instseg._napari.layers.prediction_layers`) and builds the grow cache of
+    :mod:`napari_instseg.core.grow`, so the first click is as fast as the next ones.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        The network outputs.
+    tau : float
+        Threshold whose mask scores are shown.
+
+    Returns
+    -------
+    list of (key, data, kwargs)
+        For :meth:`Session.iter_set_prediction`.
     """
+    from ..core.grow import get_grower
+
+    layers = prediction_layers(prediction, tau)
+    get_grower(prediction)
+    return layers
+
+
+def _one_numba_thread() -> None:
+    """Run numba's parallel loops in the GUI thread on one thread.
+
+    napari maps label values to colours with numba ``parallel=True`` loops. For the few
+    thousand pixels of an edit, starting the thread team costs far more than the work
+    (measured: ~8 ms CPU and ~35 ms wall per call on a loaded 2-core machine, 0.01 ms on one
+    thread), and it happens on every click and slider step. ``numba.set_num_threads`` is
+    per thread, so worker threads and other code keep numba's default.
+    """
+    import sys
+
+    numba = sys.modules.get("numba")
+    if numba is None:
+        try:
+            import numba
+        except ImportError:  # napari then uses its numpy fallback
+            return
+    try:
+        numba.set_num_threads(1)
+    except (ValueError, RuntimeError):  # pragma: no cover - numba without threading
+        pass
+
+
+def _update_bar(bar: Any, *args: Any, **kwargs: Any) -> None:
+    """Show the core's progress report on a ``QProgressBar``.
+
+    Accepts ``(done, total)``, a fraction in [0, 1], keywords ``done``/``total``, or a
+    ``stage`` keyword (text shown while the bar is busy).
+    """
+    stage = kwargs.get("stage")
+    if stage is not None:
+        bar.setRange(0, 0)
+        bar.setFormat(str(stage))
+        return
     done = kwargs.get("done", args[0] if args else None)
     total = kwargs.get("total", args[1] if len(args) > 1 else None)
     if done is None:
         return
     try:
         if total:
-            bar.total = int(total)
-            bar.n = int(done)
+            bar.setRange(0, int(total))
+            bar.setValue(int(done))
         else:
-            bar.n = int(round(float(done) * 100))
-        bar.refresh()
+            bar.setRange(0, 100)
+            bar.setValue(int(round(float(done) * 100)))
+        bar.setFormat("%p%")
     except (TypeError, ValueError):
         pass
