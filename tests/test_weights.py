@@ -162,7 +162,7 @@ def test_shipped_weights():
 
     test_wells = set(parse_names("C03-E04"))
     assert not set(parse_names(wells)) & test_wells, "trained on test wells"
-    x = torch.zeros(1, model.config.in_channels, 32, 32)
+    x = torch.zeros(1, model.config.network_channels, 32, 32)
     with torch.no_grad():
         out = model(x)
     assert out["embeddings"].shape[1] == model.config.embedding_dim
