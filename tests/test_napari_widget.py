@@ -248,6 +248,11 @@ def test_auto_segment_keeps_edits_review_measure(widget, worms, qtbot, tmp_path)
     widget.mark_reviewed()
     assert session.worm(first).reviewed
     assert widget.next_to_review() != first
+    second = session.selected
+    widget.mark_reviewed()  # K twice: the review is taken back
+    widget.mark_reviewed()
+    assert not session.worm(second).reviewed and session.worm(first).reviewed
+    assert widget.review_label.text().startswith("1 /")
 
     # measurements
     table = widget.measure()
@@ -445,3 +450,18 @@ def test_cache_dir_env_and_prune(tmp_path, monkeypatch):
     assert removed == [folder / "0.zarr"]  # the oldest goes first, until it fits
     assert sorted(p.name for p in folder.iterdir()) == ["1.zarr", "2.zarr"]
     assert compute.prune_cache(folder, max_gb=0) == [folder / "1.zarr"]  # never the newest
+
+
+def test_progress_bar_state():
+    from napari_instseg._napari.widget import bar_state
+
+    assert bar_state("predicting", 0.4, 3, 4) == (4, 3, "predicting: %p%")
+    assert bar_state("predicting", 2.0, done=1, total=1) == (1, 1, "predicting: %p%")
+    assert bar_state("predicting", 2.0, 0.25) == (100, 25, "predicting: %p%")
+    # no fraction known: a still bar whose text counts seconds (no busy animation)
+    assert bar_state("segmenting", 3.7) == (100, 0, "segmenting... 3 s")
+    assert bar_state("predicting", 1.2, stage="showing layers") == (
+        100,
+        0,
+        "predicting: showing layers... 1 s",
+    )

@@ -7,6 +7,7 @@ that scripts and tests drive it without a mouse.
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ TOOLS: dict[str, tuple[str, str, str]] = {
 #: Other keys: key -> help.
 KEYS: dict[str, str] = {
     "T": "toggle live similarity to the pixel under the cursor",
-    "K": "mark the selected instance reviewed",
+    "K": "mark the selected instance reviewed (again: take the review back)",
     ".": "centre on the next (least certain) unreviewed instance",
     "Shift+click": "add a positive seed to the selected instance (any tool)",
     "Ctrl+Z / Ctrl+Shift+Z": "undo / redo (napari Labels history, worms layer active)",
@@ -103,6 +104,9 @@ class InstSegWidget(QWidget):
         self._hover_timer.timeout.connect(self._update_hover)
         self.table_data: Any = None
         self._progress_state: Any = None
+        self._bar_what = ""
+        self._bar_start = time.monotonic()
+        self._bar_shown: tuple[int, int, str] | None = None
         self._showing: Any = None
         self._bar_timer = QTimer(self)
         self._bar_timer.setInterval(100)
@@ -485,21 +489,32 @@ class InstSegWidget(QWidget):
 
     # ------------------------------------------------------------- progress
     def _start_bar(self, what: str) -> None:
-        bar = self.progress_bar
-        bar.setRange(0, 0)  # busy until the first report
-        bar.setFormat(what)
-        bar.setVisible(True)
+        """Show the progress bar.
+
+        It is always determinate: Qt's busy animation repaints the whole window many
+        times a second, which costs half a core with software OpenGL.
+        """
+        self._bar_what = what
+        self._bar_start = time.monotonic()
+        self._bar_shown = None
+        self._tick_bar()
+        self.progress_bar.setVisible(True)
         self._bar_timer.start()
 
     def _tick_bar(self) -> None:
-        if self._progress_state is not None:
-            args, kwargs = self._progress_state
-            _update_bar(self.progress_bar, *args, **kwargs)
+        args, kwargs = self._progress_state or ((), {})
+        elapsed = time.monotonic() - self._bar_start
+        state = bar_state(self._bar_what, elapsed, *args, **kwargs)
+        if state != self._bar_shown:  # repaint only what changed
+            self._bar_shown = state
+            maximum, value, text = state
+            self.progress_bar.setRange(0, maximum)
+            self.progress_bar.setValue(value)
+            self.progress_bar.setFormat(text)
 
     def _stop_bar(self) -> None:
         self._bar_timer.stop()
         self.progress_bar.setVisible(False)
-        self.progress_bar.setRange(0, 100)
 
     def _on_worker_finished(self) -> None:
         self._tick_bar()
@@ -528,7 +543,8 @@ class InstSegWidget(QWidget):
             return
         self._showing = (session, prediction, name, steps)
         self._progress_state = ((), {"stage": "showing layers"})
-        self._tick_bar()
+        if not self.progress_bar.isHidden():
+            self._tick_bar()
         QTimer.singleShot(0, self._show_step)
 
     def _show_step(self) -> None:
@@ -833,14 +849,37 @@ class InstSegWidget(QWidget):
             session.similarity_to(self._hover)
 
     # ================================================================ review
-    def mark_reviewed(self, label: int | None = None) -> int | None:
-        """Mark an instance (default: the selected one) reviewed."""
+    def mark_reviewed(self, label: int | None = None, reviewed: bool | None = None) -> int | None:
+        """Mark an instance (default: the selected one) reviewed, or toggle its flag.
+
+        Parameters
+        ----------
+        label : int, optional
+            The instance; the selected one by default.
+        reviewed : bool, optional
+            The new flag; None (the K key, the button) toggles it, so pressing K again
+            takes a review back (reviews are not steps of napari's pixel undo history).
+
+        Returns
+        -------
+        int or None
+            The label, or None when there is no such instance.
+        """
         session = self.session(create=False)
         if session is None:
             return None
-        result = session.mark_reviewed(label)
+        session.sync()
+        worm = session.worm(session.selected if label is None else label)
+        if worm is None:
+            self._say("Select an instance first.")
+            return None
+        flag = (not worm.reviewed) if reviewed is None else bool(reviewed)
+        result = session.mark_reviewed(worm.label, reviewed=flag)
         self._update_review_label()
-        self._say(f"Instance {result} reviewed." if result else "Select an instance first.")
+        self._say(
+            f"Instance {result} reviewed." if flag else
+            f"Instance {result}: review taken back (K marks it again)."
+        )  # fmt: skip
         return result
 
     def next_to_review(self) -> int | None:
@@ -1027,28 +1066,33 @@ def _one_numba_thread() -> None:
         pass
 
 
-def _update_bar(bar: Any, *args: Any, **kwargs: Any) -> None:
-    """Show the core's progress report on a ``QProgressBar``.
+def bar_state(what: str, elapsed: float, *args: Any, **kwargs: Any) -> tuple[int, int, str]:
+    """What the progress bar shows for a progress report of the core.
 
-    Accepts ``(done, total)``, a fraction in [0, 1], keywords ``done``/``total``, or a
-    ``stage`` keyword (text shown while the bar is busy).
+    Parameters
+    ----------
+    what : str
+        The task, e.g. ``"predicting"``.
+    elapsed : float
+        Seconds since the task started (shown, in whole seconds, while no fraction is known).
+    *args, **kwargs
+        The report: ``(done, total)``, a fraction in [0, 1], keywords ``done``/``total``, or
+        a ``stage`` keyword (what the task is doing now).
+
+    Returns
+    -------
+    (int, int, str)
+        Maximum, value and text of the bar.
     """
     stage = kwargs.get("stage")
-    if stage is not None:
-        bar.setRange(0, 0)
-        bar.setFormat(str(stage))
-        return
     done = kwargs.get("done", args[0] if args else None)
     total = kwargs.get("total", args[1] if len(args) > 1 else None)
-    if done is None:
-        return
-    try:
-        if total:
-            bar.setRange(0, int(total))
-            bar.setValue(int(done))
-        else:
-            bar.setRange(0, 100)
-            bar.setValue(int(round(float(done) * 100)))
-        bar.setFormat("%p%")
-    except (TypeError, ValueError):
-        pass
+    if stage is None and done is not None:
+        try:
+            if total:
+                return int(total), min(int(done), int(total)), f"{what}: %p%"
+            return 100, int(round(100 * min(max(float(done), 0.0), 1.0))), f"{what}: %p%"
+        except (TypeError, ValueError):
+            pass
+    text = f"{what}: {stage}" if stage else what
+    return 100, 0, f"{text}... {int(elapsed)} s"
