@@ -138,6 +138,15 @@ def measure_floor(redraw: Redraw, repeats: int) -> tuple[list[float], list[float
     return wall, cpu
 
 
+def run_events(seconds: float) -> None:
+    """Run the Qt event loop for a while (let deferred draws and deletions happen)."""
+    from qtpy.QtCore import QEventLoop, QTimer
+
+    loop = QEventLoop()
+    QTimer.singleShot(int(1000 * seconds), loop.quit)
+    loop.exec()
+
+
 def settle(n: int = 5) -> None:
     """Process pending Qt events a few times (finish earlier redraws before a trial)."""
     from qtpy.QtWidgets import QApplication
@@ -373,14 +382,14 @@ def measure_worker(widget: Any, runs: int, cache: Path) -> dict[str, list[float]
         name = f"another image {i}"
         viewer.add_image(image, name=name)
         widget.image_combo.setCurrentText(name)
-        settle(10)
+        run_events(2.0)  # the new image layer is drawn before the run starts
         record("new_", *run_loop(0.3, widget.run_btn.click))
         session = widget.session(create=False)
         for layer in [*session.map_layers.values(), *session._edit_layers()]:
             viewer.layers.remove(layer)
         viewer.layers.remove(name)
         widget.image_combo.setCurrentText(first)
-        settle(10)
+        run_events(2.0)
     return out
 
 
