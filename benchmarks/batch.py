@@ -11,9 +11,14 @@ predict ... --out OUT.zarr``) on synthetic worm images (``make_worms``, BBBC010-
     processes (``OMP_NUM_THREADS=1`` in the workers, warmed up before timing) on the same
     images; throughput ratio = images/s with 2 workers / images/s with 1.
 (c) **mosaic**: a ``--mosaic`` x ``--mosaic`` uint16 image built from 1000 x 1000
-    ``make_worms`` tiles, written to a zarr store first, then ``napari-instseg predict
-    mosaic.zarr --out result.zarr --threads 2`` in a child process whose peak resident
-    memory (the process and its children, sampled every 0.2 s with psutil) is recorded.
+    ``make_worms`` well tiles (a plate montage), written to a zarr store first, then
+    ``napari-instseg predict mosaic.zarr --out result.zarr --threads 2`` in a child
+    process whose peak resident memory (the process and its children, sampled every 0.2 s
+    with psutil) is recorded.
+(d) **stitching on real images** (when BBBC010 is found): the first ``--wells`` wells in
+    ``--real-chunk`` chunks against whole images (one chunk each), same model and method:
+    instances per image, and for every whole-image instance of >= 200 px the IoU of the
+    chunked label covering most of it.
 
 Run (the full targets take about half an hour on 2 cores; run nothing else meanwhile)::
 
@@ -61,16 +66,20 @@ def make_images(folder: Path, n: int, shape: tuple[int, int]) -> list[Path]:
 
 
 def make_mosaic(path: Path, size: int, tile: int = 1000, variants: int = 16) -> dict:
-    """Write a size x size uint16 zarr array tiled with make_worms images (rotated copies)."""
+    """Write a size x size uint16 zarr array tiled with make_worms wells (rotated copies).
+
+    A montage of lit wells, like a plate overview: the shipped BBBC010 model expects the
+    dark surround of a well (without it, it takes the whole synthetic field for worms).
+    """
     import zarr
 
     from napari_instseg.core.synthetic import make_worms
 
     t0 = time.perf_counter()
     tiles = [
-        np.clip(make_worms(shape=(tile, tile), n_worms=14, seed=i).image, 0, 65535).astype(
-            np.uint16
-        )
+        np.clip(
+            make_worms(shape=(tile, tile), n_worms=14, well=True, seed=i).image, 0, 65535
+        ).astype(np.uint16)
         for i in range(variants)
     ]
     arr = zarr.create_array(
@@ -233,6 +242,40 @@ def mosaic(size: int, work: Path, method: str, model, threads: int, chunk: int) 
     }
 
 
+def stitching_real(root: Path, wells: int, chunk: int, work: Path, method: str, model) -> dict:
+    import zarr
+
+    paths = sorted((root / "images").glob("*_w2_*.tif"))[:wells]
+    labels = {}
+    for size in (max(1024, chunk), chunk):
+        out = work / f"real{size}.zarr"
+        run_dask(paths, out, method, model, chunk_size=size, halo=64)
+        labels[size] = zarr.open_array(str(out / "labels" / "instances" / "0"))[...]
+    whole, chunked = labels[max(1024, chunk)], labels[chunk]
+    ious, counts = [], []
+    for a, b in zip(whole, chunked, strict=True):
+        counts.append((len(np.unique(a)) - 1, len(np.unique(b)) - 1))
+        for i in np.unique(a)[1:]:
+            m = a == i
+            if m.sum() < 200:
+                continue
+            vals, n = np.unique(b[m], return_counts=True)
+            j = vals[np.argmax(n)]
+            other = (b == j) if j else np.zeros_like(m)
+            ious.append(float((m & other).sum() / (m | other).sum()))
+    ious = np.asarray(ious)
+    return {
+        "images": len(paths),
+        "chunk_size": chunk,
+        "chunks_per_image": -(-whole.shape[1] // chunk) * -(-whole.shape[2] // chunk),
+        "instances_whole": sum(c[0] for c in counts),
+        "instances_chunked": sum(c[1] for c in counts),
+        "compared": len(ious),
+        "median_iou": float(np.median(ious)) if len(ious) else float("nan"),
+        "iou_above_0.8": float((ious > 0.8).mean()) if len(ious) else float("nan"),
+    }
+
+
 def markdown(res: dict, args) -> str:
     from napari_instseg.core.device import cpu_name
 
@@ -283,6 +326,29 @@ def markdown(res: dict, args) -> str:
             f"{m['stage_s']['chunks']:.0f} / {m['stage_s']['stitch']:.0f} / "
             f"{m['stage_s']['write']:.0f} s chunks / stitch / write) | |"
         )
+    if "real" in res:
+        r = res["real"]
+        lines.append(
+            f"| (d) BBBC010, {r['images']} wells in {r['chunk_size']} px chunks "
+            f"({r['chunks_per_image']} per image) vs whole images: instances | "
+            f"{r['instances_chunked']} vs {r['instances_whole']} | equal |"
+        )
+        lines.append(
+            f"| (d) same: IoU with the whole-image instance ({r['compared']} of >= 200 px) | "
+            f"median {r['median_iou']:.3f}, {100 * r['iou_above_0.8']:.0f} % above 0.8 | |"
+        )
+    missing = [
+        name
+        for key, name in (
+            ("overhead", "(a) overhead"),
+            ("workers", "(b) workers"),
+            ("mosaic", "(c) mosaic"),
+            ("real", "(d) stitching on BBBC010"),
+        )
+        if key not in res
+    ]
+    if missing:
+        lines += ["", f"Not measured in this run: {', '.join(missing)}."]
     lines += [
         "",
         "(a) and (b) are medians of the runs listed in the JSON output "
@@ -315,6 +381,8 @@ def main() -> int:
     parser.add_argument("--mosaic", type=int, default=20000, help="mosaic side, 0 = skip")
     parser.add_argument("--chunk-size", type=int, default=1024, help="mosaic chunk (1024)")
     parser.add_argument("--threads", type=int, default=2, help="mosaic threads (2)")
+    parser.add_argument("--wells", type=int, default=10, help="BBBC010 wells for (d), 0 = skip")
+    parser.add_argument("--real-chunk", type=int, default=256, help="chunk size for (d) (256)")
     parser.add_argument("--method", default="auto", help="segmentation method (auto)")
     parser.add_argument("--model", help="weights file (default: shipped)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["overhead", "workers"])
@@ -331,7 +399,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     res: dict = {"load": os.getloadavg(), "torch": torch.__version__, "dask": dask.__version__}
     try:
-        paths = make_images(work / "images", args.images, shape)
+        needs_images = not {"overhead", "workers"} <= set(args.skip)
+        paths = make_images(work / "images", args.images, shape) if needs_images else []
         if "overhead" not in args.skip:
             res["overhead"] = overhead(paths, work, args.method, args.model, args.repeats)
             print(json.dumps(res["overhead"], indent=1), flush=True)
@@ -343,6 +412,14 @@ def main() -> int:
                 args.mosaic, work, args.method, args.model, args.threads, args.chunk_size
             )
             print(json.dumps(res["mosaic"], indent=1), flush=True)
+        root = Path(
+            os.environ.get("NAPARI_INSTSEG_BBBC010") or REPO.parent / "shared/data/bbbc010"
+        )
+        if args.wells and (root / "images").is_dir():
+            res["real"] = stitching_real(
+                root, args.wells, args.real_chunk, work, args.method, args.model
+            )
+            print(json.dumps(res["real"], indent=1), flush=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -966,10 +966,10 @@ def _chunk_body(job: _Job, chunk: Chunk, stats: dict[str, Any], t0: float) -> di
     masks = instances.masks[:, core[0], core[1]]
     keep = np.flatnonzero(masks.any(axis=(1, 2)))
     core_raw = raw[:, core[0], core[1]]
+    if len(keep) < len(instances):  # a view when every instance reaches the core
+        masks = masks[keep]
     table = measure(
-        Instances(
-            masks=masks[keep], scores=instances.scores[keep], classes=instances.classes[keep]
-        ),
+        Instances(masks=masks, scores=instances.scores[keep], classes=instances.classes[keep]),
         image=core_raw[0] if core_raw.shape[0] == 1 else core_raw,
     )
     table["label"] = keep + 1
