@@ -84,8 +84,8 @@ def main() -> None:
     # similarity to the pixel under the cursor (at the seed of the first worm)
     worm = min(session.worms, key=lambda w: w.label)
     point = worm.seeds[0] if worm.seeds else tuple(np.argwhere(worm.mask)[0])
+    session.similarity_to(point)  # creates the layer on first use
     only(viewer, session, {LAYER_NAMES["similarity"]})
-    session.similarity_to(point)
     settle()
     save(viewer.screenshot(canvas_only=True), args.out / "layer_similarity.png")
 

@@ -347,8 +347,6 @@ class Session:
         # the layers needed to click come first, so editing can start while the maps follow
         self.ensure_labels_layer()
         yield "worms"
-        self._ensure_similarity_layer()
-        yield "similarity"
         self._ensure_seeds_layer()
         self._raise_edit_layers()
         yield "seeds"
@@ -456,9 +454,16 @@ class Session:
         layer.events.set_data.connect(self._on_labels_changed)
         layer.events.paint.connect(self._on_labels_changed)
 
-    def _ensure_similarity_layer(self) -> None:
+    def ensure_similarity_layer(self) -> Any:
+        """Create the similarity-to-cursor layer if needed (under ``worms``) and return it.
+
+        It is made on first use (live similarity switched on), not with the other maps:
+        adding a layer is one of the costliest things a napari viewer does.
+        """
         if self.similarity_layer is None or self.similarity_layer not in self.viewer.layers:
-            self.similarity_layer = self.viewer.add_image(
+            from napari.layers import Image
+
+            self.similarity_layer = Image(
                 np.zeros(self.shape, np.float32),
                 name=LAYER_NAMES["similarity"],
                 colormap="turbo",
@@ -467,6 +472,10 @@ class Session:
                 visible=False,
                 **self._transform_kwargs(),
             )
+            layers = self.viewer.layers
+            above = [layers.index(x) for x in (self.labels_layer, self.seeds_layer) if x in layers]
+            layers.insert(min(above, default=len(layers)), self.similarity_layer)
+        return self.similarity_layer
 
     def _ensure_seeds_layer(self) -> None:
         if self.seeds_layer is None or self.seeds_layer not in self.viewer.layers:
@@ -876,8 +885,7 @@ class Session:
         from ..core.grow import similarity
 
         sim = np.asarray(similarity(self.prediction, point), np.float32)
-        self._ensure_similarity_layer()
-        set_layer_data(self.viewer, self.similarity_layer, sim)
+        set_layer_data(self.viewer, self.ensure_similarity_layer(), sim)
         return sim
 
     # ---------------------------------------------------------- automatic mode

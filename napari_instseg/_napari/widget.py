@@ -830,7 +830,13 @@ class InstSegWidget(QWidget):
     # ------------------------------------------------------------- similarity
     def _on_hover_toggled(self, on: bool) -> None:
         session = self.session(create=False)
-        if session is not None and session.similarity_layer is not None:
+        if session is None:
+            return
+        if on and session.prediction is not None:
+            session.ensure_similarity_layer()
+            if session.labels_layer is not None:  # inserting made the new layer active
+                self.viewer.layers.selection.active = session.labels_layer
+        if session.similarity_layer is not None:
             session.similarity_layer.visible = on
 
     def _on_mouse_move(self, viewer: Any, event: Any) -> None:
