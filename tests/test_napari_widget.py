@@ -465,3 +465,26 @@ def test_progress_bar_state():
         0,
         "predicting: showing layers... 1 s",
     )
+
+
+def test_set_layer_data_and_state_key(make_napari_viewer):
+    from napari_instseg._napari.session import set_layer_data, state_key
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(np.zeros((20, 30), np.float32))
+    seen, extents = [], []
+    layer.events.data.connect(lambda e: seen.append(e))
+    update = viewer._on_layers_change  # the viewer-wide dims update napari runs on data events
+    viewer._on_layers_change = lambda *args: (extents.append(1), update())
+    set_layer_data(viewer, layer, np.ones((20, 30), np.float32))  # same shape: quiet extent
+    assert seen and layer.data.max() == 1  # other listeners still hear about it
+    assert not extents
+    before = viewer.dims.range[-1].stop
+    set_layer_data(viewer, layer, np.ones((40, 50), np.float32))  # new shape: dims follow
+    assert extents and viewer.dims.range[-1].stop > before
+
+    a = np.zeros((5, 6), np.int32)
+    b = a.copy()
+    b[2, 3] = 1
+    assert state_key(a) == state_key(a.copy()) and state_key(a) != state_key(b)
+    assert state_key(a) != state_key(a.astype(np.int64))
