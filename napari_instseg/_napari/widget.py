@@ -457,6 +457,8 @@ class InstSegWidget(QWidget):
                 prediction = compute.cached_predict(image, model, device, progress=report)
             except compute.Cancelled:
                 return None
+            if self._cancel:  # pressed during the last tile: keep the result cached, show none
+                return None
             self._progress_state = ((), {"stage": "preparing layers"})
             return prediction, prepare_layers(prediction, tau)
 
