@@ -460,7 +460,7 @@ def validate(model: InstSegNet, items: Sequence[_Item], device: torch.device) ->
     }
 
 
-VALIDATION_BOUNDARY_THRESHOLDS = (0.5, 0.7, 0.85, 0.92)
+VALIDATION_BOUNDARY_THRESHOLDS = (0.5, 0.7, 0.85, 0.92, 0.95)
 
 
 def boundary_ap(
