@@ -38,6 +38,7 @@ _API: dict[str, str] = {
     "train": "napari_instseg.core.train",
     "finetune": "napari_instseg.core.finetune",
     "list_model_versions": "napari_instseg.core.finetune",
+    "run_batch": "napari_instseg.core.batch",
     "read_image": "napari_instseg.core.io",
     "read_bbbc010": "napari_instseg.core.io",
     "read_training_folder": "napari_instseg.core.training_folder",
