@@ -202,7 +202,7 @@ def test_tau_slider_seeds_and_similarity(widget, worms, qtbot):
     worm = session.worms[0]
     assert worm.negatives == (neg,)
     assert not worm.mask[neg]
-    assert len(viewer.layers["seeds"].data) == 2
+    qtbot.waitUntil(lambda: len(viewer.layers["seeds"].data) == 2, timeout=2000)
     # shift+click adds a positive seed back
     widget.set_tool("new")
     click(qtbot, viewer, *neg, modifiers=("Shift",))
@@ -375,22 +375,27 @@ def test_seeds_layer_follows_seeds_only(widget, worms, qtbot):
     widget.run_model(blocking=True)
     session = widget.session()
     seeds = viewer.layers["seeds"]
-    changes = []
-    seeds.events.data.connect(lambda e: changes.append(e.action))
+    draws, changes = [], []
+    viewer.window._qt_viewer.canvas._scene_canvas.events.draw.connect(lambda e: draws.append(1))
+    seeds.events.data.connect(lambda e: changes.append(len(draws)))
     p = inner_pixel(worms.masks, 0)
     click(qtbot, viewer, *p)
-    assert seeds.data.tolist() == [list(p)] and changes
+    assert session.labels_layer.data[p] == 1
+    qtbot.waitUntil(lambda: seeds.data.tolist() == [list(p)], timeout=2000)
+    assert changes[0] >= 1  # the canvas drew the new mask before the seed marker came
     np.testing.assert_allclose(seeds.face_color[0], [0, 1, 0, 1])
     n = len(changes)
     widget.set_tool("select")
     click(qtbot, viewer, *p)
     widget.mark_reviewed()
+    qtbot.wait(150)
     assert len(changes) == n  # selecting and reviewing do not touch the seeds layer
     rows, cols = np.nonzero(worms.masks[0] & ~worms.masks[1:].any(0))
     far = int(np.argmax((rows - p[0]) ** 2 + (cols - p[1]) ** 2))
     neg = (int(rows[far]), int(cols[far]))
     widget.set_tool("negative")
     click(qtbot, viewer, *neg)
+    qtbot.waitUntil(lambda: len(seeds.data) == 2, timeout=2000)
     assert seeds.data.tolist() == [list(p), list(neg)]
     np.testing.assert_allclose(seeds.face_color, [[0, 1, 0, 1], [1, 0, 0, 1]])
     session.labels_layer.undo()

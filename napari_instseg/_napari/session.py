@@ -240,6 +240,12 @@ class Session:
         self._writing = False
         self._preview_start: tuple[Worm, ...] | None = None
         self._preview_history: Any = None
+        #: ``defer(callback)``, or None. The widget sets it to run the callback once the
+        #: canvas has drawn the edit: a click's mask then reaches the screen one frame
+        #: before its seed marker instead of waiting for it (updating a Points layer costs
+        #: about as much as the mask itself, the draw included).
+        self.defer: Any = None
+        self._seeds_pending = False
         _SESSIONS.add(self)
 
     # ------------------------------------------------------------------ basics
@@ -624,7 +630,19 @@ class Session:
         seeds_before = [(w.seeds, w.negatives) for w in changed if id(w) in before]
         seeds_after = [(w.seeds, w.negatives) for w in changed if id(w) in after]
         if seeds_before != seeds_after:
+            self._refresh_seeds()
+
+    def _refresh_seeds(self) -> None:
+        """Update the seeds layer at once, or through :attr:`defer` after the edit is drawn."""
+        if self.defer is None:
             self._update_seeds_layer()
+        elif not self._seeds_pending:
+            self._seeds_pending = True
+            self.defer(self._flush_seeds)
+
+    def _flush_seeds(self) -> None:
+        self._seeds_pending = False
+        self._update_seeds_layer()
 
     def begin_preview(self) -> None:
         """Start a live edit (e.g. dragging the tau slider); ends with :meth:`end_preview`.

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
-from qtpy.QtCore import Qt, QTimer, Signal
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QButtonGroup,
@@ -108,6 +108,9 @@ class InstSegWidget(QWidget):
         self._bar_start = time.monotonic()
         self._bar_shown: tuple[int, int, str] | None = None
         self._showing: Any = None
+        self._after_paint: list[Any] = []
+        self._paint_watch = _PaintWatch(self._paint_started)
+        self._watched: list[Any] = []
         self._bar_timer = QTimer(self)
         self._bar_timer.setInterval(100)
         self._bar_timer.timeout.connect(self._tick_bar)
@@ -312,6 +315,46 @@ class InstSegWidget(QWidget):
         for key, func in keys.items():
             v.bind_key(key, func, overwrite=True)
 
+    # ============================================================ draw order
+    def after_next_paint(self, callback: Any) -> None:
+        """Run ``callback`` once the viewer's canvas has painted (within 0.1 s anyway).
+
+        Edits use it to put what matters (a click's mask) on screen first and what can
+        wait a frame (seed markers) right after.
+        """
+        canvases = self._canvases()
+        if not canvases:
+            callback()
+            return
+        self._after_paint.append(callback)
+        QTimer.singleShot(100, self._run_after_paint)  # no paint coming: do not wait longer
+
+    def _canvases(self) -> list[Any]:
+        """The window's OpenGL widgets (napari's canvas), watched for paint events."""
+        live = [w for w in self._watched if _visible(w)]
+        if live:  # searching the window's widget tree costs milliseconds: do it once
+            return live
+        try:
+            from qtpy.QtOpenGLWidgets import QOpenGLWidget
+        except ImportError:  # pragma: no cover - Qt without OpenGL widgets
+            return []
+        window = self.window()
+        if window is self:  # not docked yet
+            return []
+        self._watched = [w for w in window.findChildren(QOpenGLWidget) if _visible(w)]
+        for canvas in self._watched:
+            canvas.installEventFilter(self._paint_watch)
+        return list(self._watched)
+
+    def _paint_started(self) -> None:
+        if self._after_paint:
+            QTimer.singleShot(0, self._run_after_paint)  # runs once this paint has finished
+
+    def _run_after_paint(self) -> None:
+        callbacks, self._after_paint = self._after_paint, []
+        for callback in callbacks:
+            callback()
+
     # ================================================================ helpers
     def _say(self, text: str) -> None:
         self.status.setText(text)
@@ -355,6 +398,7 @@ class InstSegWidget(QWidget):
         key = id(layer)
         if key not in self.sessions and create:
             session = Session(self.viewer, layer)
+            session.defer = self.after_next_paint
             for other in self.viewer.layers:
                 if (
                     isinstance(other, Labels)
@@ -1072,6 +1116,28 @@ def _one_numba_thread() -> None:
         numba.set_num_threads(1)
     except (ValueError, RuntimeError):  # pragma: no cover - numba without threading
         pass
+
+
+def _visible(widget: Any) -> bool:
+    """``widget.isVisible()``, False once Qt has deleted it."""
+    try:
+        return bool(widget.isVisible())
+    except RuntimeError:
+        return False
+
+
+class _PaintWatch(QObject):
+    """Event filter calling ``on_paint()`` when a watched widget starts to paint."""
+
+    def __init__(self, on_paint: Any) -> None:
+        super().__init__()
+        self._on_paint = on_paint
+
+    def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 - Qt's name
+        """Notice paint events; never consume one."""
+        if event.type() == QEvent.Type.Paint:
+            self._on_paint()
+        return False
 
 
 def bar_state(what: str, elapsed: float, *args: Any, **kwargs: Any) -> tuple[int, int, str]:
