@@ -44,3 +44,11 @@ def _few_threads():
     # busy machine make small convolutions ~20x slower than one thread
     limit = int(os.environ.get("OMP_NUM_THREADS") or 2)
     torch.set_num_threads(max(1, min(2, limit, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_prediction_cache(tmp_path_factory):
+    """The widget's disk cache goes to a temporary folder, never the user's ~/.cache."""
+    if "NAPARI_INSTSEG_CACHE" not in os.environ:
+        os.environ["NAPARI_INSTSEG_CACHE"] = str(tmp_path_factory.mktemp("prediction-cache"))
+    yield
