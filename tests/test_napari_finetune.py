@@ -94,3 +94,25 @@ def test_finetune_widget_reports_errors(widget, tmp_path, parent, qtbot):
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert widget.version is None
     assert "failed" in widget.status.text() and widget.last_error
+
+
+def test_main_widget_lists_and_uses_new_versions(make_napari_viewer, tmp_path):
+    from napari_instseg._napari.finetune_widget import model_versions
+    from napari_instseg._napari.widget import MODEL_SHIPPED, InstSegWidget
+
+    torch.manual_seed(0)
+    tiny = InstSegNet(ModelConfig(channels=(8, 8, 8), embedding_dim=4, head_channels=8))
+    path = save_model(tiny, tmp_path / "models" / "tiny-ft1" / "model.safetensors", {})
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(make_worms((64, 64), n_worms=3, length=(20, 30), seed=0).image, name="img")
+    widget = InstSegWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="instseg")
+    model_versions.trained.emit(str(path))  # what the fine-tune widget does when done
+    index = widget.model_combo.findText("version: tiny-ft1")
+    assert index >= 0
+    assert widget.model_combo.currentText() == MODEL_SHIPPED  # listed, not forced on the user
+    widget.add_model_version(path)
+    assert widget.model_choice() == str(path)
+    assert widget.model_combo.count() == index + 1  # not listed twice
+    prediction = widget.run_model(blocking=True)
+    assert prediction.embeddings.shape == (4, 64, 64)  # the version's D, not the shipped 16

@@ -41,6 +41,7 @@ from qtpy.QtWidgets import (
 )
 
 from . import compute
+from .finetune_widget import model_versions
 from .layers import prediction_layers
 from .session import Point, Session
 
@@ -281,6 +282,7 @@ class InstSegWidget(QWidget):
         # --- signals
         self.model_combo.currentIndexChanged.connect(self._on_model_choice)
         self.browse_btn.clicked.connect(self._browse_model)
+        model_versions.trained.connect(self._on_version_trained)
         self.device_combo.currentTextChanged.connect(self._update_device_label)
         self.run_btn.clicked.connect(lambda: self.run_model())
         self.cancel_btn.clicked.connect(self.cancel)
@@ -417,9 +419,12 @@ class InstSegWidget(QWidget):
             self.viewer.layers.selection.active = session.labels_layer
 
     def model_choice(self) -> str | None:
-        """``None`` for the shipped model, else the weights path typed or browsed."""
+        """``None`` for the shipped model, else the weights path (version, typed or browsed)."""
         if self.model_combo.currentText() == MODEL_SHIPPED:
             return None
+        version = self.model_combo.currentData()
+        if version:
+            return str(version)
         path = self.model_path.text().strip()
         return path or None
 
@@ -427,6 +432,33 @@ class InstSegWidget(QWidget):
         custom = self.model_combo.currentText() == MODEL_FILE
         self.model_path.setEnabled(custom)
         self.browse_btn.setEnabled(custom)
+
+    def add_model_version(self, path: str | Path, select: bool = True) -> None:
+        """List a fine-tuned model version; with ``select``, use it (and re-run the image).
+
+        Parameters
+        ----------
+        path : str or Path
+            The version's ``model.safetensors``.
+        select : bool
+            Make it the current model; the open image is predicted again if it had been.
+        """
+        path = Path(path)
+        text = f"version: {path.parent.name}"
+        index = self.model_combo.findText(text)
+        if index < 0:
+            self.model_combo.addItem(text, str(path))
+            index = self.model_combo.count() - 1
+        if not select:
+            return
+        self.model_combo.setCurrentIndex(index)
+        session = self.session(create=False)
+        if session is not None and session.prediction is not None:
+            self.run_model()
+
+    def _on_version_trained(self, path: str) -> None:
+        self.add_model_version(path, select=False)
+        self._say(f"New model version {Path(path).parent.name}: choose it under model.")
 
     def _browse_model(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
@@ -473,6 +505,8 @@ class InstSegWidget(QWidget):
             self._say("Choose a weights file (Browse...) or the shipped model.")
             return None
         name = "shipped" if model is None else Path(model).name
+        if model is not None and Path(model).name == "model.safetensors":
+            name = Path(model).parent.name  # a fine-tuned version
         if blocking:
             prediction = compute.cached_predict(image, model, device)
             self._show_prediction(session, prediction, name)
