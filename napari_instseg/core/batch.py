@@ -638,11 +638,8 @@ def predict_window(
     Prediction
         The window's outputs, with the model's recommended segmentation in ``metadata``.
     """
-    import torch
-    import torch.nn.functional as F
-
     from .device import get_device
-    from .predict import _tiles
+    from .predict import iter_predict_normalized
 
     dev = get_device(device)
     cfg = model.config
@@ -653,55 +650,12 @@ def predict_window(
         )
     _, h, w = x.shape
     tile = max(h, w) if tile_size is None else int(tile_size)
-    t_count, c1 = len(cfg.taus), cfg.n_classes + 1
-    embeddings = np.empty((cfg.embedding_dim, h, w), np.float32)
-    class_scores = np.empty((t_count, c1, h, w), np.float32)
-    boundary = np.empty((h, w), np.float32)
-    foreground = np.empty((h, w), np.float32)
-    x_all = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-    use_amp = dev.type == "cuda"
-    div = cfg.divisor
-    for r0, r1 in _tiles(h, tile):
-        for c0, c1_ in _tiles(w, tile):
-            rr0, rr1 = max(r0 - halo, 0) // div * div, min(r1 + halo, h)
-            cc0, cc1 = max(c0 - halo, 0) // div * div, min(c1_ + halo, w)
-            xt = x_all[:, rr0:rr1, cc0:cc1][None].to(dev)
-            th, tw = xt.shape[-2:]
-            ph, pw = (-th) % div, (-tw) % div
-            if ph or pw:
-                mode = "reflect" if ph < th and pw < tw else "replicate"
-                xt = F.pad(xt, (0, pw, 0, ph), mode=mode)
-            with (
-                torch.inference_mode(),
-                torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp),
-            ):
-                out = model(xt, (origin[0] + rr0, origin[1] + cc0))
-            sl = (slice(r0 - rr0, r1 - rr0), slice(c0 - cc0, c1_ - cc0))
-            emb = out["embeddings"][0].float()[:, sl[0], sl[1]]
-            probs = out["class_logits"][0].float().softmax(1)[:, :, sl[0], sl[1]]
-            embeddings[:, r0:r1, c0:c1_] = emb.cpu().numpy()
-            class_scores[:, :, r0:r1, c0:c1_] = probs.cpu().numpy()
-            bnd = torch.sigmoid(out["boundary_logits"][0].float())[sl]
-            fg = torch.sigmoid(out["foreground_logits"][0].float())[sl]
-            boundary[r0:r1, c0:c1_] = bnd.cpu().numpy()
-            foreground[r0:r1, c0:c1_] = fg.cpu().numpy()
-    meta = getattr(model, "metadata", {}) or {}
-    return Prediction(
-        embeddings=embeddings,
-        seediness=class_scores[:, 1:].max(axis=(0, 1)),
-        class_scores=class_scores,
-        boundary=boundary,
-        foreground=foreground,
-        taus=tuple(cfg.taus),
-        metadata={
-            "model": meta.get("name", getattr(model, "source", "unsaved model")),
-            "model_sha256": meta.get("sha256"),
-            "device": str(dev),
-            "origin": tuple(origin),
-            "recommended_method": meta.get("recommended_method"),
-            "segment_params": meta.get("segment_params", {}),
-        },
-    )
+    steps = iter_predict_normalized(x, model.to(dev).eval(), dev, tile, halo, origin)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 # --------------------------------------------------------------------------- stitching

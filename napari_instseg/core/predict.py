@@ -148,6 +148,48 @@ def iter_predict(
         DEFAULT_NORMALIZATION["high"],
         cfg.flatfield_sigma,
     )
+    return (yield from iter_predict_normalized(norm, model, dev, tile_size, halo))
+
+
+def iter_predict_normalized(
+    norm: np.ndarray,
+    model: InstSegNet,
+    dev: torch.device,
+    tile_size: int = 1024,
+    halo: int = 64,
+    origin: tuple[int, int] = (0, 0),
+) -> Generator[tuple[int, int], None, Prediction]:
+    """The tiled network pass of :func:`iter_predict` on an already normalised input.
+
+    Tiles start on multiples of the model's divisor (the pooling grid of the whole image)
+    and get ``halo`` pixels of context, cropped away afterwards. ``origin`` offsets the
+    semi-convolutional coordinates: a window of a larger plane (``core/batch.py``) gets the
+    embeddings a prediction of the whole plane would give it.
+
+    Parameters
+    ----------
+    norm : np.ndarray
+        ``(C_net, H, W)`` float32, from :func:`~napari_instseg.core.normalize.model_input`.
+    model : InstSegNet
+        The network, on ``dev`` and in eval mode.
+    dev : torch.device
+        Where it runs.
+    tile_size, halo : int
+        As in :func:`iter_predict`.
+    origin : tuple of int
+        Global ``(row, col)`` of ``norm``'s first pixel.
+
+    Yields
+    ------
+    tuple of int
+        Tiles done, tiles in total.
+
+    Returns
+    -------
+    Prediction
+        The outputs; ``metadata`` names the model, device, tiles and origin.
+    """
+    cfg = model.config
     _, h, w = norm.shape
     t_count, c1 = len(cfg.taus), cfg.n_classes + 1
     embeddings = np.empty((cfg.embedding_dim, h, w), np.float32)
@@ -155,7 +197,7 @@ def iter_predict(
     boundary = np.empty((h, w), np.float32)
     foreground = np.empty((h, w), np.float32)
     tiles = [(r, c) for r in _tiles(h, tile_size) for c in _tiles(w, tile_size)]
-    x_all = torch.from_numpy(norm)
+    x_all = torch.from_numpy(np.ascontiguousarray(norm, np.float32))
     use_amp = dev.type == "cuda"
     for i, ((r0, r1), (c0, c1_)) in enumerate(tiles):
         # tile starts on multiples of the divisor: the same pooling grid as the whole image
@@ -171,7 +213,7 @@ def iter_predict(
             torch.inference_mode(),
             torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp),
         ):
-            out = model(x, (rr0, cc0))
+            out = model(x, (origin[0] + rr0, origin[1] + cc0))
         sl = (slice(r0 - rr0, r0 - rr0 + (r1 - r0)), slice(c0 - cc0, c0 - cc0 + (c1_ - c0)))
         emb = out["embeddings"][0].float()[:, sl[0], sl[1]]
         probs = out["class_logits"][0].float().softmax(1)[:, :, sl[0], sl[1]]
@@ -196,6 +238,7 @@ def iter_predict(
             "model_sha256": meta.get("sha256"),
             "device": str(dev),
             "tiles": len(tiles),
+            "origin": tuple(origin),
             "recommended_method": meta.get("recommended_method"),
             "segment_params": meta.get("segment_params", {}),
         },
