@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from napari_instseg.core.evaluate import evaluate
-from napari_instseg.core.instances import nms, sample_seeds, segment
+from napari_instseg.core.instances import nms, sample_seeds, segment, split_merged
 from napari_instseg.core.oracle import prediction_from_masks
 from napari_instseg.core.synthetic import make_worms
-from napari_instseg.core.types import Prediction
+from napari_instseg.core.types import Instances, Prediction
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +108,62 @@ def test_segment_auto_uses_model_recommendation(worms):
     assert len(segment(p, min_size=30)) == len(segment(p, method="boundary", min_size=30)) > 0
     p.metadata.pop("recommended_method")
     assert len(segment(p)) == len(segment(p, method="hybrid"))
+
+
+def _merged(sample, pair):
+    """The sample's masks with the pair replaced by their union (a boundary-map gap)."""
+    a, b = pair
+    keep = [i for i in range(sample.n_instances) if i not in pair]
+    masks = np.concatenate([sample.masks[keep], (sample.masks[a] | sample.masks[b])[None]])
+    return Instances(masks=masks, scores=np.linspace(0.6, 0.9, len(masks)))
+
+
+@pytest.mark.parametrize("kind", ["touching", "crossings"])
+def test_split_merged_recovers_both_worms(worms, kind):
+    s, p = worms
+    pair = tuple(s.metadata[kind][0])
+    merged = _merged(s, pair)
+    # factor 1.2: the long single worm (index 3) is a candidate too and must stay whole;
+    # the bridge must span the crossing worm (up to 11 px wide)
+    out = split_merged(p, merged, factor=1.2, tau=0.5, bridge_radius=7)
+    assert len(out) == len(merged) + 1
+    from napari_instseg.core.evaluate import iou_matrix
+
+    iou = iou_matrix(out.masks, s.masks)
+    assert (iou.max(0) > 0.9).all()  # every worm, both of the pair included, comes back
+    assert out.scores[-2:].tolist() == [merged.scores[-1]] * 2  # parts inherit the score
+    for (r, c), m in zip(out.seeds, out.masks, strict=True):
+        assert m[r, c]
+    if kind == "crossings":  # both parts keep the shared pixels
+        shared = s.masks[pair[0]] & s.masks[pair[1]]
+        assert (out.masks[-2:].sum(0)[shared] == 2).mean() > 0.5
+
+
+def test_split_merged_leaves_single_worms_alone(worms):
+    s, p = worms
+    a, b = s.metadata["touching"][0]
+    # one big segment whose pixels all share one embedding: one object, no split
+    merged = _merged(s, (a, b))
+    emb = p.embeddings.copy()
+    emb[:, merged.masks[-1]] = emb[:, merged.masks[-1]].mean(axis=1)[:, None]
+    same = dataclasses.replace(p, embeddings=emb)
+    out = split_merged(same, merged, factor=1.5, tau=0.5)
+    assert len(out) == len(merged) and (out.masks == merged.masks).all()
+    # no segment above the factor: nothing changes either
+    assert split_merged(p, merged, factor=100.0).masks.shape == merged.masks.shape
+    with pytest.raises(ValueError, match="tau"):
+        split_merged(p, merged, tau=1.5)
+    with pytest.raises(ValueError, match="do not match"):
+        split_merged(p, Instances(masks=np.zeros((2, 5, 5), bool)))
+
+
+def test_boundary_split_factor_separates_worms_merged_by_a_boundary_gap(worms):
+    s, p = worms
+    a, b = s.metadata["touching"][0]
+    gap = dataclasses.replace(p, boundary=np.where(s.masks[a] | s.masks[b], 0.0, p.boundary))
+    from napari_instseg.core.evaluate import iou_matrix
+
+    plain = segment(gap, method="boundary")
+    split = segment(gap, method="boundary", split_factor=1.5, split_tau=0.5)
+    assert iou_matrix(plain.masks, s.masks).max(0)[[a, b]].min() < 0.7  # merged
+    assert iou_matrix(split.masks, s.masks).max(0)[[a, b]].min() > 0.8  # split again

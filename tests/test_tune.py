@@ -48,6 +48,16 @@ def test_tuning_finds_better_parameters_than_the_defaults(tmp_path):
     assert len(auto) == len(tuned) and all(
         np.array_equal(a, b) for a, b in zip(auto.masks, tuned.masks, strict=True)
     )
+    # tuning one method later keeps the others' parameters; the best stored AP is recommended
+    seeds_only = tune_segmentation(
+        preds, gts, methods=["seeds"], grids={"seeds": {"min_score": [0.0, 0.5]}}
+    )
+    write_tuning(path, seeds_only, images="synthetic")
+    meta = load_model(path).metadata
+    assert set(meta["segment_params"]) == {"boundary", "seeds"}
+    assert meta["segment_params"]["boundary"]["boundary_threshold"] == 0.9
+    best = max(("boundary", "seeds"), key=lambda m: meta["metrics"][m]["AP"])
+    assert meta["recommended_method"] == best
 
 
 def test_tuning_errors():

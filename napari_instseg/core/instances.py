@@ -11,7 +11,11 @@ masks allowed:
 ``"boundary"`` (BAISeg mask extraction pipeline)
     Thin the boundary map, dilate, distance transform of the remaining foreground, threshold
     into markers, watershed, per-instance closing (5 x 5 ellipse), clip to the foreground.
-    Cannot produce overlaps: a crossed worm comes out in pieces.
+    A watershed cannot produce overlaps: a crossed worm comes out in pieces. Optionally
+    (``split_factor``, tuned per model) segments much larger than the image's typical one,
+    which on real worms are nearly always touching or crossing worms merged by a gap in the
+    boundary map, are split by embedding similarity (:func:`split_merged`); the parts may
+    overlap where the worms cross.
 ``"hybrid"``
     Seeds from both sources, grown by embedding similarity with the boundary as a barrier;
     boundary segments no grown mask explains are added. See :func:`segment_hybrid`.
@@ -33,6 +37,7 @@ __all__ = [
     "segment_boundary",
     "segment_hybrid",
     "sample_seeds",
+    "split_merged",
     "nms",
     "METHODS",
 ]
@@ -321,6 +326,8 @@ def segment_boundary(
     min_size: int = 30,
     closing_size: int = 5,
     dilate_iterations: int = 1,
+    split_factor: float = 0.0,
+    split_tau: float = 0.3,
 ) -> Instances:
     """BAISeg's mask extraction pipeline on the boundary and foreground maps.
 
@@ -346,12 +353,20 @@ def segment_boundary(
         Instances smaller than this are dropped.
     closing_size : int
         Size of the elliptical closing element (BAISeg: 5).
+    dilate_iterations : int
+        Dilations of the thinned boundary lines before the distance transform (BAISeg: 2).
+    split_factor : float
+        When > 0, segments larger than ``split_factor`` times the median segment area are
+        split by embedding similarity at ``split_tau`` (:func:`split_merged`); 0 = off.
+    split_tau : float
+        Similarity threshold of the split.
 
     Returns
     -------
     Instances
-        Non-overlapping masks (overlaps appear only through the closing), scores from the
-        seediness, classes from the class scores, seeds at each instance's deepest pixel.
+        Masks (overlaps only through the closing, or between the parts of a split segment
+        where worms cross), scores from the seediness, classes from the class scores, seeds
+        at each instance's deepest pixel (a split part: its seed).
     """
     _check_prediction(prediction)
     shape = prediction.shape
@@ -391,13 +406,193 @@ def segment_boundary(
         seeds.append((sr + r0, sc + c0))
     if not masks:
         return _empty(shape)
-    return Instances(
+    segments = Instances(
         masks=np.stack(masks),
         scores=np.asarray(scores, np.float32),
         classes=np.asarray(classes, np.int64),
         seeds=np.asarray(seeds, np.int64),
         taus=None,
     )
+    if split_factor > 0:
+        segments = split_merged(prediction, segments, factor=split_factor, tau=split_tau)
+    return segments
+
+
+def split_merged(
+    prediction: Prediction | Grower,
+    instances: Instances,
+    factor: float = 1.5,
+    tau: float = 0.3,
+    iterations: int = 1,
+    min_part_fraction: float = 0.3,
+    max_parts: int = 4,
+    bridge_radius: int = 5,
+) -> Instances:
+    """Split segments much larger than the typical one into parts by embedding similarity.
+
+    A gap in the boundary map merges touching or crossing worms into one watershed
+    segment about twice the size of a worm. For each segment larger than ``factor`` times
+    the median segment area: take its seediest pixel not yet explained, grow it over the
+    segment by embedding similarity at ``tau`` (``iterations`` times re-centred on the
+    part's mean embedding, Fathi et al.'s mean-shift-like refinement), keep the connected
+    part around the seed (pieces within ``2 * bridge_radius`` joined) if it has at least
+    ``min_part_fraction`` times the median area, and repeat on what is left. With two or
+    more parts the segment is replaced by them; pixels no part reached go to the part whose
+    mean embedding is nearest, and a closing inside the segment gives each part back the
+    pixels a crossing worm took. Parts may overlap, which keeps both worms whole where
+    they cross.
+
+    Parameters
+    ----------
+    prediction : Prediction or Grower
+        Network outputs (embeddings and seediness are used).
+    instances : Instances
+        Segments, e.g. from the boundary pipeline.
+    factor : float
+        Segments larger than this times the median area are candidates (> 1).
+    tau : float
+        Similarity threshold in (0, 1) for growing a part.
+    iterations : int
+        Re-centring steps on the part's mean embedding.
+    min_part_fraction : float
+        A part needs this fraction of the median segment area.
+    max_parts : int
+        At most this many parts per segment.
+    bridge_radius : int
+        Pieces of a part closer than about twice this (pixels) count as connected, and a
+        closing with a disk of this radius inside the segment gives a part back the
+        pixels where another worm crosses it (0: neither).
+
+    Returns
+    -------
+    Instances
+        The instances with each split segment replaced by its parts (same score and class;
+        the parts' seeds, ``taus`` = ``tau`` where the input had taus).
+
+    Raises
+    ------
+    ValueError
+        If ``tau`` is outside (0, 1) or the masks do not match the prediction's shape.
+    """
+    if not 0.0 < tau < 1.0:
+        raise ValueError(f"tau must be in (0, 1), got {tau}")
+    grower = get_grower(prediction)
+    n = len(instances)
+    if n and instances.masks.shape[1:] != grower.shape:
+        raise ValueError(
+            f"masks of shape {instances.masks.shape[1:]} do not match the prediction "
+            f"{grower.shape}"
+        )
+    if n < 2 or factor <= 0:
+        return instances
+    areas = instances.masks.reshape(n, -1).sum(axis=1)
+    typical = float(np.median(areas))
+    big = set(np.flatnonzero(areas > factor * typical).tolist())
+    if not big:
+        return instances
+    seed_map = np.asarray(grower.prediction.seediness, np.float32).reshape(-1)
+    min_part = max(min_part_fraction * typical, 1.0)
+    if instances.seeds is not None:
+        seeds = np.asarray(instances.seeds, np.int64).reshape(n, 2)
+    else:  # the seediest pixel of each segment
+        flat_masks = instances.masks.reshape(n, -1)
+        best = np.where(flat_masks, seed_map[None], -1.0).argmax(axis=1)
+        seeds = np.stack(np.divmod(best, grower.shape[1]), axis=1).astype(np.int64)
+    out: dict[str, list] = {"masks": [], "scores": [], "classes": [], "seeds": [], "taus": []}
+    for i in range(n):
+        parts = (
+            _split_segment(
+                grower,
+                instances.masks[i],
+                seed_map,
+                tau,
+                iterations,
+                min_part,
+                max_parts,
+                bridge_radius,
+            )
+            if i in big
+            else []
+        )
+        if len(parts) < 2:
+            parts = [(instances.masks[i], seeds[i])]
+        for mask, seed in parts:
+            out["masks"].append(mask)
+            out["scores"].append(instances.scores[i])
+            out["classes"].append(instances.classes[i])
+            out["seeds"].append(seed)
+            out["taus"].append(instances.taus[i] if instances.taus is not None else tau)
+    return Instances(
+        masks=np.stack(out["masks"]),
+        scores=np.asarray(out["scores"], np.float32),
+        classes=np.asarray(out["classes"], np.int64),
+        seeds=np.asarray(out["seeds"], np.int64).reshape(-1, 2),
+        taus=np.asarray(out["taus"], np.float32) if instances.taus is not None else None,
+    )
+
+
+def _split_segment(
+    grower: Grower,
+    mask: np.ndarray,
+    seed_map: np.ndarray,
+    tau: float,
+    iterations: int,
+    min_part: float,
+    max_parts: int,
+    bridge_radius: int,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Parts of one segment as (mask, seed) pairs; fewer than two means "do not split"."""
+    h, w = grower.shape
+    rows, cols = np.nonzero(mask)
+    pad = bridge_radius + 1
+    r0, c0 = rows.min() - pad, cols.min() - pad  # local frame, padded for the morphology
+    local_shape = (rows.max() - r0 + 1 + pad, cols.max() - c0 + 1 + pad)
+    lr, lc = rows - r0, cols - c0
+    bridge = disk(bridge_radius).astype(bool) if bridge_radius > 0 else None
+    idx = rows * w + cols  # flat indices of the segment's pixels
+    threshold = d2_threshold(tau)
+    remaining = np.ones(len(idx), bool)
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    for _ in range(2 * max_parts + 4):  # a bounded number of tries
+        if len(parts) >= max_parts or remaining.sum() < min_part:
+            break
+        candidates = np.flatnonzero(remaining)
+        j = candidates[np.argmax(seed_map[idx[candidates]])]
+        vector = grower.flat[:, idx[j]][None]
+        for _ in range(iterations):
+            member = grower.sq_dist(vector, idx)[0] <= threshold
+            if not member.any():
+                break
+            vector = grower.flat[:, idx[member]].mean(axis=1)[None]
+        member = grower.sq_dist(vector, idx)[0] <= threshold
+        local = np.zeros(local_shape, bool)
+        local[lr[member], lc[member]] = True
+        # the part is the seed's connected piece; with a bridge, pieces of one worm cut
+        # apart by a crossing worm (whose pixels look like the other worm) stay together
+        reach = ndimage.binary_dilation(local, bridge) if bridge is not None else local
+        labels, _ = ndimage.label(reach, structure=_EIGHT)
+        own = labels[lr[j], lc[j]]
+        part = member & (labels[lr, lc] == own) if own else np.zeros(len(idx), bool)
+        part[j] = True
+        remaining &= ~part
+        if part.sum() >= min_part:
+            parts.append((part, vector))
+    if len(parts) < 2:
+        return []
+    vectors = np.concatenate([v for _, v in parts])
+    nearest = grower.sq_dist(vectors, idx).argmin(axis=0)
+    result = []
+    for k, (part, _) in enumerate(parts):
+        full = part | (nearest == k)
+        if bridge is not None:  # fill the crossing: both worms keep the shared pixels
+            local = np.zeros(local_shape, bool)
+            local[lr[full], lc[full]] = True
+            full |= ndimage.binary_closing(local, bridge)[lr, lc]
+        m = np.zeros((h, w), bool)
+        m[rows[full], cols[full]] = True
+        seed_pos = np.flatnonzero(part)[np.argmax(seed_map[idx[part]])]
+        result.append((m, np.array([rows[seed_pos], cols[seed_pos]], np.int64)))
+    return result
 
 
 def segment_hybrid(

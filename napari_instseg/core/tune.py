@@ -28,6 +28,9 @@ DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
         "marker_threshold": [0.5, 1.0, 1.5, 2.0],
         "dilate_iterations": [0, 1, 2],
         "fg_threshold": [0.5, 0.4, 0.3],
+        "min_size": [30, 200, 300, 400, 500],  # BBBC010 worms: 10th percentile ~830 px
+        "split_factor": [0.0, 1.3, 1.6, 2.0],
+        "split_tau": [0.2, 0.3, 0.5],
     },
     "seeds": {
         "min_seediness": [0.0, 0.1, 0.3, 0.5],
@@ -152,6 +155,10 @@ def write_tuning(
 ) -> Path:
     """Store a tuning result in a weights file's metadata (``segment(..., "auto")`` uses it).
 
+    Methods in ``result`` replace their stored parameters and metrics; methods tuned
+    before and not now keep theirs. The recommended method is the one with the highest
+    stored COCO AP.
+
     Parameters
     ----------
     weights : path
@@ -172,13 +179,21 @@ def write_tuning(
 
     model = load_model(weights)
     meta = dict(model.metadata)
-    meta["recommended_method"] = result.method
-    meta["segment_params"] = result.params
+    # methods tuned now replace their old entries; the others keep theirs
+    meta["segment_params"] = {**(meta.get("segment_params") or {}), **result.params}
     metrics = dict(meta.get("metrics") or {})
     metrics["validation_wells"] = images
     for method, full in result.scores.items():
         metrics[method] = {k: full[k] for k in ("AP", "AP50", "AP75", "avS", "S") if k in full}
     meta["metrics"] = metrics
+    candidates = [
+        m
+        for m in meta["segment_params"]
+        if isinstance(metrics.get(m), dict) and "AP" in metrics[m]
+    ]
+    meta["recommended_method"] = max(
+        candidates or [result.method], key=lambda m: metrics.get(m, {}).get("AP", -1.0)
+    )
     if description:
         meta["description"] = description
     return save_model(model, weights, meta)
