@@ -161,3 +161,70 @@ def test_finetune_cli(export, parent, capsys):
     assert main(["finetune", str(export), "--list"]) == 0
     assert "cli-version" in capsys.readouterr().out
     assert main(["finetune", str(export), "--model", str(export / "nope.safetensors")]) == 1
+
+
+@pytest.fixture()
+def replay_folder(tmp_path):
+    """Earlier training images, 80 x 80 so that crops taken from them can be told apart."""
+    samples = [
+        dataclasses.replace(make_worms((80, 80), n_worms=3, length=(30, 50), seed=10 + i), name=n)
+        for i, n in enumerate(["old-0", "old-1"])
+    ]
+    return write_training_folder(tmp_path / "old", samples, model="none")
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_finetune_replay_mixes_the_parents_images(export, parent, replay_folder, fraction):
+    import napari_instseg.core.train as train_module
+
+    shapes = []
+    real_crop = train_module.random_crop
+
+    def recording_crop(item, config, rng):
+        shapes.append(tuple(item.image.shape[1:]))
+        return real_crop(item, config, rng)
+
+    # the parent records where it was trained (relative to the folder above the weights)
+    meta = read_metadata(parent)
+    meta["training"] = {"data": [replay_folder.name], "train_wells": "old-0,old-1"}
+    save_model(load_model(parent), parent, meta)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "random_crop", recording_crop)
+        version = finetune(
+            [export],
+            parent,
+            steps=8,
+            steps_per_epoch=8,
+            batch_size=4,
+            crop_size=48,
+            num_threads=1,
+            device="cpu",
+            replay="parent",
+            replay_fraction=fraction,
+        )
+    replayed = sum(s == (80, 80) for s in shapes)
+    assert len(shapes) == 32
+    if fraction == 0.0:
+        assert replayed == 0
+    elif fraction == 1.0:
+        assert replayed == 32
+    else:
+        assert 4 <= replayed <= 28
+    recorded = read_metadata(version.path)["finetune"]["replay"]
+    assert recorded["fraction"] == fraction and recorded["names"] == "old-0,old-1"
+
+
+def test_parent_training_data_found_or_not(parent, replay_folder, tmp_path):
+    from napari_instseg.core.finetune import parent_training_data
+
+    assert parent_training_data(parent) is None  # nothing recorded
+    meta = read_metadata(parent)
+    meta["training"] = {"data": [str(replay_folder)], "train_wells": "old-0"}
+    save_model(load_model(parent), parent, meta)
+    folders, names = parent_training_data(parent)
+    assert folders == [replay_folder.resolve()] and names == "old-0"
+    meta["training"] = {"data": [str(tmp_path / "gone")], "train_wells": ""}
+    save_model(load_model(parent), parent, meta)
+    assert parent_training_data(parent) is None
+    with pytest.raises(FileNotFoundError, match="not on this computer"):
+        finetune([tmp_path], parent, replay="parent")

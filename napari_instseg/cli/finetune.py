@@ -11,6 +11,10 @@ From another parent, freezing the encoder, 300 steps::
 
     napari-instseg finetune corrected_a --model my.safetensors --freeze encoder --steps 300
 
+Mix the parent's own training images (when they are on this computer) into the crops::
+
+    napari-instseg finetune corrected_a --replay parent
+
 List the versions kept beside some data::
 
     napari-instseg finetune corrected_a --list
@@ -54,6 +58,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--time-limit", type=float, default=0.0, help="stop after N minutes")
+    parser.add_argument(
+        "--replay",
+        nargs="+",
+        metavar="DIR",
+        help='earlier training folders mixed into the crops, or "parent": the parent\'s own '
+        "training images (found from its metadata)",
+    )
+    parser.add_argument(
+        "--replay-names", default="", help="image names / well ranges of --replay DIRs"
+    )
+    parser.add_argument(
+        "--replay-fraction", type=float, default=0.5, help="share of crops from --replay (0.5)"
+    )
     parser.add_argument("--list", action="store_true", help="only list the model versions")
 
 
@@ -101,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
         time_limit_minutes=args.time_limit,
         progress=True,
         callback=report,
+        replay="parent" if args.replay == ["parent"] else args.replay,
+        replay_names=args.replay_names,
+        replay_fraction=args.replay_fraction,
     )
     print(f"model version {version.label}: {version.path}")
     return 0

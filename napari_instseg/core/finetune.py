@@ -138,6 +138,9 @@ def finetune(
     time_limit_minutes: float = 0.0,
     progress: bool = False,
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
+    replay: Sequence[str | Path] | str | None = None,
+    replay_names: str = "",
+    replay_fraction: float = 0.5,
 ) -> ModelVersion:
     """Fine-tune a model on training folders (or BBBC010-style folders).
 
@@ -175,6 +178,15 @@ def finetune(
         tqdm progress bar.
     callback : callable, optional
         Gets every epoch's log row (losses, ``val_ap``, ...); returning True stops.
+    replay : sequence of path or "parent", optional
+        Folders of earlier training images mixed into the crops, so the corrections add
+        to what the parent knew; ``"parent"``: the parent's own training images, as
+        recorded in its metadata (:func:`parent_training_data`).
+    replay_names : str
+        Image names or well ranges of ``replay`` to use (empty: all; ignored for
+        ``"parent"``, whose recorded wells are used).
+    replay_fraction : float
+        Share of the crops drawn from the replay images.
 
     Returns
     -------
@@ -194,6 +206,21 @@ def finetune(
     if not parent.is_file():
         raise FileNotFoundError(f"parent weights not found: {parent}")
     parent_meta = read_metadata(parent)
+    replay_folders: list[str] = []
+    if isinstance(replay, str) and replay == "parent":
+        found = parent_training_data(parent)
+        if found is None:
+            raise FileNotFoundError(
+                f"the training images of {parent.name} are not on this computer "
+                f"(recorded: {(parent_meta.get('training') or {}).get('data')})"
+            )
+        replay_folders, replay_names = [str(f) for f in found[0]], found[1]
+    elif replay:
+        replay_list = [replay] if isinstance(replay, str | Path) else list(replay)
+        replay_folders = [str(f) for f in replay_list]
+        gone = [f for f in replay_folders if not Path(f).is_dir()]
+        if gone:
+            raise FileNotFoundError(f"replay folder(s) not found: {gone}")
     samples = load_samples(list(data), None)
     names = [s.name for s in samples]
     bad = [n for n in names if "," in n]
@@ -239,6 +266,9 @@ def finetune(
         select_metric="val_ap",
         device=device,
         num_threads=num_threads,
+        replay=replay_folders,
+        replay_wells=replay_names if replay_folders else "",
+        replay_fraction=replay_fraction,
     )
     t0 = time.time()
     best = train(config, resume=True, progress=progress, callback=callback)
@@ -258,6 +288,9 @@ def finetune(
         "freeze": freeze,
         "lr": lr,
         "wall_time_s": round(time.time() - t0, 1),
+        "replay": {"folders": replay_folders, "names": replay_names, "fraction": replay_fraction}
+        if replay_folders
+        else None,
     }
     params = json.loads(json.dumps(parent_meta.get("segment_params") or {}))
     if "val_ap_threshold" in metrics and metrics.get("val_ap_threshold"):
@@ -275,6 +308,41 @@ def finetune(
     if ckpt.exists():
         ckpt.unlink()
     return _version(weights)
+
+
+def parent_training_data(weights: str | Path) -> tuple[list[Path], str] | None:
+    """The training images a model was trained on, if they are on this computer.
+
+    Reads ``training.data`` and ``training.train_wells`` from the weights' metadata.
+    Relative folders are tried from the current directory and from the folders above the
+    weights file (a run folder or the package's ``weights/`` sits below the project).
+
+    Parameters
+    ----------
+    weights : path
+        A ``.safetensors`` file with metadata.
+
+    Returns
+    -------
+    (list of Path, str) or None
+        The folders and the image names / well ranges; None when a folder is missing or
+        nothing is recorded.
+    """
+    weights = Path(weights)
+    training = read_metadata(weights).get("training") or {}
+    recorded = training.get("data") or []
+    if not recorded:
+        return None
+    folders = []
+    for entry in recorded:
+        path = Path(entry)
+        bases = [Path.cwd(), *weights.resolve().parents[:4]]
+        candidates = [path] if path.is_absolute() else [base / path for base in bases]
+        hit = next((c for c in candidates if c.is_dir()), None)
+        if hit is None:
+            return None
+        folders.append(hit.resolve())
+    return folders, str(training.get("train_wells") or "")
 
 
 def _version(path: Path) -> ModelVersion:

@@ -87,6 +87,13 @@ class TrainConfig:
         Mixed precision (bfloat16 autocast) on CUDA.
     num_threads : int
         torch CPU threads (0 = torch default).
+    replay : list of str
+        More data folders mixed into training (fine-tuning: the parent's own training
+        images, so a few corrections add to what the model knew instead of replacing it).
+    replay_wells : str
+        Names or ranges of the replay images (empty: all of them).
+    replay_fraction : float
+        Share of the crops drawn from the replay images when there are any.
     """
 
     data: list[str] = field(default_factory=lambda: ["../shared/data/bbbc010"])
@@ -124,6 +131,9 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     num_threads: int = 0
+    replay: list[str] = field(default_factory=list)
+    replay_wells: str = ""
+    replay_fraction: float = 0.5
 
     @classmethod
     def from_toml(cls, path: str | Path) -> TrainConfig:
@@ -652,6 +662,13 @@ def train(
     samples = load_samples(config.data, train_names)
     samples = [s for s in samples if s.name not in set(val_names)]
     val_samples = load_samples(config.data, val_names) if val_names else []
+    replay_samples = []
+    if config.replay:
+        if not 0.0 <= config.replay_fraction <= 1.0:
+            raise ValueError(f"replay_fraction must be in [0, 1], got {config.replay_fraction}")
+        replay_names = parse_names(config.replay_wells) if config.replay_wells else None
+        replay_samples = load_samples(config.replay, replay_names)
+        replay_samples = [s for s in replay_samples if s.name not in set(val_names)]
 
     if config.init:
         from .weights import load_model
@@ -665,6 +682,7 @@ def train(
     model.to(device).train()
     items = [prepare(s, model_config=model.config) for s in samples]
     val_items = [prepare(s, model_config=model.config) for s in val_samples]
+    replay_items = [prepare(s, model_config=model.config) for s in replay_samples]
 
     trainable = freeze_parameters(model, config.freeze)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -703,10 +721,12 @@ def train(
         )
         sums: dict[str, float] = {}
         for _ in range(config.steps_per_epoch):
-            crops = [
-                random_crop(items[rng.integers(len(items))], config, rng)
-                for _ in range(config.batch_size)
-            ]
+            crops = []
+            for _ in range(config.batch_size):
+                pool = items
+                if replay_items and rng.random() < config.replay_fraction:
+                    pool = replay_items
+                crops.append(random_crop(pool[rng.integers(len(pool))], config, rng))
             x = torch.stack([c[0] for c in crops]).to(device)
             masks = [c[1].to(device) for c in crops]
             trusted = torch.stack([c[2] for c in crops]).to(device)
