@@ -116,3 +116,38 @@ def test_main_widget_lists_and_uses_new_versions(make_napari_viewer, tmp_path):
     assert widget.model_combo.count() == index + 1  # not listed twice
     prediction = widget.run_model(blocking=True)
     assert prediction.embeddings.shape == (4, 64, 64)  # the version's D, not the shipped 16
+
+
+def test_finetune_widget_offers_replay_only_when_the_parents_images_exist(
+    widget, export, parent, tmp_path, qtbot
+):
+    from napari_instseg.core.weights import load_model, read_metadata
+
+    widget.set_parent(parent)  # records no training data
+    assert not widget.replay.isEnabled() and "not on this computer" in widget.replay.text()
+    meta = read_metadata(parent)
+    meta["training"] = {"data": [str(export)], "train_wells": "img0"}
+    with_data = save_model(load_model(parent), tmp_path / "trained.safetensors", meta)
+    widget.set_parent(with_data)
+    assert widget.replay.isEnabled() and widget.replay.isChecked()
+    widget.add_folder(export)
+    widget.steps.setValue(2)
+    widget.start()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.last_error == ""
+    replay = read_metadata(widget.version.path)["finetune"]["replay"]
+    assert replay["names"] == "img0" and replay["fraction"] == 0.5
+
+
+def test_closed_main_widget_no_longer_hears_about_new_versions(make_napari_viewer, qtbot):
+    from napari_instseg._napari.finetune_widget import model_versions
+    from napari_instseg._napari.widget import InstSegWidget
+
+    viewer = make_napari_viewer(show=True)
+    main = InstSegWidget(viewer)
+    n = len(model_versions.trained)
+    assert n >= 1
+    with qtbot.waitSignal(main.destroyed, timeout=5000):
+        main.deleteLater()
+    assert len(model_versions.trained) == n - 1
+    model_versions.trained.emit("/nowhere/model.safetensors")  # no error from a dead widget

@@ -21,6 +21,7 @@ from qtpy.QtCore import QObject, QPointF, Qt
 from qtpy.QtCore import Signal as QtSignal
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -170,7 +171,14 @@ class FinetuneWidget(QWidget):
             "fraction of the images held out to choose the checkpoint (at least one image)"
         )
         form.addRow("Held out", self.val_fraction)
+        self.replay = QCheckBox("mix in the parent's training images")
+        self.replay.setToolTip(
+            "half of the crops come from the images the parent model was trained on, when "
+            "they are on this computer: the corrections add to what it knew"
+        )
+        form.addRow("Replay", self.replay)
         layout.addLayout(form)
+        self._update_replay()
 
         row = QHBoxLayout()
         self.start_button, self.stop_button = QPushButton("Fine-tune"), QPushButton("Stop")
@@ -215,6 +223,7 @@ class FinetuneWidget(QWidget):
         self._parent_path = None if path is None else str(path)
         if path is None:
             self.parent_model.setCurrentIndex(0)
+            self._update_replay()
             return
         text = f"{Path(path).parent.name}/{Path(path).name}"
         index = self.parent_model.findText(text)
@@ -222,6 +231,7 @@ class FinetuneWidget(QWidget):
             self.parent_model.addItem(text, str(path))
             index = self.parent_model.count() - 1
         self.parent_model.setCurrentIndex(index)
+        self._update_replay()
 
     def _parent_chosen(self, index: int) -> None:
         text = self.parent_model.itemText(index)
@@ -232,6 +242,23 @@ class FinetuneWidget(QWidget):
             self.set_parent(path or None)
         else:
             self._parent_path = self.parent_model.itemData(index)
+        self._update_replay()
+
+    def _update_replay(self) -> None:
+        """Offer replay only when the parent's training images are found."""
+        from ..core.finetune import parent_training_data
+        from ..core.weights import shipped_weights_path
+
+        try:
+            found = parent_training_data(self._parent_path or shipped_weights_path())
+        except (OSError, ValueError):
+            found = None
+        self.replay.setEnabled(found is not None)
+        self.replay.setChecked(found is not None)
+        self.replay.setText(
+            "mix in the parent's training images"
+            + ("" if found is not None else " (not on this computer)")
+        )
 
     def _refresh_parents(self) -> None:
         from ..core.finetune import list_model_versions
@@ -258,6 +285,8 @@ class FinetuneWidget(QWidget):
             "freeze": FREEZE_CHOICES[self.freeze.currentText()],
             "val_fraction": self.val_fraction.value(),
         }
+        if self.replay.isEnabled() and self.replay.isChecked():
+            kwargs["replay"] = "parent"
         parent = self._parent_path
         self._stop, self.version, self.last_error = False, None, ""
         self.curve.clear()

@@ -282,7 +282,12 @@ class InstSegWidget(QWidget):
         # --- signals
         self.model_combo.currentIndexChanged.connect(self._on_model_choice)
         self.browse_btn.clicked.connect(self._browse_model)
-        model_versions.trained.connect(self._on_version_trained)
+        announced = self._on_version_trained
+        model_versions.trained.connect(announced)
+        # a closed widget must not hear about versions trained later (its Qt parts are gone)
+        self.destroyed.connect(
+            lambda *_: model_versions.trained.disconnect(announced, missing_ok=True)
+        )
         self.device_combo.currentTextChanged.connect(self._update_device_label)
         self.run_btn.clicked.connect(lambda: self.run_model())
         self.cancel_btn.clicked.connect(self.cancel)
