@@ -10,8 +10,12 @@ validation wells B13-C02. Usage::
     python benchmarks/finetune_bbbc010.py --base runs/bbbc010_a01_a12/best.safetensors \\
         --variants "none:200,encoder:200" --out docs/benchmarks.md
 
-Each variant is ``FREEZE:STEPS`` (``none``, ``encoder`` or ``backbone``). Results are
-printed and, with ``--out``, written between the ``bench:finetune`` markers.
+Each variant is ``FREEZE:STEPS[:replay|:control]`` (freeze ``none``, ``encoder`` or
+``backbone``; ``replay``: half the crops from the base's own training images A01-A12;
+``control``: all of them, the corrections only choose the checkpoint). Every model is
+measured with the same boundary pipeline (:data:`PIPELINE`) at its own and at the best
+boundary threshold. Results are printed and, with ``--out``, written between the
+``bench:finetune`` markers.
 """
 
 from __future__ import annotations
@@ -36,6 +40,22 @@ from napari_instseg.core.training_folder import write_training_folder  # noqa: E
 from napari_instseg.core.weights import load_model, read_metadata  # noqa: E402
 
 START, END = "<!-- bench:finetune:start -->", "<!-- bench:finetune:end -->"
+#: variant suffixes: ``replay`` mixes the base's own training images into half the crops;
+#: ``control`` trains on them only (same steps, corrections unused except for validation),
+#: which tells the gain from the corrections apart from the gain of more steps
+REPLAY_FRACTIONS = {"replay": 0.5, "control": 1.0}
+
+
+#: the rest of the boundary pipeline, the same for every model compared: the shipped
+#: model's tuned values (min_size and the split of merged segments included)
+PIPELINE = {
+    "marker_threshold": 1.0,
+    "dilate_iterations": 0,
+    "fg_threshold": 0.3,
+    "min_size": 500,
+    "split_factor": 1.3,
+    "split_tau": 0.2,
+}
 
 
 def measure(weights: Path, samples) -> dict:
@@ -46,10 +66,15 @@ def measure(weights: Path, samples) -> dict:
     preds = [predict(s.image, model, "cpu") for s in samples]
     gts = [s.masks for s in samples]
     out = {"own_threshold": own}
-    out["own"] = evaluate([segment(p, "boundary", boundary_threshold=own) for p in preds], gts)
+
+    def run(threshold: float) -> dict:
+        params = {**PIPELINE, "boundary_threshold": threshold}
+        return evaluate([segment(p, "boundary", **params) for p in preds], gts)
+
+    out["own"] = run(own)
     best = None
     for t in VALIDATION_BOUNDARY_THRESHOLDS:
-        r = evaluate([segment(p, "boundary", boundary_threshold=t) for p in preds], gts)
+        r = run(t)
         if best is None or r["AP"] > best[1]["AP"]:
             best = (t, r)
     out["grid_threshold"], out["grid"] = best
@@ -89,7 +114,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_training_folder(Path(tmp) / "corrected", user, model=str(args.base))
         for variant in args.variants.split(","):
-            freeze, steps = variant.split(":")
+            freeze, steps, *rest = variant.split(":")
+            replay = rest[0] if rest else ""
             t0 = time.perf_counter()
             version = finetune(
                 [folder],
@@ -98,7 +124,9 @@ def main() -> int:
                 freeze="" if freeze == "none" else freeze,
                 num_threads=args.threads,
                 device="cpu",
-                name=f"ft-{freeze}-{steps}",
+                name=f"ft-{variant.replace(':', '-')}",
+                replay="parent" if replay else None,
+                replay_fraction=REPLAY_FRACTIONS.get(replay, 0.5),
             )
             timings[variant] = time.perf_counter() - t0
             results[variant] = measure(version.path, val)
@@ -119,7 +147,8 @@ def main() -> int:
         "(checkpoint and boundary threshold chosen on it).",
         f"- Measured on {args.val} ({len(val)} images), boundary pipeline: at the model's own "
         "threshold, and at the best threshold of the validation grid "
-        f"{list(VALIDATION_BOUNDARY_THRESHOLDS)} (same for every model).",
+        f"{list(VALIDATION_BOUNDARY_THRESHOLDS)}; the rest of the pipeline is the same "
+        f"for every model: {PIPELINE}.",
         "",
         "| model | threshold | AP | AP50 | AP75 | avS | S0.5 | fine-tune wall time |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -127,8 +156,11 @@ def main() -> int:
         row("base (best of grid)", results["base"], "grid"),
     ]
     for variant, seconds in timings.items():
-        freeze, steps = variant.split(":")
+        freeze, steps, *rest = variant.split(":")
         label = f"fine-tuned, freeze {freeze}, {steps} steps"
+        label += {"replay": ", replay 50 %", "control": ", control (A01-A12 only)"}.get(
+            rest[0] if rest else "", ""
+        )
         lines.append(row(label + " (own threshold)", results[variant], "own", f"{seconds:.0f} s"))
         lines.append(row(label + " (best of grid)", results[variant], "grid"))
     lines += ["", END]

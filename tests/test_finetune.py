@@ -214,7 +214,7 @@ def test_finetune_replay_mixes_the_parents_images(export, parent, replay_folder,
     assert recorded["fraction"] == fraction and recorded["names"] == "old-0,old-1"
 
 
-def test_parent_training_data_found_or_not(parent, replay_folder, tmp_path):
+def test_parent_training_data_found_or_not(export, parent, replay_folder, tmp_path):
     from napari_instseg.core.finetune import parent_training_data
 
     assert parent_training_data(parent) is None  # nothing recorded
@@ -228,3 +228,8 @@ def test_parent_training_data_found_or_not(parent, replay_folder, tmp_path):
     assert parent_training_data(parent) is None
     with pytest.raises(FileNotFoundError, match="not on this computer"):
         finetune([tmp_path], parent, replay="parent")
+    # the default ("auto") goes on without replay when the parent's images are gone
+    version = finetune(
+        [export], parent, steps=2, steps_per_epoch=2, batch_size=1, crop_size=48, device="cpu"
+    )
+    assert read_metadata(version.path)["finetune"]["replay"] is None

@@ -285,8 +285,9 @@ class FinetuneWidget(QWidget):
             "freeze": FREEZE_CHOICES[self.freeze.currentText()],
             "val_fraction": self.val_fraction.value(),
         }
-        if self.replay.isEnabled() and self.replay.isChecked():
-            kwargs["replay"] = "parent"
+        kwargs["replay"] = (
+            "parent" if self.replay.isEnabled() and self.replay.isChecked() else None
+        )
         parent = self._parent_path
         self._stop, self.version, self.last_error = False, None, ""
         self.curve.clear()

@@ -66,6 +66,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "training images (found from its metadata)",
     )
     parser.add_argument(
+        "--no-replay",
+        action="store_true",
+        help="train on the given folders only (default: replay the parent's training "
+        "images when they are on this computer)",
+    )
+    parser.add_argument(
         "--replay-names", default="", help="image names / well ranges of --replay DIRs"
     )
     parser.add_argument(
@@ -118,7 +124,11 @@ def run(args: argparse.Namespace) -> int:
         time_limit_minutes=args.time_limit,
         progress=True,
         callback=report,
-        replay="parent" if args.replay == ["parent"] else args.replay,
+        replay=None
+        if args.no_replay
+        else "parent"
+        if args.replay == ["parent"]
+        else (args.replay or "auto"),
         replay_names=args.replay_names,
         replay_fraction=args.replay_fraction,
     )

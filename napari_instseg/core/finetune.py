@@ -118,6 +118,10 @@ def _next_name(folder: Path, stem: str) -> str:
     return f"{stem}-ft{i}"
 
 
+#: held-out images needed before fine-tuning re-chooses the boundary threshold
+MIN_IMAGES_TO_RETUNE = 3
+
+
 def finetune(
     data: Sequence[str | Path],
     init: str | Path | None = None,
@@ -138,7 +142,7 @@ def finetune(
     time_limit_minutes: float = 0.0,
     progress: bool = False,
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
-    replay: Sequence[str | Path] | str | None = None,
+    replay: Sequence[str | Path] | str | None = "auto",
     replay_names: str = "",
     replay_fraction: float = 0.5,
 ) -> ModelVersion:
@@ -178,10 +182,13 @@ def finetune(
         tqdm progress bar.
     callback : callable, optional
         Gets every epoch's log row (losses, ``val_ap``, ...); returning True stops.
-    replay : sequence of path or "parent", optional
+    replay : sequence of path, "auto", "parent" or None
         Folders of earlier training images mixed into the crops, so the corrections add
         to what the parent knew; ``"parent"``: the parent's own training images, as
-        recorded in its metadata (:func:`parent_training_data`).
+        recorded in its metadata (:func:`parent_training_data`), an error when they are
+        not on this computer; ``"auto"`` (default): those when found, else no replay;
+        None: no replay. (Benchmark: replay turned "no gain" into a gain, see
+        docs/benchmarks.md.)
     replay_names : str
         Image names or well ranges of ``replay`` to use (empty: all; ignored for
         ``"parent"``, whose recorded wells are used).
@@ -207,8 +214,10 @@ def finetune(
         raise FileNotFoundError(f"parent weights not found: {parent}")
     parent_meta = read_metadata(parent)
     replay_folders: list[str] = []
-    if isinstance(replay, str) and replay == "parent":
+    if isinstance(replay, str) and replay in ("auto", "parent"):
         found = parent_training_data(parent)
+        if found is None and replay == "auto":
+            found = ([], "")
         if found is None:
             raise FileNotFoundError(
                 f"the training images of {parent.name} are not on this computer "
@@ -293,7 +302,9 @@ def finetune(
         else None,
     }
     params = json.loads(json.dumps(parent_meta.get("segment_params") or {}))
-    if "val_ap_threshold" in metrics and metrics.get("val_ap_threshold"):
+    # one or two held-out images are too few to re-choose the threshold (measured: the
+    # choice on one image cost 0.02 AP in the benchmark); keep the parent's then
+    if len(val_list) >= MIN_IMAGES_TO_RETUNE and metrics.get("val_ap_threshold"):
         params.setdefault("boundary", {})["boundary_threshold"] = metrics["val_ap_threshold"]
     meta["segment_params"] = params
     meta["recommended_method"] = parent_meta.get("recommended_method") or "boundary"
