@@ -361,16 +361,9 @@ def markdown(res: dict, args) -> str:
 
 
 def write_section(path: Path, text: str) -> None:
-    block = f"{START}\n{text}{END}\n"
-    old = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        new = head + block + ("\n" + tail if tail else "")
-    else:
-        heading = "## Batch prediction (dask, OME-Zarr)\n\n"
-        new = old.rstrip("\n") + "\n\n" + heading + block
-    path.write_text(new)
+    from napari_instseg.cli.bench import write_section as write_between_markers
+
+    write_between_markers(path, text, START, END, "## Batch prediction (dask, OME-Zarr)")
 
 
 def main() -> int:

@@ -286,17 +286,35 @@ def to_markdown(res: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) the text between the bench markers of a Markdown file."""
-    block = f"{START}\n{text}{END}\n"
+def write_section(
+    path: Path,
+    text: str,
+    start: str = START,
+    end: str = END,
+    heading: str = "## Instance extraction and click-to-grow speed",
+) -> None:
+    """Replace the text between two markers of a Markdown file.
+
+    Parameters
+    ----------
+    path : Path
+        The Markdown file (created with a ``# Benchmarks`` title when missing).
+    text : str
+        What goes between the markers.
+    start, end : str
+        The markers (default: this benchmark's).
+    heading : str
+        Section heading written before the markers when they are not in the file yet
+        (the section is then appended).
+    """
+    block = f"{start}\n{text}{end}\n"
     old = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
+    if start in old and end in old:
+        head, rest = old.split(start, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
         new = head + block + ("\n" + tail if tail else "")
     else:
-        heading = "## Instance extraction and click-to-grow speed\n\n"
-        new = old.rstrip("\n") + "\n\n" + heading + block
+        new = old.rstrip("\n") + "\n\n" + heading + "\n\n" + block
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new)
 
