@@ -292,6 +292,40 @@ def test_foreground_loss():
     assert L.ForegroundLoss()(torch.zeros((4, 4)), target).item() == pytest.approx(zero.item())
 
 
+def test_edge_band():
+    target = torch.zeros((6, 6))
+    target[:3] = 1.0
+    band = L.edge_band(target)
+    assert band[2:4].eq(1).all() and band[:2].eq(0).all() and band[4:].eq(0).all()
+    assert L.edge_band(torch.stack([target, target.T])).shape == (2, 6, 6)
+
+
+def test_foreground_loss_edge_weight():
+    target = torch.zeros((6, 6))
+    target[:3] = 1.0
+    band = L.edge_band(target)
+    correct = 20.0 * (2 * target - 1)
+    # the same single wrong pixel costs more on the edge than far from it, and the
+    # weights average 1 (a uniform error costs the same as unweighted)
+    edge_wrong, far_wrong = correct.clone(), correct.clone()
+    edge_wrong[2, 0] = -3.0
+    far_wrong[0, 0] = -3.0
+    w = 3.0
+    e = L.foreground_loss(edge_wrong, target, edge_weight=w)
+    f = L.foreground_loss(far_wrong, target, edge_weight=w)
+    assert e > f
+    plain = L.foreground_loss(edge_wrong, target)
+    # BCE of the wrong pixel scaled by its normalised weight (1 + w) / mean(weights)
+    mean_weight = (1 + w * band).mean().item()
+    bce_wrong = torch.nn.functional.softplus(torch.tensor(3.0)).item() / 36
+    assert (e - plain).item() == pytest.approx(bce_wrong * ((1 + w) / mean_weight - 1), rel=0.02)
+    uniform = torch.zeros((6, 6))
+    assert L.foreground_loss(uniform, target, edge_weight=w).item() == pytest.approx(
+        L.foreground_loss(uniform, target).item(), rel=1e-5
+    )
+    assert L.ForegroundLoss(edge_weight=w)(edge_wrong, target).item() == pytest.approx(e.item())
+
+
 def test_pixel_contrast_loss():
     boundary = torch.zeros((16, 16))
     boundary[4:12, 4] = 1.0

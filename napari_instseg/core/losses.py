@@ -372,8 +372,40 @@ def balanced_boundary_loss(
     return loss / max(n_all, 1.0) * 2.0
 
 
-def foreground_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def edge_band(target: torch.Tensor, width: int = 1) -> torch.Tensor:
+    """Pixels within ``width`` of the foreground's edge, on both sides of it.
+
+    Parameters
+    ----------
+    target : torch.Tensor
+        (..., H, W) foreground {0, 1}.
+    width : int
+        Half-width of the band in pixels (a square neighbourhood).
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape, {0, 1}: dilation minus erosion of the foreground.
+    """
+    t = target.float()
+    shape = t.shape
+    t4 = t.reshape(-1, 1, *shape[-2:])
+    k = 2 * width + 1
+    dilated = F.max_pool2d(t4, k, stride=1, padding=width)
+    eroded = -F.max_pool2d(-t4, k, stride=1, padding=width)
+    return (dilated - eroded).reshape(shape)
+
+
+def foreground_loss(
+    logits: torch.Tensor, target: torch.Tensor, edge_weight: float = 0.0, edge_width: int = 1
+) -> torch.Tensor:
     """Binary cross-entropy plus soft Dice for the foreground map.
+
+    With ``edge_weight`` > 0 the cross-entropy of the pixels within ``edge_width`` of a
+    foreground edge (:func:`edge_band`) counts ``1 + edge_weight`` times (U-Net-style weight
+    map, normalised so the weights average 1). Worms are ~8 px wide, so the one-pixel rings
+    on either side of a contour are ~40 % of a worm's mask: where they go decides the mask
+    IoU at 0.75-0.9.
 
     Parameters
     ----------
@@ -381,6 +413,10 @@ def foreground_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         (..., H, W).
     target : torch.Tensor
         Same shape, {0, 1}.
+    edge_weight : float
+        Extra weight of the edge band (0: plain BCE).
+    edge_width : int
+        Half-width of the edge band in pixels.
 
     Returns
     -------
@@ -388,7 +424,12 @@ def foreground_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         Scalar.
     """
     target = target.float()
-    bce = F.binary_cross_entropy_with_logits(logits, target)
+    if edge_weight > 0:
+        weight = 1.0 + edge_weight * edge_band(target, edge_width)
+        weight = weight / weight.mean()
+        bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight)
+    else:
+        bce = F.binary_cross_entropy_with_logits(logits, target)
     prob = torch.sigmoid(logits)
     dice = 1.0 - (2.0 * (prob * target).sum() + 1.0) / (prob.sum() + target.sum() + 1.0)
     return bce + dice
@@ -469,6 +510,11 @@ class BalancedBoundaryLoss(nn.Module):
 class ForegroundLoss(nn.Module):
     """Module wrapper of :func:`foreground_loss`."""
 
+    def __init__(self, edge_weight: float = 0.0, edge_width: int = 1):
+        super().__init__()
+        self.edge_weight = edge_weight
+        self.edge_width = edge_width
+
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """See :func:`foreground_loss`."""
-        return foreground_loss(logits, target)
+        return foreground_loss(logits, target, self.edge_weight, self.edge_width)

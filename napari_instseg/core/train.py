@@ -67,6 +67,9 @@ class TrainConfig:
         Weights of the other losses (0 disables).
     boundary_max_alpha : float
         Cap on the class balance of the boundary loss (1 = BAISeg's full balance).
+    foreground_edge_weight : float
+        Extra cross-entropy weight of the pixels on either side of a foreground edge
+        (:func:`napari_instseg.core.losses.foreground_loss`); 0 = plain.
     rotation, scale_min, scale_max, flips : augmentation
         Fathi et al.: rotation within 10 degrees, scale 0.7-1.5, flips.
     crop_candidates : int
@@ -117,6 +120,7 @@ class TrainConfig:
     boundary_weight: float = 1.0
     boundary_max_alpha: float = 1.0
     foreground_weight: float = 1.0
+    foreground_edge_weight: float = 0.0
     attraction_weight: float = 0.0
     contrast_weight: float = 0.0
     rotation: float = 10.0
@@ -358,7 +362,11 @@ def training_loss(
             )
         )
         terms["foreground"].append(
-            L.foreground_loss(outputs["foreground_logits"][i].float() * k - 20 * (1 - k), fg * k)
+            L.foreground_loss(
+                outputs["foreground_logits"][i].float() * k - 20 * (1 - k),
+                fg * k,
+                config.foreground_edge_weight,
+            )
         )
         if config.attraction_weight:
             terms["attraction"].append(L.attraction_loss(emb[i], inst_t))
