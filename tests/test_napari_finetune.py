@@ -151,3 +151,25 @@ def test_closed_main_widget_no_longer_hears_about_new_versions(make_napari_viewe
         main.deleteLater()
     assert len(model_versions.trained) == n - 1
     model_versions.trained.emit("/nowhere/model.safetensors")  # no error from a dead widget
+
+
+def test_opening_a_training_folder_lists_its_model_versions(make_napari_viewer, export):
+    from napari_instseg._napari.io import read
+    from napari_instseg._napari.widget import MODEL_SHIPPED, InstSegWidget
+
+    torch.manual_seed(0)
+    tiny = InstSegNet(ModelConfig(channels=(8, 8, 8), embedding_dim=4, head_channels=8))
+    path = save_model(tiny, export / "models" / "earlier-ft1" / "model.safetensors", {})
+    viewer = make_napari_viewer(show=True)
+    widget = InstSegWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="instseg")
+    assert widget.model_combo.findText("version: earlier-ft1") < 0
+    for data, kwargs, kind in read(str(export)):  # what File > Open does with the reader
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    index = widget.model_combo.findText("version: earlier-ft1")
+    assert index >= 0
+    assert widget.model_combo.itemData(index) == str(path)
+    assert widget.model_combo.currentText() == MODEL_SHIPPED  # listed, not chosen
+    count = widget.model_combo.count()
+    viewer.add_image(np.zeros((96, 96), np.float32), name="another")
+    assert widget.model_combo.count() == count  # a folder's versions are listed once

@@ -4,7 +4,9 @@
   one well when a ``*_w2_*.tif`` file inside ``images/`` is opened) or a training folder
   written by the plugin. Each sample gives an Image layer and a Labels layer; the full,
   possibly overlapping masks and the reviewed flags travel in the Labels layer's
-  ``metadata["napari_instseg"]`` so the widget can keep overlaps.
+  ``metadata["napari_instseg"]`` so the widget can keep overlaps. Image layers carry the
+  folder read (``metadata["napari_instseg"]["folder"]``): the main widget lists the model
+  versions fine-tuned beside it.
 - Writer: a Labels layer (+ its Image layer) to the training-folder format.
 - Sample data: the synthetic worms of :func:`napari_instseg.core.synthetic.sample_worms`.
 """
@@ -176,7 +178,13 @@ def read(path: str | list[str]) -> list[LayerData]:
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
     samples = _read_bbbc010(p) if (p.is_file() or _is_bbbc010(p)) else _read_training(p)
-    return samples_to_layers(samples)
+    layers = samples_to_layers(samples)
+    folder = str(p.parent.parent if p.is_file() else p)
+    for _, kwargs, kind in layers:  # the widget lists the model versions kept beside it
+        if kind == "image":
+            meta = kwargs.setdefault("metadata", {}).setdefault(META, {})
+            meta["folder"] = folder
+    return layers
 
 
 # ------------------------------------------------------------------------ writer

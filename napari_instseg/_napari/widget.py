@@ -42,6 +42,7 @@ from qtpy.QtWidgets import (
 
 from . import compute
 from .finetune_widget import model_versions
+from .io import META
 from .layers import prediction_layers
 from .session import Point, Session
 
@@ -94,6 +95,7 @@ class InstSegWidget(QWidget):
         _one_numba_thread()
         self.viewer = napari_viewer
         self.sessions: dict[int, Session] = {}
+        self._version_folders: set[str] = set()  # folders whose model versions are listed
         self.tool = "new"
         self._pending: tuple[str, Point, int] | None = None
         self._cancel = False
@@ -384,11 +386,26 @@ class InstSegWidget(QWidget):
         if current in names:
             self.image_combo.setCurrentText(current)
         self.image_combo.blockSignals(False)
+        self._list_versions_beside_images()
         # forget sessions whose image is gone
         for key in [
             k for k, s in self.sessions.items() if s.image_layer not in self.viewer.layers
         ]:
             del self.sessions[key]
+
+    def _list_versions_beside_images(self) -> None:
+        """List the model versions kept beside the folders the image layers were read from."""
+        from ..core.finetune import list_model_versions
+
+        folders = {
+            layer.metadata[META]["folder"]
+            for layer in self.viewer.layers
+            if isinstance(layer, Image) and "folder" in (layer.metadata.get(META) or {})
+        }
+        for folder in sorted(folders - self._version_folders):
+            self._version_folders.add(folder)
+            for version in reversed(list_model_versions(folder)):  # newest ends up last
+                self.add_model_version(version.path, select=False)
 
     def image_layer(self) -> Any:
         """The image layer chosen in the widget (or None)."""
