@@ -311,6 +311,16 @@ def attraction_loss(embeddings: torch.Tensor, masks: torch.Tensor) -> torch.Tens
     return total / n
 
 
+def _dilate(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Grey dilation of (N, 1, H, W) with a (2 width + 1)^2 square."""
+    return F.max_pool2d(x, 2 * width + 1, stride=1, padding=width)
+
+
+def _erode(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Grey erosion of (N, 1, H, W) with a (2 width + 1)^2 square."""
+    return -_dilate(-x, width)
+
+
 def boundary_target(masks: torch.Tensor, width: int = 1) -> torch.Tensor:
     """Instance contours (BAISeg's Y): the inner contour of every instance, drawn in full.
 
@@ -333,9 +343,7 @@ def boundary_target(masks: torch.Tensor, width: int = 1) -> torch.Tensor:
     if n == 0:
         return masks.new_zeros((h, w), dtype=torch.float32)
     m = masks.float()[:, None]
-    k = 2 * width + 1
-    eroded = -F.max_pool2d(-m, k, stride=1, padding=width)
-    contour = (m - eroded).clamp_min(0)[:, 0]
+    contour = (m - _erode(m, width)).clamp_min(0)[:, 0]
     return contour.amax(0)
 
 
@@ -390,10 +398,7 @@ def edge_band(target: torch.Tensor, width: int = 1) -> torch.Tensor:
     t = target.float()
     shape = t.shape
     t4 = t.reshape(-1, 1, *shape[-2:])
-    k = 2 * width + 1
-    dilated = F.max_pool2d(t4, k, stride=1, padding=width)
-    eroded = -F.max_pool2d(-t4, k, stride=1, padding=width)
-    return (dilated - eroded).reshape(shape)
+    return (_dilate(t4, width) - _erode(t4, width)).reshape(shape)
 
 
 def foreground_loss(
