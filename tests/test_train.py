@@ -13,6 +13,7 @@ from napari_instseg.core.model import InstSegNet, ModelConfig
 from napari_instseg.core.synthetic import make_worms
 from napari_instseg.core.train import (
     TrainConfig,
+    image_draw_probabilities,
     load_samples,
     parse_names,
     prepare,
@@ -177,6 +178,20 @@ def test_parse_names():
     for bad in ("A03-A01", "A01-Q01", "A00-A02", "A01-A25", "XY1-A02"):
         with pytest.raises(ValueError):
             parse_names(bad)
+
+
+def test_oversampled_images_are_drawn_that_much_more_often():
+    names = ["A01", "A02", "A13", "A14"]
+    assert np.allclose(image_draw_probabilities(names, "", 3.0), 0.25)
+    p = image_draw_probabilities(names, "A13-A24", 2.0)
+    assert np.allclose(p, [1 / 6, 1 / 6, 2 / 6, 2 / 6])
+    draws = np.random.default_rng(0).choice(4, size=60_000, p=p)
+    share = np.isin(draws, [2, 3]).mean()
+    assert abs(share - 2 / 3) < 0.01
+    with pytest.raises(ValueError, match="positive"):
+        image_draw_probabilities(names, "A13", 0.0)
+    with pytest.raises(ValueError, match="none of the training images"):
+        image_draw_probabilities(names, "B01-B03", 2.0)
 
 
 def test_random_crop_and_prepare():

@@ -97,6 +97,11 @@ class TrainConfig:
         Names or ranges of the replay images (empty: all of them).
     replay_fraction : float
         Share of the crops drawn from the replay images when there are any.
+    oversample_wells : str
+        Names or ranges of training images drawn ``oversample_factor`` times as often as
+        the others (e.g. a kind of image the model fits worst; empty: uniform).
+    oversample_factor : float
+        How many times as often those images are drawn (any positive factor).
     """
 
     data: list[str] = field(default_factory=lambda: ["../shared/data/bbbc010"])
@@ -138,6 +143,8 @@ class TrainConfig:
     replay: list[str] = field(default_factory=list)
     replay_wells: str = ""
     replay_fraction: float = 0.5
+    oversample_wells: str = ""
+    oversample_factor: float = 1.0
 
     @classmethod
     def from_toml(cls, path: str | Path) -> TrainConfig:
@@ -187,6 +194,32 @@ def parse_names(spec: str) -> list[str]:
         elif part:
             out.append(part)
     return out
+
+
+def image_draw_probabilities(names: Sequence[str], spec: str, factor: float) -> np.ndarray:
+    """Probability of drawing each training image for a crop.
+
+    Parameters
+    ----------
+    names : sequence of str
+        The training images' names, in order.
+    spec : str
+        Names or ranges (:func:`parse_names`) drawn ``factor`` times as often; empty: uniform.
+    factor : float
+        Positive weight of the named images relative to the others.
+
+    Returns
+    -------
+    numpy.ndarray
+        (len(names),) probabilities summing to 1.
+    """
+    if not factor > 0:
+        raise ValueError(f"oversample_factor must be positive, got {factor}")
+    chosen = set(parse_names(spec)) if spec else set()
+    if spec and not chosen & set(names):
+        raise ValueError(f"oversample_wells {spec!r} names none of the training images")
+    weights = np.array([factor if n in chosen else 1.0 for n in names], float)
+    return weights / weights.sum()
 
 
 def load_samples(folders: Sequence[str | Path], names: Sequence[str] | None) -> list[Sample]:
@@ -691,6 +724,9 @@ def train(
     items = [prepare(s, model_config=model.config) for s in samples]
     val_items = [prepare(s, model_config=model.config) for s in val_samples]
     replay_items = [prepare(s, model_config=model.config) for s in replay_samples]
+    draw_p = image_draw_probabilities(
+        [s.name for s in samples], config.oversample_wells, config.oversample_factor
+    )
 
     trainable = freeze_parameters(model, config.freeze)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -734,7 +770,11 @@ def train(
                 pool = items
                 if replay_items and rng.random() < config.replay_fraction:
                     pool = replay_items
-                crops.append(random_crop(pool[rng.integers(len(pool))], config, rng))
+                if pool is items:
+                    index = rng.choice(len(pool), p=draw_p)
+                else:
+                    index = rng.integers(len(pool))
+                crops.append(random_crop(pool[index], config, rng))
             x = torch.stack([c[0] for c in crops]).to(device)
             masks = [c[1].to(device) for c in crops]
             trusted = torch.stack([c[2] for c in crops]).to(device)
