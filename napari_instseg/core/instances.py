@@ -15,7 +15,10 @@ masks allowed:
     (``split_factor``, tuned per model) segments much larger than the image's typical one,
     which on real worms are nearly always touching or crossing worms merged by a gap in the
     boundary map, are split by embedding similarity (:func:`split_merged`); the parts may
-    overlap where the worms cross.
+    overlap where the worms cross. Segments still much larger than typical are then cut by
+    the shape of their skeleton (``untangle_factor``, :mod:`napari_instseg.core.untangle`):
+    a junction with three or four arms is two worms, paired by the arms that continue each
+    other; an unbranched skeleton far longer than a worm is cut at its waist.
 ``"hybrid"``
     Seeds from both sources, grown by embedding similarity with the boundary as a barrier;
     boundary segments no grown mask explains are added. See :func:`segment_hybrid`.
@@ -30,6 +33,7 @@ from skimage.segmentation import watershed
 
 from .grow import Grower, d2_threshold, get_grower
 from .types import Instances, Prediction
+from .untangle import untangle
 
 __all__ = [
     "segment",
@@ -328,6 +332,7 @@ def segment_boundary(
     dilate_iterations: int = 1,
     split_factor: float = 0.0,
     split_tau: float = 0.3,
+    untangle_factor: float = 1.3,
 ) -> Instances:
     """BAISeg's mask extraction pipeline on the boundary and foreground maps.
 
@@ -360,13 +365,17 @@ def segment_boundary(
         split by embedding similarity at ``split_tau`` (:func:`split_merged`); 0 = off.
     split_tau : float
         Similarity threshold of the split.
+    untangle_factor : float
+        When > 0, segments (after the split) larger than this times the median segment
+        area are cut where their skeleton shows two worms crossing, touching side-on or
+        end to end (:func:`napari_instseg.core.untangle.untangle`); 0 = off.
 
     Returns
     -------
     Instances
-        Masks (overlaps only through the closing, or between the parts of a split segment
-        where worms cross), scores from the seediness, classes from the class scores, seeds
-        at each instance's deepest pixel (a split part: its seed).
+        Masks (overlaps only through the closing, or between the parts of a split or
+        untangled segment where worms cross), scores from the seediness, classes from the
+        class scores, seeds at each instance's deepest pixel (a split part: its seed).
     """
     _check_prediction(prediction)
     shape = prediction.shape
@@ -415,6 +424,8 @@ def segment_boundary(
     )
     if split_factor > 0:
         segments = split_merged(prediction, segments, factor=split_factor, tau=split_tau)
+    if untangle_factor > 0:
+        segments = untangle(segments, factor=untangle_factor, boundary=prediction.boundary)
     return segments
 
 

@@ -1,0 +1,368 @@
+"""Untangle worms that one segment holds, by the shape of the segment's skeleton.
+
+When the boundary map has a gap where two worms cross or touch end-on, the boundary
+pipeline returns one segment for both, and when the two worms' embeddings are alike the
+embedding split (:func:`napari_instseg.core.instances.split_merged`) cannot part them
+either. The segment's skeleton still shows what happened: a crossing is a junction with
+four arms, a worm touching another one's side is a junction with three. This module reads
+that graph and pairs the arms that continue each other (the most nearly opposite
+directions), as a worm does not bend sharply where it meets another one.
+
+Only simple cases are cut: one junction (after short spurs are pruned and junction pixels
+a worm width apart are merged) with three or four long arms. Anything else is left whole.
+Where two worms cross, both parts keep the crossing, so the masks overlap there.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+from scipy import ndimage
+from skimage.draw import line
+from skimage.morphology import skeletonize
+
+from .types import Instances
+
+__all__ = ["cut_end_to_end", "untangle", "untangle_segment"]
+
+_EIGHT = np.ones((3, 3), bool)
+
+
+def _skeleton_parts(skeleton: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Junction pixels (>= 3 skeleton neighbours) and the branches between them, labelled."""
+    neighbours = ndimage.convolve(skeleton.astype(np.int32), _EIGHT.astype(np.int32))
+    neighbours = np.where(skeleton, neighbours - 1, 0)
+    junction = skeleton & (neighbours >= 3)
+    junction_labels, n_junctions = ndimage.label(junction, _EIGHT)
+    branch_labels, n_branches = ndimage.label(skeleton & ~junction, _EIGHT)
+    return junction_labels, branch_labels, n_junctions, n_branches
+
+
+def _touching_junctions(branch: np.ndarray, junction_labels: np.ndarray) -> set[int]:
+    ring = ndimage.binary_dilation(branch, _EIGHT)
+    return set(np.unique(junction_labels[ring]).tolist()) - {0}
+
+
+def _prune_spurs(skeleton: np.ndarray, prune_length: float, rounds: int = 4) -> np.ndarray:
+    """Remove free-ended branches shorter than ``prune_length`` that hang off a junction."""
+    skeleton = skeleton.copy()
+    for _ in range(rounds):
+        junction_labels, branch_labels, n_junctions, n_branches = _skeleton_parts(skeleton)
+        if n_junctions == 0:
+            break
+        lengths = np.bincount(branch_labels.ravel(), minlength=n_branches + 1)
+        removed = False
+        for b in range(1, n_branches + 1):
+            if lengths[b] >= prune_length:
+                continue
+            branch = branch_labels == b
+            if len(_touching_junctions(branch, junction_labels)) == 1:
+                skeleton &= ~branch
+                removed = True
+        if not removed:
+            break
+        skeleton = skeletonize(skeleton)
+    return skeleton
+
+
+def _arm_direction(coords: np.ndarray, centre: np.ndarray, near: float, far: float) -> np.ndarray:
+    """Unit vector from ``centre`` along an arm, from its pixels ``near``..``far`` away."""
+    offsets = coords - centre
+    dist = np.hypot(offsets[:, 0], offsets[:, 1])
+    keep = (dist >= near) & (dist <= far)
+    if not keep.any():  # a short arm: use all of it
+        keep = np.ones(len(dist), bool)
+    vector = offsets[keep].mean(axis=0)
+    norm = float(np.hypot(*vector))
+    return vector / norm if norm > 0 else vector
+
+
+def _pair_arms(directions: list[np.ndarray]) -> list[tuple[int, ...]]:
+    """Group arm indices into worms: the most nearly opposite arms go together."""
+    n = len(directions)
+    if n == 3:
+        best = min(combinations(range(3), 2), key=lambda p: directions[p[0]] @ directions[p[1]])
+        (rest,) = set(range(3)) - set(best)
+        return [best, (rest,)]
+    pairings = [((0, 1), (2, 3)), ((0, 2), (1, 3)), ((0, 3), (1, 2))]
+    best = min(pairings, key=lambda ps: sum(directions[a] @ directions[b] for a, b in ps))
+    return list(best)
+
+
+def _path_order(skeleton: np.ndarray) -> np.ndarray | None:
+    """The pixels of an unbranched skeleton from one end to the other, or None."""
+    neighbours = ndimage.convolve(skeleton.astype(np.int32), _EIGHT.astype(np.int32)) - 1
+    ends = np.argwhere(skeleton & (neighbours == 1))
+    if len(ends) != 2 or (skeleton & (neighbours >= 3)).any():
+        return None
+    remaining = skeleton.copy()
+    path = [tuple(ends[0])]
+    remaining[path[0]] = False
+    while True:
+        r, c = path[-1]
+        top, left = max(r - 1, 0), max(c - 1, 0)
+        candidates = np.argwhere(remaining[top : r + 2, left : c + 2]) + (top, left)
+        if len(candidates) == 0:
+            break
+        # prefer 4-neighbours, so the walk does not skip a pixel of a staircase
+        steps = np.abs(candidates - (r, c)).sum(axis=1)
+        point = tuple(int(v) for v in candidates[np.argmin(steps)])
+        remaining[point] = False
+        path.append(point)
+    if remaining.any():
+        return None
+    return np.asarray(path)
+
+
+def cut_end_to_end(
+    mask: np.ndarray,
+    typical_length: float,
+    length_factor: float = 1.7,
+    max_waist: float = 0.7,
+    boundary: np.ndarray | None = None,
+    min_boundary_rise: float = 0.2,
+) -> list[np.ndarray] | None:
+    """Cut a segment whose unbranched skeleton is much longer than a worm at its waist.
+
+    Two worms that touch end to end make one long, unbranched segment. When the skeleton
+    is longer than ``length_factor * typical_length``, it is cut within the middle 40 % of
+    its length where the boundary map along it peaks at least ``min_boundary_rise`` above
+    its median there (where the worms meet), or else where it narrows to at most
+    ``max_waist`` times its median half-width (where two tails meet; a worm's middle is its
+    thickest part). Every pixel goes to the half of the skeleton nearest to it.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        (H, W) bool segment.
+    typical_length : float
+        Skeleton length (pixels) of a typical worm in the image.
+    length_factor : float
+        How much longer than that the skeleton must be.
+    max_waist : float
+        The narrowest point must have at most this fraction of the median half-width.
+    boundary : numpy.ndarray, optional
+        (H, W) boundary probability of the image.
+    min_boundary_rise : float
+        How far the boundary peak must rise above the median along the skeleton.
+
+    Returns
+    -------
+    list of numpy.ndarray or None
+        Two (H, W) bool masks, or None when the skeleton branches, is not long enough or
+        has no waist.
+    """
+    mask = np.asarray(mask, bool)
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return None
+    r0, r1 = max(rows.min() - 2, 0), min(rows.max() + 3, mask.shape[0])
+    c0, c1 = max(cols.min() - 2, 0), min(cols.max() + 3, mask.shape[1])
+    crop = mask[r0:r1, c0:c1]
+    skeleton = skeletonize(crop)
+    width = crop.sum() / max(int(skeleton.sum()), 1)
+    skeleton = _prune_spurs(skeleton, 1.5 * width)
+    path = _path_order(skeleton)
+    if path is None or len(path) < length_factor * typical_length:
+        return None
+    depth = ndimage.distance_transform_edt(crop)[path[:, 0], path[:, 1]]
+    lo, hi = int(0.3 * len(path)), int(0.7 * len(path))
+    cut = None
+    if boundary is not None:
+        along = np.asarray(boundary)[r0:r1, c0:c1][path[:, 0], path[:, 1]]
+        peak = lo + int(np.argmax(along[lo:hi]))
+        if along[peak] - np.median(along) >= min_boundary_rise:
+            cut = peak
+    if cut is None:
+        cut = lo + int(np.argmin(depth[lo:hi]))
+        if depth[cut] > max_waist * np.median(depth):
+            return None
+    halves = np.zeros(crop.shape, np.int32)
+    halves[path[:cut, 0], path[:cut, 1]] = 1
+    halves[path[cut:, 0], path[cut:, 1]] = 2
+    _, (near_r, near_c) = ndimage.distance_transform_edt(halves == 0, return_indices=True)
+    nearest = halves[near_r, near_c]
+    parts = []
+    for half in (1, 2):
+        full = np.zeros(mask.shape, bool)
+        full[r0:r1, c0:c1] = crop & (nearest == half)
+        parts.append(full)
+    return parts
+
+
+def untangle_segment(
+    mask: np.ndarray,
+    prune_length: float | None = None,
+    max_bend_cos: float = -0.3,
+) -> list[np.ndarray] | None:
+    """Cut one segment into the worms its skeleton shows, or None when it is not simple.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        (H, W) bool segment.
+    prune_length : float, optional
+        Free-ended skeleton branches shorter than this are spurs of the outline and pruned;
+        default 1.5 worm widths (width = area / skeleton length).
+    max_bend_cos : float
+        Two arms count as one worm only if the cosine of the angle between their outward
+        directions is at most this (-1 = straight through; -0.3: bent by at most ~73 deg).
+
+    Returns
+    -------
+    list of numpy.ndarray or None
+        Two (H, W) bool masks (three or four arms paired into two worms); None when the
+        skeleton has no single junction with three or four long arms, or the arms do not
+        pair into straight-enough worms. The masks overlap around a four-armed crossing.
+    """
+    mask = np.asarray(mask, bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2D, got shape {mask.shape}")
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return None
+    r0, r1 = max(rows.min() - 2, 0), min(rows.max() + 3, mask.shape[0])
+    c0, c1 = max(cols.min() - 2, 0), min(cols.max() + 3, mask.shape[1])
+    crop = mask[r0:r1, c0:c1]
+    skeleton = skeletonize(crop)
+    width = crop.sum() / max(int(skeleton.sum()), 1)
+    if prune_length is None:
+        prune_length = 1.5 * width
+    skeleton = _prune_spurs(skeleton, prune_length)
+    junction_labels, branch_labels, n_junctions, n_branches = _skeleton_parts(skeleton)
+    if n_junctions == 0:
+        return None
+    # junction pixels joined by a branch shorter than a worm width are one crossing
+    lengths = np.bincount(branch_labels.ravel(), minlength=n_branches + 1)
+    parent = list(range(n_junctions + 1))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    touches = {
+        b: _touching_junctions(branch_labels == b, junction_labels)
+        for b in range(1, n_branches + 1)
+    }
+    links = []
+    for b, js in touches.items():
+        if len(js) == 2 and lengths[b] < 2 * width:
+            a, c = sorted(js)
+            parent[find(c)] = find(a)
+            links.append(b)
+    groups = {find(j) for j in range(1, n_junctions + 1)}
+    if len(groups) != 1:
+        return None
+    arms = [b for b in touches if b not in links]
+    if any(len(touches[b]) != 1 for b in arms) or len(arms) not in (3, 4):
+        return None
+    junction = (junction_labels > 0) | np.isin(branch_labels, links)
+    centre = np.argwhere(junction).mean(axis=0)
+    arm_coords = [np.argwhere(branch_labels == b) for b in arms]
+    directions = [_arm_direction(c, centre, width, width + 3 * width) for c in arm_coords]
+    worms = _pair_arms(directions)
+    for worm in worms:
+        if len(worm) == 2 and directions[worm[0]] @ directions[worm[1]] > max_bend_cos:
+            return None
+    # every pixel goes to the worm of its nearest arm; a worm whose two arms meet at the
+    # junction also gets the pixels near the straight line that joins them there, so both
+    # worms of a crossing keep the crossing
+    arm_image = np.zeros(crop.shape, np.int32)
+    for index, coords in enumerate(arm_coords, start=1):
+        arm_image[coords[:, 0], coords[:, 1]] = index
+    _, (near_r, near_c) = ndimage.distance_transform_edt(arm_image == 0, return_indices=True)
+    nearest = arm_image[near_r, near_c] - 1
+    parts = []
+    for worm in worms:
+        part = crop & np.isin(nearest, worm)
+        if len(worm) == 2:
+            ends = [arm_coords[a][np.argmin(np.hypot(*(arm_coords[a] - centre).T))] for a in worm]
+            bridge = np.zeros(crop.shape, bool)
+            bridge[line(*ends[0], *ends[1])] = True
+            part |= crop & (ndimage.distance_transform_edt(~bridge) <= width / 2 + 1.5)
+        part = ndimage.binary_opening(part, _EIGHT) & crop
+        labels, n = ndimage.label(part, _EIGHT)
+        if n > 1:  # keep the largest piece
+            part = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+        full = np.zeros(mask.shape, bool)
+        full[r0:r1, c0:c1] = part
+        parts.append(full)
+    return parts
+
+
+def untangle(
+    instances: Instances,
+    factor: float = 1.3,
+    min_part_fraction: float = 0.3,
+    max_bend_cos: float = -0.3,
+    length_factor: float = 1.7,
+    boundary: np.ndarray | None = None,
+) -> Instances:
+    """Cut segments much larger than the typical one where their skeleton shows two worms.
+
+    Parameters
+    ----------
+    instances : Instances
+        Segments, e.g. from the boundary pipeline after the embedding split.
+    factor : float
+        Segments larger than this times the median segment area are candidates.
+    min_part_fraction : float
+        Each part needs this fraction of the median segment area, or the segment stays whole.
+    max_bend_cos : float
+        See :func:`untangle_segment`.
+    length_factor : float
+        An unbranched candidate whose skeleton is longer than this times the median
+        skeleton length is cut at its waist (:func:`cut_end_to_end`); 0 = never.
+    boundary : numpy.ndarray, optional
+        (H, W) boundary probability; where it peaks along such a skeleton is where it is cut.
+
+    Returns
+    -------
+    Instances
+        Each cut segment replaced by its two parts (same score, class and tau; the part that
+        holds the segment's seed keeps it, the other gets its most interior pixel).
+    """
+    n = len(instances)
+    if n < 2 or factor <= 0:
+        return instances
+    areas = instances.masks.reshape(n, -1).sum(axis=1)
+    typical = float(np.median(areas))
+    typical_length = float(np.median([skeletonize(m).sum() for m in instances.masks]))
+    masks, scores, classes, seeds, taus = [], [], [], [], []
+    changed = False
+    for i in range(n):
+        parts = None
+        if areas[i] > factor * typical:
+            parts = untangle_segment(instances.masks[i], max_bend_cos=max_bend_cos)
+            if parts is None and length_factor > 0:
+                parts = cut_end_to_end(
+                    instances.masks[i], typical_length, length_factor, boundary=boundary
+                )
+            if parts is not None and min(p.sum() for p in parts) < min_part_fraction * typical:
+                parts = None
+        for part in parts or [instances.masks[i]]:
+            masks.append(part)
+            scores.append(instances.scores[i])
+            classes.append(instances.classes[i])
+            if instances.seeds is not None:
+                seed = np.asarray(instances.seeds[i])
+                if parts is not None and not part[int(seed[0]), int(seed[1])]:
+                    # a part without the segment's seed gets its most interior pixel
+                    depth = ndimage.distance_transform_edt(part)
+                    seed = np.asarray(np.unravel_index(np.argmax(depth), part.shape))
+                seeds.append(seed.astype(np.asarray(instances.seeds).dtype))
+            if instances.taus is not None:
+                taus.append(instances.taus[i])
+        changed |= parts is not None
+    if not changed:
+        return instances
+    return Instances(
+        masks=np.stack(masks),
+        scores=np.asarray(scores, np.float32),
+        classes=np.asarray(classes),
+        seeds=None if instances.seeds is None else np.stack(seeds),
+        taus=None if instances.taus is None else np.asarray(taus, np.float32),
+    )

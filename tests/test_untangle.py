@@ -1,0 +1,108 @@
+"""Untangling merged worms by the shape of their skeleton (core/untangle.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.draw import line
+
+from napari_instseg.core.types import Instances
+from napari_instseg.core.untangle import cut_end_to_end, untangle, untangle_segment
+
+
+def _bar(shape, start, end, radius=4):
+    """A worm-like straight bar: a line dilated by a disk of ``radius``."""
+    out = np.zeros(shape, bool)
+    rr, cc = line(*start, *end)
+    out[rr, cc] = True
+    yy, xx = np.ogrid[-radius : radius + 1, -radius : radius + 1]
+    return ndimage.binary_dilation(out, xx**2 + yy**2 <= radius**2)
+
+
+def _iou(a, b):
+    return (a & b).sum() / (a | b).sum()
+
+
+def _best_ious(parts, truths):
+    return sorted(max(_iou(p, t) for p in parts) for t in truths)
+
+
+SHAPE = (160, 160)
+
+
+def test_a_crossing_is_cut_into_two_whole_worms_that_share_the_crossing():
+    a = _bar(SHAPE, (20, 20), (140, 140))
+    b = _bar(SHAPE, (20, 135), (140, 25))
+    parts = untangle_segment(a | b)
+    assert parts is not None and len(parts) == 2
+    assert _best_ious(parts, [a, b])[0] > 0.93
+    assert (parts[0] & parts[1] & a & b).sum() >= 0.8 * (a & b).sum()  # both keep it
+
+
+def test_a_worm_touching_another_ones_side_is_cut_off():
+    a = _bar(SHAPE, (80, 10), (80, 150))  # horizontal
+    b = _bar(SHAPE, (10, 60), (75, 75))  # ends on a's upper side
+    parts = untangle_segment(a | b)
+    assert parts is not None and len(parts) == 2
+    assert _best_ious(parts, [a, b])[0] > 0.93
+
+
+def test_worms_touching_end_to_end_are_cut_at_the_waist():
+    a = _bar(SHAPE, (80, 5), (80, 76), radius=4)
+    b = _bar(SHAPE, (80, 84), (80, 155), radius=4)
+    waist = _bar(SHAPE, (80, 76), (80, 84), radius=2)
+    merged = a | b | waist
+    assert untangle_segment(merged) is None  # no junction
+    assert cut_end_to_end(merged, typical_length=70) is not None
+    parts = cut_end_to_end(merged, typical_length=70)
+    assert _best_ious(parts, [a, b])[0] > 0.85
+    assert cut_end_to_end(merged, typical_length=110) is None  # not long enough
+
+
+def test_a_boundary_peak_cuts_worms_touching_end_to_end_without_a_waist():
+    a = _bar(SHAPE, (80, 5), (80, 79))
+    b = _bar(SHAPE, (80, 81), (80, 155))
+    merged = a | b  # the same width all along: no waist
+    assert cut_end_to_end(merged, typical_length=70) is None
+    boundary = np.full(SHAPE, 0.5, np.float32)
+    boundary[:, 78:83] = 0.95  # where the two worms meet
+    parts = cut_end_to_end(merged, typical_length=70, boundary=boundary)
+    assert parts is not None and _best_ious(parts, [a, b])[0] > 0.9
+    boundary[:, 78:83] = 0.6  # too weak a peak
+    assert cut_end_to_end(merged, typical_length=70, boundary=boundary) is None
+
+
+def test_single_worms_and_sharp_bends_stay_whole():
+    worm = _bar(SHAPE, (20, 20), (140, 140))
+    assert untangle_segment(worm) is None
+    # two arms at a right angle are no straight-through pair: a bend, not two worms
+    elbow = _bar(SHAPE, (20, 40), (100, 40)) | _bar(SHAPE, (100, 40), (100, 140))
+    assert untangle_segment(elbow) is None
+
+
+def test_untangle_replaces_only_large_merged_segments():
+    singles = [_bar(SHAPE, (10, 10 + 12 * i), (60, 10 + 12 * i)) for i in range(4)]
+    crossing = _bar(SHAPE, (70, 20), (150, 100)) | _bar(SHAPE, (70, 100), (150, 20))
+    masks = np.stack([*singles, crossing])
+    inst = Instances(
+        masks=masks,
+        scores=np.linspace(0.5, 0.9, 5).astype(np.float32),
+        classes=np.ones(5, np.int64),
+        seeds=np.array([[35, 10 + 12 * i] for i in range(4)] + [[110, 60]]),
+        taus=np.full(5, 0.5, np.float32),
+    )
+    out = untangle(inst)
+    assert len(out) == 6
+    assert np.array_equal(out.masks[:4], masks[:4])
+    assert np.allclose(out.scores[4:], 0.9) and np.allclose(out.taus, 0.5)
+    for part, seed in zip(out.masks[4:], out.seeds[4:], strict=True):
+        assert part[seed[0], seed[1]]  # every part holds its seed
+    assert untangle(inst, factor=0) is inst
+    assert untangle(inst, factor=10.0) is inst  # nothing large enough
+
+
+def test_untangle_segment_rejects_bad_input():
+    with pytest.raises(ValueError, match="2D"):
+        untangle_segment(np.zeros((2, 3, 4), bool))
+    assert untangle_segment(np.zeros((10, 10), bool)) is None
