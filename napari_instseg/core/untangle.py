@@ -29,6 +29,14 @@ __all__ = ["cut_end_to_end", "untangle", "untangle_segment"]
 _EIGHT = np.ones((3, 3), bool)
 
 
+def _crop(mask: np.ndarray) -> np.ndarray:
+    """The mask cut to its bounding box (empty masks stay as they are)."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return mask
+    return mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+
+
 def _skeleton_parts(skeleton: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Junction pixels (>= 3 skeleton neighbours) and the branches between them, labelled."""
     neighbours = ndimage.convolve(skeleton.astype(np.int32), _EIGHT.astype(np.int32))
@@ -330,7 +338,9 @@ def untangle(
         return instances
     areas = instances.masks.reshape(n, -1).sum(axis=1)
     typical = float(np.median(areas))
-    typical_length = float(np.median([skeletonize(m).sum() for m in instances.masks]))
+    if not (areas > factor * typical).any():
+        return instances
+    typical_length = float(np.median([skeletonize(_crop(m)).sum() for m in instances.masks]))
     masks, scores, classes, seeds, taus = [], [], [], [], []
     changed = False
     for i in range(n):
