@@ -136,6 +136,26 @@ def test_zarr_cache(model, image, tmp_path):
     assert second.taus == first.taus
     assert len(list(cache.glob("*.zarr"))) == 1
 
+    # re-tuning changes the weights' metadata, not their tensors: the cached maps are
+    # reused, but the segmentation parameters come from the model as it is now
+    tuned = {"boundary": {"boundary_threshold": 0.9}}
+    model.metadata = {
+        **(getattr(model, "metadata", {}) or {}),
+        "segment_params": tuned,
+        "recommended_method": "boundary",
+    }
+    try:
+        retuned = predict(image, model, "cpu", cache=cache)
+    finally:
+        model.metadata = {
+            k: v
+            for k, v in model.metadata.items()
+            if k not in ("segment_params", "recommended_method")
+        }
+    assert retuned.metadata["cached"] is True
+    assert retuned.metadata["segment_params"] == tuned
+    assert retuned.metadata["recommended_method"] == "boundary"
+
     # a changed image, a changed model, or other tiling: a new key, never the stale entry
     changed = image.copy()
     changed[0, 0] += 1.0

@@ -225,7 +225,6 @@ def iter_predict_normalized(
         foreground[r0:r1, c0:c1_] = fg.cpu().numpy()
         yield i + 1, len(tiles)
     seediness = class_scores[:, 1:].max(axis=(0, 1))
-    meta = getattr(model, "metadata", {}) or {}
     return Prediction(
         embeddings=embeddings,
         seediness=seediness,
@@ -234,15 +233,28 @@ def iter_predict_normalized(
         foreground=foreground,
         taus=tuple(cfg.taus),
         metadata={
-            "model": meta.get("name", getattr(model, "source", "unsaved model")),
-            "model_sha256": meta.get("sha256"),
+            **_model_metadata(model),
             "device": str(dev),
             "tiles": len(tiles),
             "origin": tuple(origin),
-            "recommended_method": meta.get("recommended_method"),
-            "segment_params": meta.get("segment_params", {}),
         },
     )
+
+
+def _model_metadata(model: InstSegNet) -> dict:
+    """What a prediction carries about its model, read from the model as it is now.
+
+    The segmentation parameters and recommended method live in the weights' metadata and
+    change when a model is re-tuned without new tensors, so a cached prediction takes them
+    from the model at hand, never from the cache.
+    """
+    meta = getattr(model, "metadata", {}) or {}
+    return {
+        "model": meta.get("name", getattr(model, "source", "unsaved model")),
+        "model_sha256": meta.get("sha256"),
+        "recommended_method": meta.get("recommended_method"),
+        "segment_params": meta.get("segment_params", {}),
+    }
 
 
 def predict(
@@ -291,6 +303,7 @@ def predict(
         store = Path(cache) / f"{key}.zarr"
         cached = _read_cache(store)
         if cached is not None:
+            cached.metadata.update(_model_metadata(model))
             if progress is not None:
                 progress(1, 1)
             return cached
