@@ -493,3 +493,19 @@ def test_set_layer_data_and_state_key(make_napari_viewer):
     b[2, 3] = 1
     assert state_key(a) == state_key(a.copy()) and state_key(a) != state_key(b)
     assert state_key(a) != state_key(a.astype(np.int64))
+
+
+def test_untangle_toggle_reaches_the_boundary_and_hybrid_methods(widget):
+    widget.run_model(blocking=True)
+    combo = widget.method_combo
+    combo.setCurrentText("boundary")
+    assert widget.untangle.isEnabled() and widget.untangle.isChecked()
+    assert "untangle_factor" not in widget.segment_params()  # the pipeline's default: on
+    widget.untangle.setChecked(False)
+    assert widget.segment_params()["untangle_factor"] == 0.0
+    combo.setCurrentText("hybrid")
+    assert widget.segment_params()["untangle_factor"] == 0.0
+    assert widget.segment(blocking=True) >= 1  # segment_hybrid takes the parameter
+    combo.setCurrentText("seeds")
+    assert not widget.untangle.isEnabled()
+    assert "untangle_factor" not in widget.segment_params()

@@ -198,6 +198,13 @@ class InstSegWidget(QWidget):
         self.min_size.setRange(0, 100000)
         self.min_size.setValue(int(defaults.get("min_size", 30)))
         form.addRow("min size (px)", self.min_size)
+        self.untangle = QCheckBox("untangle crossing / touching worms")
+        self.untangle.setChecked(True)
+        self.untangle.setToolTip(
+            "boundary, hybrid: cut segments much larger than a worm where their skeleton "
+            "shows two worms crossing or touching (both keep a crossing)"
+        )
+        form.addRow(self.untangle)
         self.keep_edited = QCheckBox("keep edited / reviewed instances")
         self.keep_edited.setChecked(True)
         form.addRow(self.keep_edited)
@@ -683,13 +690,23 @@ class InstSegWidget(QWidget):
     def segment_params(self) -> dict[str, Any]:
         """Parameters of the chosen method from the widget's fields."""
         method = self.method_combo.currentText()
+        untangle = {} if self.untangle.isChecked() else {"untangle_factor": 0.0}
         if method == "auto":
-            return {}  # the parameters tuned for the model (shown in the fields)
+            # the parameters tuned for the model (shown in the fields)
+            return untangle if self._resolved_method() in ("boundary", "hybrid") else {}
         params: dict[str, Any] = {"min_size": int(self.min_size.value())}
         if method in ("seeds", "hybrid"):
             params["min_score"] = float(self.min_score.value())
             params["min_seediness"] = float(self.min_seediness.value())
+        if method in ("boundary", "hybrid"):
+            params.update(untangle)
         return params
+
+    def _resolved_method(self) -> str:
+        """The method *auto* stands for with the current image's model."""
+        session = self.session(create=False)
+        meta = session.prediction.metadata if session and session.prediction else {}
+        return str(meta.get("recommended_method") or "hybrid")
 
     def segment(self, blocking: bool = False) -> Any:
         """Segment the chosen image automatically into the ``worms`` layer.
@@ -744,7 +761,7 @@ class InstSegWidget(QWidget):
         method = self.method_combo.currentText()
         session = self.session(create=False)
         meta = session.prediction.metadata if session and session.prediction else {}
-        resolved = str(meta.get("recommended_method") or "hybrid") if method == "auto" else method
+        resolved = self._resolved_method() if method == "auto" else method
         values = {
             **_segment_defaults(resolved),
             **(meta.get("segment_params") or {}).get(resolved, {}),
@@ -757,6 +774,7 @@ class InstSegWidget(QWidget):
             if key in values and values[key] is not None:
                 box.setValue(type(box.value())(values[key]))
             box.setEnabled(method != "auto" and key in values)
+        self.untangle.setEnabled(resolved in ("boundary", "hybrid"))
         self.method_combo.setToolTip(f"{method} -> {resolved}" if method == "auto" else method)
 
     def _after_segment(self, n: int) -> None:

@@ -622,6 +622,7 @@ def segment_hybrid(
     dilate_iterations: int = 1,
     cover_threshold: float = 0.5,
     boundary_score_factor: float = 0.9,
+    untangle_factor: float = 1.3,
 ) -> Instances:
     """Seeds, boundaries and similarity together.
 
@@ -651,6 +652,8 @@ def segment_hybrid(
         A boundary segment is added when less than this fraction of it is covered.
     boundary_score_factor : float
         Score multiplier for seeds from boundary segments and for added segments.
+    untangle_factor : float
+        As in :func:`segment_boundary` (for the boundary segments).
 
     Returns
     -------
@@ -666,6 +669,7 @@ def segment_hybrid(
         fg_threshold=fg_threshold,
         min_size=min_size,
         dilate_iterations=dilate_iterations,
+        untangle_factor=untangle_factor,
     )
     grown = segment_seeds(
         prediction,
