@@ -98,6 +98,30 @@ def _pair_arms(directions: list[np.ndarray]) -> list[tuple[int, ...]]:
     return list(best)
 
 
+def _cropped_skeleton(
+    mask: np.ndarray, prune_length: float | None = None
+) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray, float] | None:
+    """Crop a segment to its box and skeletonize it; None for an empty mask.
+
+    Returns the bounding box (r0, r1, c0, c1) with a 2-px margin, the cropped mask, its
+    skeleton with spurs shorter than ``prune_length`` (default 1.5 widths) pruned, and the
+    worm width (area / skeleton length).
+    """
+    mask = np.asarray(mask, bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2D, got shape {mask.shape}")
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return None
+    r0, r1 = max(rows.min() - 2, 0), min(rows.max() + 3, mask.shape[0])
+    c0, c1 = max(cols.min() - 2, 0), min(cols.max() + 3, mask.shape[1])
+    crop = mask[r0:r1, c0:c1]
+    skeleton = skeletonize(crop)
+    width = crop.sum() / max(int(skeleton.sum()), 1)
+    skeleton = _prune_spurs(skeleton, 1.5 * width if prune_length is None else prune_length)
+    return (r0, r1, c0, c1), crop, skeleton, width
+
+
 def _path_order(skeleton: np.ndarray) -> np.ndarray | None:
     """The pixels of an unbranched skeleton from one end to the other, or None."""
     neighbours = ndimage.convolve(skeleton.astype(np.int32), _EIGHT.astype(np.int32)) - 1
@@ -161,16 +185,11 @@ def cut_end_to_end(
         Two (H, W) bool masks, or None when the skeleton branches, is not long enough or
         has no waist.
     """
-    mask = np.asarray(mask, bool)
-    rows, cols = np.nonzero(mask)
-    if rows.size == 0:
+    found = _cropped_skeleton(mask)
+    if found is None:
         return None
-    r0, r1 = max(rows.min() - 2, 0), min(rows.max() + 3, mask.shape[0])
-    c0, c1 = max(cols.min() - 2, 0), min(cols.max() + 3, mask.shape[1])
-    crop = mask[r0:r1, c0:c1]
-    skeleton = skeletonize(crop)
-    width = crop.sum() / max(int(skeleton.sum()), 1)
-    skeleton = _prune_spurs(skeleton, 1.5 * width)
+    (r0, r1, c0, c1), crop, skeleton, width = found
+    mask = np.asarray(mask, bool)
     path = _path_order(skeleton)
     if path is None or len(path) < length_factor * typical_length:
         return None
@@ -224,20 +243,11 @@ def untangle_segment(
         skeleton has no single junction with three or four long arms, or the arms do not
         pair into straight-enough worms. The masks overlap around a four-armed crossing.
     """
-    mask = np.asarray(mask, bool)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be 2D, got shape {mask.shape}")
-    rows, cols = np.nonzero(mask)
-    if rows.size == 0:
+    found = _cropped_skeleton(mask, prune_length)
+    if found is None:
         return None
-    r0, r1 = max(rows.min() - 2, 0), min(rows.max() + 3, mask.shape[0])
-    c0, c1 = max(cols.min() - 2, 0), min(cols.max() + 3, mask.shape[1])
-    crop = mask[r0:r1, c0:c1]
-    skeleton = skeletonize(crop)
-    width = crop.sum() / max(int(skeleton.sum()), 1)
-    if prune_length is None:
-        prune_length = 1.5 * width
-    skeleton = _prune_spurs(skeleton, prune_length)
+    (r0, r1, c0, c1), crop, skeleton, width = found
+    mask = np.asarray(mask, bool)
     junction_labels, branch_labels, n_junctions, n_branches = _skeleton_parts(skeleton)
     if n_junctions == 0:
         return None
