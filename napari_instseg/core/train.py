@@ -770,9 +770,9 @@ def train(
                 pool = items
                 if replay_items and rng.random() < config.replay_fraction:
                     pool = replay_items
-                if pool is items:
+                if pool is items and config.oversample_wells:
                     index = rng.choice(len(pool), p=draw_p)
-                else:
+                else:  # uniform: the same random stream as runs made before oversampling
                     index = rng.integers(len(pool))
                 crops.append(random_crop(pool[index], config, rng))
             x = torch.stack([c[0] for c in crops]).to(device)
