@@ -306,8 +306,15 @@ def test_run_model_in_worker_cancel_and_cache(make_napari_viewer, monkeypatch, w
     # a full run in the worker shows the layers, then the result comes from the cache
     reports.clear()
     turns = []  # layers present at each turn of the event loop while showing
+    actives = []  # the active layer at each turn once the worms layer exists
     timer = QTimer()
-    timer.timeout.connect(lambda: turns.append(len(viewer.layers)))
+
+    def record_turn():
+        turns.append(len(viewer.layers))
+        if "worms" in viewer.layers:
+            actives.append(viewer.layers.selection.active)
+
+    timer.timeout.connect(record_turn)
     timer.start(0)
     with qtbot.waitSignal(widget.prediction_shown, timeout=15000):
         worker = widget.run_model()
@@ -315,9 +322,11 @@ def test_run_model_in_worker_cancel_and_cache(make_napari_viewer, monkeypatch, w
     timer.stop()
     assert len(reports) == 200 and "worms" in viewer.layers and "seeds" in viewer.layers
     assert widget.session().prediction is oracle
-    # the layers were added one per event-loop turn, not in one block
-    counts = sorted(set(turns))
-    assert len([c for c in counts if 1 < c < len(viewer.layers)]) >= 3
+    # the layers were added one per event-loop turn (the timer saw every count in between)
+    assert set(range(2, len(viewer.layers) + 1)) <= set(turns)
+    # and the maps were inserted under the worms layer without taking the selection from it,
+    # so a click while they appear still goes to the worms
+    assert actives and all(a is viewer.layers["worms"] for a in actives)
     qtbot.waitUntil(widget.progress_bar.isHidden, timeout=5000)
     reports.clear()
     assert widget.run_model() is oracle and not reports

@@ -193,6 +193,26 @@ def same_extent(viewer: Any, layer: Any) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _keep_active_layer(layers: Any) -> Iterator[None]:
+    """Insert layers without making them the active (selected) one.
+
+    napari selects every inserted layer, which swaps the layer controls (a costly Qt
+    rebuild per hidden map) and, while maps are still being shown, would send the
+    user's clicks to a map instead of the ``worms`` layer. Uses napari's
+    ``_activate_on_insert`` switch where it exists; otherwise inserts as napari does.
+    """
+    if not hasattr(layers, "_activate_on_insert"):
+        yield
+        return
+    before = layers._activate_on_insert
+    layers._activate_on_insert = False
+    try:
+        yield
+    finally:
+        layers._activate_on_insert = before
+
+
 def set_layer_data(viewer: Any, layer: Any, data: np.ndarray) -> None:
     """``layer.data = data``, without the viewer-wide extent update when the shape is kept."""
     old = getattr(layer, "data", None)
@@ -372,7 +392,8 @@ class Session:
             else:  # inserted under the edit layers: no reordering afterwards
                 layer = Image(data, name=name, **transform, **kwargs)
                 below = [self.viewer.layers.index(x) for x in self._edit_layers()]
-                self.viewer.layers.insert(min(below, default=len(self.viewer.layers)), layer)
+                with _keep_active_layer(self.viewer.layers):
+                    self.viewer.layers.insert(min(below, default=len(self.viewer.layers)), layer)
                 self.map_layers[key] = layer
             yield key
         self._raise_edit_layers()
@@ -485,15 +506,16 @@ class Session:
 
     def _ensure_seeds_layer(self) -> None:
         if self.seeds_layer is None or self.seeds_layer not in self.viewer.layers:
-            self.seeds_layer = self.viewer.add_points(
-                np.zeros((0, 2)),
-                name=LAYER_NAMES["seeds"],
-                size=9,
-                border_color="white",
-                border_width=0.15,
-                face_color="lime",
-                **self._transform_kwargs(),
-            )
+            with _keep_active_layer(self.viewer.layers):  # the worms layer stays active
+                self.seeds_layer = self.viewer.add_points(
+                    np.zeros((0, 2)),
+                    name=LAYER_NAMES["seeds"],
+                    size=9,
+                    border_color="white",
+                    border_width=0.15,
+                    face_color="lime",
+                    **self._transform_kwargs(),
+                )
             self._seeds_shown = None
         self._update_seeds_layer()
 
