@@ -167,3 +167,46 @@ def test_boundary_split_factor_separates_worms_merged_by_a_boundary_gap(worms):
     split = segment(gap, method="boundary", split_factor=1.5, split_tau=0.5)
     assert iou_matrix(plain.masks, s.masks).max(0)[[a, b]].min() < 0.7  # merged
     assert iou_matrix(split.masks, s.masks).max(0)[[a, b]].min() > 0.8  # split again
+
+
+def test_merge_fragments_joins_small_pieces_of_one_embedding_only():
+    from napari_instseg.core.instances import merge_fragments
+
+    labels = np.zeros((20, 60), np.int64)
+    labels[2:6, 0:10], labels[2:6, 10:20], labels[2:6, 20:30] = 1, 2, 3  # one thin worm, cut
+    labels[6:16, 0:30] = 4  # a big neighbour touching all three pieces
+    labels[6:16, 30:60] = 5  # another big one, same embedding as 4
+    emb = np.zeros((2, 20, 60), np.float32)
+    emb[0][labels <= 3] = 3.0  # pieces: one embedding; big segments: another (sigma ~ 0)
+    out = merge_fragments(labels, emb, min_size=100, tau=0.5)
+    assert len(np.unique(out[labels == 1])) == 1
+    assert out[3, 5] == out[3, 15] == out[3, 25]  # the pieces are one segment
+    assert out[10, 5] != out[3, 5]  # not merged into the different neighbour
+    assert out[10, 5] != out[10, 45]  # big segments never merge, however similar
+    assert np.array_equal(out == 0, labels == 0)
+    # a dissimilar neighbour is not joined even when it is the only one
+    alone = np.where(labels == 2, 2, np.where(labels == 4, 4, 0))
+    assert np.array_equal(merge_fragments(alone, emb, 100, 0.5), alone)
+    # with a threshold above every similarity nothing changes
+    emb[0][labels == 2] = 3.5  # sigma(3, 3.5) ~ 0.88
+    kept = merge_fragments(labels, emb, 100, 0.95)
+    assert out[3, 5] == out[3, 25] and kept[3, 5] != kept[3, 15]
+
+
+def test_boundary_keeps_a_thin_worm_the_boundary_map_cuts_into_pieces():
+    masks = np.zeros((2, 64, 96), bool)
+    masks[0, 10:16, 8:88] = True  # thin worm, 480 px
+    masks[1, 30:50, 8:88] = True  # wide worm
+    p = prediction_from_masks(masks, embedding_dim=4, seed=2)
+    boundary = p.boundary.copy()
+    boundary[8:18, 24:26] = boundary[8:18, 44:46] = boundary[8:18, 64:66] = 1.0  # cuts
+    p = dataclasses.replace(p, boundary=boundary)
+    kw = dict(boundary_threshold=0.5, min_size=200, untangle_factor=0.0)
+    lost = segment(p, method="boundary", merge_tau=0.0, **kw)
+    kept = segment(p, method="boundary", merge_tau=0.3, **kw)
+
+    def best(inst, m):
+        return float(((inst.masks & m).sum((1, 2)) / (inst.masks | m).sum((1, 2))).max())
+
+    assert len(lost) == 1 and best(lost, masks[0]) < 0.1  # every piece < min_size: dropped
+    assert len(kept) == 2 and best(kept, masks[0]) > 0.8 and best(kept, masks[1]) > 0.8

@@ -39,6 +39,7 @@ __all__ = [
     "segment",
     "segment_seeds",
     "segment_boundary",
+    "merge_fragments",
     "segment_hybrid",
     "sample_seeds",
     "split_merged",
@@ -321,6 +322,76 @@ def _boundary_labels(
     return labels, dist
 
 
+def merge_fragments(
+    labels: np.ndarray, embeddings: np.ndarray, min_size: int, tau: float
+) -> np.ndarray:
+    """Merge label segments smaller than ``min_size`` into their most similar neighbour.
+
+    Where the boundary map is high across a whole thin worm, the watershed cuts it into
+    pieces that are each too small to keep: the worm would be lost. Pieces of one worm
+    share an embedding, so a small segment is merged into the touching segment whose mean
+    embedding is most similar, when that similarity (Fathi et al.'s
+    ``sigma = 2 / (1 + exp(||e_a - e_b||^2))``) exceeds ``tau``. Greedy, most similar pair
+    first, means updated after each merge; repeated until no small segment can merge.
+    Segments of ``min_size`` or more are never merged with each other.
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        (H, W) integer segments, 0 = background.
+    embeddings : np.ndarray
+        (D, H, W) pixel embeddings.
+    min_size : int
+        Segments smaller than this (in pixels) are fragments.
+    tau : float
+        Similarity a fragment needs with a neighbour to merge, in (0, 1].
+
+    Returns
+    -------
+    np.ndarray
+        Labels of the same shape; merged segments take the label of the one they joined.
+    """
+    labels = np.asarray(labels)
+    n = int(labels.max(initial=0))
+    if n < 2 or min_size <= 0:
+        return labels
+    # pairs of segments that touch (4-neighbourhood)
+    a = np.concatenate([labels[:, :-1].ravel(), labels[:-1, :].ravel()])
+    b = np.concatenate([labels[:, 1:].ravel(), labels[1:, :].ravel()])
+    touch = (a != b) & (a > 0) & (b > 0)
+    if not touch.any():
+        return labels
+    pairs = np.unique(np.sort(np.stack([a[touch], b[touch]], axis=1), axis=1), axis=0)
+    flat = labels.ravel()
+    size = np.bincount(flat, minlength=n + 1).astype(np.float64)
+    sums = np.stack(
+        [np.bincount(flat, weights=e.ravel(), minlength=n + 1) for e in np.asarray(embeddings)],
+        axis=1,
+    )
+    root = np.arange(n + 1)
+    while len(pairs):
+        p, q = root[pairs[:, 0]], root[pairs[:, 1]]
+        keep = p != q
+        pairs, p, q = pairs[keep], p[keep], q[keep]
+        small = np.minimum(size[p], size[q]) < min_size
+        if not small.any():
+            break
+        p, q = p[small], q[small]
+        mean_p = sums[p] / size[p, None]
+        mean_q = sums[q] / size[q, None]
+        d2 = ((mean_p - mean_q) ** 2).sum(axis=1)
+        sim = 2.0 / (1.0 + np.exp(np.minimum(d2, 50.0)))
+        best = int(np.argmax(sim))
+        if sim[best] <= tau:
+            break
+        keep_label, gone = int(p[best]), int(q[best])
+        root[root == gone] = keep_label
+        size[keep_label] += size[gone]
+        sums[keep_label] += sums[gone]
+    root[0] = 0
+    return root[labels]
+
+
 def segment_boundary(
     prediction: Prediction,
     boundary_threshold: float = 0.5,
@@ -333,6 +404,7 @@ def segment_boundary(
     split_factor: float = 0.0,
     split_tau: float = 0.3,
     untangle_factor: float = 1.3,
+    merge_tau: float = 0.3,
 ) -> Instances:
     """BAISeg's mask extraction pipeline on the boundary and foreground maps.
 
@@ -340,7 +412,10 @@ def segment_boundary(
     distance transform of the foreground outside the dilated lines, threshold it into
     markers (connected components), watershed of the boundary map from the markers inside
     the foreground, closing of every instance with a ``closing_size`` elliptical element,
-    and keep only foreground pixels. Score = mean seediness inside the instance.
+    and keep only foreground pixels. Score = mean seediness inside the instance. Before the
+    closing, watershed segments smaller than ``min_size`` (pieces of a thin worm the
+    boundary map covers end to end) are merged into their most similar neighbour by
+    embedding (:func:`merge_fragments`).
 
     Parameters
     ----------
@@ -369,6 +444,9 @@ def segment_boundary(
         When > 0, segments (after the split) larger than this times the median segment
         area are cut where their skeleton shows two worms crossing, touching side-on or
         end to end (:func:`napari_instseg.core.untangle.untangle`); 0 = off.
+    merge_tau : float
+        Embedding similarity a segment smaller than ``min_size`` needs with a touching
+        segment to merge into it (:func:`merge_fragments`) instead of being dropped; 0 = off.
 
     Returns
     -------
@@ -387,6 +465,8 @@ def segment_boundary(
         min_marker_size,
         dilate_iterations,
     )
+    if merge_tau > 0:
+        labels = merge_fragments(labels, prediction.embeddings, min_size, merge_tau)
     fg = np.asarray(prediction.foreground) > fg_threshold
     selem = ellipse(closing_size // 2, closing_size // 2).astype(bool)
     if selem.shape != (closing_size, closing_size):  # even sizes: fall back to a disk
@@ -623,6 +703,7 @@ def segment_hybrid(
     cover_threshold: float = 0.5,
     boundary_score_factor: float = 0.9,
     untangle_factor: float = 1.3,
+    merge_tau: float = 0.3,
 ) -> Instances:
     """Seeds, boundaries and similarity together.
 
@@ -652,7 +733,7 @@ def segment_hybrid(
         A boundary segment is added when less than this fraction of it is covered.
     boundary_score_factor : float
         Score multiplier for seeds from boundary segments and for added segments.
-    untangle_factor : float
+    untangle_factor, merge_tau : float
         As in :func:`segment_boundary` (for the boundary segments).
 
     Returns
@@ -670,6 +751,7 @@ def segment_hybrid(
         min_size=min_size,
         dilate_iterations=dilate_iterations,
         untangle_factor=untangle_factor,
+        merge_tau=merge_tau,
     )
     grown = segment_seeds(
         prediction,

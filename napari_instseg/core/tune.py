@@ -31,6 +31,7 @@ DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
         "min_size": [30, 200, 300, 400, 500],  # BBBC010 worms: 10th percentile ~830 px
         "split_factor": [0.0, 1.3, 1.6, 2.0],
         "split_tau": [0.2, 0.3, 0.5],
+        "merge_tau": [0.3, 0.0, 0.2, 0.5],
     },
     "seeds": {
         "min_seediness": [0.0, 0.1, 0.3, 0.5],
