@@ -98,6 +98,8 @@ def test_untangle_replaces_only_large_merged_segments():
     assert np.allclose(out.scores[4:], 0.9) and np.allclose(out.taus, 0.5)
     for part, seed in zip(out.masks[4:], out.seeds[4:], strict=True):
         assert part[seed[0], seed[1]]  # every part holds its seed
+    # the segment's seed lies in the crossing, which both parts keep: only one reuses it
+    assert tuple(out.seeds[4]) != tuple(out.seeds[5])
     assert untangle(inst, factor=0) is inst
     assert untangle(inst, factor=10.0) is inst  # nothing large enough
 

@@ -363,16 +363,22 @@ def untangle(
                 )
             if parts is not None and min(p.sum() for p in parts) < min_part_fraction * typical:
                 parts = None
+        seed_taken = False
         for part in parts or [instances.masks[i]]:
             masks.append(part)
             scores.append(instances.scores[i])
             classes.append(instances.classes[i])
             if instances.seeds is not None:
                 seed = np.asarray(instances.seeds[i])
-                if parts is not None and not part[int(seed[0]), int(seed[1])]:
-                    # a part without the segment's seed gets its most interior pixel
-                    depth = ndimage.distance_transform_edt(part)
+                if parts is not None and (seed_taken or not part[int(seed[0]), int(seed[1])]):
+                    # the segment's seed goes to the first part holding it (a seed in a
+                    # crossing is in both); any other part gets its most interior pixel
+                    # outside the crossing, where no other part can claim it
+                    own = part & ~np.any([p for p in parts if p is not part], axis=0)
+                    depth = ndimage.distance_transform_edt(own if own.any() else part)
                     seed = np.asarray(np.unravel_index(np.argmax(depth), part.shape))
+                else:
+                    seed_taken = True
                 seeds.append(seed.astype(np.asarray(instances.seeds).dtype))
             if instances.taus is not None:
                 taus.append(instances.taus[i])
