@@ -344,13 +344,14 @@ def merge_fragments(
     min_size : int
         Segments smaller than this (in pixels) are fragments.
     tau : float
-        Similarity a fragment needs with a neighbour to merge, in (0, 1].
+        Similarity a fragment needs with a neighbour to merge, in (0, 1).
 
     Returns
     -------
     np.ndarray
         Labels of the same shape; merged segments take the label of the one they joined.
     """
+    max_d2 = d2_threshold(tau)
     labels = np.asarray(labels)
     n = int(labels.max(initial=0))
     if n < 2 or min_size <= 0:
@@ -380,9 +381,8 @@ def merge_fragments(
         mean_p = sums[p] / size[p, None]
         mean_q = sums[q] / size[q, None]
         d2 = ((mean_p - mean_q) ** 2).sum(axis=1)
-        sim = 2.0 / (1.0 + np.exp(np.minimum(d2, 50.0)))
-        best = int(np.argmax(sim))
-        if sim[best] <= tau:
+        best = int(np.argmin(d2))
+        if d2[best] >= max_d2:  # similarity <= tau
             break
         keep_label, gone = int(p[best]), int(q[best])
         root[root == gone] = keep_label
