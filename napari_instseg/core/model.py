@@ -249,6 +249,9 @@ def add_coordinates(
     torch.Tensor
         Same shape.
     """
+    if embeddings.dtype in (torch.float16, torch.bfloat16):
+        # under autocast: coordinates up to a few units need more than bf16's 8-bit mantissa
+        embeddings = embeddings.float()
     b, _, h, w = embeddings.shape
     offsets = torch.as_tensor(offset, dtype=embeddings.dtype, device=embeddings.device)
     if offsets.ndim == 1:
