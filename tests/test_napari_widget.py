@@ -322,8 +322,10 @@ def test_run_model_in_worker_cancel_and_cache(make_napari_viewer, monkeypatch, w
     timer.stop()
     assert len(reports) == 200 and "worms" in viewer.layers and "seeds" in viewer.layers
     assert widget.session().prediction is oracle
-    # the layers were added one per event-loop turn (the timer saw every count in between)
-    assert set(range(2, len(viewer.layers) + 1)) <= set(turns)
+    # worms and seeds came with the image's choice (before the run); the maps were added
+    # one per event-loop turn (the timer saw every count in between)
+    assert turns[0] == 3 and len(viewer.layers) > 3
+    assert set(range(3, len(viewer.layers) + 1)) <= set(turns)
     # and the maps were inserted under the worms layer without taking the selection from it,
     # so a click while they appear still goes to the worms
     assert actives and all(a is viewer.layers["worms"] for a in actives)
@@ -518,3 +520,54 @@ def test_untangle_toggle_reaches_the_boundary_and_hybrid_methods(widget):
     combo.setCurrentText("seeds")
     assert not widget.untangle.isEnabled()
     assert "untangle_factor" not in widget.segment_params()
+
+
+def test_images_share_one_set_of_map_layers(make_napari_viewer, monkeypatch, qtbot):
+    """Choosing an image makes its edit layers; its maps reuse the map layers already shown."""
+    from napari_instseg._napari.widget import InstSegWidget
+
+    compute.clear_cache()
+    first = make_worms(shape=(160, 160), n_worms=4, seed=3)
+    second = make_worms(shape=(160, 160), n_worms=3, seed=4)
+    oracles = [(s.image, prediction_from_masks(s.masks, noise=0.1)) for s in (first, second)]
+
+    def fake_predict(image, model=None, device="auto", progress=None):
+        return next(p for im, p in oracles if np.array_equal(np.asarray(image), im))
+
+    monkeypatch.setattr(compute, "predict_image", fake_predict)
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(first.image, name="first")
+    widget = InstSegWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="instseg")
+    viewer.add_image(second.image, name="second")
+
+    def chosen_ready():
+        session = widget.session(create=False)
+        return session is not None and session.seeds_layer in viewer.layers
+
+    qtbot.waitUntil(chosen_ready)  # the worms and seeds layers come with the choice, no Run
+    a = widget.session(create=False)
+    assert a.image_layer.name == "first" and a.prediction is None
+    assert a.labels_layer in viewer.layers
+    widget.run_model(blocking=True)
+    maps = dict(a.map_layers)
+    assert set(maps) >= {"embeddings", "seediness", "boundary", "foreground"}
+    n_layers = len(viewer.layers)
+
+    widget.image_combo.setCurrentText("second")
+    qtbot.waitUntil(chosen_ready)
+    b = widget.session(create=False)
+    assert b is not a and len(viewer.layers) == n_layers + 2  # its own worms and seeds
+    widget.run_model(blocking=True)
+    assert len(viewer.layers) == n_layers + 2  # no second set of maps
+    assert all(b.map_layers[key] is layer for key, layer in maps.items())
+    assert b.maps_shown and not a.maps_shown
+    np.testing.assert_array_equal(maps["seediness"].data, b.prediction.seediness)
+    assert not np.array_equal(maps["foreground"].data, a.prediction.foreground)
+
+    widget.image_combo.setCurrentText("first")  # its maps come back, from memory
+    qtbot.waitUntil(lambda: a.maps_shown and widget._showing is None)
+    np.testing.assert_array_equal(maps["seediness"].data, a.prediction.seediness)
+    np.testing.assert_array_equal(maps["foreground"].data, a.prediction.foreground)
+    assert len(viewer.layers) == n_layers + 2
+    assert viewer.layers.selection.active is a.labels_layer

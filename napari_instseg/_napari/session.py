@@ -228,6 +228,19 @@ def _to_point(position: Sequence[float], shape: tuple[int, int]) -> Point | None
     return None
 
 
+class MapLayers(dict):
+    """The map layers of a viewer (key of :data:`LAYER_NAMES` -> layer), shared by sessions.
+
+    Adding a layer is among the costliest things a napari viewer does (its vispy visual,
+    its controls, a layer-list repaint: 0.1-0.2 s each here), so the widget keeps one set of
+    map layers that shows the maps of the image last run or chosen, and only changes their
+    data when another image's maps are shown. :attr:`owner` is the session whose maps
+    they show.
+    """
+
+    owner: Any = None
+
+
 class Session:
     """Prediction, instances and layers of one image in a napari viewer.
 
@@ -252,7 +265,9 @@ class Session:
         self.labels_layer: Any = None
         self.seeds_layer: Any = None
         self.similarity_layer: Any = None
-        self.map_layers: dict[str, Any] = {}
+        #: the map layers; the widget shares one :class:`MapLayers` between its sessions
+        self.map_layers: MapLayers = MapLayers()
+        self._layer_data: list[tuple[str, Any, dict]] | None = None
         self.last_method: dict[str, Any] = {}
         self._states: OrderedDict[Any, tuple[Worm, ...]] = OrderedDict()
         self._digest: Any = None
@@ -370,6 +385,8 @@ class Session:
         self.model_name = model_name
         if layers is None:
             layers = prediction_layers(prediction, self.tau)
+        self._layer_data = layers
+        self.map_layers.owner = self
         # the layers needed to click come first, so editing can start while the maps follow
         self.ensure_labels_layer()
         yield "worms"
@@ -389,6 +406,9 @@ class Session:
                 layer.name = name
                 if "metadata" in kwargs:
                     layer.metadata.update(kwargs["metadata"])
+                for attr, value in transform.items():  # maps shown before for another image
+                    if tuple(getattr(layer, attr)[-2:]) != tuple(value):
+                        setattr(layer, attr, value)
             else:  # inserted under the edit layers: no reordering afterwards
                 layer = Image(data, name=name, **transform, **kwargs)
                 below = [self.viewer.layers.index(x) for x in self._edit_layers()]
@@ -406,10 +426,32 @@ class Session:
             if layer is not None and layer in self.viewer.layers
         ]
 
+    @property
+    def maps_shown(self) -> bool:
+        """Whether the map layers show this session's prediction."""
+        return self.map_layers.owner is self and bool(self.map_layers)
+
+    def iter_show_maps(self) -> Iterator[str]:
+        """Show this session's prediction again (after another image's), one layer per step.
+
+        Uses the layer data computed when the prediction was first shown: nothing is
+        recomputed. Yields nothing without a prediction.
+        """
+        if self.prediction is None:
+            return
+        yield from self.iter_set_prediction(self.prediction, self.model_name, self._layer_data)
+        self.set_tau_display(self.tau)
+
+    def ensure_edit_layers(self) -> None:
+        """Create the ``worms`` and ``seeds`` layers if needed (before any prediction)."""
+        self.ensure_labels_layer()
+        self._ensure_seeds_layer()
+        self._raise_edit_layers()
+
     def set_tau_display(self, tau: float) -> None:
         """Show the class scores of the threshold nearest to ``tau``."""
         layer = self.map_layers.get("class_score")
-        if self.prediction is None or layer is None:
+        if self.prediction is None or layer is None or self.map_layers.owner is not self:
             return
         taus = np.asarray(self.prediction.taus, dtype=np.float32)
         used = float(taus[int(np.abs(taus - tau).argmin())])

@@ -44,7 +44,7 @@ from . import compute
 from .finetune_widget import model_versions
 from .io import META
 from .layers import prediction_layers
-from .session import Point, Session
+from .session import MapLayers, Point, Session
 
 #: Click tools: key -> (shortcut key, button text, help).
 TOOLS: dict[str, tuple[str, str, str]] = {
@@ -100,6 +100,9 @@ class InstSegWidget(QWidget):
         _one_numba_thread()
         self.viewer = napari_viewer
         self.sessions: dict[int, Session] = {}
+        #: one set of map layers for all images: it shows the maps of the image last run or
+        #: chosen (adding layers is slow in napari; changing their data is not)
+        self._map_layers = MapLayers()
         self._version_folders: set[str] = set()  # folders whose model versions are listed
         self.tool = "new"
         self._pending: tuple[str, Point, int] | None = None
@@ -403,7 +406,11 @@ class InstSegWidget(QWidget):
         for key in [
             k for k, s in self.sessions.items() if s.image_layer not in self.viewer.layers
         ]:
+            if self._map_layers.owner is self.sessions[key]:
+                self._map_layers.owner = None
             del self.sessions[key]
+        if self.image_combo.currentText() != current:
+            self._on_image_changed()
 
     def _list_versions_beside_images(self) -> None:
         """List the model versions kept beside the folders the image layers were read from."""
@@ -435,6 +442,7 @@ class InstSegWidget(QWidget):
         if key not in self.sessions and create:
             session = Session(self.viewer, layer)
             session.defer = self.after_next_paint
+            session.map_layers = self._map_layers
             for other in self.viewer.layers:
                 if (
                     isinstance(other, Labels)
@@ -446,11 +454,39 @@ class InstSegWidget(QWidget):
             self.sessions[key] = session
         return self.sessions.get(key)
 
-    def _on_image_changed(self, index: int) -> None:
+    def _on_image_changed(self, index: int = -1) -> None:
         session = self.session(create=False)
         self._update_review_label()
         if session is not None and session.labels_layer is not None:
             self.viewer.layers.selection.active = session.labels_layer
+        # after the event that changed the image has been handled
+        QTimer.singleShot(_STEP_DELAY_MS, self._prepare_chosen_image)
+
+    def _prepare_chosen_image(self) -> None:
+        """Give the chosen image its ``worms`` and ``seeds`` layers, and its maps if it has any.
+
+        Creating napari layers takes 0.1-0.2 s each; done when the image is chosen, it is
+        not done while the model runs (the viewer would freeze when its results arrive).
+        """
+        session = self.session()
+        if session is None:
+            return
+        try:
+            session.ensure_edit_layers()
+        except ValueError as err:  # e.g. a 3D layer: say so now, not at Run
+            self._say(str(err))
+            return
+        if session.prediction is not None and not session.maps_shown and self._showing is None:
+            session.tau = self.tau
+            self._showing = (
+                session,
+                session.prediction,
+                session.model_name,
+                session.iter_show_maps(),
+                False,
+            )
+            QTimer.singleShot(_STEP_DELAY_MS, self._show_step)
+        self._update_review_label()
 
     def model_choice(self) -> str | None:
         """``None`` for the shipped model, else the weights path (version, typed or browsed)."""
@@ -655,7 +691,7 @@ class InstSegWidget(QWidget):
                 pass
             self._prediction_done(session, prediction, name)
             return
-        self._showing = (session, prediction, name, steps)
+        self._showing = (session, prediction, name, steps, True)
         self._progress_state = ((), {"stage": "showing layers"})
         if not self.progress_bar.isHidden():
             self._tick_bar()
@@ -664,12 +700,17 @@ class InstSegWidget(QWidget):
     def _show_step(self) -> None:
         if self._showing is None:
             return
-        session, prediction, name, steps = self._showing
+        session, prediction, name, steps, announce = self._showing
         try:
             next(steps)
         except StopIteration:
             self._showing = None
-            self._prediction_done(session, prediction, name)
+            if announce:
+                self._prediction_done(session, prediction, name)
+            else:  # another image's maps shown again
+                if self.worker is None:
+                    self._stop_bar()
+                self._say(f"Showing the maps of {session.image_layer.name!r}.")
             return
         except Exception as err:  # noqa: BLE001 - e.g. a layer deleted meanwhile: say so
             self._showing = None
