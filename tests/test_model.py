@@ -133,3 +133,12 @@ def test_gradients_reach_all_heads():
         grads = [p.grad for p in getattr(model, name).parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
         assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_coordinates_are_added_in_float32_under_autocast():
+    """bfloat16 keeps 8 mantissa bits: 641 / 256 would round to 2.5 (a 1-pixel error)."""
+    low = torch.zeros(1, 3, 4, 4, dtype=torch.bfloat16)
+    out = add_coordinates(low, (640, 600), 256.0)
+    assert out.dtype == torch.float32
+    assert float(out[0, 0, 1, 0]) == 641 / 256 and float(out[0, 1, 0, 3]) == 603 / 256
+    assert float(out[0, 2].abs().max()) == 0.0

@@ -133,6 +133,21 @@ def test_tiny_run_then_resume(data, tmp_path):
     assert (out2 / "best.safetensors").is_file()  # without validation: the last weights
 
 
+def test_cpu_amp_trains_in_bfloat16_with_float32_weights(data, tmp_path):
+    out = tmp_path / "amp"
+    cfg = tiny_config(data, out, cpu_amp=True, epochs=1, val_wells="")
+    best = train(cfg, progress=False)
+    rows = _log(out)
+    assert np.isfinite(float(rows[0]["loss_total"])) and float(rows[0]["loss_total"]) > 0
+    model = load_model(best)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    x = torch.zeros(1, model.config.network_channels, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(x, (640, 600))
+    assert outputs["boundary_logits"].dtype == torch.bfloat16  # the network ran in bf16
+    assert outputs["embeddings"].dtype == torch.float32  # coordinates added in float32
+
+
 def test_overlapping_train_and_val_wells(data, tmp_path):
     with pytest.raises(ValueError, match="overlap"):
         train(tiny_config(data, tmp_path / "x", val_wells="A02-A03"), progress=False)
