@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -83,6 +84,24 @@ def test_lone_safetensors_loads_from_header(saved):
     x = torch.randn(1, 1, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(x)["embeddings"], loaded(x)["embeddings"])
+
+
+def test_json_left_beside_other_weights_is_not_used(saved, tmp_path):
+    """Copying new weights over old ones must not keep the old ones' metadata."""
+    _, path = saved
+    torch.manual_seed(1)
+    other = save_model(InstSegNet(TINY), tmp_path / "new" / "w.safetensors", {"name": "new"})
+    shutil.copyfile(other, path)  # the old tiny.json stays beside it
+    with pytest.warns(UserWarning, match="describes other weights"):
+        meta = read_metadata(path)
+    assert (
+        meta["name"] == "new"
+        and meta["sha256"] != json.loads(path.with_suffix(".json").read_text())["sha256"]
+    )
+    edited = json.loads(other.with_suffix(".json").read_text())
+    edited["name"] = "edited by hand"  # an edited JSON of the same weights is used
+    other.with_suffix(".json").write_text(json.dumps(edited))
+    assert read_metadata(other)["name"] == "edited by hand"
 
 
 def test_folder_with_one_file_loads(saved, tmp_path):

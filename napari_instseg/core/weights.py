@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +118,6 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     side = path.with_suffix(".json")
-    if side.is_file():
-        return json.loads(side.read_text())
     from safetensors import safe_open
 
     try:
@@ -126,12 +125,24 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             header = handle.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
-    if "napari_instseg" not in header:
+    inside = json.loads(header["napari_instseg"]) if "napari_instseg" in header else None
+    if side.is_file():
+        beside = json.loads(side.read_text())
+        # a JSON left from other weights (a copied .safetensors) must not describe these
+        if inside is None or beside.get("sha256") == inside.get("sha256"):
+            return beside
+        warnings.warn(
+            f"{side.name} describes other weights than {path.name} (sha256 differs); "
+            "using the metadata inside the weights file",
+            stacklevel=2,
+        )
+        return inside
+    if inside is None:
         raise ValueError(
             f"{path} has no napari-instseg metadata (no {side.name} beside it and none in the "
             "file header): it was not saved by napari-instseg"
         )
-    return json.loads(header["napari_instseg"])
+    return inside
 
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> InstSegNet:
