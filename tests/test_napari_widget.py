@@ -304,6 +304,7 @@ def test_run_model_in_worker_cancel_and_cache(make_napari_viewer, monkeypatch, w
     assert not compute.is_cached(worms.image)
 
     # a full run in the worker shows the layers, then the result comes from the cache
+    qtbot.waitUntil(lambda: widget._showing is None and len(widget._map_layers) == 5)
     reports.clear()
     turns = []  # layers present at each turn of the event loop while showing
     actives = []  # the active layer at each turn once the worms layer exists
@@ -322,12 +323,10 @@ def test_run_model_in_worker_cancel_and_cache(make_napari_viewer, monkeypatch, w
     timer.stop()
     assert len(reports) == 200 and "worms" in viewer.layers and "seeds" in viewer.layers
     assert widget.session().prediction is oracle
-    # worms and seeds came with the image's choice (before the run); the maps were added
-    # one per event-loop turn (the timer saw every count in between)
-    assert turns[0] == 3 and len(viewer.layers) > 3
-    assert set(range(3, len(viewer.layers) + 1)) <= set(turns)
-    # and the maps were inserted under the worms layer without taking the selection from it,
-    # so a click while they appear still goes to the worms
+    # worms, seeds and the (empty) maps came with the image's choice, before the run: the
+    # result only filled them, no layer was added while the model ran or its maps appeared
+    assert len(viewer.layers) == 8 and set(turns) == {8}
+    # and the worms layer kept the selection, so a click while they appear goes to the worms
     assert actives and all(a is viewer.layers["worms"] for a in actives)
     qtbot.waitUntil(widget.progress_bar.isHidden, timeout=5000)
     reports.clear()
@@ -571,3 +570,72 @@ def test_images_share_one_set_of_map_layers(make_napari_viewer, monkeypatch, qtb
     np.testing.assert_array_equal(maps["foreground"].data, a.prediction.foreground)
     assert len(viewer.layers) == n_layers + 2
     assert viewer.layers.selection.active is a.labels_layer
+
+
+def test_chosen_image_gets_empty_map_layers_that_a_run_fills(
+    make_napari_viewer, monkeypatch, qtbot
+):
+    """Map layers are added hidden and empty on choice; a run fills them and adds none."""
+    from napari_instseg._napari.layers import MAP_LAYER_STYLE
+    from napari_instseg._napari.widget import InstSegWidget
+
+    compute.clear_cache()
+    sample = make_worms(shape=(120, 150), n_worms=3, seed=5)
+    oracle = prediction_from_masks(sample.masks, noise=0.1)
+    monkeypatch.setattr(compute, "predict_image", lambda image, **kwargs: oracle)
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(sample.image, name="worms image")
+    turns = []  # layers present at each turn of the event loop
+    timer = QTimer()
+    timer.timeout.connect(lambda: turns.append(len(viewer.layers)))
+    timer.start(0)
+    widget = InstSegWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="instseg")
+
+    qtbot.waitUntil(lambda: len(widget._map_layers) == len(MAP_LAYER_STYLE))
+    qtbot.waitUntil(lambda: widget._showing is None)
+    timer.stop()
+    # image, then worms + seeds at once, then one map layer per event-loop turn
+    assert set(range(3, len(viewer.layers) + 1)) <= set(turns)
+    maps = dict(widget._map_layers)
+    for layer in maps.values():
+        assert layer in viewer.layers and not layer.visible
+        assert layer.data.shape[:2] == (120, 150) and not np.any(layer.data)
+    session = widget.session(create=False)
+    assert not session.maps_shown  # empty maps belong to no image
+    names = [layer.name for layer in viewer.layers]
+    # stacked image < maps < worms < seeds
+    assert names.index("worms image") < names.index(maps["embeddings"].name)
+    assert names.index(maps["foreground"].name) < names.index(session.labels_layer.name)
+    n_layers = len(viewer.layers)
+
+    widget.run_model(blocking=True)
+    assert len(viewer.layers) == n_layers
+    assert all(widget._map_layers[key] is layer for key, layer in maps.items())
+    assert session.maps_shown
+    np.testing.assert_array_equal(maps["boundary"].data, oracle.boundary)
+    np.testing.assert_array_equal(maps["seediness"].data, oracle.seediness)
+    assert maps["class_score"].name.startswith("mask score (tau=")
+
+
+def test_run_during_empty_map_layers_adds_each_map_once(make_napari_viewer, monkeypatch, qtbot):
+    """A run while the empty map layers are still being added neither doubles nor blanks them."""
+    from napari_instseg._napari.layers import MAP_LAYER_STYLE
+    from napari_instseg._napari.widget import InstSegWidget
+
+    compute.clear_cache()
+    sample = make_worms(shape=(120, 150), n_worms=3, seed=6)
+    oracle = prediction_from_masks(sample.masks, noise=0.1)
+    monkeypatch.setattr(compute, "predict_image", lambda image, **kwargs: oracle)
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(sample.image, name="img")
+    widget = InstSegWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="instseg")
+    qtbot.waitUntil(lambda: len(widget._map_layers) >= 1)  # some empty maps added, not all
+    widget.run_model(blocking=True)
+    qtbot.waitUntil(lambda: widget._showing is None)
+    qtbot.wait(50)
+    names = [layer.name for layer in viewer.layers]
+    assert len(names) == len(set(names))
+    assert len(widget._map_layers) == len(MAP_LAYER_STYLE)
+    np.testing.assert_array_equal(widget._map_layers["foreground"].data, oracle.foreground)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from functools import partial
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -122,6 +123,11 @@ class InstSegWidget(QWidget):
         self._after_paint: list[Any] = []
         self._paint_watch = _PaintWatch(self._paint_started)
         self._watched: list[Any] = []
+        #: steps that show layers one per event-loop turn: (steps, done, interruptible)
+        self._show_timer = QTimer(self)
+        self._show_timer.setSingleShot(True)
+        self._show_timer.setInterval(_STEP_DELAY_MS)
+        self._show_timer.timeout.connect(self._show_step)
         self._bar_timer = QTimer(self)
         self._bar_timer.setInterval(100)
         self._bar_timer.timeout.connect(self._tick_bar)
@@ -463,10 +469,12 @@ class InstSegWidget(QWidget):
         QTimer.singleShot(_STEP_DELAY_MS, self._prepare_chosen_image)
 
     def _prepare_chosen_image(self) -> None:
-        """Give the chosen image its ``worms`` and ``seeds`` layers, and its maps if it has any.
+        """Give the chosen image its ``worms`` and ``seeds`` layers, and show its maps.
 
-        Creating napari layers takes 0.1-0.2 s each; done when the image is chosen, it is
-        not done while the model runs (the viewer would freeze when its results arrive).
+        Its maps are shown again if it was run before; otherwise the map layers are added
+        hidden and empty if the viewer has none yet. Creating napari layers takes 0.1-0.2 s
+        each; done when the image is chosen, it is not done while the model runs (the
+        viewer would freeze when its results arrive).
         """
         session = self.session()
         if session is None:
@@ -476,17 +484,18 @@ class InstSegWidget(QWidget):
         except ValueError as err:  # e.g. a 3D layer: say so now, not at Run
             self._say(str(err))
             return
-        if session.prediction is not None and not session.maps_shown and self._showing is None:
+        busy = self._showing is not None and not self._showing[2]
+        if session.prediction is not None and not session.maps_shown and not busy:
             session.tau = self.tau
-            self._showing = (
-                session,
-                session.prediction,
-                session.model_name,
-                session.iter_show_maps(),
-                False,
-            )
-            QTimer.singleShot(_STEP_DELAY_MS, self._show_step)
+            self._start_showing(session.iter_show_maps(), lambda: self._maps_reshown(session))
+        elif self._showing is None:  # hidden, empty map layers now: a run only fills them
+            self._start_showing(session.iter_add_empty_maps(), lambda: None, interruptible=True)
         self._update_review_label()
+
+    def _maps_reshown(self, session: Session) -> None:
+        if self.worker is None:
+            self._stop_bar()
+        self._say(f"Showing the maps of {session.image_layer.name!r}.")
 
     def model_choice(self) -> str | None:
         """``None`` for the shipped model, else the weights path (version, typed or browsed)."""
@@ -691,33 +700,38 @@ class InstSegWidget(QWidget):
                 pass
             self._prediction_done(session, prediction, name)
             return
-        self._showing = (session, prediction, name, steps, True)
         self._progress_state = ((), {"stage": "showing layers"})
         if not self.progress_bar.isHidden():
             self._tick_bar()
-        QTimer.singleShot(_STEP_DELAY_MS, self._show_step)
+        self._start_showing(steps, lambda: self._prediction_done(session, prediction, name))
+
+    def _start_showing(
+        self, steps: Iterator[str], done: Callable[[], None], interruptible: bool = False
+    ) -> None:
+        """Run ``steps`` one per event-loop turn (replacing any unfinished), then ``done()``.
+
+        ``interruptible`` steps (the empty map layers of a chosen image) give way to
+        showing an image's maps again.
+        """
+        self._showing = (steps, done, interruptible)
+        self._show_timer.start()
 
     def _show_step(self) -> None:
         if self._showing is None:
             return
-        session, prediction, name, steps, announce = self._showing
+        steps, done, _ = self._showing
         try:
             next(steps)
         except StopIteration:
             self._showing = None
-            if announce:
-                self._prediction_done(session, prediction, name)
-            else:  # another image's maps shown again
-                if self.worker is None:
-                    self._stop_bar()
-                self._say(f"Showing the maps of {session.image_layer.name!r}.")
+            done()
             return
         except Exception as err:  # noqa: BLE001 - e.g. a layer deleted meanwhile: say so
             self._showing = None
             self._stop_bar()
-            self._say(f"Showing the prediction failed: {err}")
+            self._say(f"Showing the layers failed: {err}")
             return
-        QTimer.singleShot(_STEP_DELAY_MS, self._show_step)
+        self._show_timer.start()
 
     def _prediction_done(self, session: Session, prediction: Any, name: str) -> None:
         if self.worker is None:
