@@ -48,6 +48,14 @@ def test_squared_distances_matches_cdist():
     expected = torch.cdist(a, b) ** 2
     torch.testing.assert_close(L.squared_distances(a, b), expected, atol=1e-5, rtol=1e-5)
     assert (L.squared_distances(a, a).diagonal() >= 0).all()
+    # with gradients (the in-place path is only taken without them): same values, and the
+    # gradient of sum ||a_i - b_j||^2 w.r.t. a_i is 2 sum_j (a_i - b_j)
+    a_grad = a.clone().requires_grad_(True)
+    d2 = L.squared_distances(a_grad, b)
+    torch.testing.assert_close(d2.detach(), expected, atol=1e-5, rtol=1e-5)
+    d2.sum().backward()
+    expected_grad = 2 * (a[:, None, :] - b[None, :, :]).sum(1)
+    torch.testing.assert_close(a_grad.grad, expected_grad, atol=1e-4, rtol=1e-4)
 
 
 def test_log_similarity_terms_match_naive():
