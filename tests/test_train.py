@@ -295,3 +295,18 @@ def test_cli_train(data, tmp_path, capsys):
     status = main(["train", "--config", str(tmp_path / "missing.toml")])
     assert status == 1
     assert "missing.toml" in capsys.readouterr().err
+
+
+def test_weights_record_the_commit_training_started_at(data, tmp_path, monkeypatch):
+    """The commit is HEAD when training started; a resume under other code is recorded too."""
+    import napari_instseg.core.train as train_module
+
+    out = tmp_path / "commits"
+    monkeypatch.setattr(train_module, "_git_commit", lambda: "aaaaaaa")
+    train(tiny_config(data, out, epochs=1, val_wells=""), progress=False)
+    assert load_model(out / "best.safetensors").metadata["training"]["commit"] == "aaaaaaa"
+    monkeypatch.setattr(train_module, "_git_commit", lambda: "bbbbbbb")
+    train(tiny_config(data, out, epochs=2, val_wells=""), progress=False)
+    training = load_model(out / "best.safetensors").metadata["training"]
+    assert training["epoch"] == 2
+    assert training["commit"] == "aaaaaaa" and training["resumed_commit"] == "bbbbbbb"

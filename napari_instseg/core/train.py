@@ -746,17 +746,22 @@ def train(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
     )
     start_epoch, best, elapsed_before = 0, -1.0, 0.0
+    # the code that trained: HEAD when training started (kept across resumes), not at the end
+    commits = {"commit": _git_commit()}
     ckpt = out / "last.ckpt.safetensors"
     if resume and ckpt.is_file():
         state = _load_checkpoint(ckpt, model, optimizer)
         start_epoch, best = state["epoch"], state["best"]
         elapsed_before = state.get("elapsed", 0.0)
+        if state.get("commit", commits["commit"]) != commits["commit"]:
+            commits = {"commit": state["commit"], "resumed_commit": commits["commit"]}
         rng = np.random.default_rng([config.seed, start_epoch])
         generator.manual_seed(config.seed + start_epoch)
         with warnings.catch_warnings():  # fast-forwarding the schedule, not a misuse
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
             for _ in range(start_epoch * config.steps_per_epoch):
                 scheduler.step()
+    base_meta = {**commits, **base_meta}
     log_path = out / "log.csv"
     use_amp = (config.amp and device.type == "cuda") or (config.cpu_amp and device.type == "cpu")
     t0 = time.time()
@@ -819,7 +824,10 @@ def train(
             _save_weights(model, best_path, config, row, elapsed, device, base_meta)
         _append_csv(log_path, row)
         _save_checkpoint(
-            ckpt, model, optimizer, {"epoch": epoch + 1, "best": best, "elapsed": elapsed}
+            ckpt,
+            model,
+            optimizer,
+            {"epoch": epoch + 1, "best": best, "elapsed": elapsed, "commit": commits["commit"]},
         )
         if callback is not None and callback(row):
             stop = True
@@ -841,7 +849,6 @@ def _save_weights(model, path, config, row, elapsed, device, base_meta) -> None:
             "train_wells": config.train_wells,
             "val_wells": config.val_wells,
             "epoch": row.get("epoch"),
-            "commit": _git_commit(),
             "training_time_s": round(elapsed, 1),
             "hardware": hardware_description(device),
             "config": asdict(config),
