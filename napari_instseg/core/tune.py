@@ -27,7 +27,7 @@ DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
         "boundary_threshold": [0.5, 0.7, 0.8, 0.85, 0.9, 0.92, 0.95],
         "marker_threshold": [0.5, 1.0, 1.5, 2.0],
         "dilate_iterations": [0, 1, 2],
-        "fg_threshold": [0.5, 0.4, 0.3],
+        "fg_threshold": [0.5, 0.4, 0.3, 0.2, 0.1],  # v6 chose 0.3, the lowest of [0.5, 0.4, 0.3]
         "min_size": [30, 200, 300, 400, 500],  # BBBC010 worms: 10th percentile ~830 px
         "split_factor": [0.0, 1.3, 1.6, 2.0],
         "split_tau": [0.2, 0.3, 0.5],
