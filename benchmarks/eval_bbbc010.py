@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=".cache/predictions")
     parser.add_argument("--json", default=None)
     parser.add_argument(
+        "--tta", type=int, default=1, help="test-time augmentation passes (1, 2, 4 or 8)"
+    )
+    parser.add_argument(
         "--tune", action="store_true", help="tune each method's parameters on these wells first"
     )
     parser.add_argument(
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     wells = parse_names(args.wells)
     samples = read_bbbc010(args.data, wells, with_w1=False)
     t0 = time.perf_counter()
-    predictions = [predict(s.image, model, cache=args.cache) for s in samples]
+    predictions = [predict(s.image, model, tta=args.tta, cache=args.cache) for s in samples]
     t_predict = time.perf_counter() - t0
     params = json.loads(args.params)
     if args.tune:
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"recommended": tuned.method, "params": tuned.params}, indent=1))
         params = tuned.params
         if args.write and args.model:
-            write_tuning(args.model, tuned, images=args.wells)
+            write_tuning(args.model, tuned, images=args.wells, tta=args.tta)
             print(f"wrote the tuned parameters into {args.model}")
     results, timings = {}, {}
     for method in args.methods.split(","):
@@ -78,13 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         res.pop("per_image", None)
         results[method] = res
     print(format_table(results))
-    print(f"predict: {t_predict:.1f} s for {len(samples)} images (cache: {args.cache})")
+    print(f"predict: {t_predict:.1f} s for {len(samples)} images, tta {args.tta} ({args.cache})")
     for method, t in timings.items():
         print(f"segment {method}: {t:.3f} s per image")
     if args.json:
         out = {
             "model": args.model or "shipped",
             "wells": args.wells,
+            "tta": args.tta,
             "results": results,
             "segment_s_per_image": timings,
         }

@@ -380,6 +380,26 @@ def test_network_in_chunks_agrees_with_whole_image(tmp_path, input_norm):
         np.testing.assert_allclose(got, getattr(whole, name), atol=1e-4, err_msg=name)
 
 
+def test_batch_predicts_with_the_models_recommended_tta(tmp_path):
+    model = _tiny_model()
+    model.metadata = {"name": "tiny", "recommended_tta": 4}
+    sample = make_worms(shape=(120, 160), n_worms=5, length=(25, 50), width=(5, 7), seed=1)
+    tifffile.imwrite(tmp_path / "img.tif", sample.image.astype(np.uint16))
+    image = sample.image.astype(np.uint16).astype(np.float32)
+    params = {"model": model, "device": "cpu", "method": "boundary", "save_maps": True}
+    auto = run_batch([tmp_path / "img.tif"], tmp_path / "auto.zarr", chunk_size=256, **params)
+    plain = run_batch(
+        [tmp_path / "img.tif"], tmp_path / "plain.zarr", chunk_size=256, tta=1, **params
+    )
+    assert auto.ok and plain.ok
+    for out, tta in ((tmp_path / "auto.zarr", 4), (tmp_path / "plain.zarr", 1)):
+        expected = predict(image, model, "cpu", tta=tta)
+        got = zarr.open_array(str(out / "maps" / "foreground" / "0"))[0]
+        np.testing.assert_allclose(got, expected.foreground, atol=1e-5)
+    with pytest.raises(ValueError, match="tta must be"):
+        run_batch([tmp_path / "img.tif"], tmp_path / "bad.zarr", tta=3, **params)
+
+
 # ---------------------------------------------------------------------------- CLI, napari
 
 

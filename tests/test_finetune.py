@@ -37,6 +37,7 @@ def parent(tmp_path):
     meta = {
         "name": "tiny",
         "recommended_method": "boundary",
+        "recommended_tta": 8,
         "segment_params": {"boundary": {"boundary_threshold": 0.8, "marker_threshold": 0.5}},
     }
     return save_model(model, tmp_path / "tiny.safetensors", meta)
@@ -97,7 +98,7 @@ def test_finetune_makes_a_version_beside_the_data(export, parent):
         "corrected-2",
     ]
     assert len(meta["data"]["val"]) == 1
-    assert meta["recommended_method"] == "boundary"
+    assert meta["recommended_method"] == "boundary" and meta["recommended_tta"] == 8
     assert meta["segment_params"]["boundary"]["marker_threshold"] == 0.5
     assert (version.path.parent / "log.csv").is_file()
     assert not (version.path.parent / "last.ckpt.safetensors").exists()

@@ -35,7 +35,7 @@ def widget(make_napari_viewer, monkeypatch, worms):
     oracle = prediction_from_masks(worms.masks, noise=0.1)  # noise: tau matters
     calls = []
 
-    def fake_predict(image, model=None, device="auto", progress=None):
+    def fake_predict(image, model=None, device="auto", progress=None, tta=1):
         calls.append(image.shape)
         if progress is not None:
             progress(1, 1)
@@ -283,7 +283,7 @@ def test_run_model_in_worker_cancel_and_cache(make_napari_viewer, monkeypatch, w
     oracle = prediction_from_masks(worms.masks)
     reports = []
 
-    def slow_predict(image, model=None, device="auto", progress=None):
+    def slow_predict(image, model=None, device="auto", progress=None, tta=1):
         for i in range(200):
             time.sleep(0.01)
             progress(i + 1, 200)  # raises Cancelled once the user pressed Cancel
@@ -446,6 +446,22 @@ def test_prediction_disk_cache_after_restart(make_napari_viewer, worms, tmp_path
     np.testing.assert_array_equal(second.embeddings, first.embeddings)
     assert "cache" in widget.status.text()
 
+    # test-time augmentation is another result (memory and disk), same embeddings
+    widget.tta_check.setChecked(True)
+    assert not compute.is_cached(worms.image[:64, :96], str(path), 8)
+    with qtbot.waitSignal(widget.prediction_shown, timeout=60000):
+        widget.run_model()
+    third = widget.session().prediction
+    assert third.metadata["tta"] == 8 and third.metadata["cached"] is False
+    np.testing.assert_array_equal(third.embeddings, first.embeddings)
+    assert not np.array_equal(third.foreground, first.foreground)
+    np.testing.assert_array_equal(widget.viewer.layers["foreground"].data, third.foreground)
+    assert len(list(compute.cache_dir().glob("*.zarr"))) == 2
+    widget.tta_check.setChecked(False)
+    with qtbot.waitSignal(widget.prediction_shown, timeout=60000):
+        widget.run_model()
+    assert widget.session().prediction is second  # from memory, not recomputed
+
 
 def test_cache_dir_env_and_prune(tmp_path, monkeypatch):
     monkeypatch.setenv(compute.CACHE_ENV, "off")
@@ -530,7 +546,7 @@ def test_images_share_one_set_of_map_layers(make_napari_viewer, monkeypatch, qtb
     second = make_worms(shape=(160, 160), n_worms=3, seed=4)
     oracles = [(s.image, prediction_from_masks(s.masks, noise=0.1)) for s in (first, second)]
 
-    def fake_predict(image, model=None, device="auto", progress=None):
+    def fake_predict(image, model=None, device="auto", progress=None, tta=1):
         return next(p for im, p in oracles if np.array_equal(np.asarray(image), im))
 
     monkeypatch.setattr(compute, "predict_image", fake_predict)

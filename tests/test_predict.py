@@ -235,3 +235,51 @@ def test_cli_predict(model, tmp_path, capsys):
     bad.write_bytes(b"not weights")
     assert main(["predict", str(single), "--out", str(out), "--model", str(bad)]) == 1
     assert "safetensors" in capsys.readouterr().err
+
+
+def _maps(p: Prediction) -> dict[str, np.ndarray]:
+    return {"boundary": p.boundary, "foreground": p.foreground, "class_scores": p.class_scores}
+
+
+def test_tta_averages_the_dihedral_group_and_keeps_embeddings(model, image):
+    img = image[:96, :128]  # both sides multiples of the divisor: no padding to move
+    assert img.shape[0] % model.config.divisor == 0 and img.shape[1] % model.config.divisor == 0
+    plain = predict(img, model, "cpu")
+    tta = predict(img, model, "cpu", tta=8)
+    assert tta.metadata["tta"] == 8 and plain.metadata["tta"] == 1
+    np.testing.assert_array_equal(tta.embeddings, plain.embeddings)
+    np.testing.assert_allclose(tta.class_scores.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(tta.seediness, tta.class_scores[:, 1:].max(axis=(0, 1)))
+    # the mean over all 8 flips/transposes is exactly equivariant: flipping or transposing
+    # the image flips or transposes the maps; a single pass of this untrained net is not
+    for transform in (
+        lambda a: a[..., ::-1],
+        lambda a: a[..., ::-1, :],
+        lambda a: a.swapaxes(-2, -1),
+    ):
+        moved = predict(np.ascontiguousarray(transform(img)), model, "cpu", tta=8)
+        moved_plain = predict(np.ascontiguousarray(transform(img)), model, "cpu")
+        for name, arr in _maps(tta).items():
+            np.testing.assert_allclose(_maps(moved)[name], transform(arr), atol=1e-5)
+        gap = np.abs(moved_plain.foreground - transform(plain.foreground)).max()
+        assert gap > 1e-4  # 10x the tolerance above: without tta the check would fail
+    # tta=4 (the flips) is equivariant under flips; progress after every pass
+    calls = []
+    four = predict(img, model, "cpu", tta=4, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    flipped = predict(np.ascontiguousarray(img[:, ::-1]), model, "cpu", tta=4)
+    np.testing.assert_allclose(flipped.foreground, four.foreground[:, ::-1], atol=1e-5)
+
+
+@pytest.mark.parametrize("tta", [0, 3, 16, 2.0])
+def test_bad_tta_is_rejected(model, image, tta):
+    with pytest.raises(ValueError, match="tta must be"):
+        predict(image, model, "cpu", tta=tta)
+
+
+def test_tta_is_part_of_the_cache_key(model, image, tmp_path):
+    first = predict(image, model, "cpu", cache=tmp_path)
+    again = predict(image, model, "cpu", tta=2, cache=tmp_path)
+    assert first.metadata["cached"] is False and again.metadata["cached"] is False
+    assert not np.array_equal(first.foreground, again.foreground)
+    assert predict(image, model, "cpu", tta=2, cache=tmp_path).metadata["cached"] is True

@@ -6,6 +6,7 @@ import pytest
 from napari_instseg.core.instances import segment
 from napari_instseg.core.model import InstSegNet, ModelConfig
 from napari_instseg.core.oracle import prediction_from_masks
+from napari_instseg.core.predict import resolve_tta
 from napari_instseg.core.synthetic import make_worms
 from napari_instseg.core.tune import tune_segmentation, write_tuning
 from napari_instseg.core.weights import load_model, save_model
@@ -37,9 +38,12 @@ def test_tuning_finds_better_parameters_than_the_defaults(tmp_path):
     # stored in the weights and used by segment(method="auto") through predict's metadata
     model = InstSegNet(ModelConfig(channels=(8, 8), embedding_dim=4))
     path = save_model(model, tmp_path / "m.safetensors", {"name": "m"})
-    write_tuning(path, result, images="synthetic")
-    meta = load_model(path).metadata
+    write_tuning(path, result, images="synthetic", tta=4)
+    tuned_model = load_model(path)
+    meta = tuned_model.metadata
     assert meta["recommended_method"] == "boundary"
+    assert meta["recommended_tta"] == 4 and resolve_tta(tuned_model, "auto") == 4
+    assert resolve_tta(model, "auto") == 1 and resolve_tta(tuned_model, 2) == 2
     assert meta["segment_params"]["boundary"]["boundary_threshold"] == 0.9
     assert meta["metrics"]["validation_wells"] == "synthetic"
     preds[0].metadata.update(recommended_method="boundary", segment_params=meta["segment_params"])
@@ -54,6 +58,7 @@ def test_tuning_finds_better_parameters_than_the_defaults(tmp_path):
     )
     write_tuning(path, seeds_only, images="synthetic")
     meta = load_model(path).metadata
+    assert meta["recommended_tta"] == 1  # the passes of the latest tuning's predictions
     assert set(meta["segment_params"]) == {"boundary", "seeds"}
     assert meta["segment_params"]["boundary"]["boundary_threshold"] == 0.9
     best = max(("boundary", "seeds"), key=lambda m: meta["metrics"][m]["AP"])

@@ -206,6 +206,7 @@ def predict_image(
     model: str | Path | None = None,
     device: str = "auto",
     progress: Callable[..., Any] | None = None,
+    tta: int = 1,
 ) -> Prediction:
     """Run the network on one 2D image, or read its maps from the on-disk cache.
 
@@ -223,6 +224,8 @@ def predict_image(
         ``"auto"``, ``"cuda"``, ``"mps"`` or ``"cpu"``.
     progress : callable, optional
         Called by the core with progress information; may raise :class:`Cancelled`.
+    tta : int
+        Test-time augmentation passes (1, 2, 4 or 8; see ``core.predict.iter_predict``).
 
     Returns
     -------
@@ -234,7 +237,12 @@ def predict_image(
     folder = _usable_cache()
     with leave_a_core():
         prediction = predict(
-            image, model=get_model(model), device=device, progress=progress, cache=folder
+            image,
+            model=get_model(model),
+            device=device,
+            tta=tta,
+            progress=progress,
+            cache=folder,
         )
     if folder is not None and not prediction.metadata.get("cached", False):
         prune_cache(folder)
@@ -246,6 +254,7 @@ def cached_predict(
     model: str | Path | None = None,
     device: str = "auto",
     progress: Callable[..., Any] | None = None,
+    tta: int = 1,
 ) -> Prediction:
     """Like :func:`predict_image`, but reuse the result for the same image and model.
 
@@ -259,26 +268,33 @@ def cached_predict(
         Device name; results from any device are reused (they agree up to float error).
     progress : callable, optional
         Progress callback passed to the core.
+    tta : int
+        Test-time augmentation passes; part of the cache key.
 
     Returns
     -------
     Prediction
         The network outputs, possibly from the cache.
     """
-    key = (array_digest(image), model_key(model), "")
+    key = _memory_key(image, model, tta)
     if key in _PREDICTIONS:
         _PREDICTIONS.move_to_end(key)
         return _PREDICTIONS[key]
-    prediction = predict_image(image, model=model, device=device, progress=progress)
+    prediction = predict_image(image, model=model, device=device, progress=progress, tta=tta)
     _PREDICTIONS[key] = prediction
     while len(_PREDICTIONS) > _MAX_CACHED:
         _PREDICTIONS.popitem(last=False)
     return prediction
 
 
-def is_cached(image: np.ndarray, model: str | Path | None = None) -> bool:
+def _memory_key(image: np.ndarray, model: str | Path | None, tta: int) -> tuple[str, str, str]:
+    """Key of :data:`_PREDICTIONS`: image content, model, augmentation passes."""
+    return (array_digest(image), model_key(model), f"tta{tta}" if tta != 1 else "")
+
+
+def is_cached(image: np.ndarray, model: str | Path | None = None, tta: int = 1) -> bool:
     """Whether :func:`cached_predict` would return without running the network."""
-    return (array_digest(image), model_key(model), "") in _PREDICTIONS
+    return _memory_key(image, model, tta) in _PREDICTIONS
 
 
 def clear_cache() -> None:

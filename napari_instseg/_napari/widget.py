@@ -171,6 +171,13 @@ class InstSegWidget(QWidget):
         row.addWidget(self.device_combo)
         row.addWidget(self.device_label)
         form.addRow("device", row)
+        self.tta_check = QCheckBox("test-time augmentation (8 passes)")
+        self.tta_check.setToolTip(
+            "Average the boundary, foreground and class maps over 8 flips/rotations of the "
+            "image: better automatic segmentation (shipped model: AP50 0.90 -> 0.92 on "
+            "BBBC010 validation), 8x the network time. Click-to-grow is the same either way."
+        )
+        form.addRow("", self.tta_check)
         row = QHBoxLayout()
         self.run_btn = QPushButton("Run model")
         self.run_btn.setToolTip("Predict embeddings, seediness, boundaries (cached per image)")
@@ -580,6 +587,7 @@ class InstSegWidget(QWidget):
         image = session.image
         model = self.model_choice()
         device = self.device_combo.currentText() or "auto"
+        tta = 8 if self.tta_check.isChecked() else 1
         if self.model_combo.currentText() == MODEL_FILE and model is None:
             self._say("Choose a weights file (Browse...) or the shipped model.")
             return None
@@ -587,11 +595,11 @@ class InstSegWidget(QWidget):
         if model is not None and Path(model).name == "model.safetensors":
             name = Path(model).parent.name  # a fine-tuned version
         if blocking:
-            prediction = compute.cached_predict(image, model, device)
+            prediction = compute.cached_predict(image, model, device, tta=tta)
             self._show_prediction(session, prediction, name)
             return prediction
-        if compute.is_cached(image, model):
-            prediction = compute.cached_predict(image, model, device)
+        if compute.is_cached(image, model, tta):
+            prediction = compute.cached_predict(image, model, device, tta=tta)
             if session.prediction is prediction and session.labels_layer is not None:
                 self._say(f"Model {name}: already shown (cached).")
                 return prediction
@@ -611,7 +619,7 @@ class InstSegWidget(QWidget):
         @thread_worker
         def work() -> Any:
             try:
-                prediction = compute.cached_predict(image, model, device, progress=report)
+                prediction = compute.cached_predict(image, model, device, progress=report, tta=tta)
             except compute.Cancelled:
                 return None
             if self._cancel:  # pressed during the last tile: keep the result cached, show none

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..core.evaluate import evaluate, format_table, parse_wells, to_json
 from ..core.types import Instances, Sample
+from .predict import tta_arg
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -35,9 +36,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wells", help="BBBC010 wells, e.g. B13-C02 or A01,A05-A08")
     parser.add_argument(
         "--method",
-        default="hybrid",
-        choices=("seeds", "boundary", "hybrid"),
-        help="segmentation method with --model (default: hybrid)",
+        default="auto",
+        choices=("auto", "seeds", "boundary", "hybrid"),
+        help="segmentation method with --model (default auto: the model's recommended method "
+        "with its tuned parameters)",
+    )
+    parser.add_argument(
+        "--tta",
+        type=tta_arg,
+        default="auto",
+        help="test-time augmentation passes with --model: 1, 2, 4 or 8 (default auto: what "
+        "the model's parameters were tuned with)",
     )
     parser.add_argument("--device", default="auto", help="device for --model (auto|cpu|cuda|mps)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
@@ -112,7 +121,7 @@ def _predict_all(args: argparse.Namespace, samples: list[Sample]) -> list[Instan
     model = load_model(None if args.model == "default" else args.model)
     out = []
     for s in samples:
-        prediction = predict(s.image, model=model, device=args.device)
+        prediction = predict(s.image, model=model, device=args.device, tta=args.tta)
         out.append(segment(prediction, method=args.method))
         print(f"  {s.name}: {len(out[-1])} instances", flush=True)
     return out

@@ -609,6 +609,7 @@ def predict_window(
     origin: tuple[int, int] = (0, 0),
     tile_size: int | None = None,
     halo: int = 64,
+    tta: int = 1,
 ) -> Prediction:
     """Run the network on an already normalised window placed at ``origin`` in its plane.
 
@@ -632,6 +633,8 @@ def predict_window(
         Tile windows larger than this (default: never).
     halo : int
         Context of the tiles.
+    tta : int
+        Test-time augmentation passes (see :func:`napari_instseg.core.predict.iter_predict`).
 
     Returns
     -------
@@ -650,7 +653,7 @@ def predict_window(
         )
     _, h, w = x.shape
     tile = max(h, w) if tile_size is None else int(tile_size)
-    steps = iter_predict_normalized(x, model.to(dev).eval(), dev, tile, halo, origin)
+    steps = iter_predict_normalized(x, model.to(dev).eval(), dev, tile, halo, origin, tta)
     while True:
         try:
             next(steps)
@@ -764,6 +767,7 @@ class _Job:
     segment_params: dict[str, Any]
     tile_size: int | None
     tile_halo: int
+    tta: int
     save_maps: bool
     embedding_dim: int
     min_iou: float
@@ -905,7 +909,9 @@ def _chunk_body(job: _Job, chunk: Chunk, stats: dict[str, Any], t0: float) -> di
         prediction = job.predictor(x, chunk)
     else:
         model = _worker_model(job.model_path, job.device, job.torch_threads)
-        prediction = predict_window(x, model, job.device, (wr0, wc0), job.tile_size, job.tile_halo)
+        prediction = predict_window(
+            x, model, job.device, (wr0, wc0), job.tile_size, job.tile_halo, job.tta
+        )
     if prediction.shape != (wr1 - wr0, wc1 - wc0):
         raise ValueError(f"prediction is {prediction.shape}, the window {chunk.window}")
     if job.segmenter is not None:
@@ -1293,6 +1299,7 @@ def run_batch(
     segment_params: dict[str, Any] | None = None,
     min_iou: float = 0.5,
     tile_size: int | None = None,
+    tta: int | str = "auto",
     progress: Callable[[str, int, int], None] | None = None,
     predictor: Callable[[np.ndarray, Chunk], Prediction] | None = None,
     segmenter: Callable[..., Instances] | None = None,
@@ -1342,6 +1349,9 @@ def run_batch(
         Stitching threshold (see :func:`match_overlap`).
     tile_size : int, optional
         Run the network on tiles of this size inside a window (default: whole windows).
+    tta : int or "auto"
+        Test-time augmentation passes, 1, 2, 4 or 8; ``"auto"`` (default): the model's
+        ``recommended_tta``, what its segmentation parameters were tuned with.
     progress : callable, optional
         Called with ``(stage, done, total)``; stages ``"chunks"``, ``"stitch"``, ``"write"``.
     predictor : callable, optional
@@ -1378,6 +1388,7 @@ def run_batch(
     if not 0 < min_iou <= 1:
         raise ValueError(f"min_iou must be in (0, 1], got {min_iou!r}")
     from .normalize import INPUT_NORMS
+    from .predict import resolve_tta
     from .weights import DEFAULT_NORMALIZATION, load_model, model_signature, save_model
 
     # the model: loaded here for its architecture and signature, saved into the store so
@@ -1394,7 +1405,9 @@ def run_batch(
         norm.update(input_norm=cfg.input_norm, flatfield_sigma=float(cfg.flatfield_sigma))
         in_channels, divisor, emb_dim = cfg.in_channels, cfg.divisor, cfg.embedding_dim
         identity = model_signature(net)
+        tta = resolve_tta(net, tta)
     else:
+        tta = 1 if tta == "auto" else resolve_tta(None, tta)
         in_channels, divisor = None, 1
         emb_dim = int(getattr(predictor, "embedding_dim", 0))
         if save_maps and not emb_dim:
@@ -1418,6 +1431,8 @@ def run_batch(
         "channel_axis": channel_axis,
         "segmenter": getattr(segmenter, "__qualname__", None),
     }
+    if tta != 1:  # absent when 1: stores written before tta existed resume unchanged
+        params["tta"] = tta
     key = _plan_key(plan, params)
     finished = _prepare_store(out, plan, key, resume, bool(save_maps), emb_dim)
     if finished:
@@ -1447,6 +1462,7 @@ def run_batch(
         segment_params=dict(segment_params or {}),
         tile_size=tile_size,
         tile_halo=plan.halo,
+        tta=tta,
         save_maps=bool(save_maps),
         embedding_dim=emb_dim,
         min_iou=float(min_iou),

@@ -308,6 +308,7 @@ def finetune(
         params.setdefault("boundary", {})["boundary_threshold"] = metrics["val_ap_threshold"]
     meta["segment_params"] = params
     meta["recommended_method"] = parent_meta.get("recommended_method") or "boundary"
+    meta["recommended_tta"] = int(parent_meta.get("recommended_tta", 1))
     meta["description"] = (
         f"Fine-tuned from {parent_meta.get('name') or parent.name} on "
         f"{len(train_names)} image(s), validated on {len(val_list)}."

@@ -152,7 +152,11 @@ def tune_segmentation(
 
 
 def write_tuning(
-    weights: str | Path, result: TuneResult, images: str, description: str | None = None
+    weights: str | Path,
+    result: TuneResult,
+    images: str,
+    description: str | None = None,
+    tta: int = 1,
 ) -> Path:
     """Store a tuning result in a weights file's metadata (``segment(..., "auto")`` uses it).
 
@@ -170,6 +174,9 @@ def write_tuning(
         Which images it was tuned on (e.g. ``"B13-C02"``), recorded in the metrics.
     description : str, optional
         Replaces the model's description.
+    tta : int
+        Test-time augmentation passes of the predictions it was tuned on, stored as
+        ``recommended_tta`` (``predict(..., tta="auto")`` and the CLI and widget use it).
 
     Returns
     -------
@@ -195,6 +202,7 @@ def write_tuning(
     meta["recommended_method"] = max(
         candidates or [result.method], key=lambda m: metrics.get(m, {}).get("AP", -1.0)
     )
+    meta["recommended_tta"] = int(tta)
     if description:
         meta["description"] = description
     return save_model(model, weights, meta)
