@@ -165,3 +165,16 @@ def test_bench_runs_small_and_writes_section(tmp_path):
     write_section(doc, to_markdown(res))
     text = doc.read_text()
     assert "old" not in text and "| grow |" in text and text.endswith("## After\n")
+
+
+def test_bench_times_the_network_with_and_without_tta(tmp_path):
+    from napari_instseg.cli.bench import run_bench
+    from napari_instseg.core.model import InstSegNet, ModelConfig
+    from napari_instseg.core.weights import save_model
+
+    net = InstSegNet(ModelConfig(channels=(4, 8), embedding_dim=4, head_channels=4))
+    path = save_model(net, tmp_path / "tiny.safetensors")
+    res = run_bench(repeats=2, model=str(path), size=(64, 96), dim=4, device="cpu")
+    assert res["prediction"] == f"model {path}"
+    assert {"predict", "predict_tta8"} <= set(res["timings"])
+    assert all(res["timings"][k]["median_ms"] > 0 for k in ("predict", "predict_tta8"))

@@ -175,6 +175,9 @@ def run_bench(
             timings["predict"] = timeit(
                 lambda: predict(image, model=net, device=device), max(3, repeats // 10), 0
             )
+            timings["predict_tta8"] = timeit(
+                lambda: predict(image, model=net, device=device, tta=8), 3, 0
+            )
             source = f"model {model}"
         except (ImportError, FileNotFoundError, ValueError) as err:
             notes.append(f"predict skipped: {err}")
