@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model or "shipped",
             "wells": args.wells,
             "tta": args.tta,
+            "params": params,
             "results": results,
             "segment_s_per_image": timings,
         }
