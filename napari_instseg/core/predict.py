@@ -304,6 +304,26 @@ TTA_TRANSFORMS: tuple[tuple[bool, tuple[int, ...]], ...] = (
 )
 
 
+def _dihedral(
+    t: torch.Tensor, transpose: bool, dims: tuple[int, ...], inverse: bool
+) -> torch.Tensor:
+    """Apply one of :data:`TTA_TRANSFORMS` to the last two axes of ``t`` (or undo it)."""
+    if inverse:
+        t = t.flip(dims) if dims else t
+        return t.transpose(-2, -1) if transpose else t
+    t = t.transpose(-2, -1) if transpose else t
+    return t.flip(dims) if dims else t
+
+
+def _probability_maps(out: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Class probabilities, boundary and foreground of the network's first image."""
+    return [
+        out["class_logits"][0].float().softmax(1),
+        torch.sigmoid(out["boundary_logits"][0].float()),
+        torch.sigmoid(out["foreground_logits"][0].float()),
+    ]
+
+
 def _network_maps(
     model: InstSegNet, x: torch.Tensor, origin: tuple[int, int], tta: int
 ) -> Generator[None, None, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -318,29 +338,17 @@ def _network_maps(
     """
     out = model(x, origin)
     emb = out["embeddings"][0].float()
-    probs = out["class_logits"][0].float().softmax(1)
-    bnd = torch.sigmoid(out["boundary_logits"][0].float())
-    fg = torch.sigmoid(out["foreground_logits"][0].float())
-    for transpose, dims in TTA_TRANSFORMS[1 : int(tta)]:
-
-        def forward(t: torch.Tensor, transpose: bool = transpose, dims=dims) -> torch.Tensor:
-            t = t.transpose(-2, -1) if transpose else t
-            return t.flip(dims) if dims else t
-
-        def back(t: torch.Tensor, transpose: bool = transpose, dims=dims) -> torch.Tensor:
-            t = t.flip(dims) if dims else t
-            return t.transpose(-2, -1) if transpose else t
-
+    maps = _probability_maps(out)
+    for transpose, dims in TTA_TRANSFORMS[1:tta]:
         yield
-        xt = forward(x).contiguous(memory_format=torch.channels_last)
-        o = model(xt, origin)
-        probs += back(o["class_logits"][0].float().softmax(1))
-        bnd += back(torch.sigmoid(o["boundary_logits"][0].float()))
-        fg += back(torch.sigmoid(o["foreground_logits"][0].float()))
+        xt = _dihedral(x, transpose, dims, inverse=False)
+        passed = _probability_maps(model(xt.contiguous(memory_format=torch.channels_last), origin))
+        for total, new in zip(maps, passed, strict=True):
+            total += _dihedral(new, transpose, dims, inverse=True)
     if tta > 1:
-        probs /= tta
-        bnd /= tta
-        fg /= tta
+        for total in maps:
+            total /= tta
+    probs, bnd, fg = maps
     return emb, probs, bnd, fg
 
 
