@@ -8,7 +8,12 @@ from scipy import ndimage
 from skimage.draw import line
 
 from napari_instseg.core.types import Instances
-from napari_instseg.core.untangle import cut_end_to_end, untangle, untangle_segment
+from napari_instseg.core.untangle import (
+    cut_end_to_end,
+    untangle,
+    untangle_clump,
+    untangle_segment,
+)
 
 
 def _bar(shape, start, end, radius=4):
@@ -108,3 +113,65 @@ def test_untangle_segment_rejects_bad_input():
     with pytest.raises(ValueError, match="2D"):
         untangle_segment(np.zeros((2, 3, 4), bool))
     assert untangle_segment(np.zeros((10, 10), bool)) is None
+
+
+CLUMP_SHAPE = (200, 200)
+
+
+def _clump_of_three():
+    """One long worm crossed by two others at two places (two crossings)."""
+    return [
+        _bar(CLUMP_SHAPE, (100, 10), (100, 190)),
+        _bar(CLUMP_SHAPE, (20, 50), (180, 60)),
+        _bar(CLUMP_SHAPE, (20, 150), (180, 130)),
+    ]
+
+
+def test_a_clump_with_two_crossings_is_cut_into_its_three_worms():
+    worms = _clump_of_three()
+    clump = np.any(worms, axis=0)
+    assert untangle_segment(clump) is None  # more than one crossing: not a simple case
+    parts = untangle_clump(clump)
+    assert parts is not None and len(parts) == 3
+    assert _best_ious(parts, worms)[0] > 0.95
+
+
+def test_a_worm_ending_on_a_clump_and_four_worms_in_a_grid_are_traced():
+    long_worm = _bar(CLUMP_SHAPE, (100, 10), (100, 190))
+    ends_on_it = _bar(CLUMP_SHAPE, (20, 50), (95, 55))  # a T: its tip on the long worm's side
+    crosses = _bar(CLUMP_SHAPE, (20, 150), (180, 130))
+    parts = untangle_clump(long_worm | ends_on_it | crosses)
+    assert parts is not None and len(parts) == 3
+    assert _best_ious(parts, [long_worm, ends_on_it, crosses])[0] > 0.95
+    grid = [
+        _bar(CLUMP_SHAPE, (60, 20), (60, 180)),
+        _bar(CLUMP_SHAPE, (140, 20), (140, 180)),
+        _bar(CLUMP_SHAPE, (20, 40), (180, 40)),
+        _bar(CLUMP_SHAPE, (20, 160), (180, 160)),
+    ]
+    parts = untangle_clump(np.any(grid, axis=0))
+    assert parts is not None and len(parts) == 4
+    assert _best_ious(parts, grid)[0] > 0.9
+
+
+def test_clumps_that_are_not_clear_are_left_whole():
+    worms = _clump_of_three()
+    assert untangle_clump(np.any(worms, axis=0), max_worms=2) is None
+    # no pair of arms is straight enough to be one worm through a crossing
+    assert untangle_clump(np.any(worms, axis=0), max_bend_cos=-1.5) is None
+    # one crossing is untangle_segment's job; a lone worm is no clump
+    assert untangle_clump(worms[0] | worms[1]) is None
+    assert untangle_clump(worms[0]) is None
+    assert untangle_clump(np.zeros(CLUMP_SHAPE, bool)) is None
+
+
+def test_untangle_cuts_clumps_only_when_asked():
+    worms = _clump_of_three()
+    singles = [_bar(CLUMP_SHAPE, (130 + 12 * i, 10), (130 + 12 * i, 60)) for i in range(4)]
+    masks = np.stack([*singles, np.any(worms, axis=0)])
+    inst = Instances(masks=masks, scores=np.full(5, 0.8, np.float32))
+    assert untangle(inst, clumps=False) is inst
+    out = untangle(inst)
+    assert len(out) == 7
+    assert np.array_equal(out.masks[:4], masks[:4])
+    assert _best_ious(list(out.masks[4:]), worms)[0] > 0.95

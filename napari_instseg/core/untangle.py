@@ -8,13 +8,17 @@ four arms, a worm touching another one's side is a junction with three. This mod
 that graph and pairs the arms that continue each other (the most nearly opposite
 directions), as a worm does not bend sharply where it meets another one.
 
-Only simple cases are cut: one junction (after short spurs are pruned and junction pixels
-a worm width apart are merged) with three or four long arms. Anything else is left whole.
-Where two worms cross, both parts keep the crossing, so the masks overlap there.
+:func:`untangle_segment` cuts the simple case: one junction (after short spurs are pruned
+and junction pixels a worm width apart are merged) with three or four long arms.
+:func:`untangle_clump` reads a clump with several such crossings as a graph and traces each
+worm through them along the paired arms. Anything else (a crossing of five or more arms, a
+loop) is left whole. Where two worms cross, both parts keep the crossing, so the masks
+overlap there.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import combinations
 
 import numpy as np
@@ -24,7 +28,7 @@ from skimage.morphology import skeletonize
 
 from .types import Instances
 
-__all__ = ["cut_end_to_end", "untangle", "untangle_segment"]
+__all__ = ["cut_end_to_end", "untangle", "untangle_clump", "untangle_segment"]
 
 _EIGHT = np.ones((3, 3), bool)
 
@@ -50,6 +54,50 @@ def _skeleton_parts(skeleton: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, 
 def _touching_junctions(branch: np.ndarray, junction_labels: np.ndarray) -> set[int]:
     ring = ndimage.binary_dilation(branch, _EIGHT)
     return set(np.unique(junction_labels[ring]).tolist()) - {0}
+
+
+@dataclass
+class _JunctionGraph:
+    """A pruned skeleton as a graph: junction pixel clusters and the branches between them.
+
+    ``group`` maps each junction label to its crossing (junction pixels joined by a branch
+    shorter than two worm widths are one crossing); ``links`` are those short branches;
+    ``touches`` maps every branch label to the junction labels it touches.
+    """
+
+    junction_labels: np.ndarray
+    branch_labels: np.ndarray
+    group: dict[int, int]
+    touches: dict[int, set[int]]
+    links: list[int]
+
+
+def _junction_graph(skeleton: np.ndarray, width: float) -> _JunctionGraph | None:
+    """The junction graph of a skeleton, or None when it has no junction."""
+    junction_labels, branch_labels, n_junctions, n_branches = _skeleton_parts(skeleton)
+    if n_junctions == 0:
+        return None
+    lengths = np.bincount(branch_labels.ravel(), minlength=n_branches + 1)
+    parent = list(range(n_junctions + 1))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    touches = {
+        b: _touching_junctions(branch_labels == b, junction_labels)
+        for b in range(1, n_branches + 1)
+    }
+    links = []
+    for b, js in touches.items():
+        if len(js) == 2 and lengths[b] < 2 * width:
+            a, c = sorted(js)
+            parent[find(c)] = find(a)
+            links.append(b)
+    group = {j: find(j) for j in range(1, n_junctions + 1)}
+    return _JunctionGraph(junction_labels, branch_labels, group, touches, links)
 
 
 def _prune_spurs(skeleton: np.ndarray, prune_length: float, rounds: int = 4) -> np.ndarray:
@@ -248,32 +296,11 @@ def untangle_segment(
         return None
     (r0, r1, c0, c1), crop, skeleton, width = found
     mask = np.asarray(mask, bool)
-    junction_labels, branch_labels, n_junctions, n_branches = _skeleton_parts(skeleton)
-    if n_junctions == 0:
+    graph = _junction_graph(skeleton, width)
+    if graph is None or len(set(graph.group.values())) != 1:
         return None
-    # junction pixels joined by a branch shorter than a worm width are one crossing
-    lengths = np.bincount(branch_labels.ravel(), minlength=n_branches + 1)
-    parent = list(range(n_junctions + 1))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    touches = {
-        b: _touching_junctions(branch_labels == b, junction_labels)
-        for b in range(1, n_branches + 1)
-    }
-    links = []
-    for b, js in touches.items():
-        if len(js) == 2 and lengths[b] < 2 * width:
-            a, c = sorted(js)
-            parent[find(c)] = find(a)
-            links.append(b)
-    groups = {find(j) for j in range(1, n_junctions + 1)}
-    if len(groups) != 1:
-        return None
+    touches, links, branch_labels = graph.touches, graph.links, graph.branch_labels
+    junction_labels = graph.junction_labels
     arms = [b for b in touches if b not in links]
     if any(len(touches[b]) != 1 for b in arms) or len(arms) not in (3, 4):
         return None
@@ -285,30 +312,166 @@ def untangle_segment(
     for worm in worms:
         if len(worm) == 2 and directions[worm[0]] @ directions[worm[1]] > max_bend_cos:
             return None
-    # every pixel goes to the worm of its nearest arm; a worm whose two arms meet at the
-    # junction also gets the pixels near the straight line that joins them there, so both
-    # worms of a crossing keep the crossing
+    bridges = [
+        [tuple(_end_near(arm_coords[a], centre) for a in worm)] if len(worm) == 2 else []
+        for worm in worms
+    ]
+    return _worm_masks(mask.shape, (r0, r1, c0, c1), crop, arm_coords, worms, bridges, width)
+
+
+def _end_near(coords: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """The pixel of an arm nearest to a junction centre."""
+    return coords[np.argmin(np.hypot(*(coords - centre).T))]
+
+
+def _worm_masks(
+    shape: tuple[int, ...],
+    box: tuple[int, int, int, int],
+    crop: np.ndarray,
+    arm_coords: list[np.ndarray],
+    worms: list[tuple[int, ...]],
+    bridges: list[list[tuple[np.ndarray, np.ndarray]]],
+    width: float,
+) -> list[np.ndarray]:
+    """Full-size masks of the worms made of the given arms.
+
+    Every pixel of ``crop`` goes to the worm of its nearest arm; a worm also gets the pixels
+    near the straight lines (``bridges``) that join its arms across a junction, so both
+    worms of a crossing keep the crossing. Each mask is opened and cut to its largest piece.
+    """
     arm_image = np.zeros(crop.shape, np.int32)
     for index, coords in enumerate(arm_coords, start=1):
         arm_image[coords[:, 0], coords[:, 1]] = index
     _, (near_r, near_c) = ndimage.distance_transform_edt(arm_image == 0, return_indices=True)
     nearest = arm_image[near_r, near_c] - 1
+    r0, r1, c0, c1 = box
     parts = []
-    for worm in worms:
+    for worm, joins in zip(worms, bridges, strict=True):
         part = crop & np.isin(nearest, worm)
-        if len(worm) == 2:
-            ends = [arm_coords[a][np.argmin(np.hypot(*(arm_coords[a] - centre).T))] for a in worm]
+        if joins:
             bridge = np.zeros(crop.shape, bool)
-            bridge[line(*ends[0], *ends[1])] = True
+            for a, b in joins:
+                bridge[line(*a, *b)] = True
             part |= crop & (ndimage.distance_transform_edt(~bridge) <= width / 2 + 1.5)
         part = ndimage.binary_opening(part, _EIGHT) & crop
         labels, n = ndimage.label(part, _EIGHT)
         if n > 1:  # keep the largest piece
             part = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
-        full = np.zeros(mask.shape, bool)
+        full = np.zeros(shape, bool)
         full[r0:r1, c0:c1] = part
         parts.append(full)
     return parts
+
+
+def untangle_clump(
+    mask: np.ndarray,
+    prune_length: float | None = None,
+    max_bend_cos: float = -0.3,
+    max_worms: int = 6,
+) -> list[np.ndarray] | None:
+    """Cut a clump of worms whose skeleton has several crossings into its worms.
+
+    The skeleton is read as a graph: crossings (junction pixels a worm width apart merged)
+    with three or four branches, and the branches between them or ending freely. At each
+    crossing the most nearly opposite branches are paired as in :func:`untangle_segment`
+    (a third, unpaired one is a worm that ends against the side of another); a worm is
+    then traced from a branch end through the crossings along the pairs until it ends.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        (H, W) bool segment.
+    prune_length : float, optional
+        See :func:`untangle_segment`.
+    max_bend_cos : float
+        See :func:`untangle_segment`.
+    max_worms : int
+        Clumps that would give more worms than this are left whole.
+
+    Returns
+    -------
+    list of numpy.ndarray or None
+        The worms' (H, W) bool masks (overlapping at crossings); None when the skeleton has
+        fewer than two crossings, a crossing with more than four branches, a loop, a pair
+        bent beyond ``max_bend_cos``, or branches no worm runs along.
+    """
+    found = _cropped_skeleton(mask, prune_length)
+    if found is None:
+        return None
+    (r0, r1, c0, c1), crop, skeleton, width = found
+    graph = _junction_graph(skeleton, width)
+    if graph is None:
+        return None
+    crossings = sorted(set(graph.group.values()))
+    if len(crossings) < 2:
+        return None
+    arms = [b for b in graph.touches if b not in graph.links]
+    # the crossings at either end of each arm (one entry for an arm with a free end)
+    ends = {b: sorted({graph.group[j] for j in graph.touches[b]}) for b in arms}
+    neighbours = ndimage.convolve(skeleton.astype(np.int32), _EIGHT.astype(np.int32)) - 1
+    free_end = skeleton & (neighbours == 1)
+    for b in arms:  # an arm with both ends at one crossing is a loop
+        if len(ends[b]) == 1 and not free_end[graph.branch_labels == b].any():
+            return None
+    arm_coords = [np.argwhere(graph.branch_labels == b) for b in arms]
+    partner: dict[tuple[int, int], int] = {}  # (crossing, arm index) -> paired arm index
+    centres: dict[int, np.ndarray] = {}
+    for g in crossings:
+        members = [j for j, k in graph.group.items() if k == g]
+        own_links = [b for b in graph.links if graph.group[min(graph.touches[b])] == g]
+        centres[g] = np.argwhere(
+            np.isin(graph.junction_labels, members) | np.isin(graph.branch_labels, own_links)
+        ).mean(axis=0)
+        incident = [i for i, b in enumerate(arms) if g in ends[b]]
+        if len(incident) == 2:
+            pairs = [tuple(incident)]
+        elif len(incident) in (3, 4):
+            directions = [
+                _arm_direction(arm_coords[i], centres[g], width, 4 * width) for i in incident
+            ]
+            pairs = []
+            for group in _pair_arms(directions):
+                if len(group) == 2:
+                    if directions[group[0]] @ directions[group[1]] > max_bend_cos:
+                        return None
+                    pairs.append((incident[group[0]], incident[group[1]]))
+        else:
+            return None
+        for a, b in pairs:
+            partner[(g, a)], partner[(g, b)] = b, a
+    # trace worms from every arm end that goes nowhere: a free end or an unpaired arm
+    worms: list[tuple[int, ...]] = []
+    bridges: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    owner: dict[int, int] = {}
+    starts = [(i, None) for i, b in enumerate(arms) if len(ends[b]) <= 1]
+    starts += [(i, g) for i, b in enumerate(arms) for g in ends[b] if (g, i) not in partner]
+    for i, came_from in starts:
+        if i in owner:
+            continue
+        worm, joins = [i], []
+        while True:
+            b = arms[i]
+            onward = [g for g in ends[b] if g != came_from] if len(ends[b]) == 2 else []
+            if came_from is None and len(ends[b]) == 1:
+                onward = ends[b]
+            if not onward or (onward[0], i) not in partner:
+                break
+            g = onward[0]
+            j = partner[(g, i)]
+            if j in worm or j in owner:
+                return None  # a loop, or two worms along one branch
+            joins.append(
+                (_end_near(arm_coords[i], centres[g]), _end_near(arm_coords[j], centres[g]))
+            )
+            worm.append(j)
+            i, came_from = j, g
+        for k in worm:
+            owner[k] = len(worms)
+        worms.append(tuple(worm))
+        bridges.append(joins)
+    if len(owner) != len(arms) or not 2 <= len(worms) <= max_worms:
+        return None
+    return _worm_masks(np.shape(mask), (r0, r1, c0, c1), crop, arm_coords, worms, bridges, width)
 
 
 def untangle(
@@ -318,6 +481,7 @@ def untangle(
     max_bend_cos: float = -0.3,
     length_factor: float = 1.7,
     boundary: np.ndarray | None = None,
+    clumps: bool = True,
 ) -> Instances:
     """Cut segments much larger than the typical one where their skeleton shows two worms.
 
@@ -336,6 +500,8 @@ def untangle(
         skeleton length is cut at its waist (:func:`cut_end_to_end`); 0 = never.
     boundary : numpy.ndarray, optional
         (H, W) boundary probability; where it peaks along such a skeleton is where it is cut.
+    clumps : bool
+        Also cut segments whose skeleton has several crossings (:func:`untangle_clump`).
 
     Returns
     -------
@@ -357,6 +523,8 @@ def untangle(
         parts = None
         if areas[i] > factor * typical:
             parts = untangle_segment(instances.masks[i], max_bend_cos=max_bend_cos)
+            if parts is None and clumps:
+                parts = untangle_clump(instances.masks[i], max_bend_cos=max_bend_cos)
             if parts is None and length_factor > 0:
                 parts = cut_end_to_end(
                     instances.masks[i], typical_length, length_factor, boundary=boundary
