@@ -146,9 +146,11 @@ def _pair_arms(directions: list[np.ndarray]) -> list[tuple[int, ...]]:
     return list(best)
 
 
-def _cropped_skeleton(
-    mask: np.ndarray, prune_length: float | None = None
-) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray, float] | None:
+#: What :func:`_cropped_skeleton` returns: box (r0, r1, c0, c1), cropped mask, skeleton, width.
+_Skeleton = tuple[tuple[int, int, int, int], np.ndarray, np.ndarray, float]
+
+
+def _cropped_skeleton(mask: np.ndarray, prune_length: float | None = None) -> _Skeleton | None:
     """Crop a segment to its box and skeletonize it; None for an empty mask.
 
     Returns the bounding box (r0, r1, c0, c1) with a 2-px margin, the cropped mask, its
@@ -233,7 +235,27 @@ def cut_end_to_end(
         Two (H, W) bool masks, or None when the skeleton branches, is not long enough or
         has no waist.
     """
-    found = _cropped_skeleton(mask)
+    return _cut_end_to_end(
+        mask,
+        _cropped_skeleton(mask),
+        typical_length,
+        length_factor,
+        max_waist,
+        boundary,
+        min_boundary_rise,
+    )
+
+
+def _cut_end_to_end(
+    mask: np.ndarray,
+    found: _Skeleton | None,
+    typical_length: float,
+    length_factor: float,
+    max_waist: float = 0.7,
+    boundary: np.ndarray | None = None,
+    min_boundary_rise: float = 0.2,
+) -> list[np.ndarray] | None:
+    """cut_end_to_end on a precomputed :func:`_cropped_skeleton` result."""
     if found is None:
         return None
     (r0, r1, c0, c1), crop, skeleton, width = found
@@ -291,7 +313,13 @@ def untangle_segment(
         skeleton has no single junction with three or four long arms, or the arms do not
         pair into straight-enough worms. The masks overlap around a four-armed crossing.
     """
-    found = _cropped_skeleton(mask, prune_length)
+    return _untangle_segment(mask, _cropped_skeleton(mask, prune_length), max_bend_cos)
+
+
+def _untangle_segment(
+    mask: np.ndarray, found: _Skeleton | None, max_bend_cos: float
+) -> list[np.ndarray] | None:
+    """untangle_segment on a precomputed :func:`_cropped_skeleton` result."""
     if found is None:
         return None
     (r0, r1, c0, c1), crop, skeleton, width = found
@@ -395,7 +423,13 @@ def untangle_clump(
         fewer than two crossings, a crossing with more than four branches, a loop, a pair
         bent beyond ``max_bend_cos``, or branches no worm runs along.
     """
-    found = _cropped_skeleton(mask, prune_length)
+    return _untangle_clump(mask, _cropped_skeleton(mask, prune_length), max_bend_cos, max_worms)
+
+
+def _untangle_clump(
+    mask: np.ndarray, found: _Skeleton | None, max_bend_cos: float, max_worms: int = 6
+) -> list[np.ndarray] | None:
+    """untangle_clump on a precomputed :func:`_cropped_skeleton` result."""
     if found is None:
         return None
     (r0, r1, c0, c1), crop, skeleton, width = found
@@ -522,12 +556,14 @@ def untangle(
     for i in range(n):
         parts = None
         if areas[i] > factor * typical:
-            parts = untangle_segment(instances.masks[i], max_bend_cos=max_bend_cos)
+            mask = instances.masks[i]
+            found = _cropped_skeleton(mask)  # one skeleton for all three readings
+            parts = _untangle_segment(mask, found, max_bend_cos)
             if parts is None and clumps:
-                parts = untangle_clump(instances.masks[i], max_bend_cos=max_bend_cos)
+                parts = _untangle_clump(mask, found, max_bend_cos)
             if parts is None and length_factor > 0:
-                parts = cut_end_to_end(
-                    instances.masks[i], typical_length, length_factor, boundary=boundary
+                parts = _cut_end_to_end(
+                    mask, found, typical_length, length_factor, boundary=boundary
                 )
             if parts is not None and min(p.sum() for p in parts) < min_part_fraction * typical:
                 parts = None
