@@ -9,6 +9,7 @@ from skimage.draw import line
 
 from napari_instseg.core.types import Instances
 from napari_instseg.core.untangle import (
+    cut_at_kink,
     cut_end_to_end,
     untangle,
     untangle_clump,
@@ -175,3 +176,45 @@ def test_untangle_cuts_clumps_only_when_asked():
     assert len(out) == 7
     assert np.array_equal(out.masks[:4], masks[:4])
     assert _best_ious(list(out.masks[4:]), worms)[0] > 0.95
+
+
+def _lambda(shape, apex=(20, 100), feet=((180, 40), (180, 160))):
+    """Two worms whose tips touch at ``apex``: a Λ."""
+    return [_bar(shape, foot, apex) for foot in feet]
+
+
+def test_worms_meeting_tip_to_tip_at_an_angle_are_cut_at_the_kink():
+    worms = _lambda(CLUMP_SHAPE)
+    merged = np.any(worms, axis=0)
+    assert untangle_segment(merged) is None and untangle_clump(merged) is None  # no junction
+    parts = cut_at_kink(merged)
+    assert parts is not None and len(parts) == 2
+    assert _best_ious(parts, worms)[0] > 0.9
+    assert cut_at_kink(merged, min_kink_cos=0.9) is None  # the Λ is ~41 deg: not that sharp
+
+
+def test_smooth_bends_and_right_angles_are_no_kink():
+    yy, xx = np.mgrid[: CLUMP_SHAPE[0], : CLUMP_SHAPE[1]]
+    radius = np.hypot(yy - 100, xx - 100)
+    arc = (np.abs(radius - 60) <= 4) & (yy <= 100)  # half a ring: one worm bent smoothly
+    assert cut_at_kink(arc) is None
+    elbow = _bar(CLUMP_SHAPE, (20, 40), (120, 40)) | _bar(CLUMP_SHAPE, (120, 40), (120, 160))
+    assert cut_at_kink(elbow) is None  # cos 0 < 0.3
+    assert cut_at_kink(_bar(CLUMP_SHAPE, (20, 20), (180, 180))) is None
+    assert cut_at_kink(np.any(_clump_of_three(), axis=0)) is None  # branched: not its job
+
+
+def test_a_second_round_reads_segments_against_the_median_of_the_first_cuts():
+    # the clumps and Λs inflate the first median so much that only the clumps stand out;
+    # once they are cut into worms, the Λs are twice the typical worm and are cut too
+    single = _bar(CLUMP_SHAPE, (20, 20), (180, 20))
+    clump = np.any(_clump_of_three(), axis=0)
+    lam = np.any(_lambda(CLUMP_SHAPE), axis=0)
+    masks = np.stack([single, lam, lam, clump, clump])
+    inst = Instances(masks=masks, scores=np.full(5, 0.8, np.float32))
+    once = untangle(inst, rounds=1)
+    assert len(once) == 1 + 2 + 3 + 3  # the clumps only
+    twice = untangle(inst)
+    assert len(twice) == 1 + 2 * 2 + 3 + 3
+    assert len(untangle(inst, min_kink_cos=None)) == len(once)
+    assert _best_ious(list(twice.masks), _lambda(CLUMP_SHAPE))[0] > 0.9

@@ -28,7 +28,7 @@ from skimage.morphology import skeletonize
 
 from .types import Instances
 
-__all__ = ["cut_end_to_end", "untangle", "untangle_clump", "untangle_segment"]
+__all__ = ["cut_at_kink", "cut_end_to_end", "untangle", "untangle_clump", "untangle_segment"]
 
 _EIGHT = np.ones((3, 3), bool)
 
@@ -275,6 +275,18 @@ def _cut_end_to_end(
         cut = lo + int(np.argmin(depth[lo:hi]))
         if depth[cut] > max_waist * np.median(depth):
             return None
+    return _cut_path(mask.shape, (r0, r1, c0, c1), crop, path, cut)
+
+
+def _cut_path(
+    shape: tuple[int, ...],
+    box: tuple[int, int, int, int],
+    crop: np.ndarray,
+    path: np.ndarray,
+    cut: int,
+) -> list[np.ndarray]:
+    """Two full-size masks: every pixel of ``crop`` goes to the half of ``path`` nearest it."""
+    r0, r1, c0, c1 = box
     halves = np.zeros(crop.shape, np.int32)
     halves[path[:cut, 0], path[:cut, 1]] = 1
     halves[path[cut:, 0], path[cut:, 1]] = 2
@@ -282,10 +294,68 @@ def _cut_end_to_end(
     nearest = halves[near_r, near_c]
     parts = []
     for half in (1, 2):
-        full = np.zeros(mask.shape, bool)
+        full = np.zeros(shape, bool)
         full[r0:r1, c0:c1] = crop & (nearest == half)
         parts.append(full)
     return parts
+
+
+def cut_at_kink(
+    mask: np.ndarray, min_kink_cos: float = 0.3, arm_widths: float = 2.0
+) -> list[np.ndarray] | None:
+    """Cut a segment whose unbranched skeleton folds back sharply: two worms meeting at an angle.
+
+    Two worms that touch end to end at an angle make one unbranched segment with a kink
+    (a Λ or a V) that a single worm's body, which bends smoothly, does not make. At each
+    skeleton pixel in the middle half of the skeleton, the two directions to the pixels
+    ``arm_widths`` worm widths away along it are compared; the segment is cut where they
+    are most nearly parallel, if the cosine of the angle between them is at least
+    ``min_kink_cos`` (0.3: an angle of at most ~73 deg). Every pixel goes to the half of
+    the skeleton nearest to it.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        (H, W) bool segment.
+    min_kink_cos : float
+        The fold must be at least this sharp (cosine of the angle between its two arms).
+    arm_widths : float
+        Length of the arms the angle is measured on, in worm widths.
+
+    Returns
+    -------
+    list of numpy.ndarray or None
+        Two (H, W) bool masks, or None when the skeleton branches or has no sharp kink.
+    """
+    return _cut_at_kink(mask, _cropped_skeleton(mask), min_kink_cos, arm_widths)
+
+
+def _cut_at_kink(
+    mask: np.ndarray,
+    found: _Skeleton | None,
+    min_kink_cos: float = 0.3,
+    arm_widths: float = 2.0,
+) -> list[np.ndarray] | None:
+    """cut_at_kink on a precomputed :func:`_cropped_skeleton` result."""
+    if found is None:
+        return None
+    box, crop, skeleton, width = found
+    path = _path_order(skeleton)
+    if path is None:
+        return None
+    step = max(int(round(arm_widths * width)), 2)
+    lo = max(int(0.25 * len(path)), step)
+    hi = min(int(0.75 * len(path)), len(path) - step)
+    if hi <= lo:
+        return None
+    centre = path[lo:hi].astype(np.float64)
+    back = path[lo - step : hi - step] - centre
+    ahead = path[lo + step : hi + step] - centre
+    cosines = (back * ahead).sum(axis=1) / (np.hypot(*back.T) * np.hypot(*ahead.T) + 1e-9)
+    sharpest = int(np.argmax(cosines))
+    if cosines[sharpest] < min_kink_cos:
+        return None
+    return _cut_path(np.shape(mask), box, crop, path, lo + sharpest)
 
 
 def untangle_segment(
@@ -516,6 +586,8 @@ def untangle(
     length_factor: float = 1.7,
     boundary: np.ndarray | None = None,
     clumps: bool = True,
+    min_kink_cos: float | None = 0.3,
+    rounds: int = 2,
 ) -> Instances:
     """Cut segments much larger than the typical one where their skeleton shows two worms.
 
@@ -536,13 +608,41 @@ def untangle(
         (H, W) boundary probability; where it peaks along such a skeleton is where it is cut.
     clumps : bool
         Also cut segments whose skeleton has several crossings (:func:`untangle_clump`).
+    min_kink_cos : float or None
+        Cut unbranched candidates where their skeleton folds back at least this sharply
+        (:func:`cut_at_kink`); None = never.
+    rounds : int
+        How many times all segments are read. The typical segment is measured afresh each
+        round: where many worms are merged (clumps of live worms), the first median is
+        inflated by the merges, and parts that are still two worms only stand out after
+        the first cuts. Stops early when a round cuts nothing.
 
     Returns
     -------
     Instances
-        Each cut segment replaced by its two parts (same score, class and tau; the part that
-        holds the segment's seed keeps it, the other gets its most interior pixel).
+        Each cut segment replaced by its parts (same score, class and tau; the first part
+        that holds the segment's seed keeps it, the others get their most interior pixel).
     """
+    options = (factor, min_part_fraction, max_bend_cos, length_factor, boundary)
+    for _ in range(rounds):
+        cut = _untangle_round(instances, *options, clumps, min_kink_cos)
+        if cut is instances:
+            break
+        instances = cut
+    return instances
+
+
+def _untangle_round(
+    instances: Instances,
+    factor: float,
+    min_part_fraction: float,
+    max_bend_cos: float,
+    length_factor: float,
+    boundary: np.ndarray | None,
+    clumps: bool,
+    min_kink_cos: float | None,
+) -> Instances:
+    """One reading of all segments by :func:`untangle`; the input itself when nothing is cut."""
     n = len(instances)
     if n < 2 or factor <= 0:
         return instances
@@ -557,7 +657,7 @@ def untangle(
         parts = None
         if areas[i] > factor * typical:
             mask = instances.masks[i]
-            found = _cropped_skeleton(mask)  # one skeleton for all three readings
+            found = _cropped_skeleton(mask)  # one skeleton for all four readings
             parts = _untangle_segment(mask, found, max_bend_cos)
             if parts is None and clumps:
                 parts = _untangle_clump(mask, found, max_bend_cos)
@@ -565,6 +665,8 @@ def untangle(
                 parts = _cut_end_to_end(
                     mask, found, typical_length, length_factor, boundary=boundary
                 )
+            if parts is None and min_kink_cos is not None:
+                parts = _cut_at_kink(mask, found, min_kink_cos)
             if parts is not None and min(p.sum() for p in parts) < min_part_fraction * typical:
                 parts = None
         seed_taken = False
