@@ -583,7 +583,7 @@ def untangle(
     factor: float = 1.3,
     min_part_fraction: float = 0.3,
     max_bend_cos: float = -0.3,
-    length_factor: float = 1.7,
+    length_factor: float = 1.4,
     boundary: np.ndarray | None = None,
     clumps: bool = True,
     min_kink_cos: float | None = 0.3,
