@@ -608,8 +608,9 @@ def test_chosen_image_gets_empty_map_layers_that_a_run_fills(
     widget = InstSegWidget(viewer)
     viewer.window.add_dock_widget(widget, name="instseg")
 
-    qtbot.waitUntil(lambda: len(widget._map_layers) == len(MAP_LAYER_STYLE))
-    qtbot.waitUntil(lambda: widget._showing is None)
+    # generous timeouts: the layers come one per event-loop turn, slow on a loaded machine
+    qtbot.waitUntil(lambda: len(widget._map_layers) == len(MAP_LAYER_STYLE), timeout=30000)
+    qtbot.waitUntil(lambda: widget._showing is None, timeout=30000)
     timer.stop()
     # image, then worms + seeds at once, then one map layer per event-loop turn
     assert set(range(3, len(viewer.layers) + 1)) <= set(turns)
