@@ -210,3 +210,37 @@ def test_boundary_keeps_a_thin_worm_the_boundary_map_cuts_into_pieces():
 
     assert len(lost) == 1 and best(lost, masks[0]) < 0.1  # every piece < min_size: dropped
     assert len(kept) == 2 and best(kept, masks[0]) > 0.8 and best(kept, masks[1]) > 0.8
+
+
+def test_scores_of_atypically_sized_instances_are_weighted_down():
+    from napari_instseg.core.instances import weight_scores_by_size
+
+    masks = np.zeros((5, 40, 120), bool)
+    for i in range(3):
+        masks[i, 2 + 8 * i : 6 + 8 * i, 10:60] = True  # three typical worms, 200 px
+    masks[3, 30:34, 0:100] = True  # two worms left merged: 400 px
+    masks[4, 36:40, 0:25] = True  # a piece of a worm: 100 px
+    inst = Instances(masks=masks, scores=np.full(5, 0.8, np.float32), classes=np.ones(5))
+    out = weight_scores_by_size(inst)
+    np.testing.assert_allclose(out.scores, [0.8, 0.8, 0.8, 0.4, 0.4], rtol=1e-6)
+    assert out.masks is inst.masks and inst.scores[3] == pytest.approx(0.8)  # a new object
+    np.testing.assert_allclose(weight_scores_by_size(inst, power=2.0).scores[3:], 0.2)
+    assert weight_scores_by_size(inst, power=0.0) is inst
+    one = Instances(masks=masks[3:4], scores=np.array([0.8], np.float32))
+    assert weight_scores_by_size(one) is one  # nothing to compare with
+    with pytest.raises(ValueError, match="power"):
+        weight_scores_by_size(inst, power=-1.0)
+
+
+def test_boundary_method_ranks_a_merged_pair_below_whole_worms(worms):
+    s, p = worms
+    a, b = s.metadata["touching"][0]
+    gap = dataclasses.replace(p, boundary=np.where(s.masks[a] | s.masks[b], 0.0, p.boundary))
+    plain = segment(gap, method="boundary", size_weight=0.0)
+    weighted = segment(gap, method="boundary")
+    np.testing.assert_array_equal(plain.masks, weighted.masks)  # only the scores change
+    areas = plain.masks.reshape(len(plain), -1).sum(1)
+    merged = int(np.argmax(areas))
+    assert areas[merged] > 1.5 * np.median(areas)
+    assert weighted.scores[merged] < plain.scores[merged]
+    assert weighted.scores[merged] < np.median(weighted.scores)
