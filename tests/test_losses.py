@@ -354,3 +354,23 @@ def test_embedding_pair_loss_module_batches():
     emb = torch.randn(2, 3, 8, 8)
     loss = L.EmbeddingPairLoss(5)(emb, [masks, masks[:1]])
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.item() > 0
+
+
+def test_contact_zone_marks_where_two_worms_touch_and_weights_the_boundary_loss_there():
+    from napari_instseg.core.losses import balanced_boundary_loss, contact_zone
+
+    masks = torch.zeros(3, 20, 40, dtype=torch.bool)
+    masks[0, 2:8, 2:20] = True
+    masks[1, 8:14, 2:20] = True  # touches worm 0 along row 7/8
+    masks[2, 2:14, 30:38] = True  # far from both
+    zone = contact_zone(masks, width=2)
+    assert zone[6:10, 2:20].all() and zone[7, 10] == 1  # both sides of the contact
+    assert zone[2:14, 28:40].sum() == 0 and zone[0, 10] == 0  # nowhere else
+    assert contact_zone(masks[:1]).sum() == 0  # one worm touches nothing
+    logits = torch.zeros(20, 40)
+    target = (zone > 0).float()
+    plain = balanced_boundary_loss(logits, target)
+    weighted = balanced_boundary_loss(logits, target, pixel_weight=1.0 + 4.0 * zone)
+    assert weighted > plain
+    ones = balanced_boundary_loss(logits, target, pixel_weight=torch.ones(20, 40))
+    assert torch.isclose(ones, plain)

@@ -354,8 +354,33 @@ def boundary_target(masks: torch.Tensor, width: int = 1) -> torch.Tensor:
     return contour.amax(0)
 
 
+def contact_zone(masks: torch.Tensor, width: int = 2) -> torch.Tensor:
+    """Pixels within ``width`` of two or more instances: where worms touch or cross.
+
+    Parameters
+    ----------
+    masks : torch.Tensor
+        (N, H, W) bool.
+    width : int
+        Reach in pixels (a square neighbourhood).
+
+    Returns
+    -------
+    torch.Tensor
+        (H, W) float {0, 1}.
+    """
+    n, h, w = masks.shape
+    if n < 2:
+        return masks.new_zeros((h, w), dtype=torch.float32)
+    near = _dilate(masks.float()[:, None], width)[:, 0]
+    return (near.sum(0) >= 2).float()
+
+
 def balanced_boundary_loss(
-    logits: torch.Tensor, target: torch.Tensor, max_alpha: float = 1.0
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    max_alpha: float = 1.0,
+    pixel_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BAISeg's class-balanced boundary loss, averaged over pixels.
 
@@ -372,6 +397,9 @@ def balanced_boundary_loss(
         Cap on alpha. 1 is BAISeg's loss. Worms are only ~8 px wide, so with the full
         balance (alpha ~ 0.97) the predicted boundary spreads over the whole worm; a cap
         (e.g. 0.8) keeps it on the contour.
+    pixel_weight : torch.Tensor, optional
+        Same shape: a further weight per pixel (e.g. more where worms touch,
+        :func:`contact_zone`); the class balance is computed without it.
 
     Returns
     -------
@@ -383,6 +411,8 @@ def balanced_boundary_loss(
     n_all = float(target.numel())
     alpha = ((n_all - n_pos) / max(n_all, 1.0)).clamp(max=max_alpha)
     weight = torch.where(target > 0.5, alpha, 1.0 - alpha)
+    if pixel_weight is not None:
+        weight = weight * pixel_weight
     loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum")
     return loss / max(n_all, 1.0) * 2.0
 

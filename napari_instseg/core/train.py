@@ -67,6 +67,9 @@ class TrainConfig:
         Weights of the other losses (0 disables).
     boundary_max_alpha : float
         Cap on the class balance of the boundary loss (1 = BAISeg's full balance).
+    boundary_contact_weight : float
+        Weight of the boundary loss within 2 px of two instances, where worms touch or
+        cross (:func:`napari_instseg.core.losses.contact_zone`); 1 = no extra weight.
     foreground_edge_weight : float
         Extra cross-entropy weight of the pixels on either side of a foreground edge
         (:func:`napari_instseg.core.losses.foreground_loss`); 0 = plain.
@@ -128,6 +131,7 @@ class TrainConfig:
     lambda_end: float = 12.0
     boundary_weight: float = 1.0
     boundary_max_alpha: float = 1.0
+    boundary_contact_weight: float = 1.0
     foreground_weight: float = 1.0
     foreground_edge_weight: float = 0.0
     attraction_weight: float = 0.0
@@ -394,9 +398,16 @@ def training_loss(
         bnd = L.boundary_target(inst)
         fg = inst.any(0).float() if inst.shape[0] else torch.zeros_like(bnd)
         k = keep.float()
+        contact = None
+        if config.boundary_contact_weight != 1.0:
+            zone = L.contact_zone(inst)
+            contact = (1.0 + (config.boundary_contact_weight - 1.0) * zone)[keep]
         terms["boundary"].append(
             L.balanced_boundary_loss(
-                outputs["boundary_logits"][i].float()[keep], bnd[keep], config.boundary_max_alpha
+                outputs["boundary_logits"][i].float()[keep],
+                bnd[keep],
+                config.boundary_max_alpha,
+                contact,
             )
         )
         terms["foreground"].append(
