@@ -19,6 +19,7 @@ overlap there.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import combinations
 
 import numpy as np
@@ -146,8 +147,19 @@ def _pair_arms(directions: list[np.ndarray]) -> list[tuple[int, ...]]:
     return list(best)
 
 
-#: What :func:`_cropped_skeleton` returns: box (r0, r1, c0, c1), cropped mask, skeleton, width.
-_Skeleton = tuple[tuple[int, int, int, int], np.ndarray, np.ndarray, float]
+@dataclass
+class _Skeleton:
+    """A segment cropped to its box (r0, r1, c0, c1), its pruned skeleton and the worm width."""
+
+    box: tuple[int, int, int, int]
+    crop: np.ndarray
+    skeleton: np.ndarray
+    width: float
+
+    @cached_property
+    def path(self) -> np.ndarray | None:
+        """The skeleton's pixels end to end (:func:`_path_order`), walked once per segment."""
+        return _path_order(self.skeleton)
 
 
 def _cropped_skeleton(mask: np.ndarray, prune_length: float | None = None) -> _Skeleton | None:
@@ -169,7 +181,7 @@ def _cropped_skeleton(mask: np.ndarray, prune_length: float | None = None) -> _S
     skeleton = skeletonize(crop)
     width = crop.sum() / max(int(skeleton.sum()), 1)
     skeleton = _prune_spurs(skeleton, 1.5 * width if prune_length is None else prune_length)
-    return (r0, r1, c0, c1), crop, skeleton, width
+    return _Skeleton((r0, r1, c0, c1), crop, skeleton, width)
 
 
 def _path_order(skeleton: np.ndarray) -> np.ndarray | None:
@@ -258,9 +270,9 @@ def _cut_end_to_end(
     """cut_end_to_end on a precomputed :func:`_cropped_skeleton` result."""
     if found is None:
         return None
-    (r0, r1, c0, c1), crop, skeleton, width = found
+    (r0, r1, c0, c1), crop = found.box, found.crop
     mask = np.asarray(mask, bool)
-    path = _path_order(skeleton)
+    path = found.path
     if path is None or len(path) < length_factor * typical_length:
         return None
     depth = ndimage.distance_transform_edt(crop)[path[:, 0], path[:, 1]]
@@ -339,8 +351,8 @@ def _cut_at_kink(
     """cut_at_kink on a precomputed :func:`_cropped_skeleton` result."""
     if found is None:
         return None
-    box, crop, skeleton, width = found
-    path = _path_order(skeleton)
+    box, crop, width = found.box, found.crop, found.width
+    path = found.path
     if path is None:
         return None
     step = max(int(round(arm_widths * width)), 2)
@@ -392,7 +404,7 @@ def _untangle_segment(
     """untangle_segment on a precomputed :func:`_cropped_skeleton` result."""
     if found is None:
         return None
-    (r0, r1, c0, c1), crop, skeleton, width = found
+    (r0, r1, c0, c1), crop, skeleton, width = found.box, found.crop, found.skeleton, found.width
     mask = np.asarray(mask, bool)
     graph = _junction_graph(skeleton, width)
     if graph is None or len(set(graph.group.values())) != 1:
@@ -502,7 +514,7 @@ def _untangle_clump(
     """untangle_clump on a precomputed :func:`_cropped_skeleton` result."""
     if found is None:
         return None
-    (r0, r1, c0, c1), crop, skeleton, width = found
+    (r0, r1, c0, c1), crop, skeleton, width = found.box, found.crop, found.skeleton, found.width
     graph = _junction_graph(skeleton, width)
     if graph is None:
         return None
