@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="../shared/data/bbbc010")
     parser.add_argument("--wells", default="B13-C02")
     parser.add_argument("--methods", default="seeds,boundary,hybrid")
-    parser.add_argument("--params", default="{}", help="JSON dict of segment kwargs per method")
+    parser.add_argument(
+        "--params",
+        default="{}",
+        help="JSON dict of segment kwargs per method (with --tune: one more start)",
+    )
     parser.add_argument("--cache", default=".cache/predictions")
     parser.add_argument("--json", default=None)
     parser.add_argument(
@@ -63,8 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         from napari_instseg.core.tune import tune_segmentation, write_tuning
 
         t0 = time.perf_counter()
+        # the search also starts from the model's stored parameters and any given ones
+        stored = (getattr(model, "metadata", {}) or {}).get("segment_params") or {}
         tuned = tune_segmentation(
-            predictions, [s.masks for s in samples], methods=args.methods.split(",")
+            predictions,
+            [s.masks for s in samples],
+            methods=args.methods.split(","),
+            starts=[stored, params],
         )
         print(f"tuned in {time.perf_counter() - t0:.0f} s ({tuned.trials} evaluations)")
         print(json.dumps({"recommended": tuned.method, "params": tuned.params}, indent=1))

@@ -71,3 +71,39 @@ def test_tuning_errors():
         tune_segmentation([p], [])
     with pytest.raises(ValueError, match="grid"):
         tune_segmentation([p], [m], methods=["magic"])
+
+
+def _scores(table):
+    """A fake evaluation: the score of each (a, b) from a table, 0 elsewhere."""
+    return lambda found, gt: {"AP": table.get((found[0]["a"], found[0]["b"]), 0.0)}
+
+
+def test_tuning_escapes_a_local_optimum_from_several_starts(monkeypatch):
+    import napari_instseg.core.tune as tune
+
+    monkeypatch.setattr(tune, "segment", lambda prediction, method, **params: params)
+    grid = {"boundary": {"a": [0, 1, 2], "b": [0, 1, 2]}}
+    # (0, 0), the grid's first values, beats all its neighbours: a trap for one search;
+    # from the middle values (1, 1) the search climbs to (2, 1) and then (2, 2)
+    monkeypatch.setattr(
+        tune, "evaluate", _scores({(0, 0): 0.5, (1, 1): 0.2, (2, 1): 0.3, (2, 2): 1.0})
+    )
+    result = tune.tune_segmentation(["p"], ["gt"], methods=["boundary"], grids=grid)
+    assert result.params["boundary"] == {"a": 2, "b": 2}
+    assert result.scores["boundary"]["AP"] == 1.0
+    # now the middle is a trap too: only a given start, (0, 2), leads to (2, 2)
+    monkeypatch.setattr(tune, "evaluate", _scores({(0, 0): 0.5, (0, 2): 0.2, (2, 2): 1.0}))
+    trapped = tune.tune_segmentation(["p"], ["gt"], methods=["boundary"], grids=grid)
+    assert trapped.params["boundary"] == {"a": 0, "b": 0}
+    calls = []
+    result = tune.tune_segmentation(
+        ["p"],
+        ["gt"],
+        methods=["boundary"],
+        grids=grid,
+        starts=[{"boundary": {"b": 2, "unknown": 7}}, {"seeds": {"a": 1}}],
+        progress=lambda method, params, score: calls.append(params),
+    )
+    assert calls[0] == {"a": 0, "b": 0}  # the first values are searched first
+    assert {"a": 0, "b": 2} in calls  # the given start: unknown names dropped, missing = first
+    assert result.params["boundary"] == {"a": 2, "b": 2}
