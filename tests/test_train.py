@@ -233,6 +233,60 @@ def test_random_crop_and_prepare():
     assert masks.sum() <= sample.masks.sum()
 
 
+def _dihedral(array: np.ndarray) -> list[np.ndarray]:
+    """The eight flips and transposes of a square array."""
+    out = []
+    for a in (array, array.T):
+        out += [a, a[::-1], a[:, ::-1], a[::-1, ::-1]]
+    return out
+
+
+def _find_window(crop: np.ndarray, padded: np.ndarray) -> tuple[int, int, int] | None:
+    """(transform, row, col) where ``crop`` is an exact window of ``padded``, else None."""
+    size = crop.shape[0]
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (size, size))
+    for k, candidate in enumerate(_dihedral(crop)):
+        hits = np.argwhere((windows == candidate).all((2, 3)))
+        if len(hits):
+            return k, int(hits[0][0]), int(hits[0][1])
+    return None
+
+
+def test_aligned_crops_copy_pixels():
+    sample = _worms(2)
+    item = prepare(sample)
+    size = 40
+    union = np.pad(sample.masks.any(0), size)
+    image = np.pad(item.image[0].numpy(), size, constant_values=np.nan)
+    aligned = TrainConfig(crop_size=size, crop_candidates=4, aligned_fraction=1.0)
+    rng = np.random.default_rng(3)
+    transforms, checked = set(), 0
+    for _ in range(16):
+        crop, masks, _ = random_crop(item, aligned, rng)
+        if masks.sum() < 50:  # too little worm to place the window unambiguously
+            continue
+        checked += 1
+        found = _find_window(masks.any(0).numpy(), union)
+        assert found is not None  # the masks are a window of the originals, not resampled
+        k, r, c = found
+        transforms.add(k)
+        source = image[r : r + size, c : c + size]
+        target = _dihedral(crop[0].numpy())[k]
+        inside = np.isfinite(source)
+        slope, offset = np.polyfit(source[inside], target[inside], 1)
+        residual = target[inside] - (slope * source[inside] + offset)
+        assert 0.8 <= slope <= 1.25 and residual.std() < 0.03  # jitter and noise only
+    assert checked >= 8 and len(transforms) > 2  # flips and transposes still vary
+    # the default augmentation resamples: its masks are generally no window of the originals
+    default = TrainConfig(crop_size=size, crop_candidates=4)
+    rng = np.random.default_rng(3)
+    crops = [random_crop(item, default, rng)[1].any(0).numpy() for _ in range(8)]
+    misses = [_find_window(m, union) is None for m in crops if m.sum() >= 50]
+    assert len(misses) >= 4 and sum(misses) >= len(misses) - 1
+    with pytest.raises(ValueError, match="aligned_fraction"):
+        train(TrainConfig(aligned_fraction=1.5))
+
+
 def test_unreviewed_instances_are_excluded():
     sample = _worms(1)
     sample.reviewed = np.array([True, False, True])

@@ -75,6 +75,11 @@ class TrainConfig:
         (:func:`napari_instseg.core.losses.foreground_loss`); 0 = plain.
     rotation, scale_min, scale_max, flips : augmentation
         Fathi et al.: rotation within 10 degrees, scale 0.7-1.5, flips.
+    aligned_fraction : float
+        Share of the crops taken on the image's own pixel grid: no rotation or rescaling and
+        whole-pixel offsets (flips and transposes only), so image and masks are copied, not
+        resampled. Resampling blurs every other crop a little and moves mask edges by up
+        to half a pixel, while prediction sees unresampled images. 0 = Fathi et al. only.
     crop_candidates : int
         Crops are chosen among this many random windows, biased toward more worms.
     val_every : int
@@ -140,6 +145,7 @@ class TrainConfig:
     scale_min: float = 0.7
     scale_max: float = 1.5
     flips: bool = True
+    aligned_fraction: float = 0.0
     crop_candidates: int = 8
     val_every: int = 2
     time_limit_minutes: float = 0.0
@@ -309,14 +315,20 @@ def random_crop(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One augmented crop: rotation, scale, flips, a window biased toward more worms.
 
-    Done with ``affine_grid``/``grid_sample`` in torch: bilinear for the image, nearest for
-    the masks. Returns image (C, S, S), masks (N', S, S) of the instances still visible and
-    the trusted-pixel map (S, S).
+    Done with ``grid_sample`` in torch: bilinear for the image, nearest for the masks. A
+    share ``config.aligned_fraction`` of the crops is pixel-aligned instead (whole-pixel
+    window, flips and a transpose only), so the sampling copies pixels exactly. Returns
+    image (C, S, S), masks (N', S, S) of the instances still visible and the
+    trusted-pixel map (S, S).
     """
     size = config.crop_size
     c, h, w = item.image.shape
+    # drawn only when used, so older configs keep their random stream
+    aligned = config.aligned_fraction > 0 and rng.random() < config.aligned_fraction
     scale = float(np.exp(rng.uniform(np.log(config.scale_min), np.log(config.scale_max))))
     angle = math.radians(rng.uniform(-config.rotation, config.rotation))
+    if aligned:
+        scale, angle = 1.0, 0.0
     half = size / scale / 2  # half window in input pixels
     # candidate centres; weight by how many worms their window touches
     centres = np.stack(
@@ -332,13 +344,18 @@ def random_crop(
         centre = centres[rng.choice(len(centres), p=weights / weights.sum())]
     else:
         centre = centres[0]
+    half_span = (size - 1) / 2
+    if aligned:  # sample at whole input pixels
+        centre = np.round(np.asarray(centre) - half_span) + half_span
     flip_r = -1.0 if config.flips and rng.random() < 0.5 else 1.0
     flip_c = -1.0 if config.flips and rng.random() < 0.5 else 1.0
     # output pixel offsets from the crop centre -> input pixel coordinates
     cos, sin = math.cos(angle), math.sin(angle)
-    lin = (torch.arange(size, dtype=torch.float32) - (size - 1) / 2) / scale
+    lin = (torch.arange(size, dtype=torch.float32) - half_span) / scale
     dr = lin[:, None].expand(size, size) * flip_r
     dc = lin[None, :].expand(size, size) * flip_c
+    if aligned and config.flips and rng.random() < 0.5:  # transpose
+        dr, dc = dc, dr
     rows = centre[0] + cos * dr - sin * dc
     cols = centre[1] + sin * dr + cos * dc
     grid = torch.stack([(2 * cols + 1) / w - 1, (2 * rows + 1) / h - 1], -1)[None]
@@ -720,6 +737,8 @@ def train(
     samples = [s for s in samples if s.name not in set(val_names)]
     val_samples = load_samples(config.data, val_names) if val_names else []
     replay_samples = []
+    if not 0.0 <= config.aligned_fraction <= 1.0:
+        raise ValueError(f"aligned_fraction must be in [0, 1], got {config.aligned_fraction}")
     if config.replay:
         if not 0.0 <= config.replay_fraction <= 1.0:
             raise ValueError(f"replay_fraction must be in [0, 1], got {config.replay_fraction}")
