@@ -636,8 +636,9 @@ def untangle(
         that holds the segment's seed keeps it, the others get their most interior pixel).
     """
     options = (factor, min_part_fraction, max_bend_cos, length_factor, boundary)
+    lengths: list[int | None] = [None] * len(instances)
     for _ in range(rounds):
-        cut = _untangle_round(instances, *options, clumps, min_kink_cos)
+        cut, lengths = _untangle_round(instances, *options, clumps, min_kink_cos, lengths)
         if cut is instances:
             break
         instances = cut
@@ -653,17 +654,28 @@ def _untangle_round(
     boundary: np.ndarray | None,
     clumps: bool,
     min_kink_cos: float | None,
-) -> Instances:
-    """One reading of all segments by :func:`untangle`; the input itself when nothing is cut."""
+    lengths: list[int | None],
+) -> tuple[Instances, list[int | None]]:
+    """One reading of all segments by :func:`untangle`.
+
+    ``lengths`` holds the segments' skeleton lengths where an earlier round measured them
+    (None: not yet). Returns the instances (the input itself when nothing is cut) and the
+    lengths of the returned segments (None for new parts).
+    """
     n = len(instances)
     if n < 2 or factor <= 0:
-        return instances
+        return instances, lengths
     areas = instances.masks.reshape(n, -1).sum(axis=1)
     typical = float(np.median(areas))
     if not (areas > factor * typical).any():
-        return instances
-    typical_length = float(np.median([skeletonize(_crop(m)).sum() for m in instances.masks]))
+        return instances, lengths
+    lengths = [
+        int(skeletonize(_crop(m)).sum()) if known is None else known
+        for m, known in zip(instances.masks, lengths, strict=True)
+    ]
+    typical_length = float(np.median(lengths))
     masks, scores, classes, seeds, taus = [], [], [], [], []
+    new_lengths: list[int | None] = []
     changed = False
     for i in range(n):
         parts = None
@@ -684,6 +696,7 @@ def _untangle_round(
         seed_taken = False
         for part in parts or [instances.masks[i]]:
             masks.append(part)
+            new_lengths.append(None if parts is not None else lengths[i])
             scores.append(instances.scores[i])
             classes.append(instances.classes[i])
             if instances.seeds is not None:
@@ -702,11 +715,12 @@ def _untangle_round(
                 taus.append(instances.taus[i])
         changed |= parts is not None
     if not changed:
-        return instances
-    return Instances(
+        return instances, lengths
+    cut = Instances(
         masks=np.stack(masks),
         scores=np.asarray(scores, np.float32),
         classes=np.asarray(classes),
         seeds=None if instances.seeds is None else np.stack(seeds),
         taus=None if instances.taus is None else np.asarray(taus, np.float32),
     )
+    return cut, new_lengths
