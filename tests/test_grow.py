@@ -178,3 +178,28 @@ def test_bench_times_the_network_with_and_without_tta(tmp_path):
     assert res["prediction"] == f"model {path}"
     assert {"predict", "predict_tta8"} <= set(res["timings"])
     assert all(res["timings"][k]["median_ms"] > 0 for k in ("predict", "predict_tta8"))
+
+
+def test_grow_is_clipped_to_the_foreground_map():
+    # embeddings that bleed two pixels past the worm (as a network's do), a sharp foreground
+    masks = _masks()
+    worm = masks[2]
+    blurred = prediction_from_masks(masks, embedding_dim=8, seed=0)
+    from scipy import ndimage
+
+    halo = ndimage.binary_dilation(worm, iterations=2) & ~masks.any(0)
+    blurred.embeddings[:, halo] = blurred.embeddings[:, 46, 50][:, None]
+    fg = masks.any(0).astype(np.float32) * 0.6  # a foreground map that peaks at 0.6
+    blurred.foreground[...] = fg
+    grower = Grower(blurred)
+    assert grower.default_fg_threshold == 0.5  # no tuned parameters in the metadata
+    unclipped = grower.grow((46, 50), clip_to_foreground=False)
+    assert (unclipped & halo).sum() > 50
+    clipped = grower.grow((46, 50))
+    np.testing.assert_array_equal(clipped, worm)
+    # above the map's peak only the seed survives; the model's tuned threshold is the default
+    assert grower.grow((46, 50), fg_threshold=0.7).sum() == 1
+    blurred.metadata = {"segment_params": {"boundary": {"fg_threshold": 0.7}}}
+    assert Grower(blurred).grow((46, 50)).sum() == 1
+    with pytest.raises(ValueError, match="fg_threshold"):
+        grower.grow((46, 50), fg_threshold=1.0)
