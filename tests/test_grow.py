@@ -203,3 +203,20 @@ def test_grow_is_clipped_to_the_foreground_map():
     assert Grower(blurred).grow((46, 50)).sum() == 1
     with pytest.raises(ValueError, match="fg_threshold"):
         grower.grow((46, 50), fg_threshold=1.0)
+
+
+def test_grow_instances_one_per_worm(oracle):
+    from napari_instseg.core.grow import WormSeeds, grow_instances
+
+    masks, p = oracle
+    worms = [WormSeeds(((31, 10),)), WormSeeds(((46, 50),), ((52, 50),))]
+    inst = grow_instances(p, worms, tau=0.5)
+    assert len(inst) == 2 and inst.taus.tolist() == [0.5, 0.5]
+    np.testing.assert_array_equal(inst.masks[0], grow(p, (31, 10)))
+    np.testing.assert_array_equal(inst.masks[1], grow(p, (46, 50), negative=(52, 50)))
+    _, classes, scores = p.best_tau_class()
+    assert inst.scores[1] == pytest.approx(scores[46, 50]) and inst.classes[0] == classes[31, 10]
+    assert inst.seeds.tolist() == [[31, 10], [46, 50]]
+    assert len(grow_instances(p, [])) == 0
+    with pytest.raises(ValueError, match="worm 1 has no positive seed"):
+        grow_instances(p, [WormSeeds((), ((1, 1),))])

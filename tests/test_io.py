@@ -330,3 +330,35 @@ def test_real_bbbc010_reads_tiff_via_read_image(bbbc010_root):
     path = next((bbbc010_root / "images").glob("*_A01_w2_*.tif"))
     out = read_image(path)
     assert out.shape == (1, 1, 520, 696) and out.dtype == np.uint16
+
+
+def test_read_seed_table(tmp_path):
+    from napari_instseg.core.io import read_seed_table
+
+    path = tmp_path / "seeds.csv"
+    path.write_text(
+        "row,col,worm,positive,note\n10,20,2,1,a\n11.6,20.2,2,true,\n5,6,,,\n30,40,2,0,\n"
+    )
+    planes = read_seed_table(path)
+    assert list(planes) == [0]
+    worms = planes[0]
+    assert worms[2] == ([(10, 20), (12, 20)], [(30, 40)])
+    (alone,) = [v for k, v in worms.items() if k != 2]
+    assert alone == ([(5, 6)], [])
+    # napari's Points export; a stack's plane is axis-0
+    path.write_text("index,axis-0,axis-1\n0,3.4,4.6\n1,7,8\n")
+    assert sorted(read_seed_table(path)[0].values()) == [([(3, 5)], []), ([(7, 8)], [])]
+    path.write_text("index,axis-0,axis-1,axis-2\n0,1,3,4\n1,0,7,8\n")
+    assert sorted(read_seed_table(path)) == [0, 1]
+    for text, message in [
+        ("a,b\n1,2\n", "row and col"),
+        ("row,col\n1,x\n", "line 2: not a number"),
+        ("row,col,positive\n1,2,0\n", "needs a worm"),
+        ("row,col,positive\n1,2,maybe\n", "positive must be"),
+        ("row,col,worm,positive\n1,2,4,0\n", "only negative"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_seed_table(path)
+    with pytest.raises(FileNotFoundError):
+        read_seed_table(tmp_path / "missing.csv")

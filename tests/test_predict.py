@@ -283,3 +283,64 @@ def test_tta_is_part_of_the_cache_key(model, image, tmp_path):
     assert first.metadata["cached"] is False and again.metadata["cached"] is False
     assert not np.array_equal(first.foreground, again.foreground)
     assert predict(image, model, "cpu", tta=2, cache=tmp_path).metadata["cached"] is True
+
+
+def test_cli_grow_matches_the_python_api(model, tmp_path, capsys):
+    import pandas as pd
+    import tifffile
+
+    from napari_instseg.cli import main
+    from napari_instseg.core.grow import grow
+    from napari_instseg.core.synthetic import make_worms
+    from napari_instseg.core.weights import save_model
+
+    weights = save_model(model, tmp_path / "tiny.safetensors", {"name": "tiny"})
+    sample = make_worms(
+        shape=(64, 80), n_worms=3, length=(25, 40), width=(5, 7), n_touching=0, seed=0
+    )
+    image = tmp_path / "worms.tif"
+    tifffile.imwrite(image, sample.image.astype(np.uint16))
+    centres = [np.argwhere(m)[len(np.argwhere(m)) // 2] for m in sample.masks]
+    (r0, c0), (r1, c1) = centres[0], centres[1]
+    seeds = tmp_path / "seeds.csv"  # worm 7: two clicks; worm 3: one click and a negative
+    seeds.write_text(
+        f"worm,row,col,positive\n7,{r0},{c0},1\n3,{r1},{c1},yes\n7,{r0 + 1},{c0},1\n"
+        f"3,{r0},{c0},0\n"
+    )
+    out = tmp_path / "out"
+    argv = ["grow", str(image), "--seeds", str(seeds), "--out", str(out)]
+    argv += ["--model", str(weights), "--device", "cpu", "--tta", "1", "--tau", "0.3"]
+    assert main(argv) == 0
+    assert "2 worm(s) grown at tau 0.3" in capsys.readouterr().out
+    labels = tifffile.imread(out / "worms_labels.tif")
+    prediction = predict(sample.image.astype(np.uint16), model, "cpu")
+    first = grow(prediction, [(r0, c0), (r0 + 1, c0)], tau=0.3)
+    second = grow(prediction, [(r1, c1)], tau=0.3, negative=[(r0, c0)])
+    # labels 1, 2 in the order the worms first appear; overlaps show the smaller worm
+    assert ((labels == 1) | (labels == 2)).sum() == (first | second).sum()
+    assert ((labels == 1) & ~first).sum() == 0 and ((labels == 2) & ~second).sum() == 0
+    assert labels[r0, c0] == 1 and labels[r1, c1] == 2
+    table = pd.read_csv(out / "worms_measurements.csv")
+    assert table["worm"].tolist() == [7, 3]
+    assert table["area"].tolist() == [int(first.sum()), int(second.sum())]
+
+    # napari's Points export of a stack: axis-0 is the plane; plane 1 has no seeds
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.stack([sample.image] * 2).astype(np.uint16))
+    points = tmp_path / "points.csv"
+    points.write_text(f"index,axis-0,axis-1,axis-2\n0,0.0,{r0 + 0.2},{c0 - 0.3}\n")
+    argv = ["grow", str(stack), "--seeds", str(points), "--out", str(out)]
+    assert main([*argv, "--model", str(weights), "--device", "cpu", "--tta", "1"]) == 0
+    stacked = tifffile.imread(out / "stack_labels.tif")
+    assert stacked.shape == (2, 64, 80) and not stacked[1].any()
+    np.testing.assert_array_equal(stacked[0] > 0, grow(prediction, (r0, c0)))
+
+    # clear errors, non-zero status
+    bad = tmp_path / "bad.csv"
+    bad.write_text("x,y\n1,2\n")
+    assert main([*argv[:3], str(bad), *argv[4:], "--model", str(weights)]) == 1
+    assert "needs columns row and col" in capsys.readouterr().err
+    points.write_text("index,axis-0,axis-1,axis-2\n0,5,10,10\n")
+    assert main([*argv, "--model", str(weights)]) == 1
+    assert "plane(s) [5]" in capsys.readouterr().err
+    assert main([*argv, "--model", str(weights), "--tau", "1.5"]) == 1

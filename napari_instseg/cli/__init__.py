@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fine-tune a model on corrected labels (training folders); list model versions",
     ),
     "predict": ("napari_instseg.cli.predict", "predict and segment images, write results"),
+    "grow": ("napari_instseg.cli.grow", "grow masks from clicked seeds (a CSV of pixels)"),
     "evaluate": ("napari_instseg.cli.evaluate", "COCO AP and DSB accuracy against ground truth"),
     "bench": ("napari_instseg.cli.bench", "speed benchmarks (grow, similarity, predict, segment)"),
 }

@@ -22,12 +22,14 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-from .types import Prediction
+from .types import Instances, Prediction
 
 __all__ = ["Grower", "d2_threshold", "grow", "similarity", "get_grower"]
 
@@ -467,4 +469,67 @@ def grow(
         fg_threshold=fg_threshold,
         min_island=min_island,
         clip_to_foreground=clip_to_foreground,
+    )
+
+
+@dataclass(frozen=True)
+class WormSeeds:
+    """The clicks of one worm: positive seeds (at least one) and negative seeds."""
+
+    positive: tuple[tuple[int, int], ...]
+    negative: tuple[tuple[int, int], ...] = ()
+
+
+def grow_instances(
+    prediction: Prediction,
+    worms: Sequence[WormSeeds],
+    tau: float = 0.5,
+    **grow_options: Any,
+) -> Instances:
+    """Grow one instance per worm from its seeds, as the plugin's clicks do.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        The network outputs of the image.
+    worms : sequence of WormSeeds
+        Per worm its positive and negative seeds, (row, col) pixels.
+    tau : float
+        Similarity threshold in (0, 1).
+    **grow_options
+        Passed to :func:`grow` (``boundary_barrier``, ``clip_to_foreground``, ...).
+
+    Returns
+    -------
+    Instances
+        One mask per worm, in the given order (overlaps kept); score, class and tau from
+        the class head at the worm's first positive seed (Fathi et al.), its seed that one.
+
+    Raises
+    ------
+    ValueError
+        A worm without positive seeds, seeds outside the image, tau outside (0, 1).
+    """
+    grower = get_grower(prediction)
+    h, w = grower.shape
+    if not worms:
+        return Instances(masks=np.zeros((0, h, w), bool))
+    best_tau, best_class, best_score = prediction.best_tau_class()
+    masks, seeds = [], []
+    for index, worm in enumerate(worms):
+        if not worm.positive:
+            raise ValueError(f"worm {index + 1} has no positive seed")
+        masks.append(
+            grower.grow(list(worm.positive), tau=tau, negative=list(worm.negative) or None,
+                        **grow_options)
+        )  # fmt: skip
+        seeds.append(_as_points(worm.positive[0], grower.shape, "seeds")[0])
+    at = np.asarray(seeds)
+    rows, cols = at[:, 0], at[:, 1]
+    return Instances(
+        masks=np.stack(masks),
+        scores=best_score[rows, cols],
+        classes=best_class[rows, cols],
+        seeds=at,
+        taus=np.full(len(worms), tau, np.float32),
     )

@@ -346,3 +346,86 @@ def read_bbbc010(
             )
         )
     return samples
+
+
+_TRUE = {"1", "true", "yes", "y", "t", "+", "positive"}
+_FALSE = {"0", "false", "no", "n", "f", "-", "negative"}
+
+
+def read_seed_table(path: str | Path) -> dict[int, dict[int, tuple[list, list]]]:
+    """Read clicked seeds from a CSV file, grouped by plane and worm.
+
+    Columns (a header row names them; any order, other columns ignored):
+
+    - the pixel: ``row`` and ``col``, or napari's Points export ``axis-0`` and ``axis-1``
+      (2D) or ``axis-0``, ``axis-1``, ``axis-2`` (a stack: plane, row, col); a ``plane``
+      column for stacks otherwise (default 0);
+    - ``worm`` (or ``label``), optional: seeds with the same value belong to one worm;
+      without it every seed is its own worm;
+    - ``positive``, optional: 1/0, true/false or yes/no (default positive); a negative seed
+      needs a ``worm``, since it takes pixels away from that worm.
+
+    Coordinates are rounded to the nearest pixel (napari's points are floats).
+
+    Parameters
+    ----------
+    path : str or Path
+        The CSV file.
+
+    Returns
+    -------
+    dict
+        ``{plane: {worm: ([(row, col), ...] positive, [(row, col), ...] negative)}}``, the
+        worms in order of first appearance.
+
+    Raises
+    ------
+    ValueError
+        Missing columns, values that are not numbers, negative seeds without a worm, a worm
+        with only negative seeds.
+    FileNotFoundError
+        If the file does not exist.
+    """
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"seed file not found: {path}")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        fields = [f.strip().lower() for f in reader.fieldnames or []]
+        rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    if {"row", "col"} <= set(fields):
+        axes = ("plane", "row", "col") if "plane" in fields else (None, "row", "col")
+    elif {"axis-0", "axis-1", "axis-2"} <= set(fields):
+        axes = ("axis-0", "axis-1", "axis-2")
+    elif {"axis-0", "axis-1"} <= set(fields):
+        axes = (None, "axis-0", "axis-1")
+    else:
+        raise ValueError(
+            f"{path}: needs columns row and col (or napari's axis-0, axis-1), found {fields}"
+        )
+    worm_key = "worm" if "worm" in fields else "label" if "label" in fields else None
+    planes: dict[int, dict[int, tuple[list, list]]] = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            coords = [0 if a is None else round(float(row[a])) for a in axes]
+            worm = int(float(row[worm_key])) if worm_key and row.get(worm_key) else None
+        except ValueError as err:
+            raise ValueError(f"{path}, line {line}: not a number ({err})") from None
+        flag = row.get("positive", "").lower() or "1"
+        if flag not in _TRUE | _FALSE:
+            raise ValueError(f"{path}, line {line}: positive must be 1/0, true/false or yes/no")
+        positive = flag in _TRUE
+        if worm is None:
+            if not positive:
+                raise ValueError(f"{path}, line {line}: a negative seed needs a worm")
+            worm = -line  # its own worm
+        plane, point = coords[0], (coords[1], coords[2])
+        seeds = planes.setdefault(plane, {}).setdefault(worm, ([], []))
+        seeds[0 if positive else 1].append(point)
+    for plane, worms in planes.items():
+        for worm, (positive, _) in worms.items():
+            if not positive:
+                raise ValueError(f"{path}: worm {worm} (plane {plane}) has only negative seeds")
+    return planes

@@ -1,0 +1,135 @@
+"""``napari-instseg grow``: masks grown from clicked seeds, as the plugin's clicks make them.
+
+Example::
+
+    napari-instseg grow image.tif --seeds seeds.csv --out grown
+
+``seeds.csv`` holds one seed per row: ``row,col`` (or napari's Points export ``axis-0,axis-1``,
+with ``axis-0`` the plane for a stack), optionally ``worm`` (seeds of one worm share it) and
+``positive`` (0 for a negative seed that takes pixels away from its worm); see
+:func:`napari_instseg.core.io.read_seed_table`. Writes, in ``--out``:
+
+- ``<name>_labels.tif``: one label per worm (1, 2, ... in the order the worms first appear
+  in the file; where worms overlap, the smaller one's label is shown);
+- ``<name>_measurements.csv``: one row per worm (its ``worm`` id from the file, area,
+  length, width, score, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .predict import _load_model, output_name, tta_arg
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``grow`` arguments.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The sub-command's parser.
+    """
+    parser.add_argument("image", type=Path, help="image file (2D, or a stack of planes)")
+    parser.add_argument("--seeds", type=Path, required=True, help="CSV file of seed pixels")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--tau", type=float, default=0.5, help="similarity threshold in (0, 1) (0.5)"
+    )
+    parser.add_argument(
+        "--boundary-barrier",
+        type=float,
+        help="stop growing at boundary probability above this (e.g. 0.5); default: off",
+    )
+    parser.add_argument(
+        "--no-clip",
+        action="store_true",
+        help="do not clip the masks to the model's foreground map",
+    )
+    parser.add_argument(
+        "--model", help="weights file (.safetensors); default: the shipped BBBC010 model"
+    )
+    parser.add_argument(
+        "--tta", type=tta_arg, default="auto", help="test-time augmentation passes (auto)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    parser.add_argument("--cache", type=Path, help="zarr cache folder for predictions")
+    parser.add_argument(
+        "--channel-axis", type=int, help="axis of the stored array that holds the channels"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Grow the seeds' worms and write labels and measurements.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed arguments of :func:`configure`.
+
+    Returns
+    -------
+    int
+        0 on success.
+    """
+    import pandas as pd
+    import tifffile
+
+    from ..core.grow import WormSeeds, d2_threshold, grow_instances
+    from ..core.io import read_image, read_seed_table
+    from ..core.measure import measure
+    from ..core.predict import predict
+
+    if not args.image.exists():
+        raise FileNotFoundError(f"image not found: {args.image}")
+    d2_threshold(args.tau)  # a clear error for tau outside (0, 1) before any work
+    planes = read_seed_table(args.seeds)
+    t0 = time.perf_counter()
+    stack = read_image(args.image, channel_axis=args.channel_axis)  # (N, C, H, W)
+    outside = sorted(p for p in planes if not 0 <= p < len(stack))
+    if outside:
+        raise ValueError(f"seeds on plane(s) {outside}, but {args.image} has {len(stack)}")
+    model = _load_model(args.model, args.device)
+    options = {"clip_to_foreground": not args.no_clip}
+    if args.boundary_barrier is not None:
+        options["boundary_barrier"] = args.boundary_barrier
+    labels, tables, n_worms = [], [], 0
+    for plane, image in enumerate(stack):
+        image = image[0] if image.shape[0] == 1 else image
+        worms = planes.get(plane, {})
+        if not worms:
+            labels.append(np.zeros(image.shape[-2:], np.int64))
+            continue
+        prediction = predict(image, model, args.device, tta=args.tta, cache=args.cache)
+        seeds = [WormSeeds(tuple(pos), tuple(neg)) for pos, neg in worms.values()]
+        instances = grow_instances(prediction, seeds, tau=args.tau, **options)
+        labels.append(instances.to_labels())
+        n_worms += len(instances)
+        table = pd.DataFrame(measure(instances, image=image))
+        table.insert(0, "worm", [w if w > 0 else None for w in worms])
+        table.insert(0, "plane", plane)
+        table.insert(0, "image", args.image.name)
+        tables.append(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = output_name(args.image)
+    label_stack = np.stack(labels)
+    dtype = np.uint16 if label_stack.max(initial=0) < 2**16 else np.uint32
+    label_stack = label_stack.astype(dtype)
+    tifffile.imwrite(
+        args.out / f"{name}_labels.tif",
+        label_stack[0] if len(stack) == 1 else label_stack,
+        compression="zlib",
+    )
+    if tables:
+        pd.concat(tables, ignore_index=True).to_csv(
+            args.out / f"{name}_measurements.csv", index=False
+        )
+    print(
+        f"{args.image}: {n_worms} worm(s) grown at tau {args.tau}, "
+        f"{time.perf_counter() - t0:.1f} s -> {args.out / name}_*"
+    )
+    return 0
