@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .predict import _load_model, output_name, tta_arg
+from .predict import _load_model, output_name, tta_arg, write_labels
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +77,6 @@ def run(args: argparse.Namespace) -> int:
         0 on success.
     """
     import pandas as pd
-    import tifffile
 
     from ..core.grow import WormSeeds, d2_threshold, grow_instances
     from ..core.io import read_image, read_seed_table
@@ -116,14 +115,7 @@ def run(args: argparse.Namespace) -> int:
         tables.append(table)
     args.out.mkdir(parents=True, exist_ok=True)
     name = output_name(args.image)
-    label_stack = np.stack(labels)
-    dtype = np.uint16 if label_stack.max(initial=0) < 2**16 else np.uint32
-    label_stack = label_stack.astype(dtype)
-    tifffile.imwrite(
-        args.out / f"{name}_labels.tif",
-        label_stack[0] if len(stack) == 1 else label_stack,
-        compression="zlib",
-    )
+    write_labels(args.out / f"{name}_labels.tif", labels)
     if tables:
         pd.concat(tables, ignore_index=True).to_csv(
             args.out / f"{name}_measurements.csv", index=False

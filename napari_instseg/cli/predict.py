@@ -132,6 +132,19 @@ def output_name(path: Path) -> str:
     return name or path.stem
 
 
+def write_labels(path: Path, labels: list[np.ndarray]) -> None:
+    """Write per-plane label images as one TIFF: (H, W) for one plane, else (N, H, W).
+
+    uint16 when the labels fit, else uint32; zlib-compressed.
+    """
+    import tifffile
+
+    label_stack = np.stack(labels)
+    dtype = np.uint16 if label_stack.max(initial=0) < 2**16 else np.uint32
+    label_stack = label_stack.astype(dtype)
+    tifffile.imwrite(path, label_stack[0] if len(labels) == 1 else label_stack, compression="zlib")
+
+
 def _load_model(weights: str | None, device: str):
     from ..core.weights import load_model, shipped_weights_path
 
@@ -221,14 +234,7 @@ def run(args: argparse.Namespace) -> int:
                 table.insert(0, "image", path.name)
                 tables.append(table)
         single = len(stack) == 1
-        label_stack = np.stack(labels)
-        dtype = np.uint16 if label_stack.max(initial=0) < 2**16 else np.uint32
-        label_stack = label_stack.astype(dtype)
-        tifffile.imwrite(
-            args.out / f"{name}_labels.tif",
-            label_stack[0] if single else label_stack,
-            compression="zlib",
-        )
+        write_labels(args.out / f"{name}_labels.tif", labels)
         if args.save_maps:
             for key, arrays in maps.items():
                 arr = arrays[0] if single else np.stack(arrays)
