@@ -333,6 +333,7 @@ def test_real_bbbc010_reads_tiff_via_read_image(bbbc010_root):
 
 
 def test_read_seed_table(tmp_path):
+    from napari_instseg.core.grow import WormSeeds
     from napari_instseg.core.io import read_seed_table
 
     path = tmp_path / "seeds.csv"
@@ -342,12 +343,16 @@ def test_read_seed_table(tmp_path):
     planes = read_seed_table(path)
     assert list(planes) == [0]
     worms = planes[0]
-    assert worms[2] == ([(10, 20), (12, 20)], [(30, 40)])
+    assert worms[2] == WormSeeds(((10, 20), (12, 20)), ((30, 40),), None)
     (alone,) = [v for k, v in worms.items() if k != 2]
-    assert alone == ([(5, 6)], [])
+    assert alone == WormSeeds(((5, 6),))
     # napari's Points export; a stack's plane is axis-0
     path.write_text("index,axis-0,axis-1\n0,3.4,4.6\n1,7,8\n")
-    assert sorted(read_seed_table(path)[0].values()) == [([(3, 5)], []), ([(7, 8)], [])]
+    found = list(read_seed_table(path)[0].values())
+    assert [w.positive for w in found] == [((3, 5),), ((7, 8),)]
+    # a worm's own tau: the first one given
+    path.write_text("worm,row,col,tau\n1,2,3,0.7\n1,4,5,0.2\n2,6,7,\n")
+    assert [w.tau for w in read_seed_table(path)[0].values()] == [0.7, None]
     path.write_text("index,axis-0,axis-1,axis-2\n0,1,3,4\n1,0,7,8\n")
     assert sorted(read_seed_table(path)) == [0, 1]
     for text, message in [
@@ -356,6 +361,7 @@ def test_read_seed_table(tmp_path):
         ("row,col,positive\n1,2,0\n", "needs a worm"),
         ("row,col,positive\n1,2,maybe\n", "positive must be"),
         ("row,col,worm,positive\n1,2,4,0\n", "only negative"),
+        ("row,col,tau\n1,2,1.5\n", "tau must be in"),
     ]:
         path.write_text(text)
         with pytest.raises(ValueError, match=message):

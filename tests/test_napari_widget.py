@@ -78,7 +78,7 @@ def iou(a, b):
     return (a & b).sum() / max((a | b).sum(), 1)
 
 
-def test_click_grows_worm_and_undo(widget, worms, qtbot):
+def test_click_grows_worm_and_undo(widget, worms, qtbot, tmp_path):
     viewer = widget.viewer
     # our data -> canvas conversion agrees with napari's cursor
     canvas = viewer.window._qt_viewer.canvas._scene_canvas
@@ -103,6 +103,8 @@ def test_click_grows_worm_and_undo(widget, worms, qtbot):
     labels = session.labels_layer
     assert labels.data.max() == 0
 
+    assert widget.save_seeds(tmp_path / "none.csv") is None  # no clicks yet: nothing written
+    assert not (tmp_path / "none.csv").exists()
     target = 0
     r, c = inner_pixel(worms.masks, target)
     click(qtbot, viewer, r, c)
@@ -172,7 +174,7 @@ def test_remove_merge_split_with_clicks(widget, worms, qtbot):
     assert len(session.worms) == 2
 
 
-def test_tau_slider_seeds_and_similarity(widget, worms, qtbot):
+def test_tau_slider_seeds_and_similarity(widget, worms, qtbot, tmp_path):
     viewer = widget.viewer
     widget.run_model(blocking=True)
     session = widget.session()
@@ -207,6 +209,16 @@ def test_tau_slider_seeds_and_similarity(widget, worms, qtbot):
     widget.set_tool("new")
     click(qtbot, viewer, *neg, modifiers=("Shift",))
     assert session.worms[0].mask[neg] and len(session.worms) == 1
+
+    # the clicks as a seed file grow the same worm again (what ``napari-instseg grow`` does)
+    from napari_instseg.core.grow import grow_instances
+    from napari_instseg.core.io import read_seed_table
+
+    path = widget.save_seeds(tmp_path / "seeds.csv")
+    (regrown,) = read_seed_table(path)[0].values()
+    assert regrown.positive == session.worms[0].seeds and regrown.tau == session.worms[0].tau
+    again = grow_instances(session.prediction, [regrown])
+    np.testing.assert_array_equal(again.masks[0], session.worms[0].mask)
 
     # live similarity: moving the mouse updates the layer
     widget.hover_check.setChecked(True)

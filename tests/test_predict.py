@@ -311,7 +311,7 @@ def test_cli_grow_matches_the_python_api(model, tmp_path, capsys):
     argv = ["grow", str(image), "--seeds", str(seeds), "--out", str(out)]
     argv += ["--model", str(weights), "--device", "cpu", "--tta", "1", "--tau", "0.3"]
     assert main(argv) == 0
-    assert "2 worm(s) grown at tau 0.3" in capsys.readouterr().out
+    assert "2 worm(s) grown (tau 0.3" in capsys.readouterr().out
     labels = tifffile.imread(out / "worms_labels.tif")
     prediction = predict(sample.image.astype(np.uint16), model, "cpu")
     first = grow(prediction, [(r0, c0), (r0 + 1, c0)], tau=0.3)

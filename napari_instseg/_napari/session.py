@@ -1158,6 +1158,29 @@ class Session:
         return table
 
     # ------------------------------------------------------------------ export
+    def seed_table(self) -> Any:
+        """The clicks of the worms grown from clicks, one row per seed.
+
+        Columns ``worm`` (its label), ``row``, ``col``, ``positive`` (0 for a negative
+        seed) and ``tau``: the format of ``napari-instseg grow --seeds``, which grows the same
+        masks again from them (worms painted by hand afterwards or made by the automatic
+        segmentation are left out: their masks do not come from their seeds).
+
+        Returns
+        -------
+        pandas.DataFrame
+        """
+        import pandas as pd
+
+        self.sync()
+        rows = []
+        for worm in sorted(self.worms, key=lambda w: w.label):
+            if worm.origin != "click" or not worm.seeds:
+                continue
+            for points, positive in ((worm.seeds, 1), (worm.negatives, 0)):
+                rows += [(worm.label, int(r), int(c), positive, worm.tau) for r, c in points]
+        return pd.DataFrame(rows, columns=["worm", "row", "col", "positive", "tau"])
+
     def to_sample(self, name: str | None = None) -> Sample:
         """The image and instances as a training :class:`~napari_instseg.core.types.Sample`.
 

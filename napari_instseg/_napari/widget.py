@@ -295,8 +295,13 @@ class InstSegWidget(QWidget):
         self.measure_btn = QPushButton("Measure")
         self.csv_btn = QPushButton("Save CSV...")
         self.export_btn = QPushButton("Export training folder...")
+        self.seeds_btn = QPushButton("Save seeds...")
+        self.seeds_btn.setToolTip(
+            "The clicks of the worms grown from clicks, as a CSV for napari-instseg grow"
+        )
         row.addWidget(self.measure_btn)
         row.addWidget(self.csv_btn)
+        row.addWidget(self.seeds_btn)
         vbox.addLayout(row)
         vbox.addWidget(self.export_btn)
         self.table = QTableWidget()
@@ -335,6 +340,7 @@ class InstSegWidget(QWidget):
         self.measure_btn.clicked.connect(lambda: self.measure())
         self.csv_btn.clicked.connect(lambda: self.save_csv())
         self.export_btn.clicked.connect(lambda: self.export())
+        self.seeds_btn.clicked.connect(lambda: self.save_seeds())
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         self.method_combo.currentTextChanged.connect(lambda *_: self._sync_param_fields())
         self._update_device_label()
@@ -1127,6 +1133,26 @@ class InstSegWidget(QWidget):
         path = Path(path)
         self.table_data.to_csv(path, index=False)
         self._say(f"Saved {path}")
+        return path
+
+    def save_seeds(self, path: str | Path | None = None) -> Path | None:
+        """Save the clicks of the clicked worms as CSV (``worm,row,col,positive,tau``).
+
+        ``napari-instseg grow IMAGE --seeds FILE`` grows the same worms from it. Asks for a
+        file name when ``path`` is None; None when there is nothing to save.
+        """
+        session = self.session(create=False)
+        table = None if session is None else session.seed_table()
+        if table is None or table.empty:
+            self._say("No worms grown from clicks: no seeds to save.")
+            return None
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, "Save seeds", "", "CSV (*.csv)")
+            if not path:
+                return None
+        path = Path(path)
+        table.to_csv(path, index=False)
+        self._say(f"Saved {table['worm'].nunique()} worms' seeds to {path}")
         return path
 
     # ================================================================= export

@@ -6,7 +6,8 @@ Example::
 
 ``seeds.csv`` holds one seed per row: ``row,col`` (or napari's Points export ``axis-0,axis-1``,
 with ``axis-0`` the plane for a stack), optionally ``worm`` (seeds of one worm share it) and
-``positive`` (0 for a negative seed that takes pixels away from its worm); see
+``positive`` (0 for a negative seed that takes pixels away from its worm) and ``tau``
+(the worm's own threshold; ``--tau`` for the others); see
 :func:`napari_instseg.core.io.read_seed_table`. Writes, in ``--out``:
 
 - ``<name>_labels.tif``: one label per worm (1, 2, ... in the order the worms first appear
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     """
     import pandas as pd
 
-    from ..core.grow import WormSeeds, d2_threshold, grow_instances
+    from ..core.grow import d2_threshold, grow_instances
     from ..core.io import read_image, read_seed_table
     from ..core.measure import measure
     from ..core.predict import predict
@@ -104,8 +105,7 @@ def run(args: argparse.Namespace) -> int:
             labels.append(np.zeros(image.shape[-2:], np.int64))
             continue
         prediction = predict(image, model, args.device, tta=args.tta, cache=args.cache)
-        seeds = [WormSeeds(tuple(pos), tuple(neg)) for pos, neg in worms.values()]
-        instances = grow_instances(prediction, seeds, tau=args.tau, **options)
+        instances = grow_instances(prediction, list(worms.values()), tau=args.tau, **options)
         labels.append(instances.to_labels())
         n_worms += len(instances)
         table = pd.DataFrame(measure(instances, image=image))
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             args.out / f"{name}_measurements.csv", index=False
         )
     print(
-        f"{args.image}: {n_worms} worm(s) grown at tau {args.tau}, "
+        f"{args.image}: {n_worms} worm(s) grown (tau {args.tau} unless the file sets one), "
         f"{time.perf_counter() - t0:.1f} s -> {args.out / name}_*"
     )
     return 0

@@ -474,10 +474,14 @@ def grow(
 
 @dataclass(frozen=True)
 class WormSeeds:
-    """The clicks of one worm: positive seeds (at least one) and negative seeds."""
+    """The clicks of one worm: positive seeds (at least one), negative seeds, its own tau.
+
+    ``tau`` None: the threshold given to :func:`grow_instances`.
+    """
 
     positive: tuple[tuple[int, int], ...]
     negative: tuple[tuple[int, int], ...] = ()
+    tau: float | None = None
 
 
 def grow_instances(
@@ -495,15 +499,16 @@ def grow_instances(
     worms : sequence of WormSeeds
         Per worm its positive and negative seeds, (row, col) pixels.
     tau : float
-        Similarity threshold in (0, 1).
+        Similarity threshold in (0, 1) of the worms without their own.
     **grow_options
         Passed to :func:`grow` (``boundary_barrier``, ``clip_to_foreground``, ...).
 
     Returns
     -------
     Instances
-        One mask per worm, in the given order (overlaps kept); score, class and tau from
-        the class head at the worm's first positive seed (Fathi et al.), its seed that one.
+        One mask per worm, in the given order (overlaps kept); score and class from the
+        class head at the worm's first positive seed (Fathi et al.), its seed that one,
+        ``taus`` the thresholds used.
 
     Raises
     ------
@@ -515,13 +520,14 @@ def grow_instances(
     if not worms:
         return Instances(masks=np.zeros((0, h, w), bool))
     best_tau, best_class, best_score = prediction.best_tau_class()
-    masks, seeds = [], []
+    masks, seeds, taus = [], [], []
     for index, worm in enumerate(worms):
         if not worm.positive:
             raise ValueError(f"worm {index + 1} has no positive seed")
+        taus.append(tau if worm.tau is None else worm.tau)
         masks.append(
-            grower.grow(list(worm.positive), tau=tau, negative=list(worm.negative) or None,
-                        **grow_options)
+            grower.grow(list(worm.positive), tau=taus[-1],
+                        negative=list(worm.negative) or None, **grow_options)
         )  # fmt: skip
         seeds.append(_as_points(worm.positive[0], grower.shape, "seeds")[0])
     at = np.asarray(seeds)
@@ -531,5 +537,5 @@ def grow_instances(
         scores=best_score[rows, cols],
         classes=best_class[rows, cols],
         seeds=at,
-        taus=np.full(len(worms), tau, np.float32),
+        taus=np.asarray(taus, np.float32),
     )

@@ -17,6 +17,7 @@ import numpy as np
 import tifffile
 from imageio.v3 import imread as _imread_png
 
+from .grow import WormSeeds
 from .types import Sample
 
 _BBBC010_IMAGE = re.compile(r"_(?P<well>[A-P]\d{2})_(?P<channel>w[12])_[0-9A-Fa-f-]+\.tif{1,2}$")
@@ -352,7 +353,7 @@ _TRUE = {"1", "true", "yes", "y", "t", "+", "positive"}
 _FALSE = {"0", "false", "no", "n", "f", "-", "negative"}
 
 
-def read_seed_table(path: str | Path) -> dict[int, dict[int, tuple[list, list]]]:
+def read_seed_table(path: str | Path) -> dict[int, dict[int, WormSeeds]]:
     """Read clicked seeds from a CSV file, grouped by plane and worm.
 
     Columns (a header row names them; any order, other columns ignored):
@@ -363,7 +364,8 @@ def read_seed_table(path: str | Path) -> dict[int, dict[int, tuple[list, list]]]
     - ``worm`` (or ``label``), optional: seeds with the same value belong to one worm;
       without it every seed is its own worm;
     - ``positive``, optional: 1/0, true/false or yes/no (default positive); a negative seed
-      needs a ``worm``, since it takes pixels away from that worm.
+      needs a ``worm``, since it takes pixels away from that worm;
+    - ``tau``, optional: the worm's similarity threshold (the first one given counts).
 
     Coordinates are rounded to the nearest pixel (napari's points are floats).
 
@@ -375,14 +377,14 @@ def read_seed_table(path: str | Path) -> dict[int, dict[int, tuple[list, list]]]
     Returns
     -------
     dict
-        ``{plane: {worm: ([(row, col), ...] positive, [(row, col), ...] negative)}}``, the
-        worms in order of first appearance.
+        ``{plane: {worm: WormSeeds}}``, worms in order of first appearance; seeds without a
+        worm get negative keys.
 
     Raises
     ------
     ValueError
-        Missing columns, values that are not numbers, negative seeds without a worm, a worm
-        with only negative seeds.
+        Missing columns, values that are not numbers, tau outside (0, 1), negative seeds
+        without a worm, a worm with only negative seeds.
     FileNotFoundError
         If the file does not exist.
     """
@@ -406,13 +408,16 @@ def read_seed_table(path: str | Path) -> dict[int, dict[int, tuple[list, list]]]
             f"{path}: needs columns row and col (or napari's axis-0, axis-1), found {fields}"
         )
     worm_key = "worm" if "worm" in fields else "label" if "label" in fields else None
-    planes: dict[int, dict[int, tuple[list, list]]] = {}
+    found: dict[int, dict[int, tuple[list, list, list]]] = {}
     for line, row in enumerate(rows, start=2):
         try:
             coords = [0 if a is None else round(float(row[a])) for a in axes]
             worm = int(float(row[worm_key])) if worm_key and row.get(worm_key) else None
+            tau = float(row["tau"]) if row.get("tau") else None
         except ValueError as err:
             raise ValueError(f"{path}, line {line}: not a number ({err})") from None
+        if tau is not None and not 0.0 < tau < 1.0:
+            raise ValueError(f"{path}, line {line}: tau must be in (0, 1), got {tau}")
         flag = row.get("positive", "").lower() or "1"
         if flag not in _TRUE | _FALSE:
             raise ValueError(f"{path}, line {line}: positive must be 1/0, true/false or yes/no")
@@ -422,10 +427,16 @@ def read_seed_table(path: str | Path) -> dict[int, dict[int, tuple[list, list]]]
                 raise ValueError(f"{path}, line {line}: a negative seed needs a worm")
             worm = -line  # its own worm
         plane, point = coords[0], (coords[1], coords[2])
-        seeds = planes.setdefault(plane, {}).setdefault(worm, ([], []))
+        seeds = found.setdefault(plane, {}).setdefault(worm, ([], [], []))
         seeds[0 if positive else 1].append(point)
-    for plane, worms in planes.items():
-        for worm, (positive, _) in worms.items():
+        if tau is not None:
+            seeds[2].append(tau)
+    planes: dict[int, dict[int, WormSeeds]] = {}
+    for plane, worms in found.items():
+        for worm, (positive, negative, taus) in worms.items():
             if not positive:
                 raise ValueError(f"{path}: worm {worm} (plane {plane}) has only negative seeds")
+            planes.setdefault(plane, {})[worm] = WormSeeds(
+                tuple(positive), tuple(negative), taus[0] if taus else None
+            )
     return planes
