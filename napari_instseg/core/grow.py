@@ -31,7 +31,15 @@ from skimage.segmentation import watershed
 
 from .types import Instances, Prediction
 
-__all__ = ["Grower", "d2_threshold", "grow", "similarity", "get_grower"]
+__all__ = [
+    "Grower",
+    "WormSeeds",
+    "d2_threshold",
+    "get_grower",
+    "grow",
+    "grow_instances",
+    "similarity",
+]
 
 _EIGHT = np.ones((3, 3), bool)
 
@@ -485,7 +493,7 @@ class WormSeeds:
 
 
 def grow_instances(
-    prediction: Prediction,
+    prediction: Prediction | Grower,
     worms: Sequence[WormSeeds],
     tau: float = 0.5,
     **grow_options: Any,
@@ -494,7 +502,7 @@ def grow_instances(
 
     Parameters
     ----------
-    prediction : Prediction
+    prediction : Prediction or Grower
         The network outputs of the image.
     worms : sequence of WormSeeds
         Per worm its positive and negative seeds, (row, col) pixels.
@@ -519,7 +527,7 @@ def grow_instances(
     h, w = grower.shape
     if not worms:
         return Instances(masks=np.zeros((0, h, w), bool))
-    best_tau, best_class, best_score = prediction.best_tau_class()
+    _, best_class, best_score = grower.prediction.best_tau_class()
     masks, seeds, taus = [], [], []
     for index, worm in enumerate(worms):
         if not worm.positive:
