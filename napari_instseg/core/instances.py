@@ -274,9 +274,11 @@ def segment_seeds(
     keep = nms(rough, scores, iou_threshold, containment_threshold)
     masks = []
     for i in keep:
+        # clipped below at this method's own threshold; crossing pixels as tuned (0.5)
         m = grower.grow(
-            seeds[i], tau=float(taus[i]), boundary_barrier=boundary_barrier, connected=True
-        )
+            seeds[i], tau=float(taus[i]), boundary_barrier=boundary_barrier, connected=True,
+            fg_threshold=0.5, clip_to_foreground=False,
+        )  # fmt: skip
         m &= np.asarray(prediction.foreground) > fg_threshold
         masks.append(m)
     if not masks:
