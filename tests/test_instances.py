@@ -244,3 +244,17 @@ def test_boundary_method_ranks_a_merged_pair_below_whole_worms(worms):
     assert areas[merged] > 1.5 * np.median(areas)
     assert weighted.scores[merged] < plain.scores[merged]
     assert weighted.scores[merged] < np.median(weighted.scores)
+
+
+def test_areas_and_the_smaller_mask_wins_overlaps():
+    long_worm = np.zeros((12, 12), bool)
+    long_worm[5:7, :] = True
+    short_worm = np.zeros((12, 12), bool)
+    short_worm[2:10, 5:7] = True
+    inst = Instances(masks=np.stack([long_worm, short_worm]), scores=np.array([0.9, 0.1]))
+    np.testing.assert_array_equal(inst.areas, [24, 16])
+    labels = inst.to_labels()
+    # the crossing goes to the shorter worm although its score is lower
+    assert (labels[5:7, 5:7] == 2).all()
+    assert (labels[5:7, :5] == 1).all() and (labels[2:5, 5:7] == 2).all()
+    assert Instances(masks=np.zeros((0, 4, 4), bool)).areas.shape == (0,)

@@ -546,7 +546,7 @@ def weight_scores_by_size(instances: Instances, power: float = 1.0) -> Instances
     n = len(instances)
     if power == 0 or n < 2:
         return instances
-    areas = instances.masks.reshape(n, -1).sum(axis=1).astype(np.float64)
+    areas = instances.areas.astype(np.float64)
     ratio = np.maximum(areas, 1.0) / max(float(np.median(areas)), 1.0)
     weight = np.minimum(ratio, 1.0 / ratio) ** power
     return dataclasses.replace(instances, scores=(instances.scores * weight).astype(np.float32))
@@ -619,7 +619,7 @@ def split_merged(
         )
     if n < 2 or factor <= 0:
         return instances
-    areas = instances.masks.reshape(n, -1).sum(axis=1)
+    areas = instances.areas
     typical = float(np.median(areas))
     big = set(np.flatnonzero(areas > factor * typical).tolist())
     if not big:
@@ -814,7 +814,7 @@ def segment_hybrid(
     if len(segs) == 0:
         return grown
     covered = grown.masks.any(axis=0) if len(grown) else np.zeros(shape, bool)
-    seg_area = segs.masks.reshape(len(segs), -1).sum(axis=1)
+    seg_area = segs.areas
     seg_cov = (segs.masks & covered).reshape(len(segs), -1).sum(axis=1) / np.maximum(seg_area, 1)
     add = np.flatnonzero((seg_cov < cover_threshold) & (segs.scores >= min_score))
     if len(add) == 0:

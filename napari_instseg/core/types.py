@@ -200,6 +200,11 @@ class Instances:
         """(H, W) of the image."""
         return tuple(self.masks.shape[1:])  # type: ignore[return-value]
 
+    @property
+    def areas(self) -> np.ndarray:
+        """(N,) int64 pixel count of every mask."""
+        return self.masks.sum(axis=(1, 2), dtype=np.int64)
+
     def to_labels(self) -> np.ndarray:
         """Flatten to an (H, W) int32 label image, instance i gets label i + 1.
 
@@ -216,7 +221,7 @@ class Instances:
         labels = np.zeros(self.shape, np.int32)
         if len(self) == 0:
             return labels
-        areas = self.masks.reshape(len(self), -1).sum(axis=1)
+        areas = self.areas
         # paint largest first so that smaller (then higher-score) instances end on top
         order = np.lexsort((-np.arange(len(self)), self.scores, -areas))
         for i in order:

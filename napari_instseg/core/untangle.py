@@ -665,7 +665,7 @@ def _untangle_round(
     n = len(instances)
     if n < 2 or factor <= 0:
         return instances, lengths
-    areas = instances.masks.reshape(n, -1).sum(axis=1)
+    areas = instances.areas
     typical = float(np.median(areas))
     if not (areas > factor * typical).any():
         return instances, lengths
