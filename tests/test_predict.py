@@ -41,6 +41,23 @@ def whole(model, image) -> Prediction:
     return predict(image, model, "cpu")
 
 
+@pytest.fixture
+def cli_files(model, tmp_path):
+    """The tiny model saved as weights, and three synthetic worms as a uint16 TIFF."""
+    import tifffile
+
+    from napari_instseg.core.synthetic import make_worms
+    from napari_instseg.core.weights import save_model
+
+    weights = save_model(model, tmp_path / "tiny.safetensors", {"name": "tiny"})
+    sample = make_worms(
+        shape=(64, 80), n_worms=3, length=(25, 40), width=(5, 7), n_touching=0, seed=0
+    )
+    image = tmp_path / "worms.tif"
+    tifffile.imwrite(image, sample.image.astype(np.uint16))
+    return weights, sample, image
+
+
 def test_shapes_and_probabilities(whole, image, model):
     h, w = image.shape
     cfg = model.config
@@ -189,20 +206,13 @@ def test_model_from_path(model, image, whole, tmp_path):
     assert pred.metadata["model"] == "tiny" and pred.metadata["model_sha256"]
 
 
-def test_cli_predict(model, tmp_path, capsys):
+def test_cli_predict(model, cli_files, tmp_path, capsys):
     import pandas as pd
     import tifffile
 
     from napari_instseg.cli import main
-    from napari_instseg.core.synthetic import make_worms
-    from napari_instseg.core.weights import save_model
 
-    weights = save_model(model, tmp_path / "tiny.safetensors", {"name": "tiny"})
-    sample = make_worms(
-        shape=(64, 80), n_worms=3, length=(25, 40), width=(5, 7), n_touching=0, seed=0
-    )
-    single = tmp_path / "worms.tif"
-    tifffile.imwrite(single, sample.image.astype(np.uint16))
+    weights, sample, single = cli_files
     stack = tmp_path / "stack.tif"
     tifffile.imwrite(stack, np.stack([sample.image, sample.image[::-1]]).astype(np.uint16))
     out = tmp_path / "out"
@@ -285,21 +295,14 @@ def test_tta_is_part_of_the_cache_key(model, image, tmp_path):
     assert predict(image, model, "cpu", tta=2, cache=tmp_path).metadata["cached"] is True
 
 
-def test_cli_grow_matches_the_python_api(model, tmp_path, capsys):
+def test_cli_grow_matches_the_python_api(model, cli_files, tmp_path, capsys):
     import pandas as pd
     import tifffile
 
     from napari_instseg.cli import main
     from napari_instseg.core.grow import grow
-    from napari_instseg.core.synthetic import make_worms
-    from napari_instseg.core.weights import save_model
 
-    weights = save_model(model, tmp_path / "tiny.safetensors", {"name": "tiny"})
-    sample = make_worms(
-        shape=(64, 80), n_worms=3, length=(25, 40), width=(5, 7), n_touching=0, seed=0
-    )
-    image = tmp_path / "worms.tif"
-    tifffile.imwrite(image, sample.image.astype(np.uint16))
+    weights, sample, image = cli_files
     centres = [np.argwhere(m)[len(np.argwhere(m)) // 2] for m in sample.masks]
     (r0, c0), (r1, c1) = centres[0], centres[1]
     seeds = tmp_path / "seeds.csv"  # worm 7: two clicks; worm 3: one click and a negative
