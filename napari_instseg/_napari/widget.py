@@ -1122,15 +1122,21 @@ class InstSegWidget(QWidget):
         self._say(f"Measured {len(table)} instances.")
         return table
 
+    def _csv_path(self, path: str | Path | None, title: str) -> Path | None:
+        """``path`` as a Path, or a CSV file name asked in a dialog (None when cancelled)."""
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, title, "", "CSV (*.csv)")
+            if not path:
+                return None
+        return Path(path)
+
     def save_csv(self, path: str | Path | None = None) -> Path | None:
         """Save the measurement table as CSV (asks for a file name when ``path`` is None)."""
         if self.table_data is None and self.measure() is None:
             return None
+        path = self._csv_path(path, "Save measurements")
         if path is None:
-            path, _ = QFileDialog.getSaveFileName(self, "Save measurements", "", "CSV (*.csv)")
-            if not path:
-                return None
-        path = Path(path)
+            return None
         self.table_data.to_csv(path, index=False)
         self._say(f"Saved {path}")
         return path
@@ -1146,11 +1152,9 @@ class InstSegWidget(QWidget):
         if table is None or table.empty:
             self._say("No worms grown from clicks: no seeds to save.")
             return None
+        path = self._csv_path(path, "Save seeds")
         if path is None:
-            path, _ = QFileDialog.getSaveFileName(self, "Save seeds", "", "CSV (*.csv)")
-            if not path:
-                return None
-        path = Path(path)
+            return None
         table.to_csv(path, index=False)
         self._say(f"Saved {table['worm'].nunique()} worms' seeds to {path}")
         return path
