@@ -9,6 +9,8 @@ from skimage.draw import line
 
 from napari_instseg.core.types import Instances
 from napari_instseg.core.untangle import (
+    _cropped_skeleton,
+    _path_order,
     cut_at_kink,
     cut_end_to_end,
     untangle,
@@ -218,3 +220,37 @@ def test_a_second_round_reads_segments_against_the_median_of_the_first_cuts():
     assert len(twice) == 1 + 2 * 2 + 3 + 3
     assert len(untangle(inst, min_kink_cos=None)) == len(once)
     assert _best_ious(list(twice.masks), _lambda(CLUMP_SHAPE))[0] > 0.9
+
+
+def test_a_spur_at_the_junction_of_worms_end_to_end_does_not_keep_them_merged():
+    # two worms end to end with a stub of outline sticking out where they meet: read with
+    # the default pruning the stub is a third "worm" too small to keep, so the segment is
+    # read again with longer spurs pruned, as an unbranched pair cut at its waist
+    worms = [_bar(CLUMP_SHAPE, (100, 5), (100, 95)), _bar(CLUMP_SHAPE, (100, 105), (100, 195))]
+    waist = _bar(CLUMP_SHAPE, (100, 95), (100, 105), radius=2)
+    stub = _bar(CLUMP_SHAPE, (100, 100), (78, 100), radius=2)
+    merged = np.any(worms, axis=0) | waist | stub
+    parts = untangle_segment(merged)
+    assert parts is not None and min(p.sum() for p in parts) < 0.1 * merged.sum()
+    single = _bar(CLUMP_SHAPE, (10, 10), (10, 100))
+    inst = Instances(masks=np.stack([single, single, merged]), scores=np.full(3, 0.8, np.float32))
+    assert untangle(inst, reprune_widths=None) is inst  # the stub reading is refused
+    out = untangle(inst)
+    assert len(out) == 4
+    assert _best_ious(list(out.masks[2:]), worms)[0] > 0.85
+
+
+def test_a_pinhole_where_worms_meet_does_not_ring_the_skeleton():
+    # a speck of background left inside the segment where one worm meets another makes a
+    # small loop in the skeleton, and a loop is no simple crossing; filled, the T is read
+    a = _bar(CLUMP_SHAPE, (100, 10), (100, 190), radius=5)
+    b = _bar(CLUMP_SHAPE, (10, 60), (100, 130), radius=5)  # ends on a
+    yy, xx = np.ogrid[: CLUMP_SHAPE[0], : CLUMP_SHAPE[1]]
+    pinhole = (yy - 100) ** 2 + (xx - 90) ** 2 <= 4
+    merged = (a | b) & ~pinhole
+    parts = untangle_segment(merged)
+    assert parts is not None and _best_ious(parts, [a, b])[0] > 0.9
+    assert not any(p[pinhole].any() for p in parts)  # the hole stays background
+    ring = (np.hypot(yy - 100, xx - 100) <= 60) & (np.hypot(yy - 100, xx - 100) >= 50)
+    skeleton = _cropped_skeleton(ring)  # a ring of worm encloses far more than a pinhole
+    assert skeleton is not None and _path_order(skeleton.skeleton) is None  # still a loop

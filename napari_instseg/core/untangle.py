@@ -29,6 +29,9 @@ from skimage.morphology import skeletonize
 
 from .types import Instances
 
+PINHOLE_AREA_WIDTHS2 = 2.0
+"""Holes of a segment up to this many squared worm widths are filled before it is skeletonized."""
+
 __all__ = ["cut_at_kink", "cut_end_to_end", "untangle", "untangle_clump", "untangle_segment"]
 
 _EIGHT = np.ones((3, 3), bool)
@@ -180,6 +183,15 @@ def _cropped_skeleton(mask: np.ndarray, prune_length: float | None = None) -> _S
     crop = mask[r0:r1, c0:c1]
     skeleton = skeletonize(crop)
     width = crop.sum() / max(int(skeleton.sum()), 1)
+    # a pinhole of background where worms meet rings the skeleton into a small loop: fill
+    # holes of up to PINHOLE_AREA_WIDTHS2 squared widths (a ring of worms encloses far more)
+    holes, n_holes = ndimage.label(ndimage.binary_fill_holes(crop) & ~crop)
+    if n_holes:
+        small = (
+            np.flatnonzero(np.bincount(holes.ravel())[1:] <= PINHOLE_AREA_WIDTHS2 * width**2) + 1
+        )
+        if small.size:
+            skeleton = skeletonize(crop | np.isin(holes, small))
     skeleton = _prune_spurs(skeleton, 1.5 * width if prune_length is None else prune_length)
     return _Skeleton((r0, r1, c0, c1), crop, skeleton, width)
 
@@ -600,6 +612,7 @@ def untangle(
     clumps: bool = True,
     min_kink_cos: float | None = 0.3,
     rounds: int = 2,
+    reprune_widths: float | None = 3.0,
 ) -> Instances:
     """Cut segments much larger than the typical one where their skeleton shows two worms.
 
@@ -628,6 +641,10 @@ def untangle(
         round: where many worms are merged (clumps of live worms), the first median is
         inflated by the merges, and parts that are still two worms only stand out after
         the first cuts. Stops early when a round cuts nothing.
+    reprune_widths : float or None
+        When no reading of a candidate's skeleton gives large enough parts, read it once
+        more with free-ended spurs shorter than this many worm widths pruned (default
+        pruning: 1.5 widths); None = never.
 
     Returns
     -------
@@ -635,7 +652,7 @@ def untangle(
         Each cut segment replaced by its parts (same score, class and tau; the first part
         that holds the segment's seed keeps it, the others get their most interior pixel).
     """
-    options = (factor, min_part_fraction, max_bend_cos, length_factor, boundary)
+    options = (factor, min_part_fraction, max_bend_cos, length_factor, boundary, reprune_widths)
     lengths: list[int | None] = [None] * len(instances)
     for _ in range(rounds):
         cut, lengths = _untangle_round(instances, *options, clumps, min_kink_cos, lengths)
@@ -645,6 +662,41 @@ def untangle(
     return instances
 
 
+def _read_segment(
+    mask: np.ndarray,
+    found: _Skeleton | None,
+    typical: float,
+    typical_length: float,
+    min_part_fraction: float,
+    max_bend_cos: float,
+    length_factor: float,
+    boundary: np.ndarray | None,
+    clumps: bool,
+    min_kink_cos: float | None,
+) -> list[np.ndarray] | None:
+    """The first reading of one skeleton whose parts are all large enough, or None.
+
+    Readings in order: one crossing (:func:`untangle_segment`), a clump
+    (:func:`untangle_clump`), end to end (:func:`cut_end_to_end`), a kink
+    (:func:`cut_at_kink`). A reading whose smallest part is under ``min_part_fraction``
+    of the typical area is passed over for the next one.
+    """
+    readers = [lambda: _untangle_segment(mask, found, max_bend_cos)]
+    if clumps:
+        readers.append(lambda: _untangle_clump(mask, found, max_bend_cos))
+    if length_factor > 0:
+        readers.append(
+            lambda: _cut_end_to_end(mask, found, typical_length, length_factor, boundary=boundary)
+        )
+    if min_kink_cos is not None:
+        readers.append(lambda: _cut_at_kink(mask, found, min_kink_cos))
+    for read in readers:
+        parts = read()
+        if parts is not None and min(p.sum() for p in parts) >= min_part_fraction * typical:
+            return parts
+    return None
+
+
 def _untangle_round(
     instances: Instances,
     factor: float,
@@ -652,6 +704,7 @@ def _untangle_round(
     max_bend_cos: float,
     length_factor: float,
     boundary: np.ndarray | None,
+    reprune_widths: float | None,
     clumps: bool,
     min_kink_cos: float | None,
     lengths: list[int | None],
@@ -682,17 +735,14 @@ def _untangle_round(
         if areas[i] > factor * typical:
             mask = instances.masks[i]
             found = _cropped_skeleton(mask)  # one skeleton for all four readings
-            parts = _untangle_segment(mask, found, max_bend_cos)
-            if parts is None and clumps:
-                parts = _untangle_clump(mask, found, max_bend_cos)
-            if parts is None and length_factor > 0:
-                parts = _cut_end_to_end(
-                    mask, found, typical_length, length_factor, boundary=boundary
-                )
-            if parts is None and min_kink_cos is not None:
-                parts = _cut_at_kink(mask, found, min_kink_cos)
-            if parts is not None and min(p.sum() for p in parts) < min_part_fraction * typical:
-                parts = None
+            options = (typical, typical_length, min_part_fraction, max_bend_cos)
+            more = (length_factor, boundary, clumps, min_kink_cos)
+            parts = _read_segment(mask, found, *options, *more)
+            if parts is None and found is not None and reprune_widths:
+                # a spur of the outline just longer than the default pruning makes a
+                # three-armed "crossing" whose third worm is a stub: read again without it
+                pruned = _cropped_skeleton(mask, reprune_widths * found.width)
+                parts = _read_segment(mask, pruned, *options, *more)
         seed_taken = False
         for part in parts or [instances.masks[i]]:
             masks.append(part)
