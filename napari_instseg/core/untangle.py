@@ -187,9 +187,8 @@ def _cropped_skeleton(mask: np.ndarray, prune_length: float | None = None) -> _S
     # holes of up to PINHOLE_AREA_WIDTHS2 squared widths (a ring of worms encloses far more)
     holes, n_holes = ndimage.label(ndimage.binary_fill_holes(crop) & ~crop)
     if n_holes:
-        small = (
-            np.flatnonzero(np.bincount(holes.ravel())[1:] <= PINHOLE_AREA_WIDTHS2 * width**2) + 1
-        )
+        hole_areas = np.bincount(holes.ravel())[1:]
+        small = np.flatnonzero(hole_areas <= PINHOLE_AREA_WIDTHS2 * width**2) + 1
         if small.size:
             skeleton = skeletonize(crop | np.isin(holes, small))
     skeleton = _prune_spurs(skeleton, 1.5 * width if prune_length is None else prune_length)
