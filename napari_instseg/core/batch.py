@@ -71,6 +71,7 @@ from typing import Any
 
 import numpy as np
 
+from .edges import local_contrast
 from .io import (
     PLAIN_SUFFIXES,
     TIFF_SUFFIXES,
@@ -891,6 +892,8 @@ def _chunk_body(job: _Job, chunk: Chunk, stats: dict[str, Any], t0: float) -> di
     wr0, wr1, wc0, wc1 = chunk.window
     # the flat-field blur reaches 4 sigma (scipy's truncate): read that much more
     margin = math.ceil(4 * stats["flatfield_sigma"]) if stats["input_norm"] == "flatfield" else 0
+    # and the edge refinement's background (44 px median) sees past the window's edge
+    margin = max(margin, 48)
     region = (
         max(wr0 - margin, 0),
         min(wr1 + margin, h),
@@ -904,6 +907,7 @@ def _chunk_body(job: _Job, chunk: Chunk, stats: dict[str, Any], t0: float) -> di
         slice(wr0 - region[0], wr1 - region[0]),
         slice(wc0 - region[2], wc1 - region[2]),
     )
+    contrast = local_contrast(np.asarray(raw[0], np.float32))[inner[1:]]
     x, raw = x[inner], raw[inner]
     if job.predictor is not None:
         prediction = job.predictor(x, chunk)
@@ -914,6 +918,8 @@ def _chunk_body(job: _Job, chunk: Chunk, stats: dict[str, Any], t0: float) -> di
         )
     if prediction.shape != (wr1 - wr0, wc1 - wc0):
         raise ValueError(f"prediction is {prediction.shape}, the window {chunk.window}")
+    if prediction.contrast is None:
+        prediction.contrast = contrast
     if job.segmenter is not None:
         instances = job.segmenter(prediction, job.method, **job.segment_params)
     else:

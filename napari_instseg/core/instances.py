@@ -33,6 +33,7 @@ from scipy import ndimage
 from skimage.morphology import disk, ellipse, skeletonize
 from skimage.segmentation import watershed
 
+from .edges import DEFAULT_SOLIDITY_RANGE, refine_edges
 from .grow import Grower, d2_threshold, get_grower
 from .types import Instances, Prediction
 from .untangle import untangle
@@ -843,7 +844,13 @@ def segment(prediction: Prediction, method: str = "auto", **params: object) -> I
     **params
         Keyword arguments of the chosen method. They override the parameters tuned for the
         model (``prediction.metadata["segment_params"][method]``), which override the
-        method's own defaults.
+        method's own defaults. Two more apply to every method:
+        ``edge_thresholds=(curved, straight)`` re-decides each mask's outline pixels by
+        the image contrast (:func:`~napari_instseg.core.edges.refine_edges`; None: off,
+        the default unless the model was tuned with it) and ``edge_solidity`` sets its
+        solidity range. The refinement needs ``prediction.contrast`` (filled in by
+        ``predict``): asked for explicitly without it, it raises; a tuned refinement is
+        skipped without it.
 
     Returns
     -------
@@ -857,4 +864,18 @@ def segment(prediction: Prediction, method: str = "auto", **params: object) -> I
     if method not in funcs:
         raise ValueError(f"unknown method {method!r}; choose one of auto, {', '.join(METHODS)}")
     tuned = dict((metadata.get("segment_params") or {}).get(method, {}))
-    return funcs[method](prediction, **{**tuned, **params})  # type: ignore[arg-type]
+    merged = {**tuned, **params}
+    edge_thresholds = merged.pop("edge_thresholds", None)
+    edge_solidity = merged.pop("edge_solidity", DEFAULT_SOLIDITY_RANGE)
+    found = funcs[method](prediction, **merged)  # type: ignore[arg-type]
+    if edge_thresholds is None:
+        return found
+    contrast = getattr(prediction, "contrast", None)
+    if contrast is None:
+        if "edge_thresholds" in params:
+            raise ValueError(
+                "edge_thresholds needs the image contrast (prediction.contrast), which "
+                "predict() fills in; this prediction has none"
+            )
+        return found  # the model's tuned refinement is skipped where the image is unknown
+    return refine_edges(found, contrast, edge_thresholds, solidity_range=edge_solidity)

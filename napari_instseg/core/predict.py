@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from .device import get_device
+from .edges import local_contrast
 from .model import InstSegNet
 from .normalize import model_input
 from .types import Prediction
 from .weights import DEFAULT_NORMALIZATION, load_model, model_signature
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: predictions carry the image contrast (core/edges.py)
 
 
 @lru_cache(maxsize=4)
@@ -154,7 +155,9 @@ def iter_predict(
         DEFAULT_NORMALIZATION["high"],
         cfg.flatfield_sigma,
     )
-    return (yield from iter_predict_normalized(norm, model, dev, tile_size, halo, tta=tta))
+    prediction = yield from iter_predict_normalized(norm, model, dev, tile_size, halo, tta=tta)
+    prediction.contrast = local_contrast(chw[0])
+    return prediction
 
 
 def iter_predict_normalized(
@@ -456,7 +459,7 @@ def _write_cache(store: Path, prediction: Prediction) -> None:
     tmp = store.with_name(f".{store.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     group = zarr.open_group(str(tmp), mode="w")
-    for name in _FIELDS:
+    for name in _FIELDS + (("contrast",) if prediction.contrast is not None else ()):
         arr = getattr(prediction, name)
         group.create_array(name, shape=arr.shape, dtype=arr.dtype)[...] = arr
     group.attrs["taus"] = list(prediction.taus)
@@ -478,6 +481,8 @@ def _read_cache(store: Path) -> Prediction | None:
         if not group.attrs.get("complete"):
             return None
         arrays = {name: np.asarray(group[name][...]) for name in _FIELDS}
+        if "contrast" in group:
+            arrays["contrast"] = np.asarray(group["contrast"][...])
         meta = dict(group.attrs.get("metadata", {}))
         meta["cached"] = True
         return Prediction(**arrays, taus=tuple(group.attrs["taus"]), metadata=meta)

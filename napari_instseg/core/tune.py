@@ -36,6 +36,8 @@ DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
         "split_factor": [0.0, 1.3, 1.6, 2.0],
         "split_tau": [0.2, 0.3, 0.5],
         "merge_tau": [0.3, 0.0, 0.2, 0.5],
+        # (curved, straight) contrast thresholds of core/edges.py; None: no refinement
+        "edge_thresholds": [None, (0.88, 0.98), (0.9, 0.98), (0.88, 0.985), (0.92, 0.97)],
     },
     "seeds": {
         "min_seediness": [0.0, 0.1, 0.3, 0.5],
@@ -129,7 +131,7 @@ def tune_segmentation(
     seen: dict[tuple, tuple[float, dict[str, Any]]] = {}
 
     def score(method: str, params: dict[str, Any]) -> float:
-        key = (method, tuple(sorted(params.items())))
+        key = _key(method, params)
         if key not in seen:
             found = [segment(p, method, **params) for p in predictions]
             full = evaluate(found, list(ground_truth))
@@ -161,16 +163,25 @@ def tune_segmentation(
         points = [first, {name: values[len(values) // 2] for name, values in grid.items()}]
         for start in starts:
             given = start.get(method) or {}
-            points.append({name: given.get(name, first[name]) for name in grid})
+            # JSON metadata stores pairs as lists: tuples keep the points hashable
+            points.append({name: _hashable(given.get(name, first[name])) for name in grid})
         best, best_score = None, float("-inf")
         for point in dict.fromkeys(tuple(p.items()) for p in points):  # unique, in order
             found, found_score = search(method, dict(point))
             if found_score > best_score + 1e-9:
                 best, best_score = found, found_score
         result.params[method] = best
-        result.scores[method] = seen[(method, tuple(sorted(best.items())))][1]
+        result.scores[method] = seen[_key(method, best)][1]
     result.method = max(methods, key=lambda m: result.scores[m][metric])
     return result
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _key(method: str, params: Mapping[str, Any]) -> tuple:
+    return method, tuple(sorted((k, _hashable(v)) for k, v in params.items()))
 
 
 def write_tuning(

@@ -91,6 +91,11 @@ class Prediction:
         The thresholds of ``class_scores``.
     metadata : dict
         Model name, device, timings, cache key, ...
+    contrast : np.ndarray or None
+        (H, W) float32: the segmented image channel divided by its local background
+        (:func:`~napari_instseg.core.edges.local_contrast`), not a network output;
+        :func:`~napari_instseg.core.predict.predict` fills it in and the edge refinement
+        of :func:`~napari_instseg.core.instances.segment` reads it. None when unknown.
     """
 
     embeddings: np.ndarray
@@ -100,10 +105,12 @@ class Prediction:
     foreground: np.ndarray
     taus: tuple[float, ...] = DEFAULT_TAUS
     metadata: dict[str, Any] = field(default_factory=dict)
+    contrast: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         hw = self.seediness.shape
-        for name in ("embeddings", "class_scores", "boundary", "foreground"):
+        names = ("embeddings", "class_scores", "boundary", "foreground")
+        for name in names + (("contrast",) if self.contrast is not None else ()):
             arr = getattr(self, name)
             if arr.shape[-2:] != hw:
                 raise ValueError(
