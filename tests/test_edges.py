@@ -164,3 +164,28 @@ def test_refine_edges_keeps_a_thin_stretch_connected():
     # its skeleton stays, so the tail is thinned, not cut off
     assert refined.masks[0][tail].any()
     assert refined.masks[0][worm & ~tail].sum() >= (worm & ~tail).sum() - 2 * 82
+
+
+def test_grow_refines_the_clicked_mask_by_contrast():
+    from scipy import ndimage
+
+    from napari_instseg.core.grow import grow
+
+    truth = _rod()
+    prediction = prediction_from_masks(truth[None])
+    seed = (40, 60)
+    plain = grow(prediction, [seed], tau=0.5, edge_thresholds=None)
+    # no contrast: "auto" changes nothing, explicit thresholds are a clear error
+    np.testing.assert_array_equal(grow(prediction, [seed], tau=0.5), plain)
+    with pytest.raises(ValueError, match="contrast"):
+        grow(prediction, [seed], tau=0.5, edge_thresholds=(0.9, 0.98))
+    with pytest.raises(ValueError, match="'auto' or None"):
+        grow(prediction, [seed], tau=0.5, edge_thresholds="on")
+    halo = ndimage.binary_dilation(plain) & ~plain
+    prediction.contrast = local_contrast(_image_with_halo(plain, halo=0.95))
+    # a straight rod: its own solidity picks the straight threshold, the halo joins
+    refined = grow(prediction, [seed], tau=0.5, edge_thresholds=(0.88, 0.98))
+    assert refined[halo].all() and refined[plain].all()
+    # "auto" follows the model's tuned thresholds
+    prediction.metadata["segment_params"] = {"boundary": {"edge_thresholds": [0.88, 0.98]}}
+    np.testing.assert_array_equal(grow(prediction, [seed], tau=0.5), refined)

@@ -103,12 +103,27 @@ def solidity(mask: np.ndarray) -> float:
     from skimage.morphology import convex_hull_image
 
     mask = np.asarray(mask, bool)
-    if not mask.any():
+    box = _bbox(mask)
+    if box is None:
         return 0.0
-    rows, cols = np.nonzero(mask)
-    crop = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    crop = mask[box[0] : box[1], box[2] : box[3]]
     hull = convex_hull_image(crop)
     return float(crop.sum() / max(int(hull.sum()), 1))
+
+
+def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[int, int, int, int] | None:
+    """(r0, r1, c0, c1) of a 2D mask's pixels, grown by ``margin`` within the image."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if not len(rows):
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    h, w = mask.shape
+    return (
+        max(int(rows[0]) - margin, 0),
+        min(int(rows[-1]) + margin + 1, h),
+        max(int(cols[0]) - margin, 0),
+        min(int(cols[-1]) + margin + 1, w),
+    )
 
 
 def edge_threshold(
@@ -203,19 +218,20 @@ def refine_edges(
     if len(instances) == 0:
         return instances
     masks = instances.masks
+    boxes = [_bbox(m, radius + 1) for m in masks]
     threshold = edge_threshold(
-        [solidity(m) for m in masks], curved, straight, solidity_range=solidity_range
+        [solidity(m[b[0] : b[1], b[2] : b[3]]) for m, b in zip(masks, boxes, strict=True) if b],
+        curved,
+        straight,
+        solidity_range=solidity_range,
     )
     dark = contrast < threshold
-    coverage = masks.sum(axis=0, dtype=np.int32)
-    h, w = instances.shape
+    coverage = masks.sum(axis=0, dtype=np.int32) if len(masks) > 1 else masks[0].astype(np.int32)
     out = np.zeros_like(masks)
-    for i, mask in enumerate(masks):
-        rows, cols = np.nonzero(mask)
-        if not len(rows):
+    for i, (mask, box) in enumerate(zip(masks, boxes, strict=True)):
+        if box is None:
             continue
-        r0, r1 = max(rows.min() - radius - 1, 0), min(rows.max() + radius + 2, h)
-        c0, c1 = max(cols.min() - radius - 1, 0), min(cols.max() + radius + 2, w)
+        r0, r1, c0, c1 = box
         m = mask[r0:r1, c0:c1]
         eroded = ndimage.binary_erosion(m, iterations=radius, border_value=1)
         if np.median(contrast[r0:r1, c0:c1][m & ~eroded]) > 1.02:

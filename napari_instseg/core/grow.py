@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
+from .edges import refine_edges
 from .types import Instances, Prediction
 
 __all__ = [
@@ -86,6 +87,18 @@ def _as_points(points: object, shape: tuple[int, int], what: str) -> np.ndarray:
             f"{what} {pts[bad].tolist()} lie outside the image ({h} rows x {w} columns)"
         )
     return pts
+
+
+def _tuned_edge_thresholds(prediction: Prediction) -> tuple[float, float] | None:
+    """The boundary pipeline's tuned edge thresholds from the model's metadata, or None."""
+    metadata = getattr(prediction, "metadata", None) or {}
+    params = (metadata.get("segment_params") or {}).get("boundary") or {}
+    value = params.get("edge_thresholds")
+    try:
+        curved, straight = (float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return curved, straight
 
 
 def _tuned_fg_threshold(prediction: Prediction) -> float:
@@ -414,6 +427,7 @@ def grow(
     fg_threshold: float | None = None,
     min_island: int = 50,
     clip_to_foreground: bool = True,
+    edge_thresholds: Sequence[float] | str | None = "auto",
 ) -> np.ndarray:
     """Grow one instance mask from clicked seed pixels.
 
@@ -459,6 +473,13 @@ def grow(
         embeddings say which worm a pixel belongs to, the foreground map where the worm
         ends; on BBBC010 (shipped model, one click on each worm's most central pixel,
         tau 0.5) clipping raises the mean IoU from 0.63 to 0.71.
+    edge_thresholds : pair of float, "auto" or None
+        Re-decide the mask's outline pixels by the image contrast
+        (:func:`~napari_instseg.core.edges.refine_edges`, the threshold from this mask's
+        own solidity). ``"auto"`` (default): the model's tuned thresholds of the boundary
+        pipeline when it has them and the prediction carries ``contrast``; None: off. On
+        BBBC010 (shipped model, one click on each worm's most central pixel, tau 0.5) the
+        mean IoU goes from 0.617 to 0.623 on live worms and 0.758 to 0.775 on dead ones.
 
     Returns
     -------
@@ -470,7 +491,8 @@ def grow(
     ValueError
         Seeds outside the image, no seeds, tau outside (0, 1), empty or NaN embeddings.
     """
-    return get_grower(prediction).grow(
+    grower = get_grower(prediction)
+    mask = grower.grow(
         seeds,
         tau=tau,
         negative=negative,
@@ -482,6 +504,24 @@ def grow(
         min_island=min_island,
         clip_to_foreground=clip_to_foreground,
     )
+    contrast = getattr(grower.prediction, "contrast", None)
+    if isinstance(edge_thresholds, str):
+        if edge_thresholds != "auto":
+            raise ValueError(
+                f"edge_thresholds must be a pair, 'auto' or None, not {edge_thresholds!r}"
+            )
+        edge_thresholds = _tuned_edge_thresholds(grower.prediction)
+    elif edge_thresholds is not None and contrast is None:
+        raise ValueError(
+            "edge_thresholds needs the image contrast (prediction.contrast), which "
+            "predict() fills in; this prediction has none"
+        )
+    if edge_thresholds is None or contrast is None or not mask.any():
+        return mask
+    refined = refine_edges(Instances(masks=mask[None]), contrast, edge_thresholds).masks[0]
+    pos = _as_points(seeds, grower.shape, "seeds")
+    refined[pos[:, 0], pos[:, 1]] = True  # the clicked pixels always belong to the mask
+    return refined
 
 
 @dataclass(frozen=True)
