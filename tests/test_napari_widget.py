@@ -668,3 +668,30 @@ def test_run_during_empty_map_layers_adds_each_map_once(make_napari_viewer, monk
     assert len(names) == len(set(names))
     assert len(widget._map_layers) == len(MAP_LAYER_STYLE)
     np.testing.assert_array_equal(widget._map_layers["foreground"].data, oracle.foreground)
+
+
+def test_outline_refinement_toggle_reaches_segmentation_and_clicks(widget, worms):
+    from napari_instseg.core.edges import local_contrast
+
+    image = np.asarray(worms.image, np.float32)
+    oracle = compute.predict_image(image)  # the fixture's oracle: shared by every call
+    oracle.contrast = local_contrast(image if image.ndim == 2 else image[0])
+    oracle.metadata["recommended_method"] = "boundary"
+    oracle.metadata["segment_params"] = {"boundary": {"edge_thresholds": [0.88, 0.98]}}
+    widget.run_model(blocking=True)
+    session = widget.session()
+    assert widget.refine_edges.isEnabled() and widget.refine_edges.isChecked()
+    assert "edge_thresholds" not in widget.segment_params()  # the model's tuned ones apply
+    assert session.refine_edges
+    refined = widget.segment(blocking=True)
+    widget.refine_edges.setChecked(False)
+    assert widget.segment_params()["edge_thresholds"] is None
+    assert not session.refine_edges  # clicks grow without it too
+    widget.method_combo.setCurrentText("seeds")
+    assert widget.segment_params()["edge_thresholds"] is None
+    widget.method_combo.setCurrentText("auto")
+    assert widget.segment(blocking=True) == refined  # same worms, outlines may differ
+    # a model without tuned thresholds: nothing to switch
+    oracle.metadata["segment_params"] = {}
+    widget.method_combo.setCurrentText("boundary")
+    assert not widget.refine_edges.isEnabled()

@@ -268,6 +268,9 @@ class Session:
         self.worms: tuple[Worm, ...] = ()
         self.selected: int | None = None
         self.tau: float = 0.5
+        #: clicks refine the grown mask's outline by the image contrast, with the model's
+        #: tuned thresholds (``grow(..., edge_thresholds="auto")``); False: never
+        self.refine_edges: bool = True
         self.labels_layer: Any = None
         self.seeds_layer: Any = None
         self.similarity_layer: Any = None
@@ -784,6 +787,7 @@ class Session:
             [tuple(p) for p in seeds],
             tau=tau,
             negative=[tuple(p) for p in negatives] or None,
+            edge_thresholds="auto" if self.refine_edges else None,
         )
         return np.asarray(mask, bool)
 

@@ -227,6 +227,15 @@ class InstSegWidget(QWidget):
             "shows two worms crossing or touching (both keep a crossing)"
         )
         form.addRow(self.untangle)
+        self.refine_edges = QCheckBox("outlines from the image's contrast")
+        self.refine_edges.setChecked(True)
+        self.refine_edges.setToolTip(
+            "re-decide the pixels on every mask's outline (segmentation and clicks) by how "
+            "dark they are against the local background, with the thresholds tuned for the "
+            "model (BBBC010: better masks; other data: try both)"
+        )
+        self.refine_edges.toggled.connect(self._on_refine_edges)
+        form.addRow(self.refine_edges)
         self.keep_edited = QCheckBox("keep edited / reviewed instances")
         self.keep_edited.setChecked(True)
         form.addRow(self.keep_edited)
@@ -462,6 +471,7 @@ class InstSegWidget(QWidget):
         if key not in self.sessions and create:
             session = Session(self.viewer, layer)
             session.defer = self.after_next_paint
+            session.refine_edges = self.refine_edges.isChecked()
             session.map_layers = self._map_layers
             for other in self.viewer.layers:
                 if (
@@ -766,10 +776,14 @@ class InstSegWidget(QWidget):
         """Parameters of the chosen method from the widget's fields."""
         method = self.method_combo.currentText()
         untangle = {} if self.untangle.isChecked() else {"untangle_factor": 0.0}
+        # the model's tuned outline thresholds, or none (the checkbox)
+        edges = {} if self.refine_edges.isChecked() else {"edge_thresholds": None}
         if method == "auto":
             # the parameters tuned for the model (shown in the fields)
-            return untangle if self._resolved_method() in ("boundary", "hybrid") else {}
-        params: dict[str, Any] = {"min_size": int(self.min_size.value())}
+            if self._resolved_method() in ("boundary", "hybrid"):
+                return {**untangle, **edges}
+            return edges
+        params: dict[str, Any] = {"min_size": int(self.min_size.value()), **edges}
         if method in ("seeds", "hybrid"):
             params["min_score"] = float(self.min_score.value())
             params["min_seediness"] = float(self.min_seediness.value())
@@ -850,7 +864,13 @@ class InstSegWidget(QWidget):
                 box.setValue(type(box.value())(values[key]))
             box.setEnabled(method != "auto" and key in values)
         self.untangle.setEnabled(resolved in ("boundary", "hybrid"))
+        tuned = (meta.get("segment_params") or {}).get(resolved, {}).get("edge_thresholds")
+        self.refine_edges.setEnabled(tuned is not None)
         self.method_combo.setToolTip(f"{method} -> {resolved}" if method == "auto" else method)
+
+    def _on_refine_edges(self, checked: bool) -> None:
+        for session in self.sessions.values():
+            session.refine_edges = bool(checked)
 
     def _after_segment(self, n: int) -> None:
         self._update_review_label()
