@@ -347,3 +347,23 @@ def test_cli_grow_matches_the_python_api(model, cli_files, tmp_path, capsys):
     assert main([*argv, "--model", str(weights)]) == 1
     assert "plane(s) [5]" in capsys.readouterr().err
     assert main([*argv, "--model", str(weights), "--tau", "1.5"]) == 1
+
+
+def test_cli_predict_contrast_outlines_switch(cli_files, tmp_path):
+    import argparse
+
+    import tifffile
+
+    from napari_instseg.cli import main
+    from napari_instseg.cli.predict import _edge_params, configure
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    on = parser.parse_args(["x.tif", "--out", "o"])
+    off = parser.parse_args(["x.tif", "--out", "o", "--no-contrast-outlines"])
+    assert _edge_params(on) == {} and _edge_params(off) == {"edge_thresholds": None}
+    weights, _, single = cli_files
+    out = tmp_path / "out"
+    argv = ["predict", str(single), "--out", str(out), "--model", str(weights)]
+    assert main([*argv, "--device", "cpu", "--no-contrast-outlines"]) == 0
+    assert tifffile.imread(out / "worms_labels.tif").shape == (64, 80)

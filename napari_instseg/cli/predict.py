@@ -74,6 +74,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="test-time augmentation passes: 1, 2, 4 or 8 (auto: what the model was tuned "
         "with; 8 for the shipped model, 8x the network time)",
     )
+    parser.add_argument(
+        "--contrast-outlines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="re-decide mask outlines by the image's contrast with the model's tuned "
+        "thresholds, where it has them (default); --no-contrast-outlines: never",
+    )
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     parser.add_argument(
         "--save-maps", action="store_true", help="also write the network's maps as TIFF"
@@ -112,6 +119,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="skip chunks a previous run into --out finished (default); --no-resume starts afresh",
     )
+
+
+def _edge_params(args: argparse.Namespace) -> dict[str, None]:
+    """``segment`` keywords of ``--no-contrast-outlines`` (none: the model's setting)."""
+    return {} if getattr(args, "contrast_outlines", True) else {"edge_thresholds": None}
 
 
 def tta_arg(text: str) -> int | str:
@@ -222,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
                 tta=args.tta,
                 cache=args.cache,
             )
-            instances = segment(prediction, args.method)
+            instances = segment(prediction, args.method, **_edge_params(args))
             labels.append(instances.to_labels())
             n_instances += len(instances)
             if args.save_maps:
@@ -277,6 +289,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         model=args.model,
         device=args.device,
         method=args.method,
+        segment_params=_edge_params(args),
         chunk_size=args.chunk_size,
         halo=args.halo,
         tta=args.tta,
