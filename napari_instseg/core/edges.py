@@ -27,7 +27,7 @@ from dataclasses import replace
 
 import numpy as np
 from scipy import ndimage
-from skimage.morphology import skeletonize
+from skimage.morphology import convex_hull_image, skeletonize
 
 from .types import Instances
 
@@ -41,8 +41,10 @@ def local_contrast(image: np.ndarray, block: int = 4, window: int = 11) -> np.nd
 
     The background is the median of ``block`` x ``block`` block means over ``window``
     blocks (44 px for the defaults: wider than a worm, so the median sees mostly
-    background), interpolated back to full size. A median of the block means is as good
-    a background here as a 31-41 px median of the pixels and about 100 times faster.
+    background), interpolated back to full size. On BBBC010 that background places the
+    annotated outlines nearly as well as a 31 px median of the pixels (88.8 vs 89.4 % of
+    the pixels near them on the right side at the best threshold per image) and is about
+    90 times faster (~45 ms per 520 x 696 image).
 
     Parameters
     ----------
@@ -100,8 +102,6 @@ def solidity(mask: np.ndarray) -> float:
     float
         In (0, 1]; 0 for an empty mask.
     """
-    from skimage.morphology import convex_hull_image
-
     mask = np.asarray(mask, bool)
     box = _bbox(mask)
     if box is None:
