@@ -553,7 +553,8 @@ def grow_instances(
     tau : float
         Similarity threshold in (0, 1) of the worms without their own.
     **grow_options
-        Passed to :func:`grow` (``boundary_barrier``, ``clip_to_foreground``, ...).
+        Passed to :func:`grow` (``boundary_barrier``, ``clip_to_foreground``,
+        ``edge_thresholds``, ...).
 
     Returns
     -------
@@ -578,8 +579,8 @@ def grow_instances(
             raise ValueError(f"worm {index + 1} has no positive seed")
         taus.append(tau if worm.tau is None else worm.tau)
         masks.append(
-            grower.grow(list(worm.positive), tau=taus[-1],
-                        negative=list(worm.negative) or None, **grow_options)
+            grow(grower, list(worm.positive), tau=taus[-1],
+                 negative=list(worm.negative) or None, **grow_options)
         )  # fmt: skip
         seeds.append(_as_points(worm.positive[0], grower.shape, "seeds")[0])
     at = np.asarray(seeds)
