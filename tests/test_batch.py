@@ -482,3 +482,38 @@ def test_distributed_client_gives_the_same_result(mosaic, tmp_path):
         _labels(tmp_path / "cluster.zarr"), _labels(tmp_path / "threads.zarr")
     )
     pd.testing.assert_frame_equal(pd.read_csv(remote.table), pd.read_csv(local.table))
+
+
+def test_chunks_carry_the_image_contrast_of_the_whole_plane(mosaic, tmp_path):
+    """The edge refinement sees about the same contrast in a chunk as in the whole image."""
+    from napari_instseg.core.edges import local_contrast
+
+    path, sample, oracle = mosaic
+    whole = local_contrast(sample.image.astype(np.uint16).astype(np.float32))
+
+    class WindowOracle(Oracle):
+        def __call__(self, x, chunk):
+            prediction = super().__call__(x, chunk)
+            prediction.metadata["window"] = chunk.window
+            return prediction
+
+    seen = []
+
+    def recording_segmenter(prediction, method, **params):
+        seen.append((prediction.metadata["window"], prediction.contrast))
+        return segment(prediction, method, **params)
+
+    result = run_batch(
+        [path],
+        tmp_path / "out.zarr",
+        chunk_size=48,
+        halo=24,
+        method="seeds",
+        predictor=WindowOracle(oracle),
+        segmenter=recording_segmenter,
+    )
+    assert result.ok and len(seen) == result.report["chunks"]["total"]
+    for (r0, r1, c0, c1), contrast in seen:
+        assert contrast is not None and contrast.shape == (r1 - r0, c1 - c0)
+        # the window's 4 px block grid may differ from the whole image's: close, not equal
+        assert float(np.abs(contrast - whole[r0:r1, c0:c1]).mean()) < 0.02
