@@ -226,7 +226,7 @@ def refine_edges(
         solidity_range=solidity_range,
     )
     dark = contrast < threshold
-    coverage = masks.sum(axis=0, dtype=np.int32) if len(masks) > 1 else masks[0].astype(np.int32)
+    coverage = masks.sum(axis=0, dtype=np.int32)
     out = np.zeros_like(masks)
     for i, (mask, box) in enumerate(zip(masks, boxes, strict=True)):
         if box is None:

@@ -89,11 +89,15 @@ def _as_points(points: object, shape: tuple[int, int], what: str) -> np.ndarray:
     return pts
 
 
+def _tuned_boundary_params(prediction: Prediction) -> dict[str, Any]:
+    """The boundary pipeline's tuned parameters in the model's metadata (may be empty)."""
+    metadata = getattr(prediction, "metadata", None) or {}
+    return (metadata.get("segment_params") or {}).get("boundary") or {}
+
+
 def _tuned_edge_thresholds(prediction: Prediction) -> tuple[float, float] | None:
     """The boundary pipeline's tuned edge thresholds from the model's metadata, or None."""
-    metadata = getattr(prediction, "metadata", None) or {}
-    params = (metadata.get("segment_params") or {}).get("boundary") or {}
-    value = params.get("edge_thresholds")
+    value = _tuned_boundary_params(prediction).get("edge_thresholds")
     try:
         curved, straight = (float(v) for v in value)
     except (TypeError, ValueError):
@@ -103,9 +107,7 @@ def _tuned_edge_thresholds(prediction: Prediction) -> tuple[float, float] | None
 
 def _tuned_fg_threshold(prediction: Prediction) -> float:
     """The boundary pipeline's tuned foreground threshold from the model's metadata, or 0.5."""
-    metadata = getattr(prediction, "metadata", None) or {}
-    params = (metadata.get("segment_params") or {}).get("boundary") or {}
-    value = params.get("fg_threshold", 0.5)
+    value = _tuned_boundary_params(prediction).get("fg_threshold", 0.5)
     try:
         value = float(value)
     except (TypeError, ValueError):
