@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from napari_instseg.core.evaluate import evaluate
-from napari_instseg.core.instances import nms, sample_seeds, segment, split_merged
+from napari_instseg.core.instances import (
+    drop_blobs,
+    elongation,
+    nms,
+    sample_seeds,
+    segment,
+    split_merged,
+)
 from napari_instseg.core.oracle import prediction_from_masks
 from napari_instseg.core.synthetic import make_worms
 from napari_instseg.core.types import Instances, Prediction
@@ -258,3 +265,62 @@ def test_areas_and_the_smaller_mask_wins_overlaps():
     assert (labels[5:7, 5:7] == 2).all()
     assert (labels[5:7, :5] == 1).all() and (labels[2:5, 5:7] == 2).all()
     assert Instances(masks=np.zeros((0, 4, 4), bool)).areas.shape == (0,)
+
+
+def _blob_rod_and_arc(shape=(120, 200)):
+    """A disc (debris), a straight rod and a curled arc (worms), in one image."""
+    rr, cc = np.mgrid[: shape[0], : shape[1]]
+    disc = (rr - 30) ** 2 + (cc - 30) ** 2 <= 14**2
+    rod = np.zeros(shape, bool)
+    rod[80:88, 20:110] = True
+    radius = np.hypot(rr - 50, cc - 155)
+    arc = (np.abs(radius - 30) <= 4) & (cc >= 140)  # a "C": compact but not convex
+    return np.stack([disc, rod, arc])
+
+
+def test_elongation_of_disc_rod_and_empty_mask():
+    masks = _blob_rod_and_arc()
+    assert elongation(masks[0]) == pytest.approx(1.0, abs=0.05)
+    # 90 x 8 px: the axes' ratio is the sides' ratio
+    assert elongation(masks[1]) == pytest.approx(90 / 8, rel=0.05)
+    assert elongation(np.zeros((5, 5), bool)) == 0.0
+
+
+def test_drop_blobs_removes_only_the_compact_convex_instance():
+    masks = _blob_rod_and_arc()
+    instances = Instances(
+        masks=masks,
+        scores=np.array([0.3, 0.9, 0.8], np.float32),
+        seeds=np.array([[30, 30], [84, 60], [50, 185]]),
+    )
+    kept = drop_blobs(instances)
+    assert len(kept) == 2
+    np.testing.assert_array_equal(kept.masks, masks[1:])
+    np.testing.assert_allclose(kept.scores, [0.9, 0.8])
+    np.testing.assert_array_equal(kept.seeds, [[84, 60], [50, 185]])
+    # nothing to drop: the same object back
+    assert drop_blobs(kept) is kept
+    # a disc cut by the image's edge may be a cut-off worm: kept
+    at_edge = np.zeros_like(masks[:1])
+    at_edge[0, :, :30] = masks[0, :, 16:46]
+    assert at_edge[0, :, 0].any()
+    assert len(drop_blobs(Instances(masks=at_edge))) == 1
+    with pytest.raises(ValueError, match="max_elongation"):
+        drop_blobs(instances, max_elongation=0.5)
+    with pytest.raises(ValueError, match="min_solidity"):
+        drop_blobs(instances, min_solidity=1.5)
+
+
+def test_segment_blob_filter_from_params_and_from_the_model():
+    masks = _blob_rod_and_arc()
+    prediction = prediction_from_masks(masks)
+    plain = segment(prediction, "seeds")
+    assert len(plain) == 3
+    filtered = segment(prediction, "seeds", blob_filter=(2.5, 0.8))
+    assert len(filtered) == 2
+    assert not any((m & masks[0]).any() for m in filtered.masks)
+    prediction.metadata["segment_params"] = {"seeds": {"blob_filter": [2.5, 0.8]}}
+    assert len(segment(prediction, "seeds")) == 2
+    assert len(segment(prediction, "seeds", blob_filter=None)) == 3
+    with pytest.raises(ValueError, match="blob_filter"):
+        segment(prediction, "seeds", blob_filter=2.5)

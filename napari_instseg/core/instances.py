@@ -33,7 +33,7 @@ from scipy import ndimage
 from skimage.morphology import disk, ellipse, skeletonize
 from skimage.segmentation import watershed
 
-from .edges import DEFAULT_SOLIDITY_RANGE, refine_edges
+from .edges import DEFAULT_SOLIDITY_RANGE, _bbox, refine_edges, solidity
 from .grow import Grower, d2_threshold, get_grower
 from .types import Instances, Prediction
 from .untangle import untangle
@@ -553,6 +553,87 @@ def weight_scores_by_size(instances: Instances, power: float = 1.0) -> Instances
     return dataclasses.replace(instances, scores=(instances.scores * weight).astype(np.float32))
 
 
+def elongation(mask: np.ndarray) -> float:
+    """Ratio of a 2D mask's major to minor axis (from its second moments; 1 for a disc).
+
+    Parameters
+    ----------
+    mask : np.ndarray
+        (H, W) bool.
+
+    Returns
+    -------
+    float
+        ``sqrt(l1 / l2)`` of the pixel coordinates' covariance eigenvalues (``inf`` for
+        a one-pixel-wide line, 0 for an empty mask).
+    """
+    rows, cols = np.nonzero(mask)
+    if len(rows) == 0:
+        return 0.0
+    cov = np.cov(np.stack([rows, cols]).astype(np.float64), bias=True) if len(rows) > 1 else 0
+    low, high = np.linalg.eigvalsh(np.atleast_2d(cov) + np.eye(2) / 12.0)  # + pixel extent
+    return float(np.sqrt(high / max(low, 1e-12)))
+
+
+def drop_blobs(
+    instances: Instances, max_elongation: float = 2.5, min_solidity: float = 0.8
+) -> Instances:
+    """Remove compact convex instances (debris clumps, bubbles) from elongated objects.
+
+    An instance is dropped when it is both short and wide for its size (``elongation``
+    below ``max_elongation``) and convex (``solidity`` above ``min_solidity``): a curled
+    worm is compact but not convex, a straight one convex but long. Of BBBC010's
+    training-half annotations (A01-B24, 46 images) no worm meets both at (2.5, 0.8).
+    Instances touching the image's edge are kept: a worm cut off by the edge (or by a
+    batch window's) can look like a blob.
+
+    Parameters
+    ----------
+    instances : Instances
+        Instances to filter.
+    max_elongation : float
+        Major over minor axis below which an instance counts as compact (> 1).
+    min_solidity : float
+        Area over convex hull area above which it counts as convex, in (0, 1).
+
+    Returns
+    -------
+    Instances
+        The instances that are not blobs (the input itself when none is dropped).
+
+    Raises
+    ------
+    ValueError
+        If a limit is out of range.
+    """
+    if not max_elongation > 1.0 or not 0.0 < min_solidity < 1.0:
+        raise ValueError(
+            "a blob needs max_elongation > 1 and min_solidity in (0, 1), got "
+            f"{max_elongation} and {min_solidity}"
+        )
+    keep = []
+    h, w = instances.shape
+    for i, mask in enumerate(instances.masks):
+        box = _bbox(mask)
+        # an object cut by the image's (or a batch window's) edge cannot be judged by shape
+        if box is None or box[0] == 0 or box[2] == 0 or box[1] == h or box[3] == w:
+            keep.append(i)
+            continue
+        crop = mask[box[0] : box[1], box[2] : box[3]]
+        if elongation(crop) >= max_elongation or solidity(crop) <= min_solidity:
+            keep.append(i)
+    if len(keep) == len(instances):
+        return instances
+    idx = np.asarray(keep, np.int64)
+    return Instances(
+        masks=instances.masks[idx],
+        scores=instances.scores[idx],
+        classes=instances.classes[idx],
+        seeds=None if instances.seeds is None else instances.seeds[idx],
+        taus=None if instances.taus is None else instances.taus[idx],
+    )
+
+
 def split_merged(
     prediction: Prediction | Grower,
     instances: Instances,
@@ -844,12 +925,15 @@ def segment(prediction: Prediction, method: str = "auto", **params: object) -> I
     **params
         Keyword arguments of the chosen method. They override the parameters tuned for the
         model (``prediction.metadata["segment_params"][method]``), which override the
-        method's own defaults. Two more apply to every method:
-        ``edge_thresholds=(curved, straight)`` re-decides each mask's outline pixels by
-        the image contrast (:func:`~napari_instseg.core.edges.refine_edges`; None: off,
-        the default unless the model was tuned with it) and ``edge_solidity`` sets its
-        solidity range. The refinement needs ``prediction.contrast`` (filled in by
-        ``predict``): asked for explicitly without it, it raises; a tuned refinement is
+        method's own defaults. Three more apply to every method:
+        ``blob_filter=(max_elongation, min_solidity)`` first drops compact convex
+        instances (:func:`drop_blobs`; None: off, the default unless the model was tuned
+        with it); ``edge_thresholds=(curved, straight)`` then re-decides each mask's
+        outline pixels by the image contrast
+        (:func:`~napari_instseg.core.edges.refine_edges`; None: off, the default unless
+        tuned) and ``edge_solidity`` sets its solidity range. The refinement needs
+        ``prediction.contrast`` (filled in by ``predict``): asked for explicitly without
+        it, it raises; a tuned refinement is
         skipped without it.
 
     Returns
@@ -867,7 +951,16 @@ def segment(prediction: Prediction, method: str = "auto", **params: object) -> I
     merged = {**tuned, **params}
     edge_thresholds = merged.pop("edge_thresholds", None)
     edge_solidity = merged.pop("edge_solidity", DEFAULT_SOLIDITY_RANGE)
+    blob_filter = merged.pop("blob_filter", None)
     found = funcs[method](prediction, **merged)  # type: ignore[arg-type]
+    if blob_filter is not None:
+        try:
+            max_elongation, min_solidity = (float(v) for v in blob_filter)  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"blob_filter must be (max_elongation, min_solidity) or None, got {blob_filter!r}"
+            ) from None
+        found = drop_blobs(found, max_elongation, min_solidity)
     if edge_thresholds is None:
         return found
     contrast = getattr(prediction, "contrast", None)

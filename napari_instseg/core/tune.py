@@ -38,6 +38,8 @@ DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
         "merge_tau": [0.3, 0.0, 0.2, 0.5],
         # (curved, straight) contrast thresholds of core/edges.py; None: no refinement
         "edge_thresholds": [None, (0.88, 0.98), (0.9, 0.98), (0.88, 0.985), (0.92, 0.97)],
+        # (max_elongation, min_solidity) of instances dropped as debris; None: keep all
+        "blob_filter": [None, (2.5, 0.8)],
     },
     "seeds": {
         "min_seediness": [0.0, 0.1, 0.3, 0.5],
