@@ -154,7 +154,9 @@ def test_bench_runs_small_and_writes_section(tmp_path):
     from napari_instseg.cli.bench import END, START, run_bench, to_markdown, write_section
 
     res = run_bench(repeats=2, size=(96, 128), dim=4)
-    assert {"grow", "similarity", "floor_matvec", "segment_hybrid"} <= set(res["timings"])
+    assert {"grow", "grow_edges", "similarity", "floor_matvec", "segment_hybrid"} <= set(
+        res["timings"]
+    )
     t = res["timings"]["grow"]
     assert t["ratio_to_floor"] == pytest.approx(
         t["median_ms"] / res["timings"]["floor_matvec"]["median_ms"]
