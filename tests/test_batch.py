@@ -517,3 +517,17 @@ def test_chunks_carry_the_image_contrast_of_the_whole_plane(mosaic, tmp_path):
         assert contrast is not None and contrast.shape == (r1 - r0, c1 - c0)
         # the window's 4 px block grid may differ from the whole image's: close, not equal
         assert float(np.abs(contrast - whole[r0:r1, c0:c1]).mean()) < 0.02
+
+    # with the refinement turned off the contrast is not computed at all
+    seen.clear()
+    result = run_batch(
+        [path],
+        tmp_path / "off.zarr",
+        chunk_size=48,
+        halo=24,
+        method="seeds",
+        predictor=WindowOracle(oracle),
+        segmenter=recording_segmenter,
+        segment_params={"edge_thresholds": None},
+    )
+    assert result.ok and seen and all(contrast is None for _, contrast in seen)

@@ -907,7 +907,9 @@ def _chunk_body(job: _Job, chunk: Chunk, stats: dict[str, Any], t0: float) -> di
         slice(wr0 - region[0], wr1 - region[0]),
         slice(wc0 - region[2], wc1 - region[2]),
     )
-    contrast = local_contrast(np.asarray(raw[0], np.float32))[inner[1:]]
+    # the image contrast serves only the edge refinement: not computed when it is off
+    refine_off = job.segment_params.get("edge_thresholds", "tuned") is None
+    contrast = None if refine_off else local_contrast(np.asarray(raw[0], np.float32))[inner[1:]]
     x, raw = x[inner], raw[inner]
     if job.predictor is not None:
         prediction = job.predictor(x, chunk)
@@ -918,7 +920,7 @@ def _chunk_body(job: _Job, chunk: Chunk, stats: dict[str, Any], t0: float) -> di
         )
     if prediction.shape != (wr1 - wr0, wc1 - wc0):
         raise ValueError(f"prediction is {prediction.shape}, the window {chunk.window}")
-    if prediction.contrast is None:
+    if prediction.contrast is None and contrast is not None:
         prediction.contrast = contrast
     if job.segmenter is not None:
         instances = job.segmenter(prediction, job.method, **job.segment_params)
