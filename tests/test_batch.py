@@ -503,15 +503,19 @@ def test_chunks_carry_the_image_contrast_of_the_whole_plane(mosaic, tmp_path):
         seen.append((prediction.metadata["window"], prediction.contrast))
         return segment(prediction, method, **params)
 
-    result = run_batch(
-        [path],
-        tmp_path / "out.zarr",
-        chunk_size=48,
-        halo=24,
-        method="seeds",
-        predictor=WindowOracle(oracle),
-        segmenter=recording_segmenter,
-    )
+    def run(name, **segment_params):
+        return run_batch(
+            [path],
+            tmp_path / name,
+            chunk_size=48,
+            halo=24,
+            method="seeds",
+            predictor=WindowOracle(oracle),
+            segmenter=recording_segmenter,
+            segment_params=segment_params,
+        )
+
+    result = run("out.zarr")
     assert result.ok and len(seen) == result.report["chunks"]["total"]
     for (r0, r1, c0, c1), contrast in seen:
         assert contrast is not None and contrast.shape == (r1 - r0, c1 - c0)
@@ -520,14 +524,5 @@ def test_chunks_carry_the_image_contrast_of_the_whole_plane(mosaic, tmp_path):
 
     # with the refinement turned off the contrast is not computed at all
     seen.clear()
-    result = run_batch(
-        [path],
-        tmp_path / "off.zarr",
-        chunk_size=48,
-        halo=24,
-        method="seeds",
-        predictor=WindowOracle(oracle),
-        segmenter=recording_segmenter,
-        segment_params={"edge_thresholds": None},
-    )
+    result = run("off.zarr", edge_thresholds=None)
     assert result.ok and seen and all(contrast is None for _, contrast in seen)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_instseg.core.edges import edge_threshold, local_contrast, refine_edges, solidity
+from napari_instseg.core.edges import edge_threshold, local_contrast, refine_edges
 from napari_instseg.core.instances import segment
 from napari_instseg.core.oracle import prediction_from_masks
+from napari_instseg.core.shape import solidity
 from napari_instseg.core.types import Instances
 
 
@@ -189,22 +190,3 @@ def test_grow_refines_the_clicked_mask_by_contrast():
     # "auto" follows the model's tuned thresholds
     prediction.metadata["segment_params"] = {"boundary": {"edge_thresholds": [0.88, 0.98]}}
     np.testing.assert_array_equal(grow(prediction, [seed], tau=0.5), refined)
-
-
-def test_hull_pixel_count_matches_scikit_image():
-    from skimage.morphology import convex_hull_image
-
-    from napari_instseg.core.edges import hull_pixel_count
-    from napari_instseg.core.synthetic import make_worms
-
-    rng = np.random.default_rng(3)
-    masks = list(make_worms((200, 260), n_worms=6, length=(40, 90), seed=1).masks)
-    masks += [rng.random(rng.integers(2, 30, size=2)) < rng.uniform(0.05, 0.9) for _ in range(60)]
-    masks += [np.eye(7, dtype=bool), np.ones((1, 5), bool), np.ones((1, 1), bool)]
-    checked = 0
-    for mask in masks:
-        if not mask.any():
-            continue
-        assert hull_pixel_count(mask) == int(convex_hull_image(mask).sum())
-        checked += 1
-    assert checked > 50

@@ -6,7 +6,6 @@ import pytest
 from napari_instseg.core.evaluate import evaluate
 from napari_instseg.core.instances import (
     drop_blobs,
-    elongation,
     nms,
     sample_seeds,
     segment,
@@ -276,14 +275,6 @@ def _blob_rod_and_arc(shape=(120, 200)):
     radius = np.hypot(rr - 50, cc - 155)
     arc = (np.abs(radius - 30) <= 4) & (cc >= 140)  # a "C": compact but not convex
     return np.stack([disc, rod, arc])
-
-
-def test_elongation_of_disc_rod_and_empty_mask():
-    masks = _blob_rod_and_arc()
-    assert elongation(masks[0]) == pytest.approx(1.0, abs=0.05)
-    # 90 x 8 px: the axes' ratio is the sides' ratio
-    assert elongation(masks[1]) == pytest.approx(90 / 8, rel=0.05)
-    assert elongation(np.zeros((5, 5), bool)) == 0.0
 
 
 def test_drop_blobs_removes_only_the_compact_convex_instance():

@@ -27,9 +27,9 @@ from dataclasses import replace
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import ConvexHull
 from skimage.morphology import skeletonize
 
+from .shape import bounding_box, solidity
 from .types import Instances
 
 #: Median solidity of an image's instances at which the edge threshold is all "curved"
@@ -88,98 +88,6 @@ def local_contrast(image: np.ndarray, block: int = 4, window: int = 11) -> np.nd
     out = img / np.maximum(background, floor)
     out[~finite] = 1.0
     return out.astype(np.float32)
-
-
-def solidity(mask: np.ndarray) -> float:
-    """Area over the area of the convex hull of a 2D mask (1 for a straight rod).
-
-    Parameters
-    ----------
-    mask : np.ndarray
-        (H, W) bool.
-
-    Returns
-    -------
-    float
-        In (0, 1]; 0 for an empty mask.
-    """
-    mask = np.asarray(mask, bool)
-    box = _bbox(mask)
-    if box is None:
-        return 0.0
-    crop = mask[box[0] : box[1], box[2] : box[3]]
-    return float(crop.sum() / max(hull_pixel_count(crop), 1))
-
-
-#: corners of the diamond a pixel is drawn as in its convex hull (as scikit-image does)
-_DIAMOND = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]], np.int64)
-
-
-def hull_pixel_count(mask: np.ndarray) -> int:
-    """Number of pixels in the convex hull of a 2D mask.
-
-    The same count as ``skimage.morphology.convex_hull_image(mask).sum()`` (each pixel
-    drawn as the diamond through its edges' midpoints; pixels whose centre lies inside
-    or on the hull), about twice as fast: only the first and last pixel of every row and
-    column can be hull vertices, and the pixels inside are counted row by row from the
-    hull's half-planes instead of tested one by one.
-
-    Parameters
-    ----------
-    mask : np.ndarray
-        (H, W) bool with at least one pixel.
-
-    Returns
-    -------
-    int
-        Pixel count of the hull.
-    """
-    h, w = mask.shape
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    by_row, by_col = mask[rows], mask[:, cols]
-    ends = np.concatenate(
-        [
-            np.stack([rows, by_row.argmax(axis=1)], 1),
-            np.stack([rows, w - 1 - by_row[:, ::-1].argmax(axis=1)], 1),
-            np.stack([by_col.argmax(axis=0), cols], 1),
-            np.stack([h - 1 - by_col[::-1].argmax(axis=0), cols], 1),
-        ]
-    )
-    # diamond corners in half-pixel units, made unique through one integer key per point
-    twice = (2 * ends[:, None, :] + _DIAMOND).reshape(-1, 2) + 1
-    width = 2 * w + 3
-    key = np.unique(twice[:, 0] * width + twice[:, 1])
-    points = np.stack([key // width, key % width], 1).astype(np.float64) / 2 - 0.5
-    hull = ConvexHull(points)
-    # inside: n_r * r + n_c * c + offset <= 0 for every facet; per row an interval of c
-    n_r, n_c, offset = hull.equations.T
-    r = np.arange(h, dtype=np.float64)[:, None]
-    rhs = -(offset[None, :] + n_r[None, :] * r)
-    tol = 1e-9
-    with np.errstate(divide="ignore", invalid="ignore"):
-        bound = rhs / n_c[None, :]
-    hi = np.where(n_c > tol, bound, np.inf).min(axis=1)
-    lo = np.where(n_c < -tol, bound, -np.inf).max(axis=1)
-    level = np.where(np.abs(n_c) <= tol, rhs >= -tol, True).all(axis=1)
-    lo = np.maximum(np.ceil(lo - 1e-7), 0)
-    hi = np.minimum(np.floor(hi + 1e-7), w - 1)
-    return int(np.where(level, np.maximum(hi - lo + 1, 0), 0).sum())
-
-
-def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[int, int, int, int] | None:
-    """(r0, r1, c0, c1) of a 2D mask's pixels, grown by ``margin`` within the image."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if not len(rows):
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    h, w = mask.shape
-    return (
-        max(int(rows[0]) - margin, 0),
-        min(int(rows[-1]) + margin + 1, h),
-        max(int(cols[0]) - margin, 0),
-        min(int(cols[-1]) + margin + 1, w),
-    )
 
 
 def edge_threshold(
@@ -274,7 +182,7 @@ def refine_edges(
     if len(instances) == 0:
         return instances
     masks = instances.masks
-    boxes = [_bbox(m, radius + 1) for m in masks]
+    boxes = [bounding_box(m, radius + 1) for m in masks]
     threshold = edge_threshold(
         [solidity(m[b[0] : b[1], b[2] : b[3]]) for m, b in zip(masks, boxes, strict=True) if b],
         curved,

@@ -33,8 +33,9 @@ from scipy import ndimage
 from skimage.morphology import disk, ellipse, skeletonize
 from skimage.segmentation import watershed
 
-from .edges import DEFAULT_SOLIDITY_RANGE, _bbox, refine_edges, solidity
+from .edges import DEFAULT_SOLIDITY_RANGE, refine_edges
 from .grow import Grower, d2_threshold, get_grower
+from .shape import bounding_box, elongation, solidity
 from .types import Instances, Prediction
 from .untangle import untangle
 
@@ -553,28 +554,6 @@ def weight_scores_by_size(instances: Instances, power: float = 1.0) -> Instances
     return dataclasses.replace(instances, scores=(instances.scores * weight).astype(np.float32))
 
 
-def elongation(mask: np.ndarray) -> float:
-    """Ratio of a 2D mask's major to minor axis (from its second moments; 1 for a disc).
-
-    Parameters
-    ----------
-    mask : np.ndarray
-        (H, W) bool.
-
-    Returns
-    -------
-    float
-        ``sqrt(l1 / l2)`` of the pixel coordinates' covariance eigenvalues (``inf`` for
-        a one-pixel-wide line, 0 for an empty mask).
-    """
-    rows, cols = np.nonzero(mask)
-    if len(rows) == 0:
-        return 0.0
-    cov = np.cov(np.stack([rows, cols]).astype(np.float64), bias=True) if len(rows) > 1 else 0
-    low, high = np.linalg.eigvalsh(np.atleast_2d(cov) + np.eye(2) / 12.0)  # + pixel extent
-    return float(np.sqrt(high / max(low, 1e-12)))
-
-
 def drop_blobs(
     instances: Instances, max_elongation: float = 2.5, min_solidity: float = 0.8
 ) -> Instances:
@@ -614,7 +593,7 @@ def drop_blobs(
     keep = []
     h, w = instances.shape
     for i, mask in enumerate(instances.masks):
-        box = _bbox(mask)
+        box = bounding_box(mask)
         # an object cut by the image's (or a batch window's) edge cannot be judged by shape
         if box is None or box[0] == 0 or box[2] == 0 or box[1] == h or box[3] == w:
             keep.append(i)

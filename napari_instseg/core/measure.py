@@ -18,69 +18,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from scipy import ndimage
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components, dijkstra
-from skimage.morphology import skeletonize
 
+from .shape import skeleton_length
 from .types import Instances
 
 __all__ = ["measure", "skeleton_length", "default_dead_threshold"]
-
-_STEPS = ((0, 1, 1.0), (1, 0, 1.0), (1, 1, np.sqrt(2.0)), (1, -1, np.sqrt(2.0)))
-
-
-def skeleton_length(mask: np.ndarray) -> float:
-    """Length of the longest path through the skeleton of a mask (sum over its pieces).
-
-    Parameters
-    ----------
-    mask : np.ndarray
-        (H, W) bool.
-
-    Returns
-    -------
-    float
-        Length in pixels (0 for an empty mask, 1 for a single-pixel skeleton).
-    """
-    mask = np.asarray(mask, bool)
-    if not mask.any():
-        return 0.0
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    crop = np.pad(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1], 1)
-    skel = skeletonize(crop)
-    rr, cc = np.nonzero(skel)
-    n = len(rr)
-    if n <= 1:
-        return float(n)
-    index = -np.ones(skel.shape, np.int64)
-    index[rr, cc] = np.arange(n)
-    src, dst, wts = [], [], []
-    for dr, dc, wt in _STEPS:
-        r2, c2 = rr + dr, cc + dc
-        ok = (r2 >= 0) & (r2 < skel.shape[0]) & (c2 >= 0) & (c2 < skel.shape[1])
-        j = np.full(n, -1)
-        j[ok] = index[r2[ok], c2[ok]]
-        has = j >= 0
-        src.append(np.flatnonzero(has))
-        dst.append(j[has])
-        wts.append(np.full(int(has.sum()), wt))
-    graph = coo_matrix(
-        (np.concatenate(wts), (np.concatenate(src), np.concatenate(dst))), shape=(n, n)
-    ).tocsr()
-    n_comp, comp = connected_components(graph, directed=False)
-    total = 0.0
-    for k in range(n_comp):
-        nodes = np.flatnonzero(comp == k)
-        if len(nodes) == 1:
-            total += 1.0
-            continue
-        # double sweep: farthest node from any node, then farthest from that one
-        d = dijkstra(graph, directed=False, indices=int(nodes[0]))
-        far = int(nodes[np.argmax(d[nodes])])
-        d = dijkstra(graph, directed=False, indices=far)
-        total += float(d[nodes].max()) + 1.0  # count the end pixels too
-    return total
 
 
 def default_dead_threshold(channel: np.ndarray, foreground: np.ndarray, z: float = 10.0) -> float:
