@@ -36,6 +36,11 @@ def test_measure_columns_and_values():
     assert list(df["area"]) == [250, 180, 60]
     assert df.loc[0, "length"] == pytest.approx(47, abs=3)  # skeleton stops short of the ends
     assert df.loc[0, "width"] == pytest.approx(250 / df.loc[0, "length"])
+    assert df.loc[0, "solidity"] == pytest.approx(1.0)  # a bar is its own convex hull
+    bent = np.zeros((40, 60), bool)
+    bent[5:9, 5:50] = True
+    bent[5:35, 46:50] = True  # an "L": half its hull is empty
+    assert measure(Instances(bent[None])).loc[0, "solidity"] < 0.6
     assert df.loc[0, "mean_intensity"] == 50.0 and df.loc[1, "mean_intensity"] == 10.0
     assert df.loc[
         0, ["bbox_min_row", "bbox_min_col", "bbox_max_row", "bbox_max_col"]

@@ -5,7 +5,8 @@ Length is the longest path through the instance's skeleton
 (corner neighbours): the pixel count of a skeleton over-counts diagonal runs by up to
 41 % and counts side branches, whereas the longest path follows the worm's body from end
 to end. The skeleton stops about half a body width before each tip, so the length is
-slightly shorter than the worm. Width is ``area / length``.
+slightly shorter than the worm. Width is ``area / length``. Solidity (area over convex hull
+area) tells posture: near 1 for a straight worm, about 0.3-0.6 for a curled one.
 
 Live/dead (BBBC010): dead worms take up the Sytox stain and glow in channel ``"w1"``. A worm
 is called dead when its mean w1 exceeds ``dead_threshold``. The default threshold is
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .shape import skeleton_length
+from .shape import skeleton_length, solidity
 from .types import Instances
 
 __all__ = ["measure", "skeleton_length", "default_dead_threshold"]
@@ -81,8 +82,8 @@ def measure(
     -------
     pandas.DataFrame
         One row per instance: ``label`` (i + 1, as in ``Instances.to_labels``), ``area``,
-        ``length``, ``width``, ``score``, ``class``, ``bbox_min_row``, ``bbox_min_col``,
-        ``bbox_max_row``, ``bbox_max_col`` (max exclusive), ``centroid_row``,
+        ``length``, ``width``, ``solidity``, ``score``, ``class``, ``bbox_min_row``,
+        ``bbox_min_col``, ``bbox_max_row``, ``bbox_max_col`` (max exclusive), ``centroid_row``,
         ``centroid_col``, ``mean_intensity`` (or ``mean_intensity_<c>`` per channel of a
         (C, H, W) image), ``mean_<channel>`` for each extra channel, and ``dead`` (bool)
         when the stain channel is given; ``df.attrs["dead_threshold"]`` holds the threshold.
@@ -115,7 +116,7 @@ def measure(
     cols: dict[str, list] = {
         k: []
         for k in (
-            "label area length width score class bbox_min_row bbox_min_col bbox_max_row "
+            "label area length width solidity score class bbox_min_row bbox_min_col bbox_max_row "
             "bbox_max_col centroid_row centroid_col"
         ).split()
     }
@@ -137,6 +138,7 @@ def measure(
         length = skeleton_length(m[r0:r1, c0:c1])
         cols["length"].append(length)
         cols["width"].append(area / length if length else np.nan)
+        cols["solidity"].append(solidity(m[r0:r1, c0:c1]))
         cols["bbox_min_row"].append(int(r0))
         cols["bbox_min_col"].append(int(c0))
         cols["bbox_max_row"].append(int(r1))
