@@ -158,6 +158,8 @@ def test_worms_crossing_chunk_borders_are_one_instance(mosaic, tmp_path):
     table = pd.read_csv(result.table)
     assert sorted(table["label"]) == sorted(np.unique(labels)[1:].tolist())
     assert (table["chunks"] > 1).sum() >= 6
+    # every worm here spans chunks: no solidity for them (see test_combine_...)
+    assert table.loc[table["chunks"] > 1, "solidity"].isna().all()
     for _, row in table.iterrows():  # areas (overlaps counted) and boxes of the whole worm
         mask = labels == row["label"]
         rows, cols = np.nonzero(mask)
@@ -526,3 +528,26 @@ def test_chunks_carry_the_image_contrast_of_the_whole_plane(mosaic, tmp_path):
     seen.clear()
     result = run("off.zarr", edge_thresholds=None)
     assert result.ok and seen and all(contrast is None for _, contrast in seen)
+
+
+def test_combine_adds_pieces_and_keeps_solidity_of_one_chunk_instances_only():
+    from napari_instseg.core.batch import _combine
+
+    def piece(label, area, length, solidity):
+        return {
+            "image": "a.tif", "plane": 0, "index": 0, "label": label, "area": area,
+            "length": length, "width": area / length, "solidity": solidity, "score": 0.9,
+            "class": 1, "bbox_min_row": 0, "bbox_min_col": 0, "bbox_max_row": 5,
+            "bbox_max_col": 5, "centroid_row": 2.0, "centroid_col": 2.0,
+        }  # fmt: skip
+
+    chunk_a = pd.DataFrame([piece(1, 100, 20.0, 0.9), piece(2, 60, 10.0, 0.8)])
+    chunk_b = pd.DataFrame([piece(2, 40, 5.0, 0.95)])
+    combined = _combine([chunk_a, chunk_b])
+    out = combined.set_index("label")
+    assert out.loc[1, "solidity"] == pytest.approx(0.9) and out.loc[1, "chunks"] == 1
+    assert np.isnan(out.loc[2, "solidity"]) and out.loc[2, "chunks"] == 2
+    assert out.loc[2, "area"] == 100 and out.loc[2, "width"] == pytest.approx(100 / 15)
+    assert list(combined.columns[:8]) == [
+        "image", "plane", "index", "label", "area", "length", "width", "solidity",
+    ]  # fmt: skip

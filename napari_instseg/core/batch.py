@@ -1283,8 +1283,14 @@ def _combine(tables: list[Any]) -> Any:
     largest = df.loc[df.groupby(keys)["_w"].idxmax(), [*keys, "class"]].set_index(keys)
     out["class"] = largest["class"]
     out["width"] = out["area"] / out["length"].replace(0, np.nan)
-    out = out.reset_index()
     first = ["image", "plane", "index", "label", "area", "length", "width", "score", "class"]
+    if "solidity" in df.columns:
+        # a shape ratio of pieces does not add up: known only for one-chunk instances
+        out["solidity"] = grouped["solidity"].agg(
+            lambda s: float(s.iloc[0]) if len(s) == 1 else np.nan
+        )
+        first.insert(first.index("width") + 1, "solidity")
+    out = out.reset_index()
     rest = [c for c in out.columns if c not in first]
     return out[first + rest]
 
