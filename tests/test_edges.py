@@ -190,3 +190,13 @@ def test_grow_refines_the_clicked_mask_by_contrast():
     # "auto" follows the model's tuned thresholds
     prediction.metadata["segment_params"] = {"boundary": {"edge_thresholds": [0.88, 0.98]}}
     np.testing.assert_array_equal(grow(prediction, [seed], tau=0.5), refined)
+
+
+def test_refine_edges_of_a_mask_filling_the_whole_image_warns_nothing():
+    import warnings
+
+    full = Instances(masks=np.ones((1, 12, 16), bool))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = refine_edges(full, np.full((12, 16), 0.9, np.float32), (0.88, 0.98))
+    assert out.masks.all()

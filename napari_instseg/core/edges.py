@@ -198,7 +198,8 @@ def refine_edges(
         r0, r1, c0, c1 = box
         m = mask[r0:r1, c0:c1]
         eroded = ndimage.binary_erosion(m, iterations=radius, border_value=1)
-        if np.median(contrast[r0:r1, c0:c1][m & ~eroded]) > 1.02:
+        ring = m & ~eroded  # empty when the mask fills its whole box (and the image)
+        if ring.any() and np.median(contrast[r0:r1, c0:c1][ring]) > 1.02:
             # an outline brighter than the background (a worm at the well's rim, a
             # bright halo): the contrast says nothing about where the edge is
             out[i] = mask
