@@ -695,3 +695,25 @@ def test_outline_refinement_toggle_reaches_segmentation_and_clicks(widget, worms
     oracle.metadata["segment_params"] = {}
     widget.method_combo.setCurrentText("boundary")
     assert not widget.refine_edges.isEnabled()
+
+
+def test_debris_toggle_keeps_or_drops_a_round_blob(widget, worms, monkeypatch):
+    from scipy import ndimage
+
+    shape = worms.image.shape[-2:]
+    rr, cc = np.mgrid[: shape[0], : shape[1]]
+    free = ndimage.distance_transform_edt(~worms.masks.any(axis=0)) > 12
+    free[:12], free[-12:], free[:, :12], free[:, -12:] = False, False, False, False
+    centre = np.argwhere(free)[0]
+    blob = (rr - centre[0]) ** 2 + (cc - centre[1]) ** 2 <= 9**2
+    oracle = prediction_from_masks(np.concatenate([worms.masks, blob[None]]))
+    oracle.metadata["recommended_method"] = "seeds"
+    oracle.metadata["segment_params"] = {"seeds": {"blob_filter": [2.5, 0.8]}}
+    monkeypatch.setattr(compute, "predict_image", lambda *args, **kwargs: oracle)
+    widget.run_model(blocking=True)
+    assert widget.drop_debris.isEnabled() and widget.drop_debris.isChecked()
+    dropped = widget.segment(blocking=True)
+    assert "blob_filter" not in widget.segment_params()  # the model's tuned filter applies
+    widget.drop_debris.setChecked(False)
+    assert widget.segment_params()["blob_filter"] is None
+    assert widget.segment(blocking=True) == dropped + 1

@@ -355,15 +355,18 @@ def test_cli_predict_contrast_outlines_switch(cli_files, tmp_path):
     import tifffile
 
     from napari_instseg.cli import main
-    from napari_instseg.cli.predict import _edge_params, configure
+    from napari_instseg.cli.predict import _segment_overrides, configure
 
     parser = argparse.ArgumentParser()
     configure(parser)
     on = parser.parse_args(["x.tif", "--out", "o"])
     off = parser.parse_args(["x.tif", "--out", "o", "--no-contrast-outlines"])
-    assert _edge_params(on) == {} and _edge_params(off) == {"edge_thresholds": None}
+    assert _segment_overrides(on) == {}
+    assert _segment_overrides(off) == {"edge_thresholds": None}
+    keep = parser.parse_args(["x.tif", "--out", "o", "--no-debris-filter"])
+    assert _segment_overrides(keep) == {"blob_filter": None}
     weights, _, single = cli_files
     out = tmp_path / "out"
     argv = ["predict", str(single), "--out", str(out), "--model", str(weights)]
-    assert main([*argv, "--device", "cpu", "--no-contrast-outlines"]) == 0
+    assert main([*argv, "--device", "cpu", "--no-contrast-outlines", "--no-debris-filter"]) == 0
     assert tifffile.imread(out / "worms_labels.tif").shape == (64, 80)

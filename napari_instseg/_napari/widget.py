@@ -236,6 +236,13 @@ class InstSegWidget(QWidget):
         )
         self.refine_edges.toggled.connect(self._on_refine_edges)
         form.addRow(self.refine_edges)
+        self.drop_debris = QCheckBox("drop round debris")
+        self.drop_debris.setChecked(True)
+        self.drop_debris.setToolTip(
+            "leave out compact, convex instances (clumps of debris, bubbles): a worm is "
+            "long or curled, never both short and convex (where the model was tuned with it)"
+        )
+        form.addRow(self.drop_debris)
         self.keep_edited = QCheckBox("keep edited / reviewed instances")
         self.keep_edited.setChecked(True)
         form.addRow(self.keep_edited)
@@ -778,6 +785,8 @@ class InstSegWidget(QWidget):
         untangle = {} if self.untangle.isChecked() else {"untangle_factor": 0.0}
         # the model's tuned outline thresholds, or none (the checkbox)
         edges = {} if self.refine_edges.isChecked() else {"edge_thresholds": None}
+        if not self.drop_debris.isChecked():
+            edges["blob_filter"] = None
         if method == "auto":
             # the parameters tuned for the model (shown in the fields)
             if self._resolved_method() in ("boundary", "hybrid"):
@@ -866,6 +875,8 @@ class InstSegWidget(QWidget):
         self.untangle.setEnabled(resolved in ("boundary", "hybrid"))
         tuned = (meta.get("segment_params") or {}).get(resolved, {}).get("edge_thresholds")
         self.refine_edges.setEnabled(tuned is not None)
+        blobs = (meta.get("segment_params") or {}).get(resolved, {}).get("blob_filter")
+        self.drop_debris.setEnabled(blobs is not None)
         self.method_combo.setToolTip(f"{method} -> {resolved}" if method == "auto" else method)
 
     def _on_refine_edges(self, checked: bool) -> None:

@@ -81,6 +81,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="re-decide mask outlines by the image's contrast with the model's tuned "
         "thresholds, where it has them (default); --no-contrast-outlines: never",
     )
+    parser.add_argument(
+        "--debris-filter",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="drop compact convex instances (debris) where the model was tuned with it "
+        "(default); --no-debris-filter: keep them",
+    )
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     parser.add_argument(
         "--save-maps", action="store_true", help="also write the network's maps as TIFF"
@@ -121,9 +128,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _edge_params(args: argparse.Namespace) -> dict[str, None]:
-    """``segment`` keywords of ``--no-contrast-outlines`` (none: the model's setting)."""
-    return {} if getattr(args, "contrast_outlines", True) else {"edge_thresholds": None}
+def _segment_overrides(args: argparse.Namespace) -> dict[str, None]:
+    """``segment`` keywords of ``--no-contrast-outlines`` / ``--no-debris-filter``.
+
+    Empty when both are on: the model's tuned setting applies.
+    """
+    overrides: dict[str, None] = {}
+    if not getattr(args, "contrast_outlines", True):
+        overrides["edge_thresholds"] = None
+    if not getattr(args, "debris_filter", True):
+        overrides["blob_filter"] = None
+    return overrides
 
 
 def tta_arg(text: str) -> int | str:
@@ -234,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
                 tta=args.tta,
                 cache=args.cache,
             )
-            instances = segment(prediction, args.method, **_edge_params(args))
+            instances = segment(prediction, args.method, **_segment_overrides(args))
             labels.append(instances.to_labels())
             n_instances += len(instances)
             if args.save_maps:
@@ -289,7 +304,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         model=args.model,
         device=args.device,
         method=args.method,
-        segment_params=_edge_params(args),
+        segment_params=_segment_overrides(args),
         chunk_size=args.chunk_size,
         halo=args.halo,
         tta=args.tta,
