@@ -30,6 +30,7 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 from .edges import refine_edges
+from .shape import bounding_box
 from .types import Instances, Prediction
 
 __all__ = [
@@ -522,10 +523,7 @@ def grow(
     if edge_thresholds is None or contrast is None or not mask.any():
         return mask
     # only the mask's box (and a margin for the band) is refined: a click stays cheap
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    h, w = mask.shape
-    r0, r1 = max(int(rows[0]) - 4, 0), min(int(rows[-1]) + 5, h)
-    c0, c1 = max(int(cols[0]) - 4, 0), min(int(cols[-1]) + 5, w)
+    r0, r1, c0, c1 = bounding_box(mask, 4)  # type: ignore[misc]
     crop = refine_edges(
         Instances(masks=mask[None, r0:r1, c0:c1]), contrast[r0:r1, c0:c1], edge_thresholds
     ).masks[0]

@@ -912,8 +912,7 @@ def segment(prediction: Prediction, method: str = "auto", **params: object) -> I
         (:func:`~napari_instseg.core.edges.refine_edges`; None: off, the default unless
         tuned) and ``edge_solidity`` sets its solidity range. The refinement needs
         ``prediction.contrast`` (filled in by ``predict``): asked for explicitly without
-        it, it raises; a tuned refinement is
-        skipped without it.
+        it, it raises; a tuned refinement is skipped without it.
 
     Returns
     -------
