@@ -315,3 +315,38 @@ def test_segment_blob_filter_from_params_and_from_the_model():
     assert len(segment(prediction, "seeds", blob_filter=None)) == 3
     with pytest.raises(ValueError, match="blob_filter"):
         segment(prediction, "seeds", blob_filter=2.5)
+
+
+def test_hybrid_boundary_first_keeps_every_boundary_segment(worms):
+    s, p = worms
+    segs = segment(p, method="boundary")
+    both = segment(p, method="hybrid", primary="boundary")
+    assert len(both) >= len(segs)
+    np.testing.assert_array_equal(both.masks[: len(segs)], segs.masks)
+    with pytest.raises(ValueError, match="primary"):
+        segment(p, method="hybrid", primary="embeddings")
+
+
+def test_add_uncovered_takes_only_masks_outside_the_segments():
+    from napari_instseg.core.instances import _add_uncovered
+
+    masks = np.zeros((4, 40, 60), bool)
+    masks[0, 5:10, 5:30] = True  # a segment
+    masks[1, 5:10, 5:28] = True  # grown: the same worm again
+    masks[2, 25:30, 20:55] = True  # grown: a worm no segment has
+    masks[3, 5:10, 20:40] = True  # grown: 40 % of it outside the dilated segment, too little
+    segments = Instances(masks=masks[:1], scores=np.array([0.9]), seeds=np.array([[7, 15]]))
+    grown = Instances(
+        masks=masks[1:],
+        scores=np.array([0.8, 0.6, 0.7]),
+        seeds=np.array([[7, 10], [27, 30], [7, 35]]),
+        taus=np.array([0.5, 0.6, 0.7]),
+    )
+    out = _add_uncovered(segments, grown, share=0.6, min_size=20, score_factor=0.5)
+    assert len(out) == 2
+    np.testing.assert_array_equal(out.masks[1], masks[2])
+    np.testing.assert_allclose(out.scores, [0.9, 0.3])
+    np.testing.assert_array_equal(out.seeds, [[7, 15], [27, 30]])
+    assert np.isnan(out.taus[0]) and out.taus[1] == pytest.approx(0.6)
+    # a high new-pixel floor adds nothing: the segments come back as they were
+    assert _add_uncovered(segments, grown, 0.6, 10**6, 0.5) is segments

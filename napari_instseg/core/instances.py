@@ -808,8 +808,22 @@ def segment_hybrid(
     boundary_score_factor: float = 0.9,
     untangle_factor: float = 1.3,
     merge_tau: float = 0.3,
+    primary: str = "seeds",
+    split_factor: float = 0.0,
+    split_tau: float = 0.3,
+    size_weight: float = 1.0,
 ) -> Instances:
     """Seeds, boundaries and similarity together.
+
+    Which source leads is ``primary``, chosen per model on validation images: the grown
+    masks where the embeddings separate worms well (``"seeds"``, below), the boundary
+    pipeline's segments where the boundary map is the stronger output (``"boundary"``:
+    every segment of :func:`segment_boundary`, with its splitting, untangling and size
+    weighting, is kept, and a grown mask is added only where at least ``cover_threshold``
+    of it, and ``min_size`` pixels, lie outside every segment (dilated by 2 px): worms the
+    watershed lost; their scores times ``boundary_score_factor``).
+
+    With ``primary="seeds"``:
 
     1. The BAISeg pipeline (:func:`segment_boundary`) gives segments; each segment's deepest
        pixel joins Fathi's sampled seeds as an extra seed (recall: a worm the sampler
@@ -839,6 +853,10 @@ def segment_hybrid(
         Score multiplier for seeds from boundary segments and for added segments.
     untangle_factor, merge_tau : float
         As in :func:`segment_boundary` (for the boundary segments).
+    primary : {"seeds", "boundary"}
+        Which source leads (see above).
+    split_factor, split_tau, size_weight : float
+        As in :func:`segment_boundary`; only with ``primary="boundary"``.
 
     Returns
     -------
@@ -846,7 +864,10 @@ def segment_hybrid(
         Overlapping masks with scores, classes, seeds and taus (NaN for added segments).
     """
     _check_prediction(prediction)
+    if primary not in ("seeds", "boundary"):
+        raise ValueError(f"primary must be 'seeds' or 'boundary', got {primary!r}")
     shape = prediction.shape
+    boundary_first = primary == "boundary"
     segs = segment_boundary(
         prediction,
         boundary_threshold=boundary_threshold,
@@ -856,8 +877,31 @@ def segment_hybrid(
         dilate_iterations=dilate_iterations,
         untangle_factor=untangle_factor,
         merge_tau=merge_tau,
-        size_weight=0.0,  # the added segments' scores stay comparable to the grown ones
+        split_factor=split_factor if boundary_first else 0.0,
+        split_tau=split_tau,
+        # seeds first: the added segments' scores stay comparable to the grown ones
+        size_weight=size_weight if boundary_first else 0.0,
     )
+    if boundary_first:
+        # seeds only where no segment is: nothing left there, nothing to grow
+        covered = ndimage.binary_dilation(segs.masks.any(axis=0), iterations=2)
+        open_fg = (np.asarray(prediction.foreground) > fg_threshold) & ~covered
+        if int(open_fg.sum()) < min_size:
+            return segs
+        seediness = np.where(open_fg, prediction.seediness, 0.0).astype(np.float32)
+        grown = segment_seeds(
+            dataclasses.replace(prediction, seediness=seediness),
+            max_seeds=max_seeds,
+            alpha=alpha,
+            min_seediness=min_seediness,
+            min_score=min_score,
+            iou_threshold=iou_threshold,
+            containment_threshold=containment_threshold,
+            min_size=min_size,
+            fg_threshold=fg_threshold,
+            boundary_barrier=boundary_barrier,
+        )
+        return _add_uncovered(segs, grown, cover_threshold, min_size, boundary_score_factor)
     grown = segment_seeds(
         prediction,
         max_seeds=max_seeds,
@@ -886,6 +930,35 @@ def segment_hybrid(
     seeds = np.concatenate([grown.seeds.reshape(-1, 2), segs.seeds[add]])
     taus = np.concatenate([grown.taus, np.full(len(add), np.nan, np.float32)])
     return Instances(masks=masks, scores=scores, classes=classes, seeds=seeds, taus=taus)
+
+
+def _add_uncovered(
+    segments: Instances, grown: Instances, share: float, min_size: int, score_factor: float
+) -> Instances:
+    """``segments`` plus the grown masks lying mostly (``share``) outside all of them."""
+    if len(grown) == 0:
+        return segments
+    if len(segments) == 0:
+        return grown
+    covered = ndimage.binary_dilation(segments.masks.any(axis=0), iterations=2)
+    outside = (grown.masks & ~covered).reshape(len(grown), -1).sum(axis=1)
+    add = np.flatnonzero((outside >= share * grown.areas) & (outside >= min_size))
+    if len(add) == 0:
+        return segments
+    n = len(segments)
+    return Instances(
+        masks=np.concatenate([segments.masks, grown.masks[add]]),
+        scores=np.concatenate([segments.scores, grown.scores[add] * score_factor]),
+        classes=np.concatenate([segments.classes, grown.classes[add]]),
+        seeds=np.concatenate([segments.seeds.reshape(-1, 2), grown.seeds[add].reshape(-1, 2)])
+        if segments.seeds is not None and grown.seeds is not None
+        else None,
+        taus=np.concatenate(
+            [np.full(n, np.nan, np.float32), np.asarray(grown.taus, np.float32)[add]]
+        )
+        if grown.taus is not None
+        else None,
+    )
 
 
 def segment(prediction: Prediction, method: str = "auto", **params: object) -> Instances:

@@ -54,6 +54,8 @@ DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
         "boundary_barrier": [0.5, 0.8, 0.92],
         "min_seediness": [0.0, 0.3, 0.5],
         "min_score": [0.0, 0.3, 0.5],
+        # which source leads: the grown masks or the boundary pipeline's segments
+        "primary": ["seeds", "boundary"],
     },
 }
 
