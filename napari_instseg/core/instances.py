@@ -882,6 +882,17 @@ def segment_hybrid(
         # seeds first: the added segments' scores stay comparable to the grown ones
         size_weight=size_weight if boundary_first else 0.0,
     )
+    seed_params = {
+        "max_seeds": max_seeds,
+        "alpha": alpha,
+        "min_seediness": min_seediness,
+        "min_score": min_score,
+        "iou_threshold": iou_threshold,
+        "containment_threshold": containment_threshold,
+        "min_size": min_size,
+        "fg_threshold": fg_threshold,
+        "boundary_barrier": boundary_barrier,
+    }
     if boundary_first:
         # seeds only where no segment is: nothing left there, nothing to grow
         covered = ndimage.binary_dilation(segs.masks.any(axis=0), iterations=2)
@@ -889,32 +900,13 @@ def segment_hybrid(
         if int(open_fg.sum()) < min_size:
             return segs
         seediness = np.where(open_fg, prediction.seediness, 0.0).astype(np.float32)
-        grown = segment_seeds(
-            dataclasses.replace(prediction, seediness=seediness),
-            max_seeds=max_seeds,
-            alpha=alpha,
-            min_seediness=min_seediness,
-            min_score=min_score,
-            iou_threshold=iou_threshold,
-            containment_threshold=containment_threshold,
-            min_size=min_size,
-            fg_threshold=fg_threshold,
-            boundary_barrier=boundary_barrier,
-        )
+        grown = segment_seeds(dataclasses.replace(prediction, seediness=seediness), **seed_params)
         return _add_uncovered(segs, grown, cover_threshold, min_size, boundary_score_factor)
     grown = segment_seeds(
         prediction,
-        max_seeds=max_seeds,
-        alpha=alpha,
-        min_seediness=min_seediness,
-        min_score=min_score,
-        iou_threshold=iou_threshold,
-        containment_threshold=containment_threshold,
-        min_size=min_size,
-        fg_threshold=fg_threshold,
-        boundary_barrier=boundary_barrier,
         extra_seeds=segs.seeds,
         extra_score_factor=boundary_score_factor,
+        **seed_params,  # type: ignore[arg-type]
     )
     if len(segs) == 0:
         return grown
