@@ -220,31 +220,27 @@ class InstSegWidget(QWidget):
         self.min_size.setRange(0, 100000)
         self.min_size.setValue(int(defaults.get("min_size", 30)))
         form.addRow("min size (px)", self.min_size)
-        self.untangle = QCheckBox("untangle crossing / touching worms")
-        self.untangle.setChecked(True)
-        self.untangle.setToolTip(
+        self.untangle = _option(
+            "untangle crossing / touching worms",
             "boundary, hybrid: cut segments much larger than a worm where their skeleton "
-            "shows two worms crossing or touching (both keep a crossing)"
+            "shows two worms crossing or touching (both keep a crossing)",
         )
         form.addRow(self.untangle)
-        self.refine_edges = QCheckBox("outlines from the image's contrast")
-        self.refine_edges.setChecked(True)
-        self.refine_edges.setToolTip(
+        self.refine_edges = _option(
+            "outlines from the image's contrast",
             "re-decide the pixels on every mask's outline (segmentation and clicks) by how "
             "dark they are against the local background, with the thresholds tuned for the "
-            "model (BBBC010: better masks; other data: try both)"
+            "model (BBBC010: better masks; other data: try both)",
         )
         self.refine_edges.toggled.connect(self._on_refine_edges)
         form.addRow(self.refine_edges)
-        self.drop_debris = QCheckBox("drop round debris")
-        self.drop_debris.setChecked(True)
-        self.drop_debris.setToolTip(
+        self.drop_debris = _option(
+            "drop round debris",
             "leave out compact, convex instances (clumps of debris, bubbles): a worm is "
-            "long or curled, never both short and convex (where the model was tuned with it)"
+            "long or curled, never both short and convex (where the model was tuned with it)",
         )
         form.addRow(self.drop_debris)
-        self.keep_edited = QCheckBox("keep edited / reviewed instances")
-        self.keep_edited.setChecked(True)
+        self.keep_edited = _option("keep edited / reviewed instances")
         form.addRow(self.keep_edited)
         self.segment_btn = QPushButton("Segment all")
         form.addRow(self.segment_btn)
@@ -1246,6 +1242,15 @@ def _own_layers(session: Session) -> list[Any]:
         session.labels_layer,
         session.seeds_layer,
     ]
+
+
+def _option(text: str, tooltip: str = "") -> QCheckBox:
+    """A segmentation option's checkbox, on by default."""
+    box = QCheckBox(text)
+    box.setChecked(True)
+    if tooltip:
+        box.setToolTip(tooltip)
+    return box
 
 
 def _segment_defaults(method: str = "hybrid") -> dict[str, Any]:
