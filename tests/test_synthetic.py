@@ -96,6 +96,18 @@ def test_dark_worms_on_bright_background_with_falloff():
     assert flat.image.std() < 1e-3 * flat.image.mean()
 
 
+def test_worms_darken_from_outline_to_centre_line():
+    # BBBC010's bright-field worms absorb most on their centre line (a cylinder seen from
+    # above), so intensity falls with the distance from the outline
+    sample = make_worms(seed=3, noise=0.0, illumination=0.0, n_crossings=0, n_touching=0)
+    worms = sample.masks.any(axis=0)
+    depth = ndi.distance_transform_edt(worms)
+    background = np.median(sample.image[~ndi.binary_dilation(worms, iterations=4)])
+    ring = [sample.image[(depth > d) & (depth <= d + 1)].mean() / background for d in range(3)]
+    assert ring[0] > ring[1] > ring[2]  # darker at every step inwards
+    assert ring[0] > 0.65 and ring[2] < 0.6  # a light outline, a dark core
+
+
 def test_crossings_are_darker_than_single_worms():
     sample = make_worms(seed=2, noise=0.0)
     (i, j), *_ = sample.metadata["crossings"]
