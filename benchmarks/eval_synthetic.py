@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
             rows[name].append([float(result[m]) for m in METRICS])
     print(f"{'':>10} {'seed':>5} " + " ".join(f"{m:>6}" for m in METRICS))
     for name, values in rows.items():
-        for seed, row in zip(seeds, values):
+        for seed, row in zip(seeds, values, strict=True):
             print(f"{name:>10} {seed:>5} " + " ".join(f"{v:6.3f}" for v in row))
         print(f"{name:>10} {'mean':>5} " + " ".join(f"{v:6.3f}" for v in np.mean(values, 0)))
 
