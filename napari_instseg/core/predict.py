@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Generator
@@ -26,6 +27,7 @@ from .device import get_device
 from .edges import local_contrast
 from .model import InstSegNet
 from .normalize import model_input
+from .scale import SCALE_TOLERANCE, check_scale, estimate_scale, resize_image, resize_prediction
 from .types import Prediction
 from .weights import DEFAULT_NORMALIZATION, load_model, model_signature
 
@@ -380,6 +382,7 @@ def predict(
     tta: int | str = 1,
     cache: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    scale: float | str = 1.0,
 ) -> Prediction:
     """Predict every per-pixel output for one 2D image.
 
@@ -402,6 +405,13 @@ def predict(
         tensors and these parameters are all the same (they make its key).
     progress : callable, optional
         Called with ``(done, total)`` after every tile and every augmented pass.
+    scale : float or "auto"
+        Resize the image by this factor before the network sees it, for objects wider
+        (``scale < 1``) or narrower (``> 1``) than the ones the model was trained on
+        (``model.metadata["object_width"]``, about 9 px for the shipped model); the outputs
+        come back on the image's pixels and ``metadata["scale"]`` records the factor, which
+        :func:`~napari_instseg.core.instances.segment` follows. ``"auto"`` estimates it
+        from one or two quick passes (see :func:`auto_scale`).
 
     Returns
     -------
@@ -414,9 +424,13 @@ def predict(
     elif isinstance(model, str | Path):
         model = load_model(model, device=dev)
     tta = resolve_tta(model, tta)
+    scale = check_scale(scale)
+    estimated = scale == "auto"
+    if estimated:
+        scale = auto_scale(image, model, dev, tile_size, halo)
+    chw = as_model_input(image, model.config.in_channels)
     store = None
     if cache is not None:
-        chw = as_model_input(image, model.config.in_channels)
         key = cache_key(
             chw,
             model,
@@ -425,6 +439,7 @@ def predict(
                 "halo": halo,
                 **DEFAULT_NORMALIZATION,
                 **({"tta": tta} if tta != 1 else {}),
+                **({"scale": scale} if scale != 1.0 else {}),
             },
         )
         store = Path(cache) / f"{key}.zarr"
@@ -434,7 +449,8 @@ def predict(
             if progress is not None:
                 progress(1, 1)
             return cached
-    gen = iter_predict(image, model, dev, tile_size, halo, tta)
+    network_input = chw if scale == 1.0 else resize_image(chw, scale)
+    gen = iter_predict(network_input, model, dev, tile_size, halo, tta)
     while True:
         try:
             done, total = next(gen)
@@ -443,10 +459,88 @@ def predict(
             break
         if progress is not None:
             progress(done, total)
+    if scale != 1.0:
+        prediction = resize_prediction(prediction, chw.shape[-2:])
+    prediction.metadata["scale"] = scale
+    if estimated:
+        prediction.metadata["scale_estimated"] = True
     prediction.metadata["cached"] = False
     if store is not None:
         _write_cache(store, prediction)
     return prediction
+
+
+#: Scales of the passes with which ``scale="auto"`` looks for the objects' size.
+AUTO_SCALE_PASSES = (1.0, 0.5, 0.25)
+
+
+def auto_scale(
+    image: np.ndarray,
+    model: InstSegNet,
+    device: str | torch.device = "auto",
+    tile_size: int = 1024,
+    halo: int = 64,
+) -> float:
+    """Estimate the resizing factor that brings an image's objects to the model's width.
+
+    Passes at the scales ``AUTO_SCALE_PASSES`` (1, 1/2, 1/4) each measure the predicted
+    worms' mean width (see :func:`~napari_instseg.core.scale.estimate_scale`) and so
+    estimate the factor; the pass whose estimate is closest to its own scale saw worms of
+    the model's width, and its estimate is taken, refined by passes at the estimate
+    until two agree within 10 % (three more at most). Within ``SCALE_TOLERANCE`` of 1
+    the answer is 1.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        (H, W) or (C, H, W) raw intensities.
+    model : InstSegNet
+        A model whose metadata has ``object_width`` (the typical width of its training
+        objects in pixels).
+    device : str or torch.device
+        Where to run the passes.
+    tile_size, halo : int
+        Tiling (see :func:`iter_predict`).
+
+    Returns
+    -------
+    float
+        The factor, rounded to two decimals; 1.0 when no foreground is found.
+
+    Raises
+    ------
+    ValueError
+        When the model's metadata has no ``object_width``.
+    """
+    reference = (getattr(model, "metadata", {}) or {}).get("object_width")
+    if not reference:
+        raise ValueError(
+            "scale='auto' needs the width of the model's training objects "
+            "(metadata 'object_width'), which this model does not have; give the scale "
+            "as a number (the model's object width over yours)"
+        )
+    reference = float(reference)
+    close = math.log(SCALE_TOLERANCE)
+
+    def estimate(scale: float) -> float | None:
+        return estimate_scale(
+            predict(image, model, device, tile_size, halo, scale=scale), reference
+        )
+
+    # too-wide worms come out as hollow outlines, so the width measured at one scale
+    # misleads; the pass whose estimate agrees best with its own scale has seen worms of
+    # the model's width (the two smaller passes cost 1/4 and 1/16 of the first)
+    found = {s: e for s in AUTO_SCALE_PASSES if (e := estimate(s)) is not None}
+    if not found:
+        return 1.0
+    seen, best = min(found.items(), key=lambda item: abs(math.log(item[1] / item[0])))
+    # narrow worms come out a little wide: run again at the estimate until it settles
+    for _ in range(3):
+        if abs(math.log(best)) <= close or abs(math.log(best / seen)) <= math.log(1.1):
+            break
+        seen = round(best, 2)
+        best = estimate(seen) or best
+    return 1.0 if abs(math.log(best)) <= close else round(best, 2)
 
 
 _FIELDS = ("embeddings", "seediness", "class_scores", "boundary", "foreground")

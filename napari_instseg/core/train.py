@@ -32,6 +32,7 @@ from . import losses as L
 from .device import cpu_name, get_device
 from .model import InstSegNet, ModelConfig
 from .normalize import model_input
+from .scale import object_width
 from .types import Sample
 from .weights import DEFAULT_NORMALIZATION, save_model
 
@@ -792,6 +793,11 @@ def train(
             for _ in range(start_epoch * config.steps_per_epoch):
                 scheduler.step()
     base_meta = {**commits, **base_meta}
+    # the width of the training objects (median over the images): predict(...,
+    # scale="auto") resizes images so that their objects come to this width
+    widths = [object_width(s.masks) for s in samples if len(s.masks)]
+    widths = [w for w in widths if math.isfinite(w)]
+    size_meta = {"object_width": round(float(np.median(widths)), 2)} if widths else {}
     log_path = out / "log.csv"
     use_amp = (config.amp and device.type == "cuda") or (config.cpu_amp and device.type == "cpu")
     t0 = time.time()
@@ -849,9 +855,9 @@ def train(
             row.update(validate(model, val_items, device))
             if row[config.select_metric] > best:
                 best = row[config.select_metric]
-                _save_weights(model, best_path, config, row, elapsed, device, base_meta)
+                _save_weights(model, best_path, config, row, elapsed, device, base_meta, size_meta)
         elif not val_items:
-            _save_weights(model, best_path, config, row, elapsed, device, base_meta)
+            _save_weights(model, best_path, config, row, elapsed, device, base_meta, size_meta)
         _append_csv(log_path, row)
         _save_checkpoint(
             ckpt,
@@ -867,13 +873,14 @@ def train(
             break
     bar.close()
     if not best_path.exists():
-        _save_weights(model, best_path, config, {}, time.time() - t0, device, base_meta)
+        _save_weights(model, best_path, config, {}, time.time() - t0, device, base_meta, size_meta)
     return best_path
 
 
-def _save_weights(model, path, config, row, elapsed, device, base_meta) -> None:
+def _save_weights(model, path, config, row, elapsed, device, base_meta, size_meta) -> None:
     meta = {
         "name": Path(config.out).name,
+        **size_meta,
         "training": {
             "data": [str(d) for d in config.data],
             "train_wells": config.train_wells,

@@ -1,0 +1,75 @@
+"""Worms of another size: BBBC010 images resized, segmented with and without ``scale``.
+
+Each image of the chosen wells and its annotated masks are resized by each factor (a
+factor of 2 makes the worms twice as wide, as a higher magnification would), then
+predicted and segmented three ways with the model's stored parameters: as they are
+(``scale=1``), at the known factor (``scale=1/factor``, what a user who measured the worms
+gives) and with ``scale="auto"`` (estimated from the predicted foreground). Prints COCO AP /
+AP50 and avS / S0.5 per factor and way, and the median estimated scale.
+
+    python benchmarks/scale_bbbc010.py [--wells A11-A12,B11-B12,C01-C02,B13-B24]
+        [--factors 0.5,0.7,1.0,1.4,2.0] [--tta 1] [--model W.safetensors]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from skimage.transform import resize
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from napari_instseg.core.evaluate import evaluate  # noqa: E402
+from napari_instseg.core.instances import segment  # noqa: E402
+from napari_instseg.core.io import read_bbbc010  # noqa: E402
+from napari_instseg.core.predict import predict  # noqa: E402
+from napari_instseg.core.train import parse_names  # noqa: E402
+from napari_instseg.core.weights import load_model  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbbc010"
+
+
+def resized_sample(image: np.ndarray, masks: np.ndarray, factor: float):
+    """Image (bilinear, anti-aliased when shrinking) and masks (bilinear >= 0.5) resized."""
+    shape = tuple(max(1, round(n * factor)) for n in image.shape)
+    big = resize(image, shape, order=1, preserve_range=True, anti_aliasing=factor < 1)
+    gt = np.stack([resize(m.astype(np.float32), shape, order=1) >= 0.5 for m in masks])
+    return big.astype(np.float32), gt
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--wells", default="A11-A12,B11-B12,C01-C02,B13-B24")
+    parser.add_argument("--factors", default="0.5,0.7,1.0,1.4,2.0")
+    parser.add_argument("--tta", type=int, default=1)
+    parser.add_argument("--model", default=None)
+    args = parser.parse_args(argv)
+    model = load_model(args.model)
+    samples = read_bbbc010(args.data, parse_names(args.wells), with_w1=False)
+    print(f"{len(samples)} images, model object width {model.metadata.get('object_width')} px")
+    print(f"{'factor':>6} {'scale':>10} {'AP':>6} {'AP50':>6} {'avS':>6} {'S0.5':>6} {'s/img':>6}")
+    for factor in (float(f) for f in args.factors.split(",")):
+        data = [resized_sample(s.image, s.masks, factor) for s in samples]
+        truth = [gt for _, gt in data]
+        for way in ("1", "known", "auto"):
+            scale = {"1": 1.0, "known": 1.0 / factor, "auto": "auto"}[way]
+            t0 = time.perf_counter()
+            predictions = [predict(img, model, tta=args.tta, scale=scale) for img, _ in data]
+            found = [segment(p) for p in predictions]
+            per_image = (time.perf_counter() - t0) / len(data)
+            r = evaluate(found, truth)
+            median_scale = float(np.median([p.metadata["scale"] for p in predictions]))
+            label = f"auto {median_scale:.2f}" if way == "auto" else way
+            print(
+                f"{factor:6.2f} {label:>10} {r['AP']:6.3f} {r['AP50']:6.3f} {r['avS']:6.3f} "
+                f"{r['S']['0.5']:6.3f} {per_image:6.2f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

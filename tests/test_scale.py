@@ -1,0 +1,153 @@
+"""Objects of another size: resizing factors, widths, resized predictions and instances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage.draw import disk
+from skimage.transform import resize
+
+from napari_instseg.core.instances import segment
+from napari_instseg.core.model import InstSegNet, ModelConfig
+from napari_instseg.core.oracle import prediction_from_masks
+from napari_instseg.core.predict import auto_scale, predict
+from napari_instseg.core.scale import (
+    check_scale,
+    estimate_scale,
+    object_width,
+    resize_instances,
+    resize_prediction,
+    scaled_shape,
+)
+from napari_instseg.core.synthetic import make_worms
+from napari_instseg.core.types import Instances
+
+
+def _tiny_model() -> InstSegNet:
+    torch.manual_seed(0)
+    cfg = ModelConfig(channels=(8, 16, 32), embedding_dim=4, head_channels=8, coord_scale=32.0)
+    return InstSegNet(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [(1, 1.0), (0.5, 0.5), ("2.5", 2.5), ("auto", "auto"), ("AUTO ", "auto")],
+)
+def test_check_scale_accepts_numbers_and_auto(given, expected):
+    assert check_scale(given) == expected
+
+
+@pytest.mark.parametrize("bad", [0, -1, 0.05, 11, float("nan"), float("inf"), "big", True, None])
+def test_check_scale_rejects_everything_else(bad):
+    with pytest.raises(ValueError, match="scale"):
+        check_scale(bad)
+
+
+def test_object_width_of_bars_and_resized_worms():
+    bar = np.zeros((60, 300), bool)
+    bar[25:35, 20:280] = True  # 10 px wide, 260 px long
+    assert 9.5 < object_width(bar) < 11.0
+    assert np.isnan(object_width(np.zeros((20, 20), bool)))
+    worms = make_worms(shape=(200, 260), n_worms=4, n_crossings=0, n_touching=0, seed=1).masks
+    wide = np.stack([resize(m.astype(np.float32), (300, 390), order=1) >= 0.5 for m in worms])
+    assert object_width(wide) / object_width(worms) == pytest.approx(1.5, rel=0.06)
+
+
+def test_resize_prediction_keeps_every_map_and_the_metadata():
+    masks = make_worms(
+        shape=(64, 80), n_worms=2, length=(20, 40), width=(5, 7), n_crossings=0, n_touching=0
+    ).masks
+    small = prediction_from_masks(masks)
+    small.contrast = np.linspace(0, 1, 64 * 80, dtype=np.float32).reshape(64, 80)
+    small.metadata["note"] = "kept"
+    big = resize_prediction(small, (128, 160))
+    assert big.shape == (128, 160)
+    assert big.embeddings.shape == (small.embeddings.shape[0], 128, 160)
+    assert big.class_scores.shape[-2:] == (128, 160) and big.contrast.shape == (128, 160)
+    assert big.metadata["note"] == "kept" and big.metadata is not small.metadata
+    # a ramp stays a ramp: bilinear values between the neighbours
+    assert np.all(np.diff(big.contrast.ravel()[:160]) >= -1e-6)
+    assert big.foreground.max() <= 1.0 + 1e-6
+
+
+def test_resize_instances_scales_masks_and_seeds():
+    mask = np.zeros((50, 60), bool)
+    mask[disk((20, 30), 8)] = True
+    found = Instances(masks=mask[None], scores=np.array([0.9]), seeds=np.array([[20, 30]]))
+    big = resize_instances(found, (100, 120))
+    assert big.masks.shape == (1, 100, 120)
+    assert big.masks[0].sum() / mask.sum() == pytest.approx(4.0, rel=0.1)
+    assert tuple(big.seeds[0]) in {(40, 60), (41, 61), (40, 61), (41, 60)}
+    assert big.masks[0][tuple(big.seeds[0])]
+    assert big.scores[0] == pytest.approx(0.9)
+
+
+def test_segment_follows_the_prediction_scale():
+    # worms twice the model's size: at scale 0.5 every size parameter is in the model's
+    # pixels, so a minimum size between the worms' model-scale and image-scale areas drops
+    # them; the masks come back on the image's pixels
+    sample = make_worms(
+        shape=(200, 240),
+        n_worms=3,
+        length=(100, 140),
+        width=(14, 18),
+        n_crossings=0,
+        n_touching=0,
+        seed=4,
+    )
+    prediction = prediction_from_masks(sample.masks)
+    smallest = int(sample.masks.sum(axis=(1, 2)).min())
+    params = {"min_size": smallest // 2, "split_factor": 0.0, "untangle_factor": 0.0}
+    at_image_scale = segment(prediction, method="boundary", **params)
+    assert len(at_image_scale.masks) == 3
+    prediction.metadata["scale"] = 0.5
+    at_model_scale = segment(prediction, method="boundary", **params)
+    assert len(at_model_scale.masks) == 0
+    params["min_size"] = smallest // 8
+    found = segment(prediction, method="boundary", **params)
+    assert found.masks.shape == (3, 200, 240)
+    for mask in sample.masks:  # every worm found whole on the image's pixels
+        ious = (found.masks & mask).sum((1, 2)) / (found.masks | mask).sum((1, 2))
+        assert ious.max() > 0.8
+
+
+def test_predict_at_a_scale_returns_the_image_grid_and_caches_apart(tmp_path):
+    model = _tiny_model()
+    image = np.random.default_rng(0).normal(1000, 50, (90, 120)).astype(np.float32)
+    cache = tmp_path / "cache"
+    half = predict(image, model, "cpu", scale=0.5, cache=cache)
+    assert half.shape == (90, 120) and half.metadata["scale"] == 0.5
+    assert half.contrast.shape == (90, 120)
+    plain = predict(image, model, "cpu", cache=cache)
+    assert plain.metadata["scale"] == 1.0 and plain.metadata["cached"] is False
+    assert not np.allclose(plain.foreground, half.foreground)
+    again = predict(image, model, "cpu", scale=0.5, cache=cache)
+    assert again.metadata["cached"] is True and again.metadata["scale"] == 0.5
+    np.testing.assert_allclose(again.foreground, half.foreground)
+    with pytest.raises(ValueError, match="scale"):
+        predict(image, model, "cpu", scale=-2)
+
+
+def test_auto_scale_needs_the_model_object_width():
+    model = _tiny_model()
+    image = np.random.default_rng(0).normal(1000, 50, (64, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="object_width"):
+        predict(image, model, "cpu", scale="auto")
+
+
+def test_estimate_scale_without_foreground_is_none():
+    empty = prediction_from_masks(np.zeros((1, 40, 40), bool))
+    assert estimate_scale(empty, 8.0) is None
+
+
+def test_auto_scale_finds_worms_twice_the_training_width():
+    # the shipped model (object_width about 8 px) on the sample worms drawn twice as large
+    sample = make_worms(shape=(260, 348), n_worms=6, well=True, seed=2)
+    image = resize(sample.image, (520, 696), order=1, preserve_range=True).astype(np.float32)
+    from napari_instseg.core.weights import load_model
+
+    model = load_model()
+    assert 0.4 <= auto_scale(image, model, "cpu") <= 0.62
+    assert auto_scale(sample.image, model, "cpu") == 1.0
+    assert scaled_shape((520, 696), 0.5) == (260, 348)
