@@ -35,7 +35,7 @@ def widget(make_napari_viewer, monkeypatch, worms):
     oracle = prediction_from_masks(worms.masks, noise=0.1)  # noise: tau matters
     calls = []
 
-    def fake_predict(image, model=None, device="auto", progress=None, tta=1):
+    def fake_predict(image, model=None, device="auto", progress=None, tta=1, scale=1.0):
         calls.append(image.shape)
         if progress is not None:
             progress(1, 1)
@@ -295,7 +295,7 @@ def test_run_model_in_worker_cancel_and_cache(make_napari_viewer, monkeypatch, w
     oracle = prediction_from_masks(worms.masks)
     reports = []
 
-    def slow_predict(image, model=None, device="auto", progress=None, tta=1):
+    def slow_predict(image, model=None, device="auto", progress=None, tta=1, scale=1.0):
         for i in range(200):
             time.sleep(0.01)
             progress(i + 1, 200)  # raises Cancelled once the user pressed Cancel
@@ -475,6 +475,39 @@ def test_prediction_disk_cache_after_restart(make_napari_viewer, worms, tmp_path
     assert widget.session().prediction is second  # from memory, not recomputed
 
 
+def test_scale_field_runs_the_model_at_another_scale(make_napari_viewer, worms, tmp_path, qtbot):
+    """The scale field resizes the image for the network; layers stay on the image grid."""
+    from napari_instseg._napari.widget import MODEL_FILE, InstSegWidget
+    from napari_instseg.core.model import InstSegNet, ModelConfig
+    from napari_instseg.core.weights import save_model
+
+    compute.clear_cache()
+    net = InstSegNet(ModelConfig(channels=(4, 8), embedding_dim=4, head_channels=4))
+    path = save_model(net, tmp_path / "tiny.safetensors")  # no object_width: no "auto"
+    viewer = make_napari_viewer()
+    viewer.add_image(worms.image[:64, :96], name="img")
+    widget = InstSegWidget(viewer)
+    widget.model_combo.setCurrentText(MODEL_FILE)
+    widget.model_path.setText(str(path))
+    assert widget.scale() == 1.0
+    widget.scale_spin.setValue(0.5)
+    assert widget.scale() == 0.5
+    with qtbot.waitSignal(widget.prediction_shown, timeout=60000):
+        widget.run_model()
+    prediction = widget.session().prediction
+    assert prediction.metadata["scale"] == 0.5 and prediction.shape == (64, 96)
+    assert widget.viewer.layers["foreground"].data.shape == (64, 96)
+    assert "scale 0.5" in widget.status.text()
+    assert compute.is_cached(worms.image[:64, :96], str(path), 1, 0.5)
+    assert not compute.is_cached(worms.image[:64, :96], str(path), 1, 1.0)
+
+    widget.scale_spin.setValue(0.0)
+    assert widget.scale_spin.text() == "auto" and widget.scale() == "auto"
+    assert widget.run_model() is not None  # a worker
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60000)
+    assert "object_width" in widget.status.text()  # the model cannot estimate: said so
+
+
 def test_cache_dir_env_and_prune(tmp_path, monkeypatch):
     monkeypatch.setenv(compute.CACHE_ENV, "off")
     assert compute.cache_dir() is None
@@ -558,7 +591,7 @@ def test_images_share_one_set_of_map_layers(make_napari_viewer, monkeypatch, qtb
     second = make_worms(shape=(160, 160), n_worms=3, seed=4)
     oracles = [(s.image, prediction_from_masks(s.masks, noise=0.1)) for s in (first, second)]
 
-    def fake_predict(image, model=None, device="auto", progress=None, tta=1):
+    def fake_predict(image, model=None, device="auto", progress=None, tta=1, scale=1.0):
         return next(p for im, p in oracles if np.array_equal(np.asarray(image), im))
 
     monkeypatch.setattr(compute, "predict_image", fake_predict)

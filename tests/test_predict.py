@@ -370,3 +370,30 @@ def test_cli_predict_contrast_outlines_switch(cli_files, tmp_path):
     argv = ["predict", str(single), "--out", str(out), "--model", str(weights)]
     assert main([*argv, "--device", "cpu", "--no-contrast-outlines", "--no-debris-filter"]) == 0
     assert tifffile.imread(out / "worms_labels.tif").shape == (64, 80)
+
+
+def test_cli_predict_scale(cli_files, tmp_path, capsys):
+    import argparse
+
+    import tifffile
+
+    from napari_instseg.cli import main
+    from napari_instseg.cli.predict import configure
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    assert parser.parse_args(["x.tif", "--out", "o"]).scale == 1.0
+    assert parser.parse_args(["x.tif", "--out", "o", "--scale", "auto"]).scale == "auto"
+    assert parser.parse_args(["x.tif", "--out", "o", "--scale", "0.5"]).scale == 0.5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["x.tif", "--out", "o", "--scale", "0"])
+    assert "scale must be in" in capsys.readouterr().err
+    weights, _, single = cli_files
+    out = tmp_path / "out"
+    argv = ["predict", str(single), "--out", str(out), "--model", str(weights), "--save-maps"]
+    assert main([*argv, "--device", "cpu", "--scale", "0.5"]) == 0
+    assert tifffile.imread(out / "worms_labels.tif").shape == (64, 80)  # the image's grid
+    assert tifffile.imread(out / "worms_foreground.tif").shape == (64, 80)
+    # a model without a training width cannot estimate the scale: a clear error
+    assert main([*argv, "--device", "cpu", "--scale", "auto"]) == 1
+    assert "object_width" in capsys.readouterr().err

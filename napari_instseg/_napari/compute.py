@@ -207,6 +207,7 @@ def predict_image(
     device: str = "auto",
     progress: Callable[..., Any] | None = None,
     tta: int = 1,
+    scale: float | str = 1.0,
 ) -> Prediction:
     """Run the network on one 2D image, or read its maps from the on-disk cache.
 
@@ -226,6 +227,8 @@ def predict_image(
         Called by the core with progress information; may raise :class:`Cancelled`.
     tta : int
         Test-time augmentation passes (1, 2, 4 or 8; see ``core.predict.iter_predict``).
+    scale : float or "auto"
+        Resizing factor for objects of another size (see ``core.predict.predict``).
 
     Returns
     -------
@@ -243,6 +246,7 @@ def predict_image(
             tta=tta,
             progress=progress,
             cache=folder,
+            scale=scale,
         )
     if folder is not None and not prediction.metadata.get("cached", False):
         prune_cache(folder)
@@ -255,6 +259,7 @@ def cached_predict(
     device: str = "auto",
     progress: Callable[..., Any] | None = None,
     tta: int = 1,
+    scale: float | str = 1.0,
 ) -> Prediction:
     """Like :func:`predict_image`, but reuse the result for the same image and model.
 
@@ -270,31 +275,40 @@ def cached_predict(
         Progress callback passed to the core.
     tta : int
         Test-time augmentation passes; part of the cache key.
+    scale : float or "auto"
+        Resizing factor (see ``core.predict.predict``); part of the cache key.
 
     Returns
     -------
     Prediction
         The network outputs, possibly from the cache.
     """
-    key = _memory_key(image, model, tta)
+    key = _memory_key(image, model, tta, scale)
     if key in _PREDICTIONS:
         _PREDICTIONS.move_to_end(key)
         return _PREDICTIONS[key]
-    prediction = predict_image(image, model=model, device=device, progress=progress, tta=tta)
+    prediction = predict_image(
+        image, model=model, device=device, progress=progress, tta=tta, scale=scale
+    )
     _PREDICTIONS[key] = prediction
     while len(_PREDICTIONS) > _MAX_CACHED:
         _PREDICTIONS.popitem(last=False)
     return prediction
 
 
-def _memory_key(image: np.ndarray, model: str | Path | None, tta: int) -> tuple[str, str, str]:
-    """Key of :data:`_PREDICTIONS`: image content, model, augmentation passes."""
-    return (array_digest(image), model_key(model), f"tta{tta}" if tta != 1 else "")
+def _memory_key(
+    image: np.ndarray, model: str | Path | None, tta: int, scale: float | str = 1.0
+) -> tuple[str, str, str]:
+    """Key of :data:`_PREDICTIONS`: image content, model, augmentation passes, scale."""
+    options = (f"tta{tta}" if tta != 1 else "") + (f"scale{scale}" if scale != 1.0 else "")
+    return (array_digest(image), model_key(model), options)
 
 
-def is_cached(image: np.ndarray, model: str | Path | None = None, tta: int = 1) -> bool:
+def is_cached(
+    image: np.ndarray, model: str | Path | None = None, tta: int = 1, scale: float | str = 1.0
+) -> bool:
     """Whether :func:`cached_predict` would return without running the network."""
-    return _memory_key(image, model, tta) in _PREDICTIONS
+    return _memory_key(image, model, tta, scale) in _PREDICTIONS
 
 
 def clear_cache() -> None:

@@ -41,6 +41,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..core.scale import MAX_SCALE
 from . import compute
 from .finetune_widget import model_versions
 from .io import META
@@ -179,6 +180,20 @@ class InstSegWidget(QWidget):
             "either way."
         )
         form.addRow("", self.tta_check)
+        self.scale_spin = QDoubleSpinBox()
+        self.scale_spin.setRange(0.0, MAX_SCALE)
+        self.scale_spin.setDecimals(2)
+        self.scale_spin.setSingleStep(0.1)
+        self.scale_spin.setSpecialValueText("auto")  # shown at the minimum, 0
+        self.scale_spin.setValue(1.0)
+        self.scale_spin.setToolTip(
+            "Resize the image by this factor before the model sees it, for worms wider or "
+            "narrower than the model's (the shipped model's: about 8 px; a worm twice as "
+            "wide wants 0.5). Layers and labels stay on your image's pixels; sizes in "
+            "the segmentation options are in the model's pixels. 'auto' (0) estimates the "
+            "factor from quick passes of the model (one to five)."
+        )
+        form.addRow("scale", self.scale_spin)
         row = QHBoxLayout()
         self.run_btn = QPushButton("Run model")
         self.run_btn.setToolTip("Predict embeddings, seediness, boundaries (cached per image)")
@@ -534,6 +549,11 @@ class InstSegWidget(QWidget):
         path = self.model_path.text().strip()
         return path or None
 
+    def scale(self) -> float | str:
+        """The resizing factor for the model: the scale field, or ``"auto"`` at its 0."""
+        value = round(self.scale_spin.value(), 2)
+        return "auto" if value == 0.0 else value
+
     def _on_model_choice(self, index: int) -> None:
         custom = self.model_combo.currentText() == MODEL_FILE
         self.model_path.setEnabled(custom)
@@ -608,6 +628,7 @@ class InstSegWidget(QWidget):
         model = self.model_choice()
         device = self.device_combo.currentText() or "auto"
         tta = 8 if self.tta_check.isChecked() else 1
+        scale = self.scale()
         if self.model_combo.currentText() == MODEL_FILE and model is None:
             self._say("Choose a weights file (Browse...) or the shipped model.")
             return None
@@ -615,11 +636,11 @@ class InstSegWidget(QWidget):
         if model is not None and Path(model).name == "model.safetensors":
             name = Path(model).parent.name  # a fine-tuned version
         if blocking:
-            prediction = compute.cached_predict(image, model, device, tta=tta)
+            prediction = compute.cached_predict(image, model, device, tta=tta, scale=scale)
             self._show_prediction(session, prediction, name)
             return prediction
-        if compute.is_cached(image, model, tta):
-            prediction = compute.cached_predict(image, model, device, tta=tta)
+        if compute.is_cached(image, model, tta, scale):
+            prediction = compute.cached_predict(image, model, device, tta=tta, scale=scale)
             if session.prediction is prediction and session.labels_layer is not None:
                 self._say(f"Model {name}: already shown (cached).")
                 return prediction
@@ -639,9 +660,13 @@ class InstSegWidget(QWidget):
         @thread_worker
         def work() -> Any:
             try:
-                prediction = compute.cached_predict(image, model, device, progress=report, tta=tta)
+                prediction = compute.cached_predict(
+                    image, model, device, progress=report, tta=tta, scale=scale
+                )
             except compute.Cancelled:
                 return None
+            except ValueError as err:  # the input or a choice does not fit: say why
+                return f"Prediction failed: {err}"
             if self._cancel:  # pressed during the last tile: keep the result cached, show none
                 return None
             self._progress_state = ((), {"stage": "preparing layers"})
@@ -667,6 +692,9 @@ class InstSegWidget(QWidget):
     def _on_predicted(self, session: Session, result: Any, name: str) -> None:
         if result is None:
             self._say("Prediction cancelled.")
+            return
+        if isinstance(result, str):
+            self._say(result)
             return
         prediction, layers = result
         self._show_prediction(session, prediction, name, layers, incremental=True)
@@ -768,9 +796,12 @@ class InstSegWidget(QWidget):
         self._sync_param_fields()
         dev = prediction.metadata.get("device", "")
         cached = " (from the cache)" if prediction.metadata.get("cached") else ""
+        scale = float(prediction.metadata.get("scale") or 1.0)
+        estimated = " estimated" if prediction.metadata.get("scale_estimated") else ""
+        scaled = f" at scale {scale:g}{estimated}" if scale != 1.0 or estimated else ""
         self._say(
-            f"Model {name} done{' on ' + str(dev) if dev else ''}{cached}. Click a worm to "
-            "grow it, or 'Segment all'."
+            f"Model {name} done{' on ' + str(dev) if dev else ''}{scaled}{cached}. Click a "
+            "worm to grow it, or 'Segment all'."
         )
         self.prediction_shown.emit(session)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..core.evaluate import evaluate, format_table, parse_wells, to_json
 from ..core.types import Instances, Sample
-from .predict import tta_arg
+from .predict import SCALE_HELP, scale_arg, tta_arg
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="test-time augmentation passes with --model: 1, 2, 4 or 8 (default auto: what "
         "the model's parameters were tuned with)",
     )
+    parser.add_argument("--scale", type=scale_arg, default=1.0, help=f"with --model: {SCALE_HELP}")
     parser.add_argument("--device", default="auto", help="device for --model (auto|cpu|cuda|mps)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
 
@@ -121,7 +122,9 @@ def _predict_all(args: argparse.Namespace, samples: list[Sample]) -> list[Instan
     model = load_model(None if args.model == "default" else args.model)
     out = []
     for s in samples:
-        prediction = predict(s.image, model=model, device=args.device, tta=args.tta)
+        prediction = predict(
+            s.image, model=model, device=args.device, tta=args.tta, scale=args.scale
+        )
         out.append(segment(prediction, method=args.method))
         print(f"  {s.name}: {len(out[-1])} instances", flush=True)
     return out

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .predict import _load_model, output_name, tta_arg, write_labels
+from .predict import SCALE_HELP, _load_model, output_name, scale_arg, tta_arg, write_labels
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +57,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tta", type=tta_arg, default="auto", help="test-time augmentation passes (auto)"
     )
+    parser.add_argument("--scale", type=scale_arg, default=1.0, help=SCALE_HELP)
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     parser.add_argument("--cache", type=Path, help="zarr cache folder for predictions")
     parser.add_argument(
@@ -104,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
         if not worms:
             labels.append(np.zeros(image.shape[-2:], np.int64))
             continue
-        prediction = predict(image, model, args.device, tta=args.tta, cache=args.cache)
+        prediction = predict(
+            image, model, args.device, tta=args.tta, cache=args.cache, scale=args.scale
+        )
         instances = grow_instances(prediction, list(worms.values()), tau=args.tau, **options)
         labels.append(instances.to_labels())
         n_worms += len(instances)

@@ -74,6 +74,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="test-time augmentation passes: 1, 2, 4 or 8 (auto: what the model was tuned "
         "with; 8 for the shipped model, 8x the network time)",
     )
+    parser.add_argument("--scale", type=scale_arg, default=1.0, help=SCALE_HELP)
     parser.add_argument(
         "--contrast-outlines",
         action=argparse.BooleanOptionalAction,
@@ -139,6 +140,24 @@ def _segment_overrides(args: argparse.Namespace) -> dict[str, None]:
     if not getattr(args, "debris_filter", True):
         overrides["blob_filter"] = None
     return overrides
+
+
+def scale_arg(text: str) -> float | str:
+    """Parse ``--scale``: ``auto`` or a resizing factor in [0.1, 10]."""
+    from ..core.scale import check_scale
+
+    try:
+        return check_scale(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+#: Help of every command's ``--scale``.
+SCALE_HELP = (
+    "resize images by this factor before the model sees them, for worms wider (< 1) or "
+    "narrower (> 1) than the model's (shipped model: about 8 px wide); auto: estimate it "
+    "per image (default 1)"
+)
 
 
 def tta_arg(text: str) -> int | str:
@@ -248,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
                 tile_size=args.tile_size,
                 tta=args.tta,
                 cache=args.cache,
+                scale=args.scale,
             )
             instances = segment(prediction, args.method, **_segment_overrides(args))
             labels.append(instances.to_labels())
