@@ -402,6 +402,28 @@ def test_batch_predicts_with_the_models_recommended_tta(tmp_path):
         run_batch([tmp_path / "img.tif"], tmp_path / "bad.zarr", tta=3, **params)
 
 
+def test_batch_at_another_scale_matches_predict(tmp_path):
+    model = _tiny_model()
+    sample = make_worms(shape=(120, 160), n_worms=5, length=(25, 50), width=(5, 7), seed=2)
+    tifffile.imwrite(tmp_path / "img.tif", sample.image.astype(np.uint16))
+    image = sample.image.astype(np.uint16).astype(np.float32)
+    params = {"model": model, "device": "cpu", "method": "boundary", "save_maps": True}
+    half = run_batch([tmp_path / "img.tif"], tmp_path / "half.zarr", scale=0.5, **params)
+    plain = run_batch([tmp_path / "img.tif"], tmp_path / "plain.zarr", **params)
+    assert half.ok and plain.ok
+    expected = predict(image, model, "cpu", scale=0.5)
+    got = zarr.open_array(str(tmp_path / "half.zarr" / "maps" / "foreground" / "0"))[0]
+    other = zarr.open_array(str(tmp_path / "plain.zarr" / "maps" / "foreground" / "0"))[0]
+    assert got.shape == (120, 160)  # the image's grid
+    # the window is resized after normalisation, the whole image before: close, not equal
+    assert np.abs(got - expected.foreground).mean() < 0.5 * np.abs(other - got).mean()
+    assert _labels(tmp_path / "half.zarr").shape[-2:] == (120, 160)
+    with pytest.raises(ValueError, match="auto"):
+        run_batch([tmp_path / "img.tif"], tmp_path / "auto.zarr", scale="auto", **params)
+    with pytest.raises(ValueError, match="scale"):
+        run_batch([tmp_path / "img.tif"], tmp_path / "bad.zarr", scale=0, **params)
+
+
 # ---------------------------------------------------------------------------- CLI, napari
 
 

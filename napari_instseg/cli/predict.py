@@ -328,6 +328,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         halo=args.halo,
         tta=args.tta,
+        scale=args.scale,
         save_maps=args.save_maps,
         measurements=args.measurements,
         resume=args.resume,

@@ -81,6 +81,7 @@ from .io import (
     _to_nchw,
     read_image,
 )
+from .scale import check_scale, resize_image, resize_prediction
 from .types import Instances, Prediction
 
 __all__ = [
@@ -775,6 +776,7 @@ class _Job:
     torch_threads: int | None
     predictor: Callable[[np.ndarray, Chunk], Prediction] | None = None
     segmenter: Callable[..., Instances] | None = None
+    scale: float = 1.0
 
 
 def _work(out: str | Path) -> Path:
@@ -915,9 +917,23 @@ def _chunk_body(job: _Job, chunk: Chunk, stats: dict[str, Any], t0: float) -> di
         prediction = job.predictor(x, chunk)
     else:
         model = _worker_model(job.model_path, job.device, job.torch_threads)
-        prediction = predict_window(
-            x, model, job.device, (wr0, wc0), job.tile_size, job.tile_halo, job.tta
-        )
+        if job.scale == 1.0:
+            prediction = predict_window(
+                x, model, job.device, (wr0, wc0), job.tile_size, job.tile_halo, job.tta
+            )
+        else:  # the network runs at the model's scale; the maps come back to the window
+            origin = (round(wr0 * job.scale), round(wc0 * job.scale))
+            prediction = predict_window(
+                resize_image(x, job.scale),
+                model,
+                job.device,
+                origin,
+                job.tile_size,
+                job.tile_halo,
+                job.tta,
+            )
+            prediction = resize_prediction(prediction, x.shape[-2:])
+            prediction.metadata["scale"] = job.scale
     if prediction.shape != (wr1 - wr0, wc1 - wc0):
         raise ValueError(f"prediction is {prediction.shape}, the window {chunk.window}")
     if prediction.contrast is None and contrast is not None:
@@ -1317,6 +1333,7 @@ def run_batch(
     progress: Callable[[str, int, int], None] | None = None,
     predictor: Callable[[np.ndarray, Chunk], Prediction] | None = None,
     segmenter: Callable[..., Instances] | None = None,
+    scale: float = 1.0,
 ) -> BatchResult:
     """Predict, segment and measure many or large images with dask into one OME-Zarr store.
 
@@ -1366,6 +1383,12 @@ def run_batch(
     tta : int or "auto"
         Test-time augmentation passes, 1, 2, 4 or 8; ``"auto"`` (default): the model's
         ``recommended_tta``, what its segmentation parameters were tuned with.
+    scale : float
+        Resize every window by this factor before the network (objects of another size;
+        see :func:`napari_instseg.core.predict.predict`); the maps and labels stay on the
+        images' pixels and segmentation runs at the model's scale. ``"auto"`` is not
+        offered here: estimate the factor on one image (``predict(..., scale="auto")``)
+        and give the number, so that every chunk of a series is resized alike.
     progress : callable, optional
         Called with ``(stage, done, total)``; stages ``"chunks"``, ``"stitch"``, ``"write"``.
     predictor : callable, optional
@@ -1404,6 +1427,13 @@ def run_batch(
     from .normalize import INPUT_NORMS
     from .predict import resolve_tta
     from .weights import DEFAULT_NORMALIZATION, load_model, model_signature, save_model
+
+    scale = check_scale(scale)
+    if scale == "auto":
+        raise ValueError(
+            "scale='auto' is not offered for batches: estimate the factor on one image "
+            "(predict(image, scale='auto').metadata['scale'], or the widget) and give it"
+        )
 
     # the model: loaded here for its architecture and signature, saved into the store so
     # every worker (and a resumed run) uses exactly these weights
@@ -1447,6 +1477,8 @@ def run_batch(
     }
     if tta != 1:  # absent when 1: stores written before tta existed resume unchanged
         params["tta"] = tta
+    if scale != 1.0:
+        params["scale"] = scale
     key = _plan_key(plan, params)
     finished = _prepare_store(out, plan, key, resume, bool(save_maps), emb_dim)
     if finished:
@@ -1483,6 +1515,7 @@ def run_batch(
         torch_threads=torch_threads,
         predictor=predictor,
         segmenter=segmenter,
+        scale=scale,
     )
     saved_threads = None
     if executor.client is None and net is not None:
