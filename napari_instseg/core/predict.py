@@ -408,10 +408,10 @@ def predict(
     scale : float or "auto"
         Resize the image by this factor before the network sees it, for objects wider
         (``scale < 1``) or narrower (``> 1``) than the ones the model was trained on
-        (``model.metadata["object_width"]``, about 9 px for the shipped model); the outputs
+        (``model.metadata["object_width"]``, about 8 px for the shipped model); the outputs
         come back on the image's pixels and ``metadata["scale"]`` records the factor, which
         :func:`~napari_instseg.core.instances.segment` follows. ``"auto"`` estimates it
-        from one or two quick passes (see :func:`auto_scale`).
+        from three to six quick passes (see :func:`auto_scale`).
 
     Returns
     -------
