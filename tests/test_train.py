@@ -116,6 +116,9 @@ def test_tiny_run_then_resume(data, tmp_path):
     assert training["epoch"] in (1, 2)
     assert training["hardware"] and training["commit"]
     assert "val_grow_iou" in model.metadata["metrics"]
+    # the training worms' mean width, for predict(..., scale="auto"): these are drawn at most
+    # 5-8 px wide, tapering to their ends
+    assert 3.0 < model.metadata["object_width"] < 8.0
 
     # resume: raising the epochs continues at epoch 3, the log keeps its first rows
     first_rows = rows
