@@ -191,7 +191,7 @@ class InstSegWidget(QWidget):
             "narrower than the model's (the shipped model's: about 8 px; a worm twice as "
             "wide wants 0.5). Layers and labels stay on your image's pixels; sizes in "
             "the segmentation options are in the model's pixels. 'auto' (0) estimates the "
-            "factor from quick passes of the model (one to five)."
+            "factor from three to six quick passes of the model."
         )
         form.addRow("scale", self.scale_spin)
         row = QHBoxLayout()
