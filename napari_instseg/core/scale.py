@@ -41,7 +41,7 @@ __all__ = [
     "scaled_shape",
 ]
 
-#: Smallest and largest resizing factor accepted (a worm 40x wider or narrower than the
+#: Smallest and largest resizing factor accepted (a worm 10x wider or narrower than the
 #: model's would not be a worm to it).
 MIN_SCALE, MAX_SCALE = 0.1, 10.0
 #: ``scale="auto"`` keeps 1 when the estimate is within this factor of it (on BBBC010's
