@@ -13,6 +13,7 @@ from napari_instseg.core.model import InstSegNet, ModelConfig
 from napari_instseg.core.oracle import prediction_from_masks
 from napari_instseg.core.predict import auto_scale, predict
 from napari_instseg.core.scale import (
+    at_model_scale,
     check_scale,
     estimate_scale,
     object_width,
@@ -127,6 +128,90 @@ def test_predict_at_a_scale_returns_the_image_grid_and_caches_apart(tmp_path):
     np.testing.assert_allclose(again.foreground, half.foreground)
     with pytest.raises(ValueError, match="scale"):
         predict(image, model, "cpu", scale=-2)
+
+
+def test_predict_at_a_scale_keeps_the_network_grid_through_the_cache(tmp_path):
+    model = _tiny_model()
+    image = np.random.default_rng(1).normal(1000, 50, (90, 120)).astype(np.float32)
+    cache = tmp_path / "cache"
+    half = predict(image, model, "cpu", scale=0.5, cache=cache)
+    assert half.model_grid is not None and half.model_grid.shape == (45, 60)
+    assert half.model_grid.contrast.shape == (45, 60)
+    # the network's maps, of which the image-grid maps are the resized copy
+    np.testing.assert_allclose(
+        resize_prediction(half.model_grid, (90, 120)).foreground, half.foreground, atol=1e-6
+    )
+    assert predict(image, model, "cpu", cache=cache).model_grid is None  # scale 1: none
+    again = predict(image, model, "cpu", scale=0.5, cache=cache)
+    assert again.metadata["cached"] is True
+    np.testing.assert_array_equal(again.model_grid.embeddings, half.model_grid.embeddings)
+    np.testing.assert_array_equal(again.model_grid.contrast, half.model_grid.contrast)
+    # a scaled cache entry without the network's maps (an older version's) is not reused
+    import shutil
+
+    (store,) = [p for p in cache.iterdir() if (p / "model_grid").is_dir()]
+    shutil.rmtree(store / "model_grid")
+    redone = predict(image, model, "cpu", scale=0.5, cache=cache)
+    assert redone.metadata["cached"] is False and redone.model_grid is not None
+
+
+def _blank(prediction):
+    """The same prediction with no foreground anywhere on its own grid."""
+    import dataclasses
+
+    return dataclasses.replace(
+        prediction,
+        foreground=np.zeros_like(prediction.foreground),
+        boundary=np.ones_like(prediction.boundary),
+    )
+
+
+def test_segment_runs_on_the_network_grid_when_the_prediction_keeps_it():
+    sample = make_worms(
+        shape=(100, 120),
+        n_worms=3,
+        length=(50, 70),
+        width=(7, 9),
+        n_crossings=0,
+        n_touching=0,
+        seed=4,
+    )
+    network = prediction_from_masks(sample.masks)
+    params = {"min_size": 50, "split_factor": 0.0, "untangle_factor": 0.0}
+    # image-grid maps that show nothing: only the kept network grid can give the worms
+    shown = _blank(resize_prediction(network, (200, 240)))
+    shown.metadata["scale"] = 0.5
+    assert len(segment(shown, method="boundary", **params).masks) == 0
+    shown.model_grid = network
+    found = segment(shown, method="boundary", **params)
+    assert found.masks.shape == (3, 200, 240)
+    truth = resize_instances(Instances(masks=sample.masks), (200, 240)).masks
+    for mask in truth:
+        ious = (found.masks & mask).sum((1, 2)) / (found.masks | mask).sum((1, 2))
+        assert ious.max() > 0.9
+    # a kept grid of the wrong shape (the maps were resized since) is not used
+    shown.model_grid = prediction_from_masks(sample.masks[:, :50, :60])
+    assert len(segment(shown, method="boundary", **params).masks) == 0
+
+
+def test_at_model_scale_takes_the_metadata_and_contrast_of_the_prediction():
+    masks = make_worms(
+        shape=(64, 80), n_worms=2, length=(20, 40), width=(5, 7), n_crossings=0, n_touching=0
+    ).masks
+    network = prediction_from_masks(masks)
+    shown = resize_prediction(network, (128, 160))
+    shown.contrast = np.full((128, 160), 0.7, np.float32)
+    shown.metadata.update(scale=0.5, segment_params={"boundary": {"min_size": 10}})
+    assert at_model_scale(shown).shape == (64, 80)  # no kept grid: the maps resized
+    shown.model_grid = network
+    on_grid = at_model_scale(shown)
+    assert on_grid.embeddings is network.embeddings and on_grid.model_grid is None
+    assert on_grid.metadata["scale"] == 1.0
+    assert on_grid.metadata["segment_params"] == {"boundary": {"min_size": 10}}
+    np.testing.assert_allclose(on_grid.contrast, 0.7)  # the prediction's, resized
+    plain = prediction_from_masks(masks)
+    assert at_model_scale(plain) is plain
+    assert resize_prediction(shown, (64, 80)).model_grid is None
 
 
 def test_auto_scale_needs_the_model_object_width():

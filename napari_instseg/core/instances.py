@@ -35,7 +35,7 @@ from skimage.segmentation import watershed
 
 from .edges import DEFAULT_SOLIDITY_RANGE, refine_edges
 from .grow import Grower, d2_threshold, get_grower
-from .scale import resize_instances, resize_prediction, scaled_shape
+from .scale import at_model_scale, resize_instances
 from .shape import bounding_box, elongation, solidity
 from .types import Instances, Prediction
 from .untangle import untangle
@@ -981,8 +981,9 @@ def segment(prediction: Prediction, method: str = "auto", **params: object) -> I
         it, it raises; a tuned refinement is skipped without it.
 
         A prediction made at another scale (``predict(..., scale=s)``, recorded in
-        ``prediction.metadata["scale"]``) is segmented on its maps resized to the model's
-        scale, so that every size and distance above is in the model's pixels; the masks
+        ``prediction.metadata["scale"]``) is segmented on the network's own maps
+        (``prediction.model_grid``, or the maps resized to the model's scale when it has
+        none), so that every size and distance above is in the model's pixels; the masks
         come back on the image's pixels.
 
     Returns
@@ -994,9 +995,8 @@ def segment(prediction: Prediction, method: str = "auto", **params: object) -> I
     metadata = getattr(prediction, "metadata", None) or {}
     scale = float(metadata.get("scale") or 1.0)
     if scale != 1.0:
-        at_model_scale = resize_prediction(prediction, scaled_shape(prediction.shape, scale))
-        at_model_scale.metadata["scale"] = 1.0
-        return resize_instances(segment(at_model_scale, method, **params), prediction.shape)
+        on_model_grid = at_model_scale(prediction)
+        return resize_instances(segment(on_model_grid, method, **params), prediction.shape)
     if method == "auto":
         method = str(metadata.get("recommended_method") or "hybrid")
     if method not in funcs:

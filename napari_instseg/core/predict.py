@@ -18,6 +18,7 @@ import shutil
 from collections.abc import Callable, Generator
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -459,8 +460,10 @@ def predict(
             break
         if progress is not None:
             progress(done, total)
-    if scale != 1.0:
+    if scale != 1.0:  # the network's own maps are kept for segment() (model_grid)
+        network_grid = prediction
         prediction = resize_prediction(prediction, chw.shape[-2:])
+        prediction.model_grid = network_grid
     prediction.metadata["scale"] = scale
     if estimated:
         prediction.metadata["scale_estimated"] = True
@@ -546,6 +549,19 @@ def auto_scale(
 _FIELDS = ("embeddings", "seediness", "class_scores", "boundary", "foreground")
 
 
+def _write_maps(group: Any, prediction: Prediction) -> None:
+    for name in _FIELDS + (("contrast",) if prediction.contrast is not None else ()):
+        arr = getattr(prediction, name)
+        group.create_array(name, shape=arr.shape, dtype=arr.dtype)[...] = arr
+
+
+def _read_maps(group: Any) -> dict[str, np.ndarray]:
+    arrays = {name: np.asarray(group[name][...]) for name in _FIELDS}
+    if "contrast" in group:
+        arrays["contrast"] = np.asarray(group["contrast"][...])
+    return arrays
+
+
 def _write_cache(store: Path, prediction: Prediction) -> None:
     import zarr
 
@@ -553,9 +569,9 @@ def _write_cache(store: Path, prediction: Prediction) -> None:
     tmp = store.with_name(f".{store.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     group = zarr.open_group(str(tmp), mode="w")
-    for name in _FIELDS + (("contrast",) if prediction.contrast is not None else ()):
-        arr = getattr(prediction, name)
-        group.create_array(name, shape=arr.shape, dtype=arr.dtype)[...] = arr
+    _write_maps(group, prediction)
+    if prediction.model_grid is not None:
+        _write_maps(group.create_group("model_grid"), prediction.model_grid)
     group.attrs["taus"] = list(prediction.taus)
     group.attrs["metadata"] = {k: v for k, v in prediction.metadata.items() if k != "cached"}
     group.attrs["complete"] = True
@@ -574,11 +590,14 @@ def _read_cache(store: Path) -> Prediction | None:
         group = zarr.open_group(str(store), mode="r")
         if not group.attrs.get("complete"):
             return None
-        arrays = {name: np.asarray(group[name][...]) for name in _FIELDS}
-        if "contrast" in group:
-            arrays["contrast"] = np.asarray(group["contrast"][...])
         meta = dict(group.attrs.get("metadata", {}))
+        taus = tuple(group.attrs["taus"])
+        network_grid = None
+        if "model_grid" in group:
+            network_grid = Prediction(**_read_maps(group["model_grid"]), taus=taus)
+        elif float(meta.get("scale") or 1.0) != 1.0:
+            return None  # written before the network's maps were kept: predict again
         meta["cached"] = True
-        return Prediction(**arrays, taus=tuple(group.attrs["taus"]), metadata=meta)
+        return Prediction(**_read_maps(group), taus=taus, metadata=meta, model_grid=network_grid)
     except (KeyError, ValueError, OSError):
         return None

@@ -146,7 +146,39 @@ def resize_prediction(prediction: Prediction, shape: tuple[int, int]) -> Predict
         foreground=_resize_maps(prediction.foreground, shape),
         contrast=None if prediction.contrast is None else _resize_maps(prediction.contrast, shape),
         metadata=dict(prediction.metadata),
+        model_grid=None,
     )
+
+
+def at_model_scale(prediction: Prediction) -> Prediction:
+    """A prediction made at another scale, on the grid the network ran on.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        Outputs on the image's grid; ``metadata["scale"]`` is the factor the image was
+        resized by for the network (absent or 1: returned as it is).
+
+    Returns
+    -------
+    Prediction
+        Its ``model_grid`` (the network's own maps, kept by
+        :func:`~napari_instseg.core.predict.predict`) when it has one of the right shape,
+        else its maps resized to :func:`scaled_shape`; ``metadata`` is the prediction's
+        with ``scale`` 1.
+    """
+    scale = float(prediction.metadata.get("scale") or 1.0)
+    if scale == 1.0:
+        return prediction
+    shape = scaled_shape(prediction.shape, scale)
+    metadata = {**prediction.metadata, "scale": 1.0}
+    grid = prediction.model_grid
+    if grid is None or grid.shape != shape:
+        return dataclasses.replace(resize_prediction(prediction, shape), metadata=metadata)
+    contrast = grid.contrast
+    if contrast is None and prediction.contrast is not None:
+        contrast = _resize_maps(prediction.contrast, shape)
+    return dataclasses.replace(grid, metadata=metadata, contrast=contrast, model_grid=None)
 
 
 def resize_instances(instances: Instances, shape: tuple[int, int]) -> Instances:
