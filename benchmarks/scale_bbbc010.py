@@ -5,7 +5,8 @@ factor of 2 makes the worms twice as wide, as a higher magnification would), the
 predicted and segmented three ways with the model's stored parameters: as they are
 (``scale=1``), at the known factor (``scale=1/factor``, what a user who measured the worms
 gives) and with ``scale="auto"`` (estimated from the predicted foreground). Prints COCO AP /
-AP50 and avS / S0.5 per factor and way, and the median estimated scale.
+AP50 and avS / S0.5 per factor and way, the median estimated scale, and the mean IoU of one
+click per worm (its most central pixel, tau 0.5, as the plugin's click grows it).
 
     python benchmarks/scale_bbbc010.py [--wells A11-A12,B11-B12,C01-C02,B13-B24]
         [--factors 0.5,0.7,1.0,1.4,2.0] [--tta 1] [--model W.safetensors]
@@ -19,10 +20,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 from skimage.transform import resize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from napari_instseg.core.evaluate import evaluate  # noqa: E402
+from napari_instseg.core.grow import grow  # noqa: E402
 from napari_instseg.core.instances import segment  # noqa: E402
 from napari_instseg.core.io import read_bbbc010  # noqa: E402
 from napari_instseg.core.predict import predict  # noqa: E402
@@ -40,6 +43,16 @@ def resized_sample(image: np.ndarray, masks: np.ndarray, factor: float):
     return big.astype(np.float32), gt
 
 
+def click_ious(prediction, masks: np.ndarray) -> list[float]:
+    """IoU of the mask grown (tau 0.5) from each worm's most central pixel."""
+    ious = []
+    for mask in masks:
+        centre = np.unravel_index(np.argmax(ndimage.distance_transform_edt(mask)), mask.shape)
+        grown = grow(prediction, [centre], tau=0.5)
+        ious.append((grown & mask).sum() / max((grown | mask).sum(), 1))
+    return ious
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DATA))
@@ -51,7 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(args.model)
     samples = read_bbbc010(args.data, parse_names(args.wells), with_w1=False)
     print(f"{len(samples)} images, model object width {model.metadata.get('object_width')} px")
-    print(f"{'factor':>6} {'scale':>10} {'AP':>6} {'AP50':>6} {'avS':>6} {'S0.5':>6} {'s/img':>6}")
+    print(
+        f"{'factor':>6} {'scale':>10} {'AP':>6} {'AP50':>6} {'avS':>6} {'S0.5':>6} "
+        f"{'s/img':>6} {'click':>6}"
+    )
     for factor in (float(f) for f in args.factors.split(",")):
         data = [resized_sample(s.image, s.masks, factor) for s in samples]
         truth = [gt for _, gt in data]
@@ -61,12 +77,15 @@ def main(argv: list[str] | None = None) -> None:
             predictions = [predict(img, model, tta=args.tta, scale=scale) for img, _ in data]
             found = [segment(p) for p in predictions]
             per_image = (time.perf_counter() - t0) / len(data)
+            clicks = [
+                v for p, gt in zip(predictions, truth, strict=True) for v in click_ious(p, gt)
+            ]
             r = evaluate(found, truth)
             median_scale = float(np.median([p.metadata["scale"] for p in predictions]))
             label = f"auto {median_scale:.2f}" if way == "auto" else way
             print(
                 f"{factor:6.2f} {label:>10} {r['AP']:6.3f} {r['AP50']:6.3f} {r['avS']:6.3f} "
-                f"{r['S']['0.5']:6.3f} {per_image:6.2f}",
+                f"{r['S']['0.5']:6.3f} {per_image:6.2f} {np.mean(clicks):6.3f}",
                 flush=True,
             )
 

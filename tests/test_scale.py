@@ -18,6 +18,7 @@ from napari_instseg.core.scale import (
     estimate_scale,
     object_width,
     resize_instances,
+    resize_mask,
     resize_prediction,
     scaled_shape,
 )
@@ -236,3 +237,49 @@ def test_auto_scale_finds_worms_twice_the_training_width():
     assert 0.4 <= auto_scale(image, model, "cpu") <= 0.62
     assert auto_scale(sample.image, model, "cpu") == 1.0
     assert scaled_shape((520, 696), 0.5) == (260, 348)
+
+
+def test_resize_mask_matches_a_whole_image_resize():
+    rng = np.random.default_rng(0)
+    for small, big in [((50, 60), (100, 120)), ((100, 120), (50, 60)), ((45, 61), (90, 121))]:
+        for _ in range(5):
+            mask = np.zeros(small, bool)
+            for _ in range(3):
+                centre = (rng.integers(0, small[0]), rng.integers(0, small[1]))
+                mask[disk(centre, rng.integers(2, 12), shape=small)] = True
+            whole = resize(mask.astype(np.float32), big, order=1, anti_aliasing=False) >= 0.5
+            ours = resize_mask(mask, big)
+            assert (ours != whole).sum() <= max(2, 0.005 * whole.sum())
+    assert not resize_mask(np.zeros((10, 10), bool), (20, 20)).any()
+
+
+def test_grow_on_a_scaled_prediction_runs_on_the_network_grid():
+    from napari_instseg.core.grow import Grower, grow
+
+    sample = make_worms(
+        shape=(100, 120),
+        n_worms=3,
+        length=(50, 70),
+        width=(7, 9),
+        n_crossings=0,
+        n_touching=0,
+        seed=4,
+    )
+    network = prediction_from_masks(sample.masks)
+    truth = resize_instances(Instances(masks=sample.masks), (200, 240)).masks
+    shown = _blank(resize_prediction(network, (200, 240)))
+    shown.embeddings = np.zeros_like(shown.embeddings)  # every pixel alike on the image grid
+    shown.metadata["scale"] = 0.5
+    worm = truth[0]
+    click = tuple(int(v) for v in np.argwhere(worm)[len(np.argwhere(worm)) // 2])
+    blind = grow(shown, [click], tau=0.5, edge_thresholds=None)
+    assert (blind & worm).sum() / (blind | worm).sum() < 0.5
+    shown.model_grid = network
+    for source in (shown, Grower(shown)):
+        mask = grow(source, [click], tau=0.5, edge_thresholds=None)
+        assert mask.shape == (200, 240) and mask[click]
+        assert (mask & worm).sum() / (mask | worm).sum() > 0.9
+    with pytest.raises(ValueError, match="outside"):
+        grow(shown, [(250, 10)], tau=0.5)
+    with pytest.raises(ValueError, match="tau"):
+        grow(shown, [click], tau=1.5)

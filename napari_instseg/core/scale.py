@@ -175,10 +175,61 @@ def at_model_scale(prediction: Prediction) -> Prediction:
     grid = prediction.model_grid
     if grid is None or grid.shape != shape:
         return dataclasses.replace(resize_prediction(prediction, shape), metadata=metadata)
-    contrast = grid.contrast
-    if contrast is None and prediction.contrast is not None:
-        contrast = _resize_maps(prediction.contrast, shape)
-    return dataclasses.replace(grid, metadata=metadata, contrast=contrast, model_grid=None)
+    # the kept object itself (brought in step with the prediction), so that what is cached
+    # per prediction object (a Grower between clicks) is reused
+    grid.metadata = metadata
+    if grid.contrast is None and prediction.contrast is not None:
+        grid.contrast = _resize_maps(prediction.contrast, shape)
+    return grid
+
+
+def move_points(points: np.ndarray, shape: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
+    """(K, 2) pixels of an image of ``shape`` moved to a resized ``grid`` (pixel centres)."""
+    factor = np.array(grid, np.float64) / np.array(shape, np.float64)
+    moved = np.floor((np.asarray(points, np.float64).reshape(-1, 2) + 0.5) * factor)
+    return np.minimum(moved.astype(np.int64), np.array(grid) - 1)
+
+
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A bool mask resized to ``shape``: bilinear, kept where >= 0.5, only around the mask.
+
+    Parameters
+    ----------
+    mask : np.ndarray
+        (h, w) bool.
+    shape : tuple of int
+        Target (H, W).
+
+    Returns
+    -------
+    np.ndarray
+        (H, W) bool. Pixel centres map as in ``skimage.transform.resize``; only the
+        target pixels within one source pixel of the mask's bounding box are computed, so
+        a small mask on a large image costs little (a click).
+    """
+    mask = np.asarray(mask, bool)
+    out = np.zeros(shape, bool)
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return out
+    cols = np.flatnonzero(mask.any(axis=0))
+    boxes = []
+    for first, last, n_src, n_dst in (
+        (rows[0], rows[-1], mask.shape[0], shape[0]),
+        (cols[0], cols[-1], mask.shape[1], shape[1]),
+    ):
+        step = n_src / n_dst  # source pixels per target pixel
+        lo = max(0, math.floor((first - 1 + 0.5) / step - 0.5))
+        hi = min(n_dst, math.ceil((last + 1 + 0.5) / step - 0.5) + 1)
+        src_lo, src_hi = max(0, first - 2), min(n_src, last + 3)
+        coords = np.clip((np.arange(lo, hi) + 0.5) * step - 0.5, 0, n_src - 1) - src_lo
+        boxes.append((lo, hi, src_lo, src_hi, coords))
+    (r0, r1, sr0, sr1, ry), (c0, c1, sc0, sc1, cx) = boxes
+    crop = mask[sr0:sr1, sc0:sc1].astype(np.float32)
+    grid_r, grid_c = np.meshgrid(ry, cx, indexing="ij")
+    values = ndimage.map_coordinates(crop, [grid_r, grid_c], order=1, mode="nearest")
+    out[r0:r1, c0:c1] = values >= 0.5
+    return out
 
 
 def resize_instances(instances: Instances, shape: tuple[int, int]) -> Instances:
@@ -202,13 +253,10 @@ def resize_instances(instances: Instances, shape: tuple[int, int]) -> Instances:
         return instances
     masks = np.zeros((len(instances.masks), H, W), bool)
     for i, mask in enumerate(instances.masks):
-        masks[i] = resize(mask.astype(np.float32), (H, W), order=1, anti_aliasing=False) >= 0.5
+        masks[i] = resize_mask(mask, (H, W))
     seeds = instances.seeds
     if seeds is not None:
-        factor = np.array([H / h, W / w])
-        seeds = np.asarray(seeds, np.float64).reshape(-1, 2)
-        seeds = np.floor((seeds + 0.5) * factor).astype(np.int64)
-        seeds = np.minimum(seeds, [H - 1, W - 1])
+        seeds = move_points(seeds, (h, w), (H, W))
     return dataclasses.replace(instances, masks=masks, seeds=seeds)
 
 
