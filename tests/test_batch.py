@@ -418,10 +418,61 @@ def test_batch_at_another_scale_matches_predict(tmp_path):
     # the window is resized after normalisation, the whole image before: close, not equal
     assert np.abs(got - expected.foreground).mean() < 0.5 * np.abs(other - got).mean()
     assert _labels(tmp_path / "half.zarr").shape[-2:] == (120, 160)
-    with pytest.raises(ValueError, match="auto"):
+    assert half.report["scale"] == 0.5 and "scale_estimates" not in half.report
+    with pytest.raises(ValueError, match="object_width"):  # auto needs the model's width
         run_batch([tmp_path / "img.tif"], tmp_path / "auto.zarr", scale="auto", **params)
+    assert not (tmp_path / "auto.zarr").exists()
     with pytest.raises(ValueError, match="scale"):
         run_batch([tmp_path / "img.tif"], tmp_path / "bad.zarr", scale=0, **params)
+
+
+def test_batch_auto_scale_is_estimated_once_for_the_series(tmp_path, monkeypatch):
+    import napari_instseg.core.predict as predict_module
+
+    model = _tiny_model()
+    model.metadata = {"object_width": 8.0}
+    for index in range(4):
+        sample = make_worms(shape=(96, 128), n_worms=3, length=(25, 50), seed=index)
+        tifffile.imwrite(tmp_path / f"img{index}.tif", sample.image.astype(np.uint16))
+    measured = []
+
+    def fake_auto_scale(image, model, device="auto", tile_size=1024, halo=64):
+        measured.append(image.shape)
+        return [0.5, 0.52, 0.7][len(measured) - 1]  # first, middle, last plane
+
+    monkeypatch.setattr(predict_module, "auto_scale", fake_auto_scale)
+    params = {"model": model, "device": "cpu", "method": "boundary", "save_maps": True}
+    inputs = [tmp_path / f"img{i}.tif" for i in range(4)]
+    auto = run_batch(inputs, tmp_path / "auto.zarr", scale="auto", **params)
+    assert auto.ok and len(measured) == 3  # three of the four planes, once each
+    assert auto.report["scale"] == 0.52 and auto.report["scale_estimates"] == [0.5, 0.52, 0.7]
+    fixed = run_batch(inputs, tmp_path / "fixed.zarr", scale=0.52, **params)
+    for name in ("foreground", "boundary"):  # every window resized by the one factor
+        got = zarr.open_array(str(tmp_path / "auto.zarr" / "maps" / name / "0"))[...]
+        np.testing.assert_array_equal(got, zarr.open_array(str(fixed.out / "maps" / name / "0")))
+    # a rerun of the same job resumes with the kept estimate, measuring nothing again
+    again = run_batch(inputs, tmp_path / "auto.zarr", scale="auto", **params)
+    assert len(measured) == 3 and again.report["scale"] == 0.52
+    with pytest.raises(ValueError, match="predictor"):
+        run_batch(inputs, tmp_path / "p.zarr", scale="auto", predictor=lambda x, c: None)
+
+
+def test_cli_batch_auto_scale_prints_the_series_factor(tmp_path, capsys, monkeypatch):
+    import napari_instseg.core.predict as predict_module
+    from napari_instseg.cli import main
+    from napari_instseg.core.weights import save_model
+
+    monkeypatch.setattr(predict_module, "auto_scale", lambda image, *a, **k: 0.6)
+    sample = make_worms(shape=(64, 80), n_worms=3, length=(25, 40), width=(5, 7), seed=0)
+    tifffile.imwrite(tmp_path / "a.tif", sample.image.astype(np.uint16))
+    argv = ["predict", str(tmp_path / "a.tif"), "--out", str(tmp_path / "res.zarr")]
+    argv += ["--method", "boundary", "--device", "cpu", "--scale", "auto", "--model"]
+    older = save_model(_tiny_model(), tmp_path / "older.safetensors", {"name": "older"})
+    assert main([*argv, str(older)]) == 1  # no training width: refused, nothing written
+    assert "object_width" in capsys.readouterr().err and not (tmp_path / "res.zarr").exists()
+    weights = save_model(_tiny_model(), tmp_path / "w.safetensors", {"object_width": 8.0})
+    assert main([*argv, str(weights)]) == 0
+    assert "scale 0.6 for every image (estimated on planes: 0.6)" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------- CLI, napari

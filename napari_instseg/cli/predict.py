@@ -156,7 +156,7 @@ def scale_arg(text: str) -> float | str:
 SCALE_HELP = (
     "resize images by this factor before the model sees them, for worms wider (< 1) or "
     "narrower (> 1) than the model's (shipped model: about 8 px wide); auto: estimate it "
-    "per image (default 1)"
+    "per image, or with --out *.zarr once for the whole series (default 1)"
 )
 
 
@@ -346,6 +346,9 @@ def _run_batch(args: argparse.Namespace) -> int:
         f"{chunks['computed']} computed, {chunks['skipped']} already done, "
         f"{chunks['failed']} failed ({report['seconds']['total']:.1f} s, {report['scheduler']})"
     )
+    if report.get("scale_estimates") is not None:
+        estimates = ", ".join(f"{v:g}" for v in report["scale_estimates"])
+        print(f"scale {report['scale']:g} for every image (estimated on planes: {estimates})")
     for item in report["skipped_inputs"]:
         print(f"skipped {item['path']}: {item['error']}", file=sys.stderr)
     for item in report["failed_chunks"]:

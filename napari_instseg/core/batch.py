@@ -87,6 +87,7 @@ from .types import Instances, Prediction
 __all__ = [
     "BatchPlan",
     "BatchResult",
+    "estimate_batch_scale",
     "Chunk",
     "find_inputs",
     "match_overlap",
@@ -777,6 +778,7 @@ class _Job:
     predictor: Callable[[np.ndarray, Chunk], Prediction] | None = None
     segmenter: Callable[..., Instances] | None = None
     scale: float = 1.0
+    scale_estimates: list[float] | None = None
 
 
 def _work(out: str | Path) -> Path:
@@ -1315,6 +1317,65 @@ def _combine(tables: list[Any]) -> Any:
     return out[first + rest]
 
 
+#: Planes of a series (first, middle, last) whose central window ``scale="auto"`` measures.
+AUTO_SCALE_SAMPLES = 3
+#: Side of the central window measured in each of them, pixels.
+AUTO_SCALE_WINDOW = 1024
+
+
+def estimate_batch_scale(
+    plan: BatchPlan,
+    model: Any,
+    channel_axis: int | None = None,
+    device: str = "auto",
+    samples: int = AUTO_SCALE_SAMPLES,
+    window: int = AUTO_SCALE_WINDOW,
+) -> tuple[float, list[float]]:
+    """One resizing factor for a whole series: ``scale="auto"`` on a few of its planes.
+
+    Parameters
+    ----------
+    plan : BatchPlan
+        The series (see :func:`plan_batch`).
+    model : InstSegNet
+        A model whose metadata has ``object_width``.
+    channel_axis : int, optional
+        Channel axis of the stored inputs.
+    device : str
+        Where the estimation passes run.
+    samples : int
+        How many planes, spread evenly from the first to the last, are measured.
+    window : int
+        Side of the central window of each plane that is measured (whole planes when
+        smaller).
+
+    Returns
+    -------
+    float
+        The median of the planes' estimates (:func:`~napari_instseg.core.predict.auto_scale`),
+        two decimals; 1.0 within ``SCALE_TOLERANCE`` of 1.
+    list of float
+        Each measured plane's estimate.
+    """
+    from .predict import auto_scale
+    from .scale import SCALE_TOLERANCE
+
+    n = len(plan.planes)
+    picks = sorted({round(float(i)) for i in np.linspace(0, n - 1, max(1, min(samples, n)))})
+    _, h, w = plan.shape
+    r0, c0 = max(0, (h - window) // 2), max(0, (w - window) // 2)
+    estimates = []
+    for plane in picks:
+        path, p = plan.source_of(plane)
+        arr = open_input(path, channel_axis)[p, :, r0 : r0 + window, c0 : c0 + window]
+        raw = np.asarray(arr.compute(scheduler="sync"), np.float32)
+        estimates.append(float(auto_scale(raw, model, device)))
+    scale = round(float(np.median(estimates)), 2)
+    if abs(math.log(scale)) <= math.log(SCALE_TOLERANCE):
+        scale = 1.0
+    return scale, estimates
+
+
 def run_batch(
     inputs: Iterable[str | Path],
     out: str | Path,
@@ -1387,12 +1448,14 @@ def run_batch(
     tta : int or "auto"
         Test-time augmentation passes, 1, 2, 4 or 8; ``"auto"`` (default): the model's
         ``recommended_tta``, what its segmentation parameters were tuned with.
-    scale : float
+    scale : float or "auto"
         Resize every window by this factor before the network (objects of another size;
         see :func:`napari_instseg.core.predict.predict`); the maps and labels stay on the
-        images' pixels and segmentation runs at the model's scale. ``"auto"`` is not
-        offered here: estimate the factor on one image (``predict(..., scale="auto")``)
-        and give the number, so that every chunk of a series is resized alike.
+        images' pixels and segmentation runs at the model's scale. ``"auto"``: one factor
+        for the whole series, estimated once on the central window of its first, middle
+        and last planes (:func:`estimate_batch_scale`, the median), so that every chunk is
+        resized alike; kept in the store, so a resumed run uses the same, and reported
+        (``report["scale"]``, ``report["scale_estimates"]``).
     progress : callable, optional
         Called with ``(stage, done, total)``; stages ``"chunks"``, ``"stitch"``, ``"write"``.
     predictor : callable, optional
@@ -1433,11 +1496,8 @@ def run_batch(
     from .weights import DEFAULT_NORMALIZATION, load_model, model_signature, save_model
 
     scale = check_scale(scale)
-    if scale == "auto":
-        raise ValueError(
-            "scale='auto' is not offered for batches: estimate the factor on one image "
-            "(predict(image, scale='auto').metadata['scale'], or the widget) and give it"
-        )
+    if scale == "auto" and predictor is not None:
+        raise ValueError("scale='auto' needs the model: give a number with a custom predictor")
 
     # the model: loaded here for its architecture and signature, saved into the store so
     # every worker (and a resumed run) uses exactly these weights
@@ -1461,6 +1521,10 @@ def run_batch(
         if save_maps and not emb_dim:
             raise ValueError("save_maps with a custom predictor needs predictor.embedding_dim")
         identity = getattr(predictor, "__qualname__", type(predictor).__name__)
+    if scale == "auto":
+        from .predict import model_object_width
+
+        model_object_width(net)  # before the store is made: a clear error for older models
     if norm["input_norm"] not in INPUT_NORMS:
         raise ValueError(f"the model's input normalisation {norm['input_norm']!r} is unknown")
 
@@ -1489,6 +1553,16 @@ def run_batch(
         report = _read_json(_work(out) / "complete.json")
         report["chunks"].update(computed=0, skipped=report["chunks"]["total"])
         return BatchResult(out, report, out / report["measurements"])
+
+    scale_estimates = None
+    if scale == "auto":  # once per series, kept for a resumed run
+        scale_file = _work(out) / "scale.json"
+        kept = _read_json(scale_file)
+        if kept is None:
+            estimate, scale_estimates = estimate_batch_scale(plan, net, channel_axis, device)
+            kept = {"scale": estimate, "estimates": scale_estimates}
+            _atomic_json(scale_file, kept)
+        scale, scale_estimates = float(kept["scale"]), list(kept["estimates"])
 
     model_path = None
     if net is not None:
@@ -1520,6 +1594,7 @@ def run_batch(
         predictor=predictor,
         segmenter=segmenter,
         scale=scale,
+        scale_estimates=scale_estimates,
     )
     saved_threads = None
     if executor.client is None and net is not None:
@@ -1711,6 +1786,8 @@ def _execute(
             "failed": len(failed),
         },
         "failed_chunks": failed,
+        "scale": job.scale,
+        **({"scale_estimates": job.scale_estimates} if job.scale_estimates is not None else {}),
         "instances": n_instances,
         "measurements": table_name,
         "scheduler": executor.kind,

@@ -477,6 +477,25 @@ def predict(
 AUTO_SCALE_PASSES = (1.0, 0.5, 0.25)
 
 
+def model_object_width(model: InstSegNet) -> float:
+    """The typical width of a model's training objects, pixels (``scale="auto"`` needs it).
+
+    Raises
+    ------
+    ValueError
+        When the model's metadata has no ``object_width`` (models trained before it
+        was recorded).
+    """
+    reference = (getattr(model, "metadata", {}) or {}).get("object_width")
+    if not reference:
+        raise ValueError(
+            "scale='auto' needs the width of the model's training objects "
+            "(metadata 'object_width'), which this model does not have; give the scale "
+            "as a number (the model's object width over yours)"
+        )
+    return float(reference)
+
+
 def auto_scale(
     image: np.ndarray,
     model: InstSegNet,
@@ -515,14 +534,7 @@ def auto_scale(
     ValueError
         When the model's metadata has no ``object_width``.
     """
-    reference = (getattr(model, "metadata", {}) or {}).get("object_width")
-    if not reference:
-        raise ValueError(
-            "scale='auto' needs the width of the model's training objects "
-            "(metadata 'object_width'), which this model does not have; give the scale "
-            "as a number (the model's object width over yours)"
-        )
-    reference = float(reference)
+    reference = model_object_width(model)
     close = math.log(SCALE_TOLERANCE)
 
     def estimate(scale: float) -> float | None:
