@@ -222,6 +222,28 @@ def test_auto_scale_needs_the_model_object_width():
         predict(image, model, "cpu", scale="auto")
 
 
+def test_auto_scale_is_estimated_once_per_image_with_a_cache(tmp_path, monkeypatch):
+    import napari_instseg.core.predict as predict_module
+
+    model = _tiny_model()
+    calls = []
+
+    def fake_auto_scale(image, model, device="auto", tile_size=1024, halo=64):
+        calls.append(float(np.asarray(image).mean()))
+        return 0.5
+
+    monkeypatch.setattr(predict_module, "auto_scale", fake_auto_scale)
+    image = np.random.default_rng(0).normal(1000, 50, (64, 80)).astype(np.float32)
+    first = predict(image, model, "cpu", scale="auto", cache=tmp_path)
+    again = predict(image, model, "cpu", scale="auto", cache=tmp_path)
+    assert len(calls) == 1 and again.metadata["cached"] is True
+    assert first.metadata["scale"] == again.metadata["scale"] == 0.5
+    assert again.metadata["scale_estimated"] is True
+    predict(image + 10, model, "cpu", scale="auto", cache=tmp_path)  # another image
+    predict(image, model, "cpu", scale="auto")  # no cache: estimated again
+    assert len(calls) == 3
+
+
 def test_estimate_scale_without_foreground_is_none():
     empty = prediction_from_masks(np.zeros((1, 40, 40), bool))
     assert estimate_scale(empty, 8.0) is None

@@ -427,9 +427,9 @@ def predict(
     tta = resolve_tta(model, tta)
     scale = check_scale(scale)
     estimated = scale == "auto"
-    if estimated:
-        scale = auto_scale(image, model, dev, tile_size, halo)
     chw = as_model_input(image, model.config.in_channels)
+    if estimated:
+        scale = _cached_auto_scale(chw, model, dev, tile_size, halo, cache)
     store = None
     if cache is not None:
         key = cache_key(
@@ -556,6 +556,31 @@ def auto_scale(
         seen = round(best, 2)
         best = estimate(seen) or best
     return 1.0 if abs(math.log(best)) <= close else round(best, 2)
+
+
+def _cached_auto_scale(
+    chw: np.ndarray,
+    model: InstSegNet,
+    device: torch.device,
+    tile_size: int,
+    halo: int,
+    cache: str | Path | None,
+) -> float:
+    """:func:`auto_scale`, its answer kept in the cache folder (same image and model)."""
+    if cache is None:
+        return auto_scale(chw, model, device, tile_size, halo)
+    key = cache_key(chw, model, {"tile_size": tile_size, "halo": halo, "scale": "auto"})
+    path = Path(cache) / f"{key}.scale.json"
+    try:
+        return float(json.loads(path.read_text())["scale"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    scale = auto_scale(chw, model, device, tile_size, halo)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"scale": scale}))
+    os.replace(tmp, path)
+    return scale
 
 
 _FIELDS = ("embeddings", "seediness", "class_scores", "boundary", "foreground")
