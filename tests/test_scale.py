@@ -26,6 +26,13 @@ from napari_instseg.core.synthetic import make_worms
 from napari_instseg.core.types import Instances
 
 
+def _apart(shape, length, width):
+    """Three synthetic worms that neither cross nor touch."""
+    return make_worms(
+        shape=shape, n_worms=3, length=length, width=width, n_crossings=0, n_touching=0, seed=4
+    )
+
+
 def _tiny_model() -> InstSegNet:
     torch.manual_seed(0)
     cfg = ModelConfig(channels=(8, 16, 32), embedding_dim=4, head_channels=8, coord_scale=32.0)
@@ -89,15 +96,7 @@ def test_segment_follows_the_prediction_scale():
     # worms twice the model's size: at scale 0.5 every size parameter is in the model's
     # pixels, so a minimum size between the worms' model-scale and image-scale areas drops
     # them; the masks come back on the image's pixels
-    sample = make_worms(
-        shape=(200, 240),
-        n_worms=3,
-        length=(100, 140),
-        width=(14, 18),
-        n_crossings=0,
-        n_touching=0,
-        seed=4,
-    )
+    sample = _apart((200, 240), length=(100, 140), width=(14, 18))
     prediction = prediction_from_masks(sample.masks)
     smallest = int(sample.masks.sum(axis=(1, 2)).min())
     params = {"min_size": smallest // 2, "split_factor": 0.0, "untangle_factor": 0.0}
@@ -156,32 +155,27 @@ def test_predict_at_a_scale_keeps_the_network_grid_through_the_cache(tmp_path):
     assert redone.metadata["cached"] is False and redone.model_grid is not None
 
 
-def _blank(prediction):
-    """The same prediction with no foreground anywhere on its own grid."""
+def _shown_at_twice_the_size():
+    """Separate worms, their oracle maps (the network's grid) and, at twice the size, a
+    prediction made at scale 0.5 whose image-grid maps show no foreground anywhere."""
     import dataclasses
 
-    return dataclasses.replace(
-        prediction,
-        foreground=np.zeros_like(prediction.foreground),
-        boundary=np.ones_like(prediction.boundary),
+    sample = _apart((100, 120), length=(50, 70), width=(7, 9))
+    network = prediction_from_masks(sample.masks)
+    resized = resize_prediction(network, (200, 240))
+    shown = dataclasses.replace(
+        resized,
+        foreground=np.zeros_like(resized.foreground),
+        boundary=np.ones_like(resized.boundary),
+        metadata={**resized.metadata, "scale": 0.5},
     )
+    return sample, network, shown
 
 
 def test_segment_runs_on_the_network_grid_when_the_prediction_keeps_it():
-    sample = make_worms(
-        shape=(100, 120),
-        n_worms=3,
-        length=(50, 70),
-        width=(7, 9),
-        n_crossings=0,
-        n_touching=0,
-        seed=4,
-    )
-    network = prediction_from_masks(sample.masks)
+    sample, network, shown = _shown_at_twice_the_size()
     params = {"min_size": 50, "split_factor": 0.0, "untangle_factor": 0.0}
     # image-grid maps that show nothing: only the kept network grid can give the worms
-    shown = _blank(resize_prediction(network, (200, 240)))
-    shown.metadata["scale"] = 0.5
     assert len(segment(shown, method="boundary", **params).masks) == 0
     shown.model_grid = network
     found = segment(shown, method="boundary", **params)
@@ -278,20 +272,9 @@ def test_resize_mask_matches_a_whole_image_resize():
 def test_grow_on_a_scaled_prediction_runs_on_the_network_grid():
     from napari_instseg.core.grow import Grower, grow
 
-    sample = make_worms(
-        shape=(100, 120),
-        n_worms=3,
-        length=(50, 70),
-        width=(7, 9),
-        n_crossings=0,
-        n_touching=0,
-        seed=4,
-    )
-    network = prediction_from_masks(sample.masks)
+    sample, network, shown = _shown_at_twice_the_size()
     truth = resize_instances(Instances(masks=sample.masks), (200, 240)).masks
-    shown = _blank(resize_prediction(network, (200, 240)))
     shown.embeddings = np.zeros_like(shown.embeddings)  # every pixel alike on the image grid
-    shown.metadata["scale"] = 0.5
     worm = truth[0]
     click = tuple(int(v) for v in np.argwhere(worm)[len(np.argwhere(worm)) // 2])
     blind = grow(shown, [click], tau=0.5, edge_thresholds=None)
