@@ -498,6 +498,8 @@ def test_scale_field_runs_the_model_at_another_scale(make_napari_viewer, worms, 
     assert prediction.metadata["scale"] == 0.5 and prediction.shape == (64, 96)
     assert widget.viewer.layers["foreground"].data.shape == (64, 96)
     assert "scale 0.5" in widget.status.text()
+    # corrected labels exported from it carry the scale, so training resizes them alike
+    assert widget.session().to_sample().metadata["scale"] == 0.5
     assert compute.is_cached(worms.image[:64, :96], str(path), 1, 0.5)
     assert not compute.is_cached(worms.image[:64, :96], str(path), 1, 1.0)
 

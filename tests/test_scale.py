@@ -14,16 +14,18 @@ from napari_instseg.core.oracle import prediction_from_masks
 from napari_instseg.core.predict import auto_scale, predict
 from napari_instseg.core.scale import (
     at_model_scale,
+    at_recorded_scale,
     check_scale,
     estimate_scale,
     object_width,
     resize_instances,
     resize_mask,
     resize_prediction,
+    resize_sample,
     scaled_shape,
 )
 from napari_instseg.core.synthetic import make_worms
-from napari_instseg.core.types import Instances
+from napari_instseg.core.types import Instances, Sample
 
 
 def _apart(shape, length, width):
@@ -288,3 +290,31 @@ def test_grow_on_a_scaled_prediction_runs_on_the_network_grid():
         grow(shown, [(250, 10)], tau=0.5)
     with pytest.raises(ValueError, match="tau"):
         grow(shown, [click], tau=1.5)
+
+
+def test_resize_sample_keeps_the_instances_that_stay_visible():
+    sample = _apart((100, 120), length=(50, 70), width=(7, 9))
+    masks = np.concatenate([sample.masks, np.zeros((1, 100, 120), bool)])
+    masks[-1, 5, 5] = True  # one pixel: gone at half the size
+    sample = Sample(
+        image=sample.image,
+        masks=masks,
+        name="s",
+        channels={"w1": sample.image * 2},
+        reviewed=np.array([True, False, True, True]),
+        classes=np.array([1, 2, 1, 1]),
+        metadata={"scale": 0.5, "model": "m"},
+    )
+    half = at_recorded_scale(sample)
+    assert half.image.shape == (50, 60) and half.channels["w1"].shape == (50, 60)
+    assert half.masks.shape == (3, 50, 60)
+    assert half.reviewed.tolist() == [True, False, True] and half.classes.tolist() == [1, 2, 1]
+    assert half.metadata == {"scale": 1.0, "resized_by": 0.5, "model": "m"}
+    ratio = object_width(sample.masks[:3]) / object_width(half.masks)
+    assert ratio == pytest.approx(2.0, rel=0.12)
+    assert at_recorded_scale(half) is half  # recorded 1: as it is
+    plain = Sample(image=sample.image, masks=sample.masks)
+    assert at_recorded_scale(plain) is plain
+    assert resize_sample(plain, 2.0).image.shape == (200, 240)
+    with pytest.raises(ValueError, match="numeric"):
+        resize_sample(plain, "auto")

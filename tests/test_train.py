@@ -136,6 +136,26 @@ def test_tiny_run_then_resume(data, tmp_path):
     assert (out2 / "best.safetensors").is_file()  # without validation: the last weights
 
 
+def test_labels_exported_at_a_scale_train_at_the_model_width(tmp_path):
+    # worms twice as wide, exported from a prediction at scale 0.5: training resizes them
+    # back, so the model records the width of the worms it saw (about the usual 5-8 px)
+    from napari_instseg.core.scale import object_width
+    from napari_instseg.core.training_folder import write_training_folder
+
+    samples = []
+    for i, name in enumerate(["A01", "A02", "A03"]):
+        wide = make_worms(
+            shape=(192, 192), n_worms=3, length=(60, 100), width=(10, 16), n_touching=0, seed=i
+        )
+        wide.name, wide.metadata = name, {"scale": 0.5}
+        samples.append(wide)
+    data = write_training_folder(tmp_path / "wide", samples)
+    best = train(tiny_config(data, tmp_path / "run", epochs=1), progress=False)
+    recorded = load_model(best).metadata["object_width"]
+    drawn = np.median([object_width(s.masks) for s in samples[:2]])
+    assert recorded == pytest.approx(drawn / 2, rel=0.15)
+
+
 def test_cpu_amp_trains_in_bfloat16_with_float32_weights(data, tmp_path):
     out = tmp_path / "amp"
     cfg = tiny_config(data, out, cpu_amp=True, epochs=1, val_wells="")

@@ -246,6 +246,9 @@ def write_training(path: str, layer_data: list[LayerData]) -> list[str]:
     data = np.asarray(data)
     if data.ndim != 2:
         raise ValueError(f"the Labels layer must be 2D (H, W), got shape {data.shape}")
+    from .session import live_session_for
+
+    session = live_session_for(data)
     image = None
     name = str(meta.get("name", "image"))
     if images:
@@ -253,13 +256,9 @@ def write_training(path: str, layer_data: list[LayerData]) -> list[str]:
         name = str(images[0][1].get("name", name))
         if images[0][1].get("rgb"):
             image = image[..., :3].mean(axis=-1)
-    else:
-        from .session import live_session_for
-
-        session = live_session_for(data)
-        if session is not None:
-            image = session.image
-            name = str(session.image_layer.name)
+    elif session is not None:
+        image = session.image
+        name = str(session.image_layer.name)
     if image is None:
         raise ValueError("select the Image layer together with the Labels layer to export")
     if image.shape[-2:] != data.shape:
@@ -268,6 +267,8 @@ def write_training(path: str, layer_data: list[LayerData]) -> list[str]:
     if root.exists() and (root.is_file() or any(root.iterdir())):
         raise FileExistsError(f"{root} exists; choose a new folder (nothing is overwritten)")
     masks, reviewed, provenance = _masks_for(data, meta)
+    if session is not None:  # labels corrected on a prediction at another scale
+        provenance.update(session.scale_metadata())
     sample = Sample(image=image, masks=masks, name=name, reviewed=reviewed, metadata=provenance)
     write_training_folder(root, [sample], overwrite=root.exists())
     return [str(root)]

@@ -1188,7 +1188,9 @@ class Session:
     def to_sample(self, name: str | None = None) -> Sample:
         """The image and instances as a training :class:`~napari_instseg.core.types.Sample`.
 
-        Reviewed flags, classes and provenance (model, method, date) are included.
+        Reviewed flags, classes and provenance (model, method, date) are included, and
+        the scale of the prediction when it was made at another one (training then
+        resizes the sample by it, see :func:`~napari_instseg.core.scale.at_recorded_scale`).
         """
         self.sync()
         worms = sorted(self.worms, key=lambda w: w.label)
@@ -1212,8 +1214,15 @@ class Session:
                 "edited": [bool(w.edited) for w in worms],
                 "napari_instseg": napari_instseg.__version__,
                 "exported": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                **self.scale_metadata(),
             },
         )
+
+    def scale_metadata(self) -> dict[str, float]:
+        """``{"scale": s}`` when the shown prediction was made at a scale other than 1."""
+        metadata = getattr(self.prediction, "metadata", None) or {}
+        scale = float(metadata.get("scale") or 1.0)
+        return {"scale": scale} if scale != 1.0 else {}
 
     def export(self, root: Any, overwrite: bool = False) -> Any:
         """Write the image and instances as a training folder (see ``write_training_folder``).

@@ -24,7 +24,7 @@ from scipy import ndimage
 from skimage.morphology import remove_small_holes, skeletonize
 from skimage.transform import resize
 
-from .types import Instances, Prediction
+from .types import Instances, Prediction, Sample
 
 __all__ = [
     "MAX_HOLE",
@@ -338,3 +338,57 @@ def estimate_scale(prediction: Prediction, reference_width: float) -> float | No
     if not math.isfinite(width) or width <= 0:
         return None
     return float(np.clip(reference_width / width, MIN_SCALE, MAX_SCALE))
+
+
+def resize_sample(sample: Sample, scale: float) -> Sample:
+    """A training sample resized by ``scale``: image and channels bilinear, masks >= 0.5.
+
+    Parameters
+    ----------
+    sample : Sample
+        Image, masks and per-instance flags.
+    scale : float
+        Resizing factor (see :func:`check_scale`).
+
+    Returns
+    -------
+    Sample
+        The resized sample; instances that vanish (smaller than a pixel after shrinking)
+        are dropped with their ``reviewed`` and ``classes`` entries; ``metadata["scale"]``
+        becomes 1 and ``metadata["resized_by"]`` records the factor.
+    """
+    scale = check_scale(scale)
+    if scale == "auto":
+        raise ValueError("a training sample needs a numeric scale, not 'auto'")
+    image = np.asarray(sample.image, np.float32)
+    resized = resize_image(image if image.ndim == 3 else image[None], scale)
+    shape = resized.shape[-2:]
+    masks = np.zeros((len(sample.masks), *shape), bool)
+    for i, mask in enumerate(sample.masks):
+        masks[i] = resize_mask(mask, shape)
+    keep = masks.any(axis=(1, 2))
+    return dataclasses.replace(
+        sample,
+        image=resized if image.ndim == 3 else resized[0],
+        masks=masks[keep],
+        channels={
+            k: resize_image(np.asarray(v)[None], scale)[0] for k, v in sample.channels.items()
+        },
+        reviewed=None if sample.reviewed is None else np.asarray(sample.reviewed)[keep],
+        classes=None if sample.classes is None else np.asarray(sample.classes)[keep],
+        metadata={**sample.metadata, "scale": 1.0, "resized_by": scale},
+    )
+
+
+def at_recorded_scale(sample: Sample) -> Sample:
+    """A sample resized by the scale its metadata records (``metadata["scale"]``).
+
+    Labels corrected on a prediction made at another scale are exported with that scale
+    (the plugin records it), so that training sees the objects at the model's width and a
+    fine-tuned model keeps the parent's ``object_width``. Samples without one (or at 1)
+    are returned as they are.
+    """
+    scale = (sample.metadata or {}).get("scale")
+    if scale is None or scale == 1 or scale == 1.0:
+        return sample
+    return resize_sample(sample, scale)

@@ -32,7 +32,7 @@ from . import losses as L
 from .device import cpu_name, get_device
 from .model import InstSegNet, ModelConfig
 from .normalize import model_input
-from .scale import object_width
+from .scale import at_recorded_scale, object_width
 from .types import Sample
 from .weights import DEFAULT_NORMALIZATION, save_model
 
@@ -763,6 +763,10 @@ def train(
         torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
     )
     model.to(memory_format=memory_format)
+    # labels corrected at another scale train at the model's (metadata "scale", see scale.py)
+    samples = [at_recorded_scale(s) for s in samples]
+    val_samples = [at_recorded_scale(s) for s in val_samples]
+    replay_samples = [at_recorded_scale(s) for s in replay_samples]
     items = [prepare(s, model_config=model.config) for s in samples]
     val_items = [prepare(s, model_config=model.config) for s in val_samples]
     replay_items = [prepare(s, model_config=model.config) for s in replay_samples]
