@@ -498,6 +498,13 @@ def test_scale_field_runs_the_model_at_another_scale(make_napari_viewer, worms, 
     assert prediction.metadata["scale"] == 0.5 and prediction.shape == (64, 96)
     assert widget.viewer.layers["foreground"].data.shape == (64, 96)
     assert "scale 0.5" in widget.status.text()
+    # clicks grow on the network's grid, whose grow cache was built with the layers
+    from napari_instseg.core import grow as grow_module
+
+    assert any(ref() is prediction.model_grid for ref, _, _ in grow_module._CACHE)
+    label = widget.session().grow_new((32, 48))
+    grown = widget.session().worm(label).mask
+    assert grown.shape == (64, 96) and grown[32, 48]  # on the image's grid, the click in it
     # corrected labels exported from it carry the scale, so training resizes them alike
     assert widget.session().to_sample().metadata["scale"] == 0.5
     assert compute.is_cached(worms.image[:64, :96], str(path), 1, 0.5)

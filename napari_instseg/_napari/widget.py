@@ -1329,9 +1329,12 @@ def prepare_layers(prediction: Any, tau: float) -> list[tuple[str, Any, dict]]:
         For :meth:`Session.iter_set_prediction`.
     """
     from ..core.grow import get_grower
+    from ..core.scale import at_model_scale
 
     layers = prediction_layers(prediction, tau)
     get_grower(prediction)
+    if getattr(prediction, "model_grid", None) is not None:  # clicks grow on the network's grid
+        get_grower(at_model_scale(prediction))
     return layers
 
 
