@@ -288,6 +288,10 @@ def test_grow_on_a_scaled_prediction_runs_on_the_network_grid():
         assert (mask & worm).sum() / (mask | worm).sum() > 0.9
     with pytest.raises(ValueError, match="outside"):
         grow(shown, [(250, 10)], tau=0.5)
+    stale = prediction_from_masks(sample.masks[:, :50, :60])  # not the network's grid
+    shown.model_grid = stale
+    mask = grow(shown, [click], tau=0.5, edge_thresholds=None)  # the image's grid, as shown
+    assert (mask & worm).sum() / (mask | worm).sum() < 0.5 and "scale" not in stale.metadata
     with pytest.raises(ValueError, match="tau"):
         grow(shown, [click], tau=1.5)
 

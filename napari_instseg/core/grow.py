@@ -511,10 +511,9 @@ def grow(
         "edge_thresholds": edge_thresholds,
     }
     shown = prediction.prediction if isinstance(prediction, Grower) else prediction
-    if getattr(shown, "model_grid", None) is not None:
-        network = at_model_scale(shown)
-        if network is not shown and network.shape != shown.shape:
-            return _grow_on_network_grid(shown, network, seeds, negative, options)
+    kept = getattr(shown, "model_grid", None)
+    if kept is not None and at_model_scale(shown) is kept:  # (a stale grid is not used)
+        return _grow_on_network_grid(shown, kept, seeds, negative, options)
     grower = get_grower(prediction)
     mask = grower.grow(
         seeds,

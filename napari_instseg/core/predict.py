@@ -576,10 +576,13 @@ def _cached_auto_scale(
     except (OSError, ValueError, KeyError, TypeError):
         pass
     scale = auto_scale(chw, model, device, tile_size, halo)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"scale": scale}))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"scale": scale}))
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache: the estimate is still good, only not kept
+        pass
     return scale
 
 
