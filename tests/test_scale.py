@@ -8,6 +8,7 @@ import torch
 from skimage.draw import disk
 from skimage.transform import resize
 
+from napari_instseg.core.edges import local_contrast
 from napari_instseg.core.instances import segment
 from napari_instseg.core.model import InstSegNet, ModelConfig
 from napari_instseg.core.oracle import prediction_from_masks
@@ -139,6 +140,8 @@ def test_predict_at_a_scale_keeps_the_network_grid_through_the_cache(tmp_path):
     half = predict(image, model, "cpu", scale=0.5, cache=cache)
     assert half.model_grid is not None and half.model_grid.shape == (45, 60)
     assert half.model_grid.contrast.shape == (45, 60)
+    # the outline is decided on the image's own pixels: its contrast, not a resized one
+    np.testing.assert_allclose(half.contrast, local_contrast(image), rtol=1e-6)
     # the network's maps, of which the image-grid maps are the resized copy
     np.testing.assert_allclose(
         resize_prediction(half.model_grid, (90, 120)).foreground, half.foreground, atol=1e-6
@@ -322,3 +325,22 @@ def test_resize_sample_keeps_the_instances_that_stay_visible():
     assert resize_sample(plain, 2.0).image.shape == (200, 240)
     with pytest.raises(ValueError, match="numeric"):
         resize_sample(plain, "auto")
+
+
+def test_segment_at_a_scale_decides_the_outline_on_the_image_pixels():
+    from scipy import ndimage
+
+    sample, network, shown = _shown_at_twice_the_size()
+    shown.model_grid = network
+    truth = resize_instances(Instances(masks=sample.masks), (200, 240)).masks
+    wider = np.stack([ndimage.binary_dilation(m) for m in truth])  # one image pixel more
+    shown.contrast = np.where(wider.any(0), 0.5, 1.0).astype(np.float32)
+    params = {"min_size": 50, "split_factor": 0.0, "untangle_factor": 0.0}
+    plain = segment(shown, method="boundary", edge_thresholds=None, **params)
+    refined = segment(shown, method="boundary", edge_thresholds=(0.9, 0.9), **params)
+    assert len(plain.masks) == len(refined.masks) == 3
+    for mask, grown in zip(plain.masks, refined.masks, strict=True):
+        # the dark ring one image pixel outside is taken: a band of the image's pixels
+        ring = ndimage.binary_dilation(mask) & ~mask
+        assert grown[mask].all() and grown[ring].mean() > 0.6
+        assert not (grown & ~ndimage.binary_dilation(mask)).any()

@@ -935,11 +935,10 @@ def _chunk_body(job: _Job, chunk: Chunk, stats: dict[str, Any], t0: float) -> di
                 job.tta,
             )
             network_grid = prediction  # segment() runs on it, not on the maps resized back
-            if not refine_off:
-                network_grid.contrast = local_contrast(resize_image(raw[:1], job.scale)[0])
             prediction = resize_prediction(prediction, x.shape[-2:])
             prediction.metadata["scale"] = job.scale
             prediction.model_grid = network_grid
+            prediction.contrast = None  # the outline follows the window's own contrast
     if prediction.shape != (wr1 - wr0, wc1 - wc0):
         raise ValueError(f"prediction is {prediction.shape}, the window {chunk.window}")
     if prediction.contrast is None and contrast is not None:

@@ -527,13 +527,25 @@ def grow(
         min_island=min_island,
         clip_to_foreground=clip_to_foreground,
     )
-    contrast = getattr(grower.prediction, "contrast", None)
+    return _refine_click(
+        grower.prediction, mask, _as_points(seeds, grower.shape, "seeds"), edge_thresholds
+    )
+
+
+def _refine_click(
+    prediction: Prediction,
+    mask: np.ndarray,
+    pos: np.ndarray,
+    edge_thresholds: Sequence[float] | str | None,
+) -> np.ndarray:
+    """A grown mask's outline re-decided by the image contrast (see :func:`grow`)."""
+    contrast = getattr(prediction, "contrast", None)
     if isinstance(edge_thresholds, str):
         if edge_thresholds != "auto":
             raise ValueError(
                 f"edge_thresholds must be a pair, 'auto' or None, not {edge_thresholds!r}"
             )
-        edge_thresholds = _tuned_edge_thresholds(grower.prediction)
+        edge_thresholds = _tuned_edge_thresholds(prediction)
     elif edge_thresholds is not None and contrast is None:
         raise ValueError(
             "edge_thresholds needs the image contrast (prediction.contrast), which "
@@ -548,7 +560,6 @@ def grow(
     ).masks[0]
     refined = np.zeros_like(mask)
     refined[r0:r1, c0:c1] = crop
-    pos = _as_points(seeds, grower.shape, "seeds")
     refined[pos[:, 0], pos[:, 1]] = True  # the clicked pixels always belong to the mask
     return refined
 
@@ -572,11 +583,12 @@ def _grow_on_network_grid(
         network,
         move_points(pos, shown.shape, network.shape),
         negative=move_points(neg, shown.shape, network.shape) if len(neg) else None,
-        **options,
+        **{**options, "edge_thresholds": None},
     )
     mask = resize_mask(small, shown.shape)
     mask[pos[:, 0], pos[:, 1]] = True
-    return mask
+    # the outline is re-decided on the image's own pixels, as segment() does
+    return _refine_click(shown, mask, pos, options["edge_thresholds"])
 
 
 @dataclass(frozen=True)

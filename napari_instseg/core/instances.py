@@ -984,7 +984,8 @@ def segment(prediction: Prediction, method: str = "auto", **params: object) -> I
         ``prediction.metadata["scale"]``) is segmented on the network's own maps
         (``prediction.model_grid``, or the maps resized to the model's scale when it has
         none), so that every size and distance above is in the model's pixels; the masks
-        come back on the image's pixels.
+        come back on the image's pixels, where the edge refinement then re-decides their
+        outline with the image's own contrast.
 
     Returns
     -------
@@ -994,9 +995,6 @@ def segment(prediction: Prediction, method: str = "auto", **params: object) -> I
     funcs = {"seeds": segment_seeds, "boundary": segment_boundary, "hybrid": segment_hybrid}
     metadata = getattr(prediction, "metadata", None) or {}
     scale = float(metadata.get("scale") or 1.0)
-    if scale != 1.0:
-        on_model_grid = at_model_scale(prediction)
-        return resize_instances(segment(on_model_grid, method, **params), prediction.shape)
     if method == "auto":
         method = str(metadata.get("recommended_method") or "hybrid")
     if method not in funcs:
@@ -1006,7 +1004,17 @@ def segment(prediction: Prediction, method: str = "auto", **params: object) -> I
     edge_thresholds = merged.pop("edge_thresholds", None)
     edge_solidity = merged.pop("edge_solidity", DEFAULT_SOLIDITY_RANGE)
     blob_filter = merged.pop("blob_filter", None)
-    found = funcs[method](prediction, **merged)  # type: ignore[arg-type]
+    if scale != 1.0:
+        # segmented in the model's pixels; the outline is then decided on the image's own
+        # pixels (below), where the annotation convention the thresholds follow lives
+        on_model_grid = at_model_scale(prediction)
+        found = segment(
+            on_model_grid, method, **merged, blob_filter=blob_filter, edge_thresholds=None
+        )
+        found = resize_instances(found, prediction.shape)
+        blob_filter = None
+    else:
+        found = funcs[method](prediction, **merged)  # type: ignore[arg-type]
     if blob_filter is not None:
         try:
             max_elongation, min_solidity = (float(v) for v in blob_filter)  # type: ignore[union-attr]

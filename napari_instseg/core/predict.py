@@ -464,6 +464,8 @@ def predict(
         network_grid = prediction
         prediction = resize_prediction(prediction, chw.shape[-2:])
         prediction.model_grid = network_grid
+        # outlines are decided on the image's own pixels: its contrast, not a resized one
+        prediction.contrast = local_contrast(chw[0])
     prediction.metadata["scale"] = scale
     if estimated:
         prediction.metadata["scale_estimated"] = True
