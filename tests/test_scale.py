@@ -194,7 +194,7 @@ def test_segment_runs_on_the_network_grid_when_the_prediction_keeps_it():
     assert len(segment(shown, method="boundary", **params).masks) == 0
 
 
-def test_at_model_scale_takes_the_metadata_and_contrast_of_the_prediction():
+def test_at_model_scale_returns_the_kept_grid_with_the_prediction_metadata():
     masks = make_worms(
         shape=(64, 80), n_worms=2, length=(20, 40), width=(5, 7), n_crossings=0, n_touching=0
     ).masks
@@ -208,7 +208,8 @@ def test_at_model_scale_takes_the_metadata_and_contrast_of_the_prediction():
     assert on_grid.embeddings is network.embeddings and on_grid.model_grid is None
     assert on_grid.metadata["scale"] == 1.0
     assert on_grid.metadata["segment_params"] == {"boundary": {"min_size": 10}}
-    np.testing.assert_allclose(on_grid.contrast, 0.7)  # the prediction's, resized
+    assert on_grid is network  # the same object: its grow cache is reused between clicks
+    assert on_grid.contrast is None  # outlines are refined on the image's grid instead
     plain = prediction_from_masks(masks)
     assert at_model_scale(plain) is plain
     assert resize_prediction(shown, (64, 80)).model_grid is None

@@ -176,10 +176,9 @@ def at_model_scale(prediction: Prediction) -> Prediction:
     if grid is None or grid.shape != shape:
         return dataclasses.replace(resize_prediction(prediction, shape), metadata=metadata)
     # the kept object itself (brought in step with the prediction), so that what is cached
-    # per prediction object (a Grower between clicks) is reused
+    # per prediction object (a Grower between clicks) is reused; outlines are refined on
+    # the image's grid, so its contrast is not needed here
     grid.metadata = metadata
-    if grid.contrast is None and prediction.contrast is not None:
-        grid.contrast = _resize_maps(prediction.contrast, shape)
     return grid
 
 
@@ -362,10 +361,7 @@ def resize_sample(sample: Sample, scale: float) -> Sample:
         raise ValueError("a training sample needs a numeric scale, not 'auto'")
     image = np.asarray(sample.image, np.float32)
     resized = resize_image(image if image.ndim == 3 else image[None], scale)
-    shape = resized.shape[-2:]
-    masks = np.zeros((len(sample.masks), *shape), bool)
-    for i, mask in enumerate(sample.masks):
-        masks[i] = resize_mask(mask, shape)
+    masks = resize_instances(Instances(masks=sample.masks), resized.shape[-2:]).masks
     keep = masks.any(axis=(1, 2))
     return dataclasses.replace(
         sample,
