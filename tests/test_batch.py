@@ -400,6 +400,16 @@ def test_batch_predicts_with_the_models_recommended_tta(tmp_path):
         np.testing.assert_allclose(got, expected.foreground, atol=1e-5)
     with pytest.raises(ValueError, match="tta must be"):
         run_batch([tmp_path / "img.tif"], tmp_path / "bad.zarr", tta=3, **params)
+    # the precision reaches the network: float32 windows are predict()'s float32 maps
+    full = run_batch(
+        [tmp_path / "img.tif"], tmp_path / "fp32.zarr", tta=1, precision="float32", **params
+    )
+    got = zarr.open_array(str(tmp_path / "fp32.zarr" / "maps" / "foreground" / "0"))[0]
+    expected = predict(image, model, "cpu", precision="float32").foreground
+    assert full.ok
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="Unknown precision"):
+        run_batch([tmp_path / "img.tif"], tmp_path / "bad.zarr", precision="half", **params)
 
 
 def test_batch_at_another_scale_matches_predict(tmp_path):
@@ -436,7 +446,7 @@ def test_batch_auto_scale_is_estimated_once_for_the_series(tmp_path, monkeypatch
         tifffile.imwrite(tmp_path / f"img{index}.tif", sample.image.astype(np.uint16))
     measured = []
 
-    def fake_auto_scale(image, model, device="auto", tile_size=1024, halo=64):
+    def fake_auto_scale(image, model, device="auto", tile_size=1024, halo=64, precision="auto"):
         measured.append(image.shape)
         return [0.5, 0.52, 0.7][len(measured) - 1]  # first, middle, last plane
 

@@ -295,6 +295,52 @@ def test_tta_is_part_of_the_cache_key(model, image, tmp_path):
     assert predict(image, model, "cpu", tta=2, cache=tmp_path).metadata["cached"] is True
 
 
+def test_precision_rules(monkeypatch):
+    from napari_instseg.cli.predict import PRECISIONS as CLI_PRECISIONS
+    from napari_instseg.core import device as device_module
+    from napari_instseg.core.device import PRECISIONS, inference_dtype
+
+    cpu = torch.device("cpu")
+    assert CLI_PRECISIONS == PRECISIONS
+    assert inference_dtype(cpu, "float32") is torch.float32
+    assert inference_dtype(cpu, "bfloat16") is torch.bfloat16
+    monkeypatch.setattr(device_module, "cpu_has_native_bfloat16", lambda: True)
+    assert inference_dtype(cpu) is torch.bfloat16
+    monkeypatch.setattr(device_module, "cpu_has_native_bfloat16", lambda: False)
+    assert inference_dtype(cpu) is torch.float32  # emulated bfloat16 would be slower
+    with pytest.raises(ValueError, match="Unknown precision"):
+        inference_dtype(cpu, "float16")
+    with pytest.raises(ValueError, match="MPS"):
+        inference_dtype(torch.device("mps"), "bfloat16")
+    assert isinstance(device_module.cpu_has_native_bfloat16(), bool)
+
+
+def test_bfloat16_maps_are_close_to_float32_and_cached_apart(model, image, tmp_path):
+    full = predict(image, model, "cpu", precision="float32", cache=tmp_path)
+    half = predict(image, model, "cpu", precision="bfloat16", cache=tmp_path)
+    assert (full.metadata["precision"], half.metadata["precision"]) == ("float32", "bfloat16")
+    assert half.metadata["cached"] is False  # not the float32 entry
+    assert not np.array_equal(full.foreground, half.foreground)
+    for key in ("foreground", "boundary", "seediness"):
+        np.testing.assert_allclose(getattr(half, key), getattr(full, key), atol=0.05)
+    spread = full.embeddings.std()
+    assert np.abs(half.embeddings - full.embeddings).max() < 0.1 * spread
+    assert predict(image, model, "cpu", precision="bfloat16", cache=tmp_path).metadata["cached"]
+    with pytest.raises(ValueError, match="Unknown precision"):
+        predict(image, model, "cpu", precision="half")
+
+
+def test_auto_precision_without_hardware_bfloat16_is_float32(model, image, tmp_path, monkeypatch):
+    from napari_instseg.core import device as device_module
+
+    monkeypatch.setattr(device_module, "cpu_has_native_bfloat16", lambda: False)
+    first = predict(image, model, "cpu", precision="float32", cache=tmp_path)
+    auto = predict(image, model, "cpu", cache=tmp_path)
+    assert first.metadata["cached"] is False
+    assert auto.metadata["cached"] is True  # same key: float32 caches stay valid
+    assert auto.metadata["precision"] == "float32"
+
+
 def test_cli_grow_matches_the_python_api(model, cli_files, tmp_path, capsys):
     import pandas as pd
     import tifffile

@@ -228,7 +228,7 @@ def test_auto_scale_is_estimated_once_per_image_with_a_cache(tmp_path, monkeypat
     model = _tiny_model()
     calls = []
 
-    def fake_auto_scale(image, model, device="auto", tile_size=1024, halo=64):
+    def fake_auto_scale(image, model, device="auto", tile_size=1024, halo=64, precision="auto"):
         calls.append(float(np.asarray(image).mean()))
         return 0.5
 

@@ -35,6 +35,8 @@ import numpy as np
 
 METHODS = ("hybrid", "seeds", "boundary", "auto")
 _MAPS = ("embeddings", "seediness", "boundary", "foreground")
+#: ``core.device.PRECISIONS``, spelled out so that ``--help`` needs no torch import
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -90,6 +92,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(default); --no-debris-filter: keep them",
     )
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="what the network computes in: auto (default: bfloat16 on CUDA and on CPUs "
+        "with hardware bfloat16, about twice as fast there; float32 elsewhere), float32 or "
+        "bfloat16",
+    )
     parser.add_argument(
         "--save-maps", action="store_true", help="also write the network's maps as TIFF"
     )
@@ -268,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
                 tta=args.tta,
                 cache=args.cache,
                 scale=args.scale,
+                precision=args.precision,
             )
             instances = segment(prediction, args.method, **_segment_overrides(args))
             labels.append(instances.to_labels())
@@ -329,6 +340,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         halo=args.halo,
         tta=args.tta,
         scale=args.scale,
+        precision=args.precision,
         save_maps=args.save_maps,
         measurements=args.measurements,
         resume=args.resume,

@@ -613,6 +613,7 @@ def predict_window(
     tile_size: int | None = None,
     halo: int = 64,
     tta: int = 1,
+    precision: str = "auto",
 ) -> Prediction:
     """Run the network on an already normalised window placed at ``origin`` in its plane.
 
@@ -638,6 +639,8 @@ def predict_window(
         Context of the tiles.
     tta : int
         Test-time augmentation passes (see :func:`napari_instseg.core.predict.iter_predict`).
+    precision : str
+        What the network computes in (see :func:`napari_instseg.core.predict.predict`).
 
     Returns
     -------
@@ -656,7 +659,9 @@ def predict_window(
         )
     _, h, w = x.shape
     tile = max(h, w) if tile_size is None else int(tile_size)
-    steps = iter_predict_normalized(x, model.to(dev).eval(), dev, tile, halo, origin, tta)
+    steps = iter_predict_normalized(
+        x, model.to(dev).eval(), dev, tile, halo, origin, tta, precision
+    )
     while True:
         try:
             next(steps)
@@ -779,6 +784,7 @@ class _Job:
     segmenter: Callable[..., Instances] | None = None
     scale: float = 1.0
     scale_estimates: list[float] | None = None
+    precision: str = "auto"
 
 
 def _work(out: str | Path) -> Path:
@@ -921,7 +927,14 @@ def _chunk_body(job: _Job, chunk: Chunk, stats: dict[str, Any], t0: float) -> di
         model = _worker_model(job.model_path, job.device, job.torch_threads)
         if job.scale == 1.0:
             prediction = predict_window(
-                x, model, job.device, (wr0, wc0), job.tile_size, job.tile_halo, job.tta
+                x,
+                model,
+                job.device,
+                (wr0, wc0),
+                job.tile_size,
+                job.tile_halo,
+                job.tta,
+                job.precision,
             )
         else:  # the network runs at the model's scale; the maps come back to the window
             origin = (round(wr0 * job.scale), round(wc0 * job.scale))
@@ -933,6 +946,7 @@ def _chunk_body(job: _Job, chunk: Chunk, stats: dict[str, Any], t0: float) -> di
                 job.tile_size,
                 job.tile_halo,
                 job.tta,
+                job.precision,
             )
             network_grid = prediction  # segment() runs on it, not on the maps resized back
             prediction = resize_prediction(prediction, x.shape[-2:])
@@ -1329,6 +1343,7 @@ def estimate_batch_scale(
     device: str = "auto",
     samples: int = AUTO_SCALE_SAMPLES,
     window: int = AUTO_SCALE_WINDOW,
+    precision: str = "auto",
 ) -> tuple[float, list[float]]:
     """One resizing factor for a whole series: ``scale="auto"`` on a few of its planes.
 
@@ -1347,6 +1362,8 @@ def estimate_batch_scale(
     window : int
         Side of the central window of each plane that is measured (whole planes when
         smaller).
+    precision : str
+        What the network computes in (see :func:`napari_instseg.core.predict.predict`).
 
     Returns
     -------
@@ -1368,7 +1385,7 @@ def estimate_batch_scale(
         path, p = plan.source_of(plane)
         arr = open_input(path, channel_axis)[p, :, r0 : r0 + window, c0 : c0 + window]
         raw = np.asarray(arr.compute(scheduler="sync"), np.float32)
-        estimates.append(float(auto_scale(raw, model, device)))
+        estimates.append(float(auto_scale(raw, model, device, precision=precision)))
     scale = round(float(np.median(estimates)), 2)
     if abs(math.log(scale)) <= math.log(SCALE_TOLERANCE):
         scale = 1.0
@@ -1398,6 +1415,7 @@ def run_batch(
     predictor: Callable[[np.ndarray, Chunk], Prediction] | None = None,
     segmenter: Callable[..., Instances] | None = None,
     scale: float = 1.0,
+    precision: str = "auto",
 ) -> BatchResult:
     """Predict, segment and measure many or large images with dask into one OME-Zarr store.
 
@@ -1455,6 +1473,10 @@ def run_batch(
         and last planes (:func:`estimate_batch_scale`, the median), so that every chunk is
         resized alike; kept in the store, so a resumed run uses the same, and reported
         (``report["scale"]``, ``report["scale_estimates"]``).
+    precision : str
+        What the network computes in: ``"auto"`` (default: bfloat16 on CUDA and on CPUs
+        with hardware bfloat16, float32 elsewhere), ``"float32"`` or ``"bfloat16"`` (see
+        :func:`napari_instseg.core.predict.predict`).
     progress : callable, optional
         Called with ``(stage, done, total)``; stages ``"chunks"``, ``"stitch"``, ``"write"``.
     predictor : callable, optional
@@ -1495,6 +1517,12 @@ def run_batch(
     from .weights import DEFAULT_NORMALIZATION, load_model, model_signature, save_model
 
     scale = check_scale(scale)
+    from .device import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}."
+        )
     if scale == "auto" and predictor is not None:
         raise ValueError("scale='auto' needs the model: give a number with a custom predictor")
 
@@ -1546,6 +1574,8 @@ def run_batch(
         params["tta"] = tta
     if scale != 1.0:
         params["scale"] = scale
+    if precision != "auto":  # absent when "auto": older stores resume unchanged
+        params["precision"] = precision
     key = _plan_key(plan, params)
     finished = _prepare_store(out, plan, key, resume, bool(save_maps), emb_dim)
     if finished:
@@ -1558,7 +1588,9 @@ def run_batch(
         scale_file = _work(out) / "scale.json"
         kept = _read_json(scale_file)
         if kept is None:
-            estimate, scale_estimates = estimate_batch_scale(plan, net, channel_axis, device)
+            estimate, scale_estimates = estimate_batch_scale(
+                plan, net, channel_axis, device, precision=precision
+            )
             kept = {"scale": estimate, "estimates": scale_estimates}
             _atomic_json(scale_file, kept)
         scale, scale_estimates = float(kept["scale"]), list(kept["estimates"])
@@ -1594,6 +1626,7 @@ def run_batch(
         segmenter=segmenter,
         scale=scale,
         scale_estimates=scale_estimates,
+        precision=precision,
     )
     saved_threads = None
     if executor.client is None and net is not None:

@@ -6,6 +6,9 @@ import torch
 
 _VALID = ("auto", "cuda", "mps", "cpu")
 
+#: What :func:`inference_dtype` accepts.
+PRECISIONS = ("auto", "float32", "bfloat16")
+
 
 def get_device(preference: str | torch.device | None = "auto") -> torch.device:
     """Return the device to compute on.
@@ -71,3 +74,58 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX tiles).
+
+    On such CPUs bfloat16 autocast runs the network about twice as fast; on others it is
+    emulated and slower than float32.
+    """
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, probe, None)
+        try:
+            if check is not None and check():
+                return True
+        except (RuntimeError, AttributeError):  # a torch build without the probe
+            continue
+    return False
+
+
+def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype the network's convolutions run in for inference on ``device``.
+
+    Parameters
+    ----------
+    device : torch.device
+        Where the network runs.
+    precision : str
+        ``"float32"``, ``"bfloat16"`` (autocast; not on MPS) or ``"auto"``: bfloat16 on
+        CUDA GPUs that support it and on CPUs that compute it in hardware
+        (:func:`cpu_has_native_bfloat16`), float32 everywhere else.
+
+    Returns
+    -------
+    torch.dtype
+        ``torch.float32`` or ``torch.bfloat16``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown precision, or bfloat16 asked for on MPS.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}."
+        )
+    if precision == "float32":
+        return torch.float32
+    if precision == "bfloat16":
+        if device.type == "mps":
+            raise ValueError("bfloat16 inference is not supported on MPS; use 'float32'.")
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and cpu_has_native_bfloat16():
+        return torch.bfloat16
+    return torch.float32
