@@ -226,3 +226,30 @@ def test_grow_instances_one_per_worm(oracle):
     assert len(grow_instances(p, [])) == 0
     with pytest.raises(ValueError, match="worm 1 has no positive seed"):
         grow_instances(p, [WormSeeds((), ((1, 1),))])
+
+
+@pytest.mark.parametrize("radius", [0, 1, 2, 5, 12, 40])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 50), (64, 48)])
+def test_chessboard_dilation_is_a_square_maximum_filter(radius, shape):
+    from scipy import ndimage
+
+    from napari_instseg.core.grow import chessboard_dilation
+
+    rng = np.random.default_rng(radius + shape[0])
+    mask = rng.random(shape) > 0.97
+    mask[0, 0] = radius % 2 == 0  # pixels on the border too
+    expected = ndimage.maximum_filter(mask, size=2 * radius + 1, mode="constant", cval=0)
+    got = chessboard_dilation(mask, radius)
+    assert got.dtype == bool and got.shape == shape
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_foreground_subset_follows_the_threshold(oracle):
+    _, pred = oracle
+    grower = Grower(pred)
+    for threshold in (0.5, 0.2, 0.5):
+        index, columns = grower.foreground_pixels(threshold)
+        np.testing.assert_array_equal(
+            index, np.flatnonzero(np.asarray(pred.foreground).reshape(-1) >= threshold)
+        )
+        np.testing.assert_array_equal(columns, grower._aug[:, index])

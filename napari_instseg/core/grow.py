@@ -162,6 +162,34 @@ class Grower:
         #: foreground threshold used when none is given: the model's tuned one for the
         #: boundary pipeline (``segment_params`` in its metadata), else 0.5
         self.default_fg_threshold = _tuned_fg_threshold(prediction)
+        # the foreground pixels of the last threshold used and their augmented embeddings
+        self._foreground_subset: tuple[float, np.ndarray, np.ndarray] | None = None
+
+    def foreground_pixels(self, fg_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """Foreground pixels at a threshold and their columns of the augmented embeddings.
+
+        Flat indices of the pixels with foreground >= ``fg_threshold``, kept for the last
+        threshold asked for. A click clipped to the foreground compares only these pixels,
+        a fraction of the image for worms on a plate.
+
+        Parameters
+        ----------
+        fg_threshold : float
+            The foreground threshold.
+
+        Returns
+        -------
+        np.ndarray
+            (N,) int64 sorted flat indices.
+        np.ndarray
+            (D + 1, N) float32, the matching columns of the augmented embeddings.
+        """
+        kept = self._foreground_subset
+        if kept is None or kept[0] != fg_threshold:
+            index = np.flatnonzero(self.foreground.reshape(-1) >= fg_threshold)
+            kept = (fg_threshold, index, np.ascontiguousarray(self._aug[:, index]))
+            self._foreground_subset = kept
+        return kept[1], kept[2]
 
     # ------------------------------------------------------------------ basics
     def vectors(self, points: np.ndarray) -> np.ndarray:
@@ -247,19 +275,25 @@ class Grower:
         # d2 <= thr  <=>  v.e_q - |e_q|^2/2 >= (|v|^2 - thr)/2
         va = np.concatenate([vp, np.ones((len(pos), 1), np.float32)], axis=1)
         limit = (0.5 * ((vp * vp).sum(axis=1) - thr)).astype(np.float32)
-        if len(pos) == 1:
-            keep = (va[0] @ self._aug) >= limit[0]
-        else:
-            dots = va @ self._aug
-            dots -= limit[:, None]
-            keep = dots.max(axis=0) >= 0
-        foreground = self.foreground.reshape(-1)
+        clicked = pos[:, 0] * w + pos[:, 1]
         # the foreground map's edges are sharper than the embeddings'; but where the model
         # missed the object (the clicked pixels are background to it) there is nothing to clip to
-        if clip_to_foreground and foreground[pos[:, 0] * w + pos[:, 1]].max() >= fg_threshold:
-            keep &= foreground >= fg_threshold
-        keep[pos[:, 0] * w + pos[:, 1]] = True  # the clicked pixels always belong to the mask
-        idx = np.flatnonzero(keep)
+        clip = clip_to_foreground and self.foreground.reshape(-1)[clicked].max() >= fg_threshold
+        if clip:  # only the foreground pixels are compared
+            candidates, aug = self.foreground_pixels(fg_threshold)
+        else:
+            candidates, aug = None, self._aug
+        if len(pos) == 1:
+            keep = (va[0] @ aug) >= limit[0]
+        else:
+            dots = va @ aug
+            dots -= limit[:, None]
+            keep = dots.max(axis=0) >= 0
+        if candidates is None:
+            keep[clicked] = True
+            idx = np.flatnonzero(keep)
+        else:  # the clicked pixels always belong to the mask
+            idx = np.union1d(candidates[keep], clicked)
 
         if len(neg) and len(idx):
             # remove pixels closer to a negative seed than to every positive seed
@@ -279,18 +313,31 @@ class Grower:
         c0, c1 = max(int(cols.min()) - margin, 0), min(int(cols.max()) + margin + 1, w)
         mask = np.zeros((r1 - r0, c1 - c0), bool)
         mask[rows - r0, cols - c0] = True
+        # crossing pixels lie within ``overlap_radius`` of the mask; so does the whole
+        # connected result: it lies in the seeds' part of that neighbourhood (``reach``)
+        near = chessboard_dilation(mask, overlap_radius if bridge_overlaps else 0)
+        reach = None
+        if connected:
+            parts, _ = ndimage.label(near, _EIGHT)
+            ids = np.unique(parts[pos[:, 0] - r0, pos[:, 1] - c0])
+            reach = parts == ids[0] if len(ids) == 1 else np.isin(parts, ids)
         overlap = np.zeros_like(mask)
         if bridge_overlaps:
-            overlap = self._overlaps(mask, (r0, r1, c0, c1), vp, thr, overlap_radius, fg_threshold)
-            allowed = mask | overlap
-        else:
-            allowed = mask
+            overlap = self._overlaps(mask, (r0, r1, c0, c1), vp, thr, fg_threshold, near, reach)
+        if reach is not None:  # the rest runs on the seeds' part only: the same result
+            in_rows = np.flatnonzero(reach.any(axis=1))
+            in_cols = np.flatnonzero(reach.any(axis=0))
+            a0, a1 = int(in_rows[0]), int(in_rows[-1]) + 1
+            b0, b1 = int(in_cols[0]), int(in_cols[-1]) + 1
+            mask, overlap = mask[a0:a1, b0:b1], overlap[a0:a1, b0:b1]
+            r0, r1, c0, c1 = r0 + a0, r0 + a1, c0 + b0, c0 + b1
+        allowed = mask | overlap
         if connected:
             passable = allowed
             if boundary_barrier is not None:
                 block = self.boundary[r0:r1, c0:c1] > boundary_barrier
                 if overlap.any():  # contours of a crossing worm do not cut this one
-                    block &= ~ndimage.binary_dilation(overlap, _EIGHT, iterations=2)
+                    block &= ~chessboard_dilation(overlap, 2)
                 passable = allowed & ~block
                 passable[pos[:, 0] - r0, pos[:, 1] - c0] = True
             labels, _ = ndimage.label(passable, _EIGHT)
@@ -321,29 +368,30 @@ class Grower:
         box: tuple[int, int, int, int],
         vp: np.ndarray,
         thr: float,
-        radius: int,
         fg_threshold: float,
+        near: np.ndarray,
+        reach: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Pixels of a crossing: midpoints between the seed and another nearby instance."""
+        """Pixels of a crossing: midpoints between the seed and another nearby instance.
+
+        Candidates are foreground pixels ``near`` the mask (within the crossing radius);
+        anchors, pixels of the other instance, are taken from all of them, the midpoints
+        tested only within ``reach`` when given.
+        """
         r0, r1, c0, c1 = box
         w = self.shape[1]
-        fg = self.foreground[r0:r1, c0:c1] > fg_threshold
-        cand = fg & ~mask
-        if not cand.any():
-            return np.zeros_like(mask)
-        # within ``radius`` of the mask in chessboard distance: one separable square filter
-        near = ndimage.maximum_filter(mask, size=2 * radius + 1, mode="constant", cval=0)
+        cand = self.foreground[r0:r1, c0:c1] > fg_threshold
         cand &= near
-        qr, qc = np.nonzero(cand)
+        cand &= ~mask
+        tested = cand if reach is None else cand & reach
+        bw = c1 - c0
+        qr, qc = np.divmod(np.flatnonzero(tested), bw)
         if len(qr) == 0:
-            return cand
+            return np.zeros_like(mask)
         q_idx = (qr + r0) * w + (qc + c0)
         # anchors: other foreground pixels near the mask (every second row and column)
-        sub = cand.copy()
-        sub[1::2] = False
-        sub[:, 1::2] = False
-        ar, ac = np.nonzero(sub)
-        a_idx = (ar + r0) * w + (ac + c0)
+        ar, ac = np.divmod(np.flatnonzero(cand[::2, ::2]), (bw + 1) // 2)
+        a_idx = (2 * ar + r0) * w + (2 * ac + c0)
         # an anchor must belong to another instance: for an exact midpoint q between the
         # seed and anchor a, d2(seed, a) = 4 d2(seed, q) > 4 thr; requiring > 2 thr stops
         # the test from creeping along smooth embedding gradients next to the mask
@@ -351,21 +399,71 @@ class Grower:
         a_idx = a_idx[far]
         if len(a_idx) == 0:
             return np.zeros_like(mask)
-        eq = self.flat[:, q_idx]  # (D, nq)
+        # each candidate's reflection 2 e_q - e_seed, with a last column of ones: (nq, D + 1)
+        d = self.dim
+        refl = np.ones((len(q_idx), d + 1), np.float32)
+        refl[:, :d] = self.flat[:, q_idx].T
+        refl[:, :d] *= 2.0
         if len(vp) > 1:
-            nearest = self.sq_dist(vp, q_idx).argmin(axis=0)
-            refl = 2.0 * eq - vp[nearest].T
+            refl[:, :d] -= vp[self.sq_dist(vp, q_idx).argmin(axis=0)]
         else:
-            refl = 2.0 * eq - vp[0][:, None]
-        ea = self.flat[:, a_idx]  # (D, na)
-        d2 = refl.T @ ea  # (nq, na)
-        d2 *= -2.0
-        d2 += (refl * refl).sum(axis=0)[:, None]
-        d2 += (2.0 * self.half_sq[a_idx])[None]
-        hit = d2.min(axis=1) <= thr
+            refl[:, :d] -= vp[0]
+        # |refl - e_a|^2 <= thr  <=>  refl.e_a - |e_a|^2 / 2 >= (|refl|^2 - thr) / 2; the
+        # augmented anchors' last row holds -|e_a|^2 / 2, and row blocks keep the product
+        # in cache
+        anchors = self._aug[:, a_idx]  # (D + 1, na)
+        closest = np.empty(len(q_idx), np.float32)
+        for start in range(0, len(q_idx), 256):
+            closest[start : start + 256] = (refl[start : start + 256] @ anchors).max(axis=1)
+        norms = np.einsum("nd,nd->n", refl[:, :d], refl[:, :d])
+        hit = closest >= 0.5 * (norms - thr)
         out = np.zeros_like(mask)
         out[qr[hit], qc[hit]] = True
         return out
+
+
+def chessboard_dilation(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels within ``radius`` (chessboard distance) of a 2D mask.
+
+    The same as ``scipy.ndimage.maximum_filter(mask, size=2 * radius + 1, mode="constant")``
+    on a bool mask, five to seven times faster: per axis, windows doubled by shifted ORs.
+
+    Parameters
+    ----------
+    mask : np.ndarray
+        (H, W) bool.
+    radius : int
+        Non-negative half-width of the square.
+
+    Returns
+    -------
+    np.ndarray
+        (H, W) bool.
+    """
+    out = np.asarray(mask, bool)
+    if radius <= 0:
+        return out.copy()
+    span = 2 * radius + 1
+    for axis in (0, 1):
+        n = out.shape[axis]
+        # padded by ``radius`` on both sides: entry i gathers i .. i + 2 radius, which is
+        # the window centred on the unpadded pixel i (numpy buffers the overlapping ORs)
+        if axis == 0:
+            padded = np.zeros((n + 2 * radius, out.shape[1]), bool)
+            padded[radius : radius + n] = out
+        else:
+            padded = np.zeros((out.shape[0], n + 2 * radius), bool)
+            padded[:, radius : radius + n] = out
+        width = 1
+        while width < span:
+            step = min(width, span - width)
+            if axis == 0:
+                padded[:-step] |= padded[step:]
+            else:
+                padded[:, :-step] |= padded[:, step:]
+            width += step
+        out = padded[:n] if axis == 0 else padded[:, :n]
+    return np.ascontiguousarray(out)
 
 
 # one cached Grower per live prediction object (the last few), so repeated clicks are cheap
