@@ -443,3 +443,40 @@ def test_cli_predict_scale(cli_files, tmp_path, capsys):
     # a model without a training width cannot estimate the scale: a clear error
     assert main([*argv, "--device", "cpu", "--scale", "auto"]) == 1
     assert "object_width" in capsys.readouterr().err
+
+
+def test_prediction_nbytes_counts_the_network_grid(model, image):
+    plain = predict(image, model, "cpu")
+    arrays = (plain.embeddings, plain.seediness, plain.class_scores, plain.boundary)
+    expected = sum(a.nbytes for a in arrays + (plain.foreground, plain.contrast))
+    assert plain.nbytes == expected
+    scaled = predict(image, model, "cpu", scale=0.5)
+    assert scaled.model_grid is not None
+    assert scaled.nbytes == expected + scaled.model_grid.nbytes > expected
+
+
+def test_widget_memory_cache_is_bounded_by_bytes(model, monkeypatch):
+    from napari_instseg._napari import compute
+
+    made = []
+
+    def fake_predict_image(image, **kwargs):
+        made.append(image)
+        return predict(image, model, "cpu", precision="float32")
+
+    monkeypatch.setattr(compute, "predict_image", fake_predict_image)
+    monkeypatch.setattr(compute, "_PREDICTIONS", type(compute._PREDICTIONS)())
+    rng = np.random.default_rng(3)
+    images = [rng.normal(100, 10, (48, 64)).astype(np.float32) for _ in range(4)]
+    one = predict(images[0], model, "cpu", precision="float32").nbytes
+    monkeypatch.setattr(compute, "_MAX_CACHED_BYTES", int(2.5 * one))
+    for im in images:
+        compute.cached_predict(im)
+    # two fit within 2.5 predictions' bytes: the two newest stay, the older were dropped
+    assert [compute.is_cached(im) for im in images] == [False, False, True, True]
+    compute.cached_predict(images[3])  # from memory: no new prediction
+    assert len(made) == 4
+    monkeypatch.setattr(compute, "_MAX_CACHED_BYTES", one // 2)
+    compute.cached_predict(images[0])
+    assert compute.is_cached(images[0])  # the newest is kept even when it alone is too big
+    assert not compute.is_cached(images[3])

@@ -38,6 +38,9 @@ _OFF = {"", "0", "off", "no", "none", "false"}
 _MODELS: dict[str, Any] = {}
 _PREDICTIONS: OrderedDict[tuple[str, str, str], Prediction] = OrderedDict()
 _MAX_CACHED = 6
+#: ... and at most this many bytes of them (the newest is always kept): a 4000 x 4000
+#: image's maps take about 2 GB, a 520 x 696 image's 30 MB
+_MAX_CACHED_BYTES = 3 * 2**30
 
 
 class Cancelled(Exception):
@@ -263,6 +266,10 @@ def cached_predict(
 ) -> Prediction:
     """Like :func:`predict_image`, but reuse the result for the same image and model.
 
+    The last ``_MAX_CACHED`` results are kept in memory, fewer when together they would
+    take more than ``_MAX_CACHED_BYTES`` (large images; a prediction at another scale
+    holds the network's grid too).
+
     Parameters
     ----------
     image : np.ndarray
@@ -291,7 +298,9 @@ def cached_predict(
         image, model=model, device=device, progress=progress, tta=tta, scale=scale
     )
     _PREDICTIONS[key] = prediction
-    while len(_PREDICTIONS) > _MAX_CACHED:
+    while len(_PREDICTIONS) > _MAX_CACHED or (
+        len(_PREDICTIONS) > 1 and sum(p.nbytes for p in _PREDICTIONS.values()) > _MAX_CACHED_BYTES
+    ):
         _PREDICTIONS.popitem(last=False)
     return prediction
 

@@ -498,6 +498,8 @@ def predict(
 
 #: Scales of the passes with which ``scale="auto"`` looks for the objects' size.
 AUTO_SCALE_PASSES = (1.0, 0.5, 0.25)
+#: ``scale="auto"`` runs again at its estimate until two estimates agree within this ratio.
+AUTO_SCALE_AGREEMENT = 1.1
 
 
 def model_object_width(model: InstSegNet) -> float:
@@ -578,7 +580,9 @@ def auto_scale(
     seen, best = min(found.items(), key=lambda item: abs(math.log(item[1] / item[0])))
     # narrow worms come out a little wide: run again at the estimate until it settles
     for _ in range(3):
-        if abs(math.log(best)) <= close or abs(math.log(best / seen)) <= math.log(1.1):
+        if abs(math.log(best)) <= close or abs(math.log(best / seen)) <= math.log(
+            AUTO_SCALE_AGREEMENT
+        ):
             break
         seen = round(best, 2)
         best = estimate(seen) or best

@@ -143,6 +143,14 @@ class Prediction:
         return tuple(self.seediness.shape)  # type: ignore[return-value]
 
     @property
+    def nbytes(self) -> int:
+        """Bytes held by the maps, the contrast and the kept network grid, if any."""
+        arrays = (self.embeddings, self.seediness, self.class_scores, self.boundary)
+        arrays += (self.foreground,) + ((self.contrast,) if self.contrast is not None else ())
+        grid = self.model_grid.nbytes if self.model_grid is not None else 0
+        return int(sum(np.asarray(a).nbytes for a in arrays)) + grid
+
+    @property
     def embedding_dim(self) -> int:
         """D, the number of embedding channels."""
         return int(self.embeddings.shape[0])
