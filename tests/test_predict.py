@@ -480,3 +480,18 @@ def test_widget_memory_cache_is_bounded_by_bytes(model, monkeypatch):
     compute.cached_predict(images[0])
     assert compute.is_cached(images[0])  # the newest is kept even when it alone is too big
     assert not compute.is_cached(images[3])
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_cli_predict_precision_reaches_the_network(model, cli_files, tmp_path, precision):
+    import tifffile
+
+    from napari_instseg.cli import main
+
+    weights, sample, single = cli_files
+    out = tmp_path / "out"
+    argv = ["predict", str(single), "--out", str(out), "--model", str(weights), "--save-maps"]
+    assert main([*argv, "--device", "cpu", "--tta", "1", "--precision", precision]) == 0
+    image = tifffile.imread(single)
+    expected = predict(image, model, "cpu", precision=precision).foreground
+    np.testing.assert_allclose(tifffile.imread(out / "worms_foreground.tif"), expected, atol=1e-6)
