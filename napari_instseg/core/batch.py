@@ -1517,12 +1517,9 @@ def run_batch(
     from .weights import DEFAULT_NORMALIZATION, load_model, model_signature, save_model
 
     scale = check_scale(scale)
-    from .device import PRECISIONS
+    from .device import check_precision
 
-    if precision not in PRECISIONS:
-        raise ValueError(
-            f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}."
-        )
+    check_precision(precision)
     if scale == "auto" and predictor is not None:
         raise ValueError("scale='auto' needs the model: give a number with a custom predictor")
 

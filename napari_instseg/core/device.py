@@ -92,6 +92,15 @@ def cpu_has_native_bfloat16() -> bool:
     return False
 
 
+def check_precision(precision: str) -> str:
+    """Return ``precision`` if it is one of :data:`PRECISIONS`, else raise ValueError."""
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}."
+        )
+    return precision
+
+
 def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     """The dtype the network's convolutions run in for inference on ``device``.
 
@@ -114,11 +123,7 @@ def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtyp
     ValueError
         For an unknown precision, or bfloat16 asked for on MPS.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(
-            f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}."
-        )
-    if precision == "float32":
+    if check_precision(precision) == "float32":
         return torch.float32
     if precision == "bfloat16":
         if device.type == "mps":

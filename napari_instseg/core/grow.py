@@ -300,7 +300,7 @@ class Grower:
             vn = self.vectors(neg)
             d_pos = self.sq_dist(vp, idx).min(axis=0)
             d_neg = self.sq_dist(vn, idx).min(axis=0)
-            is_seed = np.isin(idx, pos[:, 0] * w + pos[:, 1])
+            is_seed = np.isin(idx, clicked)
             idx = idx[(d_neg >= d_pos) | is_seed]
         if not connected and not bridge_overlaps:
             out = np.zeros(h * w, bool)
