@@ -197,6 +197,54 @@ def test_grown_mask_targets_collapsed_embeddings_are_background():
     assert (targets == 0).all()  # grown mask = whole image, IoU with a worm < 0.5
 
 
+def test_grown_overlaps_match_thresholding_the_whole_distance_matrix():
+    # more pixels than one block, so the blocks and their sums are exercised
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.randn(3 * L._GROW_CHUNK + 123, 4, generator=g)
+    seeds = pixels[torch.randint(len(pixels), (9,), generator=g)]
+    members = (torch.rand(5, len(pixels), generator=g) < 0.3).float()
+    limits = [0.5, 2.0, 6.0]
+    inter, area = L.grown_overlaps(seeds, pixels, members, limits)
+    d2 = torch.cdist(seeds.double(), pixels.double()) ** 2
+    for t, limit in enumerate(limits):
+        grown = (d2 <= limit).double()
+        assert torch.equal(area[t].double(), grown.sum(1))
+        assert torch.equal(inter[t].double(), grown @ members.double().T)
+    assert (area[0] <= area[1]).all() and (area[1] <= area[2]).all()
+    with pytest.raises(ValueError, match="positive"):
+        L.grown_overlaps(seeds, pixels, members, [0.0])
+
+
+def test_grown_mask_targets_iou_just_above_and_below_one_half():
+    # a 1 x 10 worm; the seed's grown mask covers 6 of its pixels plus k background pixels
+    masks = torch.zeros((1, 3, 10), dtype=torch.bool)
+    masks[0, 1] = True
+    for k, expected in ((1, 1), (2, 0)):  # IoU 6/11 > 0.5, then 6/12 = 0.5 (not above)
+        emb = torch.full((1, 3, 10), 10.0)
+        emb[0, 1, :6] = 0.0
+        emb[0, 0, :k] = 0.0
+        idx, targets = L.grown_mask_targets(emb, masks, (0.5,), 10, 0)
+        assert (idx // 10 == 1).all()
+        seeded_at_zero = emb.reshape(-1)[idx] == 0.0
+        assert torch.equal(targets[0], torch.where(seeded_at_zero, expected, 0))
+
+
+def test_square_dilation_and_erosion_match_scipy():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    sparse = rng.random((3, 17, 23)) < 0.15
+    dense = rng.random((3, 17, 23)) < 0.85
+    square = np.ones((1, 5, 5), bool)
+    dilated = L.square_dilation(torch.from_numpy(sparse), 2)
+    assert torch.equal(dilated, torch.from_numpy(ndimage.binary_dilation(sparse, square)))
+    # outside the image counts as inside: the image's border does not erode
+    eroded = L.square_erosion(torch.from_numpy(dense), 2)
+    expected = ndimage.binary_erosion(dense, square, border_value=1)
+    assert torch.equal(eroded, torch.from_numpy(expected))
+    assert eroded.any() and not eroded.all()
+
+
 def test_classification_loss_at_sampled_pixels_only():
     logits = torch.zeros((2, 2, 4, 4))
     logits[:, 1, 0, 0] = 10.0

@@ -135,6 +135,22 @@ def test_gradients_reach_all_heads():
         assert any(g.abs().sum() > 0 for g in grads)
 
 
+def test_channels_last_training_gives_the_same_gradients():
+    """The channels-last path re-lays the upsampling's gradient: same values, either layout."""
+    torch.manual_seed(0)
+    model = InstSegNet(ModelConfig(**TINY)).double()
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model.zero_grad()
+        model.to(memory_format=layout)
+        out = model(x.contiguous(memory_format=layout))
+        sum((v * v).mean() for v in out.values()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, last in zip(*grads, strict=True):
+        torch.testing.assert_close(plain, last)
+
+
 def test_coordinates_are_added_in_float32_under_autocast():
     """bfloat16 keeps 8 mantissa bits: 641 / 256 would round to 2.5 (a 1-pixel error)."""
     low = torch.zeros(1, 3, 4, 4, dtype=torch.bfloat16)
