@@ -256,6 +256,31 @@ def test_random_crop_and_prepare():
     assert masks.sum() <= sample.masks.sum()
 
 
+def test_mask_boxes_and_crops_keep_instances_reaching_into_the_window():
+    from napari_instseg.core.train import mask_boxes
+
+    masks = torch.zeros((3, 20, 30), dtype=torch.bool)
+    masks[0, 2:5, 7:9] = True
+    masks[0, 11, 3] = True
+    masks[2, 19, 29] = True
+    assert mask_boxes(masks).tolist() == [[2, 12, 3, 9], [0, 0, 0, 0], [19, 20, 29, 30]]
+    # the crop reads only the instances whose boxes reach into its window: the same crops as
+    # reading every instance (whole-image boxes), on an image crowded with worms
+    from napari_instseg.core.synthetic import make_worms
+
+    crowded = make_worms(shape=(96, 96), n_worms=12, length=(15, 30), width=(3, 5), seed=4)
+    item = prepare(crowded)
+    every = prepare(crowded)
+    every.boxes[:] = torch.tensor([0, 96, 0, 96])
+    for config in (TrainConfig(crop_size=24), TrainConfig(crop_size=24, aligned_fraction=1.0)):
+        rng_a, rng_b = np.random.default_rng(7), np.random.default_rng(7)
+        for _ in range(40):
+            image_a, masks_a, trusted_a = random_crop(item, config, rng_a)
+            image_b, masks_b, trusted_b = random_crop(every, config, rng_b)
+            assert torch.equal(image_a, image_b) and torch.equal(trusted_a, trusted_b)
+            assert torch.equal(masks_a, masks_b)
+
+
 def _dihedral(array: np.ndarray) -> list[np.ndarray]:
     """The eight flips and transposes of a square array."""
     out = []

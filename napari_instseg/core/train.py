@@ -271,6 +271,35 @@ class _Item:
     image: torch.Tensor  # (C, H, W) normalised
     masks: torch.Tensor  # (N, H, W) bool
     trusted: torch.Tensor  # (H, W) bool: pixels that count in the loss
+    boxes: torch.Tensor = field(init=False)  # (N, 4) first row, end row, first col, end col
+
+    def __post_init__(self) -> None:
+        self.boxes = mask_boxes(self.masks)
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Bounding boxes of (N, H, W) bool masks as (N, 4) ``[r0, r1, c0, c1]``, ends exclusive.
+
+    An empty mask gets the empty box ``[0, 0, 0, 0]``.
+    """
+    n, h, w = masks.shape
+    rows, cols = masks.any(2), masks.any(1)
+    boxes = torch.stack(
+        [
+            rows.int().argmax(1),
+            h - rows.flip(1).int().argmax(1),
+            cols.int().argmax(1),
+            w - cols.flip(1).int().argmax(1),
+        ],
+        1,
+    )
+    boxes[~rows.any(1)] = 0
+    return boxes
+
+
+def _in_window(boxes: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+    """Which boxes reach into the window rows r0:r1, cols c0:c1."""
+    return (boxes[:, 0] < r1) & (boxes[:, 1] > r0) & (boxes[:, 2] < c1) & (boxes[:, 3] > c0)
 
 
 def prepare(
@@ -340,7 +369,8 @@ def random_crop(
         for r, col in centres:
             r0, r1 = int(max(r - half, 0)), int(min(r + half, h))
             c0, c1 = int(max(col - half, 0)), int(min(col + half, w))
-            counts.append(int(item.masks[:, r0:r1, c0:c1].flatten(1).any(1).sum()))
+            near = _in_window(item.boxes, r0, r1, c0, c1).nonzero()[:, 0]
+            counts.append(int(item.masks[near, r0:r1, c0:c1].flatten(1).any(1).sum()))
         weights = np.asarray(counts, float) + 0.5
         centre = centres[rng.choice(len(centres), p=weights / weights.sum())]
     else:
@@ -363,9 +393,19 @@ def random_crop(
     image = F.grid_sample(
         item.image[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False
     )[0]
-    stacked = torch.cat([item.masks.float(), item.trusted[None].float()], 0)[None]
+    # masks: nearest sampling of the part of the image the crop reads (a pixel of margin),
+    # and only of the instances that reach into it
+    r0, r1 = max(math.floor(rows.min()) - 1, 0), min(math.ceil(rows.max()) + 2, h)
+    c0, c1 = max(math.floor(cols.min()) - 1, 0), min(math.ceil(cols.max()) + 2, w)
+    near = _in_window(item.boxes, r0, r1, c0, c1).nonzero()[:, 0]
+    part = item.masks[near, r0:r1, c0:c1]
+    stacked = torch.cat([part.float(), item.trusted[None, r0:r1, c0:c1].float()], 0)[None]
+    part_h, part_w = max(r1 - r0, 1), max(c1 - c0, 1)
+    part_grid = torch.stack(
+        [(2 * (cols - c0) + 1) / part_w - 1, (2 * (rows - r0) + 1) / part_h - 1], -1
+    )[None]
     warped = F.grid_sample(
-        stacked, grid, mode="nearest", padding_mode="zeros", align_corners=False
+        stacked, part_grid, mode="nearest", padding_mode="zeros", align_corners=False
     )
     masks, trusted = warped[0, :-1] > 0.5, warped[0, -1] > 0.5
     masks = masks[masks.flatten(1).sum(1) > 0]
