@@ -257,7 +257,7 @@ def grown_overlaps(
     For every seed s and limit t the grown mask is {q : ||e_s - e_q||^2 <= limit_t}. The
     squared distances are made block by block of pixels (one matrix product with the
     norms folded in) and compared straight into float 0/1 blocks, so no (S, H*W) matrix is
-    ever held: 5-7x faster on the CPU than thresholding the whole distance matrix once
+    ever held: about 3x faster on the CPU than thresholding the whole distance matrix once
     per limit. Counts are sums of 0/1 in float32, exact below 2**24 pixels.
 
     Parameters
@@ -293,7 +293,10 @@ def grown_overlaps(
         d2 = left @ right[start:stop].T  # (S, block)
         grown = d2.new_empty(n_limits, n_seeds, d2.shape[1])
         for t, limit in enumerate(limits):
-            torch.le(d2, limit, out=grown[t])
+            if d2.device.type == "cpu":  # compared straight into float: no bool copy
+                torch.le(d2, limit, out=grown[t])
+            else:
+                grown[t] = d2 <= limit
         counts += grown.reshape(n_limits * n_seeds, -1) @ refs[:, start:stop].T
     counts = counts.reshape(n_limits, n_seeds, n_refs + 1)
     return counts[..., :n_refs], counts[..., n_refs]
