@@ -162,11 +162,14 @@ def test_bench_runs_small_and_writes_section(tmp_path):
         t["median_ms"] / res["timings"]["floor_matvec"]["median_ms"]
     )
     assert set(res["accuracy"]) == {"seeds", "boundary", "hybrid"}
+    scoring = res["timings"]["evaluate_50"]
+    assert scoring["median_ms"] > 0 and "ratio_to_floor" not in scoring
     doc = tmp_path / "b.md"
     doc.write_text(f"# B\n\n## X\n\n{START}\nold\n{END}\n\n## After\n")
     write_section(doc, to_markdown(res))
     text = doc.read_text()
     assert "old" not in text and "| grow |" in text and text.endswith("## After\n")
+    assert "| evaluate_50 |" in text
 
 
 def test_bench_times_the_network_with_and_without_tta(tmp_path):
