@@ -400,9 +400,8 @@ def random_crop(
     near = _in_window(item.boxes, r0, r1, c0, c1).nonzero()[:, 0]
     part = item.masks[near, r0:r1, c0:c1]
     stacked = torch.cat([part.float(), item.trusted[None, r0:r1, c0:c1].float()], 0)[None]
-    part_h, part_w = max(r1 - r0, 1), max(c1 - c0, 1)
-    part_grid = torch.stack(
-        [(2 * (cols - c0) + 1) / part_w - 1, (2 * (rows - r0) + 1) / part_h - 1], -1
+    part_grid = torch.stack(  # the window holds the crop's centre: never empty
+        [(2 * (cols - c0) + 1) / (c1 - c0) - 1, (2 * (rows - r0) + 1) / (r1 - r0) - 1], -1
     )[None]
     warped = F.grid_sample(
         stacked, part_grid, mode="nearest", padding_mode="zeros", align_corners=False
