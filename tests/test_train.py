@@ -412,3 +412,43 @@ def test_weights_record_the_commit_training_started_at(data, tmp_path, monkeypat
     training = load_model(out / "best.safetensors").metadata["training"]
     assert training["epoch"] == 2
     assert training["commit"] == "aaaaaaa" and training["resumed_commit"] == "bbbbbbb"
+
+
+def test_average_of_the_last_epochs_is_exported_and_survives_a_resume(data, tmp_path):
+    """``average_last_epochs``: the saved weights are the mean of the last epochs' weights."""
+    from safetensors.torch import load_file
+
+    def raw_weights(out: Path) -> dict[str, torch.Tensor]:
+        tensors = load_file(str(out / "last.ckpt.safetensors"))
+        return {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+
+    out = tmp_path / "averaged"
+    cfg = tiny_config(data, out, epochs=3, val_wells="", average_last_epochs=2)
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def stop_after_two(row):
+        seen.append(raw_weights(out))
+        return row["epoch"] == 2
+
+    train(cfg, progress=False, callback=stop_after_two)
+    train(cfg, progress=False, callback=lambda row: seen.append(raw_weights(out)) and False)
+    assert [int(r["epoch"]) for r in _log(out)] == [1, 2, 3]
+    assert [r["averaged_epochs"] for r in _log(out)] == ["", "1", "2"]
+    saved = load_model(out / "best.safetensors").state_dict()
+    differs = False
+    for name, value in saved.items():
+        if not value.is_floating_point():
+            continue
+        expected = (seen[1][name] + seen[2][name]) / 2  # epochs 2 and 3, across the resume
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+        differs |= not torch.equal(value, seen[2][name])
+    assert differs  # not simply the last weights
+
+    # without it the last weights are saved, and a negative count is refused
+    plain = tmp_path / "plain"
+    train(tiny_config(data, plain, epochs=1, val_wells=""), progress=False)
+    last = raw_weights(plain)
+    for name, value in load_model(plain / "best.safetensors").state_dict().items():
+        assert torch.equal(value, last[name])
+    with pytest.raises(ValueError, match="average_last_epochs"):
+        train(tiny_config(data, tmp_path / "bad", average_last_epochs=-1), progress=False)
