@@ -115,11 +115,6 @@ class TrainConfig:
         the others (e.g. a kind of image the model fits worst; empty: uniform).
     oversample_factor : float
         How many times as often those images are drawn (any positive factor).
-    average_last_epochs : int
-        Export the mean of the weights (and BatchNorm statistics) at the ends of the last
-        this many epochs instead of the last weights alone (stochastic weight averaging's
-        average, on the run's own schedule); 0 or 1 = the last weights. Validation in those
-        epochs scores the average so far.
     """
 
     data: list[str] = field(default_factory=lambda: ["../shared/data/bbbc010"])
@@ -166,7 +161,6 @@ class TrainConfig:
     replay_fraction: float = 0.5
     oversample_wells: str = ""
     oversample_factor: float = 1.0
-    average_last_epochs: int = 0
 
     @classmethod
     def from_toml(cls, path: str | Path) -> TrainConfig:
@@ -670,15 +664,8 @@ def hardware_description(device: torch.device) -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU"
 
 
-def _save_checkpoint(path: Path, model, optimizer, state: dict, average=None) -> None:
+def _save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if average is not None:
-        tensors.update(
-            {
-                f"average.{k}": v.detach().cpu().contiguous()
-                for k, v in average.state_dict().items()
-            }
-        )
     opt_state = optimizer.state_dict()
     for pid, pstate in opt_state["state"].items():
         for key, value in pstate.items():
@@ -693,7 +680,7 @@ def _save_checkpoint(path: Path, model, optimizer, state: dict, average=None) ->
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, model, optimizer, average=None) -> dict:
+def _load_checkpoint(path: Path, model, optimizer) -> dict:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
@@ -702,9 +689,6 @@ def _load_checkpoint(path: Path, model, optimizer, average=None) -> dict:
     model.load_state_dict(
         {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     )
-    averaged = {k[len("average.") :]: v for k, v in tensors.items() if k.startswith("average.")}
-    if average is not None and averaged:
-        average.load_state_dict(averaged)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -838,12 +822,9 @@ def train(
     start_epoch, best, elapsed_before = 0, -1.0, 0.0
     # the code that trained: HEAD when training started (kept across resumes), not at the end
     commits = {"commit": _git_commit()}
-    if config.average_last_epochs < 0:
-        raise ValueError(f"average_last_epochs must be >= 0, got {config.average_last_epochs}")
-    average = weight_average(model) if config.average_last_epochs > 1 else None
     ckpt = out / "last.ckpt.safetensors"
     if resume and ckpt.is_file():
-        state = _load_checkpoint(ckpt, model, optimizer, average)
+        state = _load_checkpoint(ckpt, model, optimizer)
         start_epoch, best = state["epoch"], state["best"]
         elapsed_before = state.get("elapsed", 0.0)
         if state.get("commit", commits["commit"]) != commits["commit"]:
@@ -913,27 +894,19 @@ def train(
         row["lr"] = scheduler.get_last_lr()[0]
         last_epoch = epoch + 1 == config.epochs
         over_time = config.time_limit_minutes and elapsed > 60 * config.time_limit_minutes
-        exported = model  # the weights validated and saved: the average once it has begun
-        if average is not None and epoch + 1 > config.epochs - config.average_last_epochs:
-            average.update_parameters(model)
-            exported = average.module
-            row["averaged_epochs"] = int(average.n_averaged)
         if val_items and ((epoch + 1) % config.val_every == 0 or last_epoch or over_time):
-            row.update(validate(exported, val_items, device))
+            row.update(validate(model, val_items, device))
             if row[config.select_metric] > best:
                 best = row[config.select_metric]
-                _save_weights(
-                    exported, best_path, config, row, elapsed, device, base_meta, size_meta
-                )
+                _save_weights(model, best_path, config, row, elapsed, device, base_meta, size_meta)
         elif not val_items:
-            _save_weights(exported, best_path, config, row, elapsed, device, base_meta, size_meta)
+            _save_weights(model, best_path, config, row, elapsed, device, base_meta, size_meta)
         _append_csv(log_path, row)
         _save_checkpoint(
             ckpt,
             model,
             optimizer,
             {"epoch": epoch + 1, "best": best, "elapsed": elapsed, "commit": commits["commit"]},
-            average,
         )
         if callback is not None and callback(row):
             stop = True
@@ -945,18 +918,6 @@ def train(
     if not best_path.exists():
         _save_weights(model, best_path, config, {}, time.time() - t0, device, base_meta, size_meta)
     return best_path
-
-
-def weight_average(model: InstSegNet) -> torch.optim.swa_utils.AveragedModel:
-    """The running mean of ``model``'s weights and BatchNorm statistics.
-
-    Each ``update_parameters(model)`` adds the current weights with the same weight as the
-    ones before (stochastic weight averaging's mean, Izmailov et al. 2018); ``.module`` is an
-    :class:`InstSegNet` to validate and save.
-    """
-    from torch.optim.swa_utils import AveragedModel
-
-    return AveragedModel(model, use_buffers=True)
 
 
 def _save_weights(model, path, config, row, elapsed, device, base_meta, size_meta) -> None:
