@@ -9,6 +9,7 @@ so it works in scripts, notebooks and on clusters::
     prediction = nis.predict(image, model)      # embeddings, seediness, class scores, ...
     instances = nis.segment(prediction, method="hybrid")
     mask = nis.grow(prediction, seeds=[(120, 340)], tau=0.5)
+    mask = nis.grow_from_segments(prediction, seeds=[(120, 340)], negative=[(130, 390)])
 
 Names are resolved lazily so that ``import napari_instseg`` (done by napari at start-up to
 read the plugin manifest) stays cheap and does not import torch.
@@ -34,6 +35,7 @@ _API: dict[str, str] = {
     "grow": "napari_instseg.core.grow",
     "similarity": "napari_instseg.core.grow",
     "grow_instances": "napari_instseg.core.grow",
+    "grow_from_segments": "napari_instseg.core.pick",
     "WormSeeds": "napari_instseg.core.grow",
     "measure": "napari_instseg.core.measure",
     "evaluate": "napari_instseg.core.evaluate",

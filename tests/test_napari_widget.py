@@ -759,3 +759,34 @@ def test_debris_toggle_keeps_or_drops_a_round_blob(widget, worms, monkeypatch):
     widget.drop_debris.setChecked(False)
     assert widget.segment_params()["blob_filter"] is None
     assert widget.segment(blocking=True) == dropped + 1
+
+
+def test_clicks_start_from_the_automatic_segments_when_the_model_is_tuned(widget, worms, qtbot):
+    from napari_instseg.core.pick import automatic_segments
+
+    oracle = compute.predict_image(np.asarray(worms.image, np.float32))  # the fixture's
+    oracle.metadata["recommended_method"] = "boundary"
+    oracle.metadata["segment_params"] = {"boundary": {"min_size": 30}}
+    widget.run_model(blocking=True)
+    session = widget.session()
+    assert widget.click_segments.isEnabled() and widget.click_segments.isChecked()
+    assert session.click_segments
+    viewer = widget.viewer
+    point = inner_pixel(worms.masks, 0)
+    segments = automatic_segments(oracle)
+    under = [m for m in segments.masks if m[point]]
+    assert len(under) == 1
+    click(qtbot, viewer, *point)
+    label = session.selected
+    assert np.array_equal(session.worm(label).mask, under[0])  # the segment, as it is
+    widget.click_segments.setChecked(False)
+    assert not session.click_segments
+    grown = session.grow_new(point)
+    from napari_instseg.core.grow import grow
+
+    expected = grow(oracle, [point], tau=session.tau, edge_thresholds="auto")
+    assert np.array_equal(session.worm(grown).mask, expected)  # the embedding growth
+    assert not np.array_equal(expected, under[0])  # (the two differ on these worms)
+    oracle.metadata["segment_params"] = {}
+    widget.method_combo.setCurrentText("boundary")
+    assert not widget.click_segments.isEnabled()

@@ -271,6 +271,10 @@ class Session:
         #: clicks refine the grown mask's outline by the image contrast, with the model's
         #: tuned thresholds (``grow(..., edge_thresholds="auto")``); False: never
         self.refine_edges: bool = True
+        #: clicks start from the automatic segment under the first click and correct it
+        #: (:func:`~napari_instseg.core.pick.grow_from_segments`) where the model was tuned
+        #: for automatic segmentation; False (or an untuned model): the embedding growth
+        self.click_segments: bool = True
         self.labels_layer: Any = None
         self.seeds_layer: Any = None
         self.similarity_layer: Any = None
@@ -780,15 +784,19 @@ class Session:
 
     def _grow(self, seeds: Sequence[Point], negatives: Sequence[Point], tau: float) -> np.ndarray:
         from ..core.grow import grow
+        from ..core.pick import grow_from_segments
 
         prediction = self._require_prediction()
-        mask = grow(
-            prediction,
-            [tuple(p) for p in seeds],
-            tau=tau,
-            negative=[tuple(p) for p in negatives] or None,
-            edge_thresholds="auto" if self.refine_edges else None,
-        )
+        edges = "auto" if self.refine_edges else None
+        positive = [tuple(p) for p in seeds]
+        negative = [tuple(p) for p in negatives] or None
+        tuned = (getattr(prediction, "metadata", None) or {}).get("segment_params")
+        if self.click_segments and tuned:
+            mask = grow_from_segments(
+                prediction, positive, negative, tau=tau, edge_thresholds=edges
+            )
+        else:
+            mask = grow(prediction, positive, tau=tau, negative=negative, edge_thresholds=edges)
         return np.asarray(mask, bool)
 
     def _score_at(self, point: Point) -> tuple[float, int]:

@@ -249,6 +249,14 @@ class InstSegWidget(QWidget):
         )
         self.refine_edges.toggled.connect(self._on_refine_edges)
         form.addRow(self.refine_edges)
+        self.click_segments = _option(
+            "clicks start from the automatic segments",
+            "a click takes the automatic segment under it, later clicks correct it (a "
+            "negative click cuts a merged pair along the boundary map, a positive one takes "
+            "back a missed piece); off, or a model never tuned: the embedding growth",
+        )
+        self.click_segments.toggled.connect(self._on_click_segments)
+        form.addRow(self.click_segments)
         self.drop_debris = _option(
             "drop round debris",
             "leave out compact, convex instances (clumps of debris, bubbles): a worm is "
@@ -490,6 +498,7 @@ class InstSegWidget(QWidget):
             session = Session(self.viewer, layer)
             session.defer = self.after_next_paint
             session.refine_edges = self.refine_edges.isChecked()
+            session.click_segments = self.click_segments.isChecked()
             session.map_layers = self._map_layers
             for other in self.viewer.layers:
                 if (
@@ -902,6 +911,7 @@ class InstSegWidget(QWidget):
         self.untangle.setEnabled(resolved in ("boundary", "hybrid"))
         tuned = (meta.get("segment_params") or {}).get(resolved, {}).get("edge_thresholds")
         self.refine_edges.setEnabled(tuned is not None)
+        self.click_segments.setEnabled(bool(meta.get("segment_params")))
         blobs = (meta.get("segment_params") or {}).get(resolved, {}).get("blob_filter")
         self.drop_debris.setEnabled(blobs is not None)
         self.method_combo.setToolTip(f"{method} -> {resolved}" if method == "auto" else method)
@@ -909,6 +919,10 @@ class InstSegWidget(QWidget):
     def _on_refine_edges(self, checked: bool) -> None:
         for session in self.sessions.values():
             session.refine_edges = bool(checked)
+
+    def _on_click_segments(self, checked: bool) -> None:
+        for session in self.sessions.values():
+            session.click_segments = bool(checked)
 
     def _after_segment(self, n: int) -> None:
         self._update_review_label()

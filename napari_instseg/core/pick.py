@@ -1,0 +1,216 @@
+"""Clicks that start from the automatic segments and correct them.
+
+:func:`napari_instseg.core.grow.grow` grows a click's mask from the embeddings (Fathi et
+al.). On BBBC010 the automatic segmentation's masks are better than that growth (the mask
+at a worm's central pixel: mean IoU 0.85 against 0.72, docs/benchmarks.md "Session 25"), so
+:func:`grow_from_segments` lets a click pick the automatic segment under it and lets the
+following clicks correct it with the boundary map:
+
+- the first positive click takes the segment it lands in (where two overlap at a
+  crossing, the smaller); on no segment, the embedding growth of :func:`grow`;
+- a later positive click in another segment takes the part of that segment nearer the
+  click than that segment's own seed (a watershed of the boundary map from the two), so a
+  worm the segmentation gave partly to a neighbour is taken back piece by piece;
+- a later positive click on no segment takes the foreground pixels (probability above
+  ``fg_floor``) no segment holds within ``reach`` pixels of it, connected to it;
+- negative clicks inside the mask cut it: a watershed of the boundary map from the
+  positive and the negative clicks, and the mask keeps the positive side. Two worms the
+  segmentation merged come apart along the line between them.
+
+The automatic segments are :func:`~napari_instseg.core.instances.segment` with the
+model's tuned method and parameters, computed once per prediction (cached).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+from skimage.segmentation import watershed
+
+from .grow import _as_points, grow
+from .types import Instances, Prediction
+
+__all__ = ["automatic_segments", "grow_from_segments"]
+
+_CACHE: list[tuple[weakref.ref, bool, Instances]] = []
+_CACHE_SIZE = 4
+
+
+def automatic_segments(prediction: Prediction, refine_edges: bool = True) -> Instances:
+    """The automatic segmentation of ``prediction`` (``segment(prediction)``), cached.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        Network outputs.
+    refine_edges : bool
+        False: without the tuned outline refinement (``edge_thresholds=None``).
+
+    Returns
+    -------
+    Instances
+        The instances of the model's recommended method with its tuned parameters. The
+        cache holds the last few (prediction, refine_edges) by identity.
+    """
+    from .instances import segment
+
+    for ref, refined, found in _CACHE:
+        if ref() is prediction and refined == refine_edges:
+            return found
+    found = segment(prediction) if refine_edges else segment(prediction, edge_thresholds=None)
+    _CACHE.insert(0, (weakref.ref(prediction), refine_edges, found))
+    del _CACHE[_CACHE_SIZE:]
+    return found
+
+
+def _box(region: np.ndarray, pad: int, shape: tuple[int, int]) -> tuple[slice, slice]:
+    rows, cols = np.nonzero(region)
+    return (
+        slice(max(int(rows.min()) - pad, 0), min(int(rows.max()) + pad + 1, shape[0])),
+        slice(max(int(cols.min()) - pad, 0), min(int(cols.max()) + pad + 1, shape[1])),
+    )
+
+
+def _nearer_part(
+    boundary: np.ndarray,
+    region: np.ndarray,
+    keep: np.ndarray,
+    other: np.ndarray,
+    radius: int = 0,
+) -> np.ndarray:
+    """The pixels of ``region`` a watershed of ``boundary`` floods from ``keep``, not ``other``.
+
+    ``keep`` and ``other`` are (K, 2) pixels; each starts the flood from the square of
+    ``radius`` around it within ``region`` (where squares meet, ``other``'s win; the
+    ``keep`` pixels themselves always count as ``keep``).
+    """
+    pts = np.concatenate([keep, other]) if len(other) else keep
+    box = _box(region | _points_image(pts, region.shape), radius + 1, region.shape)
+    markers = np.zeros(region.shape, np.int32)
+    markers[keep[:, 0], keep[:, 1]] = 1
+    if radius:
+        markers = ndimage.maximum_filter(markers, size=2 * radius + 1) * region
+    others = np.zeros(region.shape, bool)
+    others[other[:, 0], other[:, 1]] = True
+    if radius:
+        others = ndimage.maximum_filter(others, size=2 * radius + 1) & region
+    markers[others] = 2
+    markers[keep[:, 0], keep[:, 1]] = 1
+    sub = region[box] | (markers[box] > 0)
+    flooded = watershed(boundary[box], markers[box], mask=sub)
+    out = np.zeros(region.shape, bool)
+    out[box] = flooded == 1
+    return out
+
+
+def _points_image(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    image = np.zeros(shape, bool)
+    image[points[:, 0], points[:, 1]] = True
+    return image
+
+
+def grow_from_segments(
+    prediction: Prediction,
+    seeds: object,
+    negative: object = None,
+    tau: float = 0.5,
+    instances: Instances | None = None,
+    reach: int = 12,
+    fg_floor: float = 0.05,
+    edge_thresholds: Sequence[float] | str | None = "auto",
+) -> np.ndarray:
+    """One worm's mask from clicks, starting from the automatic segment under the first.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        Network outputs.
+    seeds : (row, col) or sequence of (row, col)
+        Positive clicks on the worm, in the order they were made.
+    negative : (row, col) or sequence of (row, col), optional
+        Negative clicks: where the mask must not be.
+    tau : float
+        Similarity threshold in (0, 1) of the embedding growth, used where the first
+        click is on no segment.
+    instances : Instances, optional
+        The segments to start from; default :func:`automatic_segments`.
+    reach : int
+        How far (pixels) from a later click on no segment foreground pixels are taken.
+    fg_floor : float
+        Foreground probability such pixels need.
+    edge_thresholds : pair of float, "auto" or None
+        Passed to :func:`~napari_instseg.core.grow.grow` for the embedding growth; None
+        also leaves the automatic segments' outline refinement out.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) bool mask.
+
+    Raises
+    ------
+    ValueError
+        No positive click, clicks outside the image, tau outside (0, 1), or segments of
+        another shape than the prediction.
+    """
+    shape = prediction.shape
+    positive = _as_points(seeds, shape, "seeds")
+    if len(positive) == 0:
+        raise ValueError("grow_from_segments needs at least one positive seed (row, col)")
+    negatives = _as_points(negative, shape, "negative seeds")
+    if not 0.0 < float(tau) < 1.0:
+        raise ValueError(f"tau must be in (0, 1), got {tau}")
+    if instances is None:
+        instances = automatic_segments(prediction, refine_edges=edge_thresholds is not None)
+    masks = np.asarray(instances.masks, bool)
+    if masks.shape[1:] != tuple(shape):
+        raise ValueError(f"segments of shape {masks.shape[1:]} for a {tuple(shape)} prediction")
+    boundary = np.asarray(prediction.boundary, np.float32)
+    taken = masks.any(axis=0) if len(masks) else np.zeros(shape, bool)
+    mask = np.zeros(shape, bool)
+    for k, (r, c) in enumerate(positive):
+        if mask[r, c]:
+            continue
+        hits = np.flatnonzero(masks[:, r, c]) if len(masks) else np.zeros(0, np.int64)
+        if hits.size == 0 and k == 0:
+            mask |= grow(prediction, [(r, c)], tau=tau, edge_thresholds=edge_thresholds)
+        elif hits.size == 0:
+            rr, cc = np.ogrid[: shape[0], : shape[1]]
+            near = (rr - r) ** 2 + (cc - c) ** 2 <= reach**2
+            free = near & (np.asarray(prediction.foreground) > fg_floor) & (~taken | mask)
+            if free[r, c]:
+                labels, _ = ndimage.label(free | mask)
+                mask |= labels == labels[r, c]
+        else:
+            index = min(hits, key=lambda i: int(masks[i].sum()))  # a crossing: the smaller
+            segment_mask = masks[index]
+            if k == 0:
+                mask |= segment_mask
+                continue
+            own = _own_seed(instances, index)
+            if own is None or (own[0] == r and own[1] == c):
+                mask |= segment_mask
+            else:
+                mask |= _nearer_part(boundary, segment_mask, np.array([[r, c]]), own[None])
+    inside = negatives[mask[negatives[:, 0], negatives[:, 1]]] if len(negatives) else negatives
+    if len(inside):
+        mask = _nearer_part(boundary, mask, positive, inside, radius=2) & mask
+    return mask
+
+
+def _own_seed(instances: Instances, index: int) -> np.ndarray | None:
+    """The seed pixel of one instance: its stored seed, else its most interior pixel."""
+    if instances.seeds is not None:
+        seed = np.asarray(instances.seeds[index], np.int64)
+        if instances.masks[index][seed[0], seed[1]]:
+            return seed
+    mask = np.asarray(instances.masks[index], bool)
+    if not mask.any():
+        return None
+    box = _box(mask, 1, mask.shape)
+    depth = ndimage.distance_transform_edt(mask[box])
+    r, c = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return np.array([r + box[0].start, c + box[1].start])

@@ -1,0 +1,120 @@
+"""Clicks that start from the automatic segments (core/pick.py)."""
+
+import numpy as np
+import pytest
+
+from napari_instseg.core.oracle import prediction_from_masks
+from napari_instseg.core.pick import automatic_segments, grow_from_segments
+from napari_instseg.core.types import Instances
+
+SHAPE = (40, 60)
+
+
+def _worms():
+    left = np.zeros(SHAPE, bool)
+    right = np.zeros(SHAPE, bool)
+    left[16:24, 4:30] = True  # two worms end to end ...
+    right[16:24, 30:56] = True  # ... touching at column 30
+    return left, right
+
+
+def _merged(left, right, seeds=None):
+    """The automatic segmentation got the pair as one segment (a merge)."""
+    return Instances(
+        masks=(left | right)[None],
+        scores=np.ones(1, np.float32),
+        classes=np.ones(1, np.int64),
+        seeds=None if seeds is None else np.asarray(seeds, np.int64),
+    )
+
+
+@pytest.fixture(scope="module")
+def pair():
+    left, right = _worms()
+    prediction = prediction_from_masks(np.stack([left, right]), embedding_dim=8, seed=0)
+    return left, right, prediction
+
+
+def test_first_click_picks_the_segment_under_it(pair):
+    left, right, prediction = pair
+    segments = Instances(masks=np.stack([left, right]), scores=np.ones(2, np.float32))
+    mask = grow_from_segments(prediction, (20, 40), instances=segments)
+    assert np.array_equal(mask, right)
+    # where two segments overlap the smaller is taken
+    long = left | right
+    segments = Instances(masks=np.stack([long, right]), scores=np.ones(2, np.float32))
+    assert np.array_equal(grow_from_segments(prediction, (20, 40), instances=segments), right)
+
+
+def test_negative_click_cuts_a_merged_pair_along_the_boundary(pair):
+    left, right, prediction = pair
+    merged = _merged(left, right)
+    assert np.array_equal(grow_from_segments(prediction, (20, 10), instances=merged), left | right)
+    mask = grow_from_segments(prediction, (20, 10), negative=(20, 50), instances=merged)
+    # the cut follows the boundary map's ridge between the two worms (a pixel of slack)
+    assert (mask & left).sum() >= left.sum() - 8
+    assert (mask & right).sum() <= 8
+    # a negative click outside the mask changes nothing
+    outside = grow_from_segments(prediction, (20, 10), negative=(2, 2), instances=merged)
+    assert np.array_equal(outside, left | right)
+
+
+def test_later_click_takes_only_its_part_of_another_segment(pair):
+    left, right, prediction = pair
+    # the segmentation gave the left worm's tail (columns 4-11) to a wrong, third segment
+    tail = np.zeros(SHAPE, bool)
+    tail[16:24, 4:12] = True
+    body = left & ~tail
+    wrong = tail | right  # not connected; its own seed lies in the right worm
+    segments = Instances(
+        masks=np.stack([body, wrong]),
+        scores=np.ones(2, np.float32),
+        seeds=np.array([[20, 20], [20, 45]]),
+    )
+    first = grow_from_segments(prediction, (20, 20), instances=segments)
+    assert np.array_equal(first, body)
+    both = grow_from_segments(prediction, [(20, 20), (20, 6)], instances=segments)
+    assert np.array_equal(both, left)  # the tail, not the right worm
+
+
+def test_later_click_on_no_segment_takes_nearby_foreground(pair):
+    left, right, prediction = pair
+    segments = Instances(masks=left[None], scores=np.ones(1, np.float32))
+    mask = grow_from_segments(prediction, [(20, 10), (20, 34)], instances=segments, reach=6)
+    added = mask & ~left
+    assert added.any() and added[20, 34]
+    assert not (added & ~right).any()  # foreground only
+    rows, cols = np.nonzero(added)
+    assert np.hypot(rows - 20, cols - 34).max() <= 6
+    # a click on background adds nothing
+    assert np.array_equal(
+        grow_from_segments(prediction, [(20, 10), (3, 3)], instances=segments), left
+    )
+
+
+def test_first_click_on_no_segment_grows_from_the_embeddings(pair):
+    left, right, prediction = pair
+    segments = Instances(masks=left[None], scores=np.ones(1, np.float32))
+    mask = grow_from_segments(prediction, (20, 45), instances=segments, edge_thresholds=None)
+    assert (mask & right).sum() / (mask | right).sum() > 0.9
+
+
+def test_automatic_segments_cached_per_prediction(pair):
+    *_, prediction = pair
+    first = automatic_segments(prediction)
+    assert automatic_segments(prediction) is first
+    assert len(first) == 2
+
+
+def test_bad_input(pair):
+    left, right, prediction = pair
+    segments = Instances(masks=left[None], scores=np.ones(1, np.float32))
+    with pytest.raises(ValueError, match="positive seed"):
+        grow_from_segments(prediction, [], instances=segments)
+    with pytest.raises(ValueError, match="outside"):
+        grow_from_segments(prediction, (100, 5), instances=segments)
+    with pytest.raises(ValueError, match="tau"):
+        grow_from_segments(prediction, (20, 10), tau=1.5, instances=segments)
+    other = Instances(masks=np.zeros((1, 10, 10), bool), scores=np.ones(1, np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        grow_from_segments(prediction, (20, 10), instances=other)
