@@ -395,6 +395,28 @@ def test_cli_grow_matches_the_python_api(model, cli_files, tmp_path, capsys):
     assert main([*argv, "--model", str(weights), "--tau", "1.5"]) == 1
 
 
+def test_cli_grow_from_segments_matches_the_python_api(model, cli_files, tmp_path):
+    import tifffile
+
+    from napari_instseg.cli import main
+    from napari_instseg.core.pick import grow_from_segments
+
+    weights, sample, image = cli_files
+    r0, c0 = np.argwhere(sample.masks[0])[len(np.argwhere(sample.masks[0])) // 2]
+    seeds = tmp_path / "seeds.csv"
+    seeds.write_text(f"row,col\n{r0},{c0}\n")
+    out = tmp_path / "out"
+    argv = ["grow", str(image), "--seeds", str(seeds), "--out", str(out), "--tta", "1"]
+    argv += ["--model", str(weights), "--device", "cpu", "--from", "segments"]
+    assert main(argv) == 0
+    labels = tifffile.imread(out / "worms_labels.tif")
+    prediction = predict(sample.image.astype(np.uint16), model, "cpu")
+    expected = grow_from_segments(prediction, [(r0, c0)])
+    np.testing.assert_array_equal(labels > 0, expected)
+    with pytest.raises(SystemExit):  # not a choice: argparse's usage error
+        main([*argv[:-1], "sideways"])
+
+
 def test_cli_predict_contrast_outlines_switch(cli_files, tmp_path):
     import argparse
 

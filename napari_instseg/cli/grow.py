@@ -8,7 +8,10 @@ Example::
 with ``axis-0`` the plane for a stack), optionally ``worm`` (seeds of one worm share it) and
 ``positive`` (0 for a negative seed that takes pixels away from its worm) and ``tau``
 (the worm's own threshold; ``--tau`` for the others); see
-:func:`napari_instseg.core.io.read_seed_table`. Writes, in ``--out``:
+:func:`napari_instseg.core.io.read_seed_table`. As in the plugin, a worm starts from the
+automatic segment under its first seed when the model was tuned for automatic segmentation
+(``--from segments``; :func:`napari_instseg.core.pick.grow_from_segments`), else it is
+grown from the embeddings (``--from embedding``). Writes, in ``--out``:
 
 - ``<name>_labels.tif``: one label per worm (1, 2, ... in the order the worms first appear
   in the file; where worms overlap, the smaller one's label is shown);
@@ -42,9 +45,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--tau", type=float, default=0.5, help="similarity threshold in (0, 1) (0.5)"
     )
     parser.add_argument(
+        "--from",
+        dest="start",
+        choices=("auto", "segments", "embedding"),
+        default="auto",
+        help="segments: each worm starts from the automatic segment under its first seed, "
+        "its other seeds correct it (the plugin's clicks); embedding: grown from the "
+        "embeddings (Fathi et al.); auto (default): segments where the model was tuned for "
+        "automatic segmentation",
+    )
+    parser.add_argument(
         "--boundary-barrier",
         type=float,
-        help="stop growing at boundary probability above this (e.g. 0.5); default: off",
+        help="stop growing at boundary probability above this (e.g. 0.5; embedding growth "
+        "only); default: off",
     )
     parser.add_argument(
         "--no-clip",
@@ -108,7 +122,11 @@ def run(args: argparse.Namespace) -> int:
         prediction = predict(
             image, model, args.device, tta=args.tta, cache=args.cache, scale=args.scale
         )
-        instances = grow_instances(prediction, list(worms.values()), tau=args.tau, **options)
+        tuned = bool((prediction.metadata or {}).get("segment_params"))
+        segments = args.start == "segments" or (args.start == "auto" and tuned)
+        instances = grow_instances(
+            prediction, list(worms.values()), tau=args.tau, from_segments=segments, **options
+        )
         labels.append(instances.to_labels())
         n_worms += len(instances)
         table = pd.DataFrame(measure(instances, image=image))

@@ -706,6 +706,7 @@ def grow_instances(
     prediction: Prediction | Grower,
     worms: Sequence[WormSeeds],
     tau: float = 0.5,
+    from_segments: bool = False,
     **grow_options: Any,
 ) -> Instances:
     """Grow one instance per worm from its seeds, as the plugin's clicks do.
@@ -718,6 +719,11 @@ def grow_instances(
         Per worm its positive and negative seeds, (row, col) pixels.
     tau : float
         Similarity threshold in (0, 1) of the worms without their own.
+    from_segments : bool
+        Each worm starts from the automatic segment under its first seed and its other
+        seeds correct it (:func:`napari_instseg.core.pick.grow_from_segments`, the
+        plugin's clicks for a model tuned for automatic segmentation); only
+        ``edge_thresholds`` of ``grow_options`` applies then.
     **grow_options
         Passed to :func:`grow` (``boundary_barrier``, ``clip_to_foreground``,
         ``edge_thresholds``, ...).
@@ -744,10 +750,20 @@ def grow_instances(
         if not worm.positive:
             raise ValueError(f"worm {index + 1} has no positive seed")
         taus.append(tau if worm.tau is None else worm.tau)
-        masks.append(
-            grow(grower, list(worm.positive), tau=taus[-1],
-                 negative=list(worm.negative) or None, **grow_options)
-        )  # fmt: skip
+        if from_segments:
+            from .pick import grow_from_segments
+
+            edges = grow_options.get("edge_thresholds", "auto")
+            masks.append(
+                grow_from_segments(grower.prediction, list(worm.positive),
+                                   list(worm.negative) or None, tau=taus[-1],
+                                   edge_thresholds=edges)
+            )  # fmt: skip
+        else:
+            masks.append(
+                grow(grower, list(worm.positive), tau=taus[-1],
+                     negative=list(worm.negative) or None, **grow_options)
+            )  # fmt: skip
         seeds.append(_as_points(worm.positive[0], grower.shape, "seeds")[0])
     at = np.asarray(seeds)
     rows, cols = at[:, 0], at[:, 1]
