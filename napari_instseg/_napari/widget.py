@@ -1328,7 +1328,9 @@ def prepare_layers(prediction: Any, tau: float) -> list[tuple[str, Any, dict]]:
 
     Computes the layer data (PCA colours of the embeddings, score maps; see
     :func:`~napari_instseg._napari.layers.prediction_layers`) and builds the grow cache of
-    :mod:`napari_instseg.core.grow`, so the first click is as fast as the next ones.
+    :mod:`napari_instseg.core.grow` and, for a model tuned for automatic segmentation, the
+    automatic segments clicks start from (:mod:`napari_instseg.core.pick`), so the first
+    click is as fast as the next ones.
 
     Parameters
     ----------
@@ -1349,6 +1351,10 @@ def prepare_layers(prediction: Any, tau: float) -> list[tuple[str, Any, dict]]:
     get_grower(prediction)
     if getattr(prediction, "model_grid", None) is not None:  # clicks grow on the network's grid
         get_grower(at_model_scale(prediction))
+    if (getattr(prediction, "metadata", None) or {}).get("segment_params"):
+        from ..core.pick import automatic_segments
+
+        automatic_segments(prediction)  # where clicks start (Session.click_segments)
     return layers
 
 
