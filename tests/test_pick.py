@@ -118,3 +118,20 @@ def test_bad_input(pair):
     other = Instances(masks=np.zeros((1, 10, 10), bool), scores=np.ones(1, np.float32))
     with pytest.raises(ValueError, match="shape"):
         grow_from_segments(prediction, (20, 10), instances=other)
+
+
+def test_clicks_start_from_segments_only_for_tuned_models_and_images_that_fit(pair, monkeypatch):
+    from napari_instseg.core import pick
+
+    *_, prediction = pair
+    metadata = dict(prediction.metadata)
+    try:
+        prediction.metadata.pop("segment_params", None)
+        assert not pick.starts_from_segments(prediction)  # nothing tuned
+        prediction.metadata["segment_params"] = {"boundary": {}}
+        assert pick.starts_from_segments(prediction)
+        monkeypatch.setattr(pick, "MAX_SEGMENT_PIXELS", SHAPE[0] * SHAPE[1] - 1)
+        assert not pick.starts_from_segments(prediction)  # a mosaic: embedding growth
+    finally:
+        prediction.metadata.clear()
+        prediction.metadata.update(metadata)

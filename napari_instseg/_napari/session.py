@@ -273,7 +273,8 @@ class Session:
         self.refine_edges: bool = True
         #: clicks start from the automatic segment under the first click and correct it
         #: (:func:`~napari_instseg.core.pick.grow_from_segments`) where the model was tuned
-        #: for automatic segmentation; False (or an untuned model): the embedding growth
+        #: for automatic segmentation (:func:`~napari_instseg.core.pick.starts_from_segments`);
+        #: False (or an untuned model, or a mosaic): the embedding growth
         self.click_segments: bool = True
         self.labels_layer: Any = None
         self.seeds_layer: Any = None
@@ -784,14 +785,13 @@ class Session:
 
     def _grow(self, seeds: Sequence[Point], negatives: Sequence[Point], tau: float) -> np.ndarray:
         from ..core.grow import grow
-        from ..core.pick import grow_from_segments
+        from ..core.pick import grow_from_segments, starts_from_segments
 
         prediction = self._require_prediction()
         edges = "auto" if self.refine_edges else None
         positive = [tuple(p) for p in seeds]
         negative = [tuple(p) for p in negatives] or None
-        tuned = (getattr(prediction, "metadata", None) or {}).get("segment_params")
-        if self.click_segments and tuned:
+        if self.click_segments and starts_from_segments(prediction):
             mask = grow_from_segments(
                 prediction, positive, negative, tau=tau, edge_thresholds=edges
             )

@@ -1351,9 +1351,9 @@ def prepare_layers(prediction: Any, tau: float) -> list[tuple[str, Any, dict]]:
     get_grower(prediction)
     if getattr(prediction, "model_grid", None) is not None:  # clicks grow on the network's grid
         get_grower(at_model_scale(prediction))
-    if (getattr(prediction, "metadata", None) or {}).get("segment_params"):
-        from ..core.pick import automatic_segments
+    from ..core.pick import automatic_segments, starts_from_segments
 
+    if starts_from_segments(prediction):
         automatic_segments(prediction)  # where clicks start (Session.click_segments)
     return layers
 

@@ -52,7 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="segments: each worm starts from the automatic segment under its first seed, "
         "its other seeds correct it (the plugin's clicks); embedding: grown from the "
         "embeddings (Fathi et al.); auto (default): segments where the model was tuned for "
-        "automatic segmentation",
+        "automatic segmentation and the image has at most 4 million pixels",
     )
     parser.add_argument(
         "--boundary-barrier",
@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from ..core.grow import d2_threshold, grow_instances
     from ..core.io import read_image, read_seed_table
     from ..core.measure import measure
+    from ..core.pick import starts_from_segments
     from ..core.predict import predict
 
     if not args.image.exists():
@@ -122,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
         prediction = predict(
             image, model, args.device, tta=args.tta, cache=args.cache, scale=args.scale
         )
-        tuned = bool((prediction.metadata or {}).get("segment_params"))
-        segments = args.start == "segments" or (args.start == "auto" and tuned)
+        segments = args.start == "segments" or (
+            args.start == "auto" and starts_from_segments(prediction)
+        )
         instances = grow_instances(
             prediction, list(worms.values()), tau=args.tau, from_segments=segments, **options
         )

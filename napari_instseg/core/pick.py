@@ -33,10 +33,30 @@ from skimage.segmentation import watershed
 from .grow import _as_points, grow
 from .types import Instances, Prediction
 
-__all__ = ["automatic_segments", "grow_from_segments"]
+__all__ = [
+    "MAX_SEGMENT_PIXELS",
+    "automatic_segments",
+    "grow_from_segments",
+    "starts_from_segments",
+]
 
 _CACHE: list[tuple[weakref.ref, bool, Instances]] = []
 _CACHE_SIZE = 4
+
+MAX_SEGMENT_PIXELS = 4_000_000
+"""Images larger than this (H x W) are not segmented for clicks: the automatic segments
+are dense (N, H, W) masks, and a mosaic holds hundreds of worms."""
+
+
+def starts_from_segments(prediction: Prediction) -> bool:
+    """Whether clicks on ``prediction`` start from the automatic segments by default.
+
+    True for a prediction of a model tuned for automatic segmentation (``segment_params``
+    in its metadata) of an image up to :data:`MAX_SEGMENT_PIXELS`.
+    """
+    tuned = (getattr(prediction, "metadata", None) or {}).get("segment_params")
+    h, w = prediction.shape
+    return bool(tuned) and h * w <= MAX_SEGMENT_PIXELS
 
 
 def automatic_segments(prediction: Prediction, refine_edges: bool = True) -> Instances:
