@@ -790,3 +790,32 @@ def test_clicks_start_from_the_automatic_segments_when_the_model_is_tuned(widget
     oracle.metadata["segment_params"] = {}
     widget.method_combo.setCurrentText("boundary")
     assert not widget.click_segments.isEnabled()
+
+
+def test_negative_click_cuts_a_merged_segment_along_the_boundary(widget, worms):
+    from scipy import ndimage
+
+    oracle = compute.predict_image(np.asarray(worms.image, np.float32))  # the fixture's
+    oracle.metadata["recommended_method"] = "boundary"
+    oracle.metadata["segment_params"] = {"boundary": {"min_size": 30}}
+    masks = worms.masks
+    # the touching pair of the synthetic image (no shared pixel), given one embedding as
+    # real merged worms have: a cut by similarity would take both
+    i, j = next(
+        (i, j)
+        for i in range(len(masks))
+        for j in range(i + 1, len(masks))
+        if not (masks[i] & masks[j]).any() and (ndimage.binary_dilation(masks[i]) & masks[j]).any()
+    )
+    a, b = inner_pixel(masks, i), inner_pixel(masks, j)
+    embeddings = np.array(oracle.embeddings)
+    embeddings[:, masks[j]] = embeddings[:, a[0], a[1]][:, None]
+    oracle.embeddings = embeddings
+    widget.run_model(blocking=True)
+    widget.segment(blocking=True)
+    session = widget.session()
+    merged = session.merge(session.label_at(a), session.label_at(b))
+    assert session.worm(merged).mask[a] and session.worm(merged).mask[b]
+    session.add_negative(b, label=merged)
+    kept = session.worm(merged).mask
+    assert iou(kept, masks[i]) > 0.8 and (kept & masks[j]).sum() < 0.1 * masks[j].sum()

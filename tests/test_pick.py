@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from napari_instseg.core.oracle import prediction_from_masks
-from napari_instseg.core.pick import automatic_segments, grow_from_segments
+from napari_instseg.core.pick import automatic_segments, cut_away, grow_from_segments
 from napari_instseg.core.types import Instances
 
 SHAPE = (40, 60)
@@ -135,3 +135,15 @@ def test_clicks_start_from_segments_only_for_tuned_models_and_images_that_fit(pa
     finally:
         prediction.metadata.clear()
         prediction.metadata.update(metadata)
+
+
+def test_cut_away_splits_a_merged_segment_keeping_the_far_side(pair):
+    left, right, prediction = pair
+    merged = left | right
+    kept = cut_away(prediction, merged, (20, 50))  # a negative click on the right worm
+    assert (kept & left).sum() >= left.sum() - 8 and (kept & right).sum() <= 8
+    kept = cut_away(prediction, merged, (20, 8))  # on the left one
+    assert (kept & right).sum() >= right.sum() - 8 and (kept & left).sum() <= 8
+    assert np.array_equal(cut_away(prediction, merged, (2, 2)), merged)  # outside: no cut
+    with pytest.raises(ValueError, match="shape"):
+        cut_away(prediction, merged[:10], (20, 8))

@@ -876,12 +876,19 @@ class Session:
             return None
         tau = worm.tau if worm.tau is not None else self.tau
         negatives = (*worm.negatives, point)
+        from ..core.pick import cut_away, starts_from_segments
+
+        prediction = self._require_prediction()
         if worm.seeds:
             mask = self._grow(worm.seeds, negatives, tau)
+        elif self.click_segments and starts_from_segments(prediction):
+            # an automatic segment: cut along the boundary map, not by embedding (the
+            # embeddings of worms the segmentation merged are merged too)
+            mask = cut_away(prediction, worm.mask, point)
         else:
             from ..core.grow import similarity
 
-            near = np.asarray(similarity(self._require_prediction(), point)) >= tau
+            near = np.asarray(similarity(prediction, point)) >= tau
             mask = worm.mask & ~near
         new = replace(worm, mask=mask, negatives=negatives, tau=tau, edited=True)
         self._replace(worm, new)

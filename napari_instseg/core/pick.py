@@ -234,3 +234,42 @@ def _own_seed(instances: Instances, index: int) -> np.ndarray | None:
     depth = ndimage.distance_transform_edt(mask[box])
     r, c = np.unravel_index(int(np.argmax(depth)), depth.shape)
     return np.array([r + box[0].start, c + box[1].start])
+
+
+def cut_away(prediction: Prediction, mask: np.ndarray, negative: object) -> np.ndarray:
+    """Cut the part of a mask around negative clicks off along the boundary map.
+
+    For a mask without seeds (an automatic segment): the kept side is flooded from the
+    mask's interior pixel farthest from the clicks (among pixels at least half as deep as
+    the deepest), the cut side from the clicks, by a watershed of the boundary map. Two
+    worms the segmentation merged come apart along the line between them.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        Network outputs (its boundary map).
+    mask : numpy.ndarray
+        (H, W) bool mask to cut.
+    negative : (row, col) or sequence of (row, col)
+        Negative clicks; those outside the mask are ignored.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) bool: the kept part (the mask itself when no click is inside it).
+    """
+    mask = np.asarray(mask, bool)
+    if mask.shape != tuple(prediction.shape):
+        raise ValueError(f"mask of shape {mask.shape} for a {tuple(prediction.shape)} prediction")
+    points = _as_points(negative, prediction.shape, "negative seeds")
+    inside = points[mask[points[:, 0], points[:, 1]]] if len(points) else points
+    if len(inside) == 0:
+        return mask
+    box = _box(mask, 1, mask.shape)
+    depth = ndimage.distance_transform_edt(mask[box])
+    rows, cols = np.nonzero(depth >= 0.5 * depth.max())
+    rows, cols = rows + box[0].start, cols + box[1].start
+    far = np.min(np.hypot(rows[:, None] - inside[:, 0], cols[:, None] - inside[:, 1]), axis=1)
+    keep = np.array([[rows[np.argmax(far)], cols[np.argmax(far)]]])
+    boundary = np.asarray(prediction.boundary, np.float32)
+    return _nearer_part(boundary, mask, keep, inside, radius=2) & mask
