@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
+from skimage.morphology import skeletonize
 from skimage.segmentation import watershed
 
 from .grow import _as_points, grow
@@ -236,13 +237,22 @@ def _own_seed(instances: Instances, index: int) -> np.ndarray | None:
     return np.array([r + box[0].start, c + box[1].start])
 
 
-def cut_away(prediction: Prediction, mask: np.ndarray, negative: object) -> np.ndarray:
+def cut_away(
+    prediction: Prediction,
+    mask: np.ndarray,
+    negative: object,
+    boundary_threshold: float = 0.5,
+    marker_depth: float = 1.5,
+) -> np.ndarray:
     """Cut the part of a mask around negative clicks off along the boundary map.
 
-    For a mask without seeds (an automatic segment): the kept side is flooded from the
-    mask's interior pixel farthest from the clicks (among pixels at least half as deep as
-    the deepest), the cut side from the clicks, by a watershed of the boundary map. Two
-    worms the segmentation merged come apart along the line between them.
+    For a mask without seeds (an automatic segment) the side to keep is read from the
+    boundary map inside the mask: its lines above ``boundary_threshold``, thinned, part
+    the mask into cores (pixels deeper than ``marker_depth`` from lines and outline, as
+    the boundary pipeline's markers); the cores nearest the clicks flood the cut side, the
+    other cores the kept side, by a watershed of the boundary map. A mask with a single
+    core keeps the side of its interior pixel farthest from the clicks. Two worms the
+    segmentation merged come apart along the line between them.
 
     Parameters
     ----------
@@ -252,6 +262,10 @@ def cut_away(prediction: Prediction, mask: np.ndarray, negative: object) -> np.n
         (H, W) bool mask to cut.
     negative : (row, col) or sequence of (row, col)
         Negative clicks; those outside the mask are ignored.
+    boundary_threshold : float
+        Boundary probability of the lines that part the cores.
+    marker_depth : float
+        Distance (pixels) from lines and outline a core pixel needs.
 
     Returns
     -------
@@ -265,11 +279,30 @@ def cut_away(prediction: Prediction, mask: np.ndarray, negative: object) -> np.n
     inside = points[mask[points[:, 0], points[:, 1]]] if len(points) else points
     if len(inside) == 0:
         return mask
-    box = _box(mask, 1, mask.shape)
-    depth = ndimage.distance_transform_edt(mask[box])
-    rows, cols = np.nonzero(depth >= 0.5 * depth.max())
-    rows, cols = rows + box[0].start, cols + box[1].start
-    far = np.min(np.hypot(rows[:, None] - inside[:, 0], cols[:, None] - inside[:, 1]), axis=1)
-    keep = np.array([[rows[np.argmax(far)], cols[np.argmax(far)]]])
     boundary = np.asarray(prediction.boundary, np.float32)
-    return _nearer_part(boundary, mask, keep, inside, radius=2) & mask
+    box = _box(mask, 1, mask.shape)
+    origin = np.array([box[0].start, box[1].start])
+    sub = mask[box]
+    lines = skeletonize((boundary[box] > boundary_threshold) & sub)
+    cores, n = ndimage.label(
+        ndimage.distance_transform_edt(sub & ~lines) > marker_depth, np.ones((3, 3), bool)
+    )
+    if n >= 2:
+        core_pixels = np.argwhere(cores > 0)
+        local = inside - origin
+        nearest = np.argmin(
+            np.hypot(*(core_pixels[:, None, :] - local[None, :, :]).transpose(2, 0, 1)), axis=0
+        )
+        cut_cores = np.unique(cores[tuple(core_pixels[nearest].T)])
+        cut = np.isin(cores, cut_cores)
+        keep = np.argwhere((cores > 0) & ~cut) + origin
+        other = np.concatenate([np.argwhere(cut) + origin, inside])
+        return _nearer_part(boundary, mask, keep, other) & mask
+    else:
+        depth = ndimage.distance_transform_edt(sub)
+        rows, cols = np.nonzero(depth >= 0.5 * depth.max())
+        rows, cols = rows + origin[0], cols + origin[1]
+        far = np.min(np.hypot(rows[:, None] - inside[:, 0], cols[:, None] - inside[:, 1]), axis=1)
+        keep = np.array([[rows[np.argmax(far)], cols[np.argmax(far)]]])
+        other = inside
+    return _nearer_part(boundary, mask, keep, other, radius=2) & mask
