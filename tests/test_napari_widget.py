@@ -819,3 +819,28 @@ def test_negative_click_cuts_a_merged_segment_along_the_boundary(widget, worms):
     session.add_negative(b, label=merged)
     kept = session.worm(merged).mask
     assert iou(kept, masks[i]) > 0.8 and (kept & masks[j]).sum() < 0.1 * masks[j].sum()
+
+
+def test_split_parts_keep_their_masks_when_clicks_start_from_segments(widget, worms):
+    oracle = compute.predict_image(np.asarray(worms.image, np.float32))  # the fixture's
+    oracle.metadata["recommended_method"] = "boundary"
+    oracle.metadata["segment_params"] = {"boundary": {"min_size": 30}}
+    widget.run_model(blocking=True)
+    widget.segment(blocking=True)
+    session = widget.session()
+    masks = worms.masks
+    i = int(np.argmax(masks.sum((1, 2))))
+    label = session.label_at(inner_pixel(masks, i))
+    rows, cols = np.nonzero(session.worm(label).mask)
+    order = np.argsort(rows * 1000 + cols)
+    p = (int(rows[order[len(order) // 4]]), int(cols[order[len(order) // 4]]))
+    q = (int(rows[order[3 * len(order) // 4]]), int(cols[order[3 * len(order) // 4]]))
+    first, second = session.split(p, q)
+    part = session.worm(first).mask.copy()
+    session.select(first)
+    assert session.regrow_selected(0.7) is False  # the slider does not undo the split
+    assert np.array_equal(session.worm(first).mask, part)
+    session.add_seed(q, label=first)  # takes back the other part's pixels near q only
+    grown = session.worm(first).mask
+    assert grown[q] and (grown & ~part).sum() < session.worm(second).mask.sum() + 50
+    assert (grown & ~part).sum() > 0

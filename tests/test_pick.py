@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 
 from napari_instseg.core.oracle import prediction_from_masks
-from napari_instseg.core.pick import automatic_segments, cut_away, grow_from_segments
+from napari_instseg.core.pick import (
+    add_to_mask,
+    automatic_segments,
+    cut_away,
+    grow_from_segments,
+)
 from napari_instseg.core.types import Instances
 
 SHAPE = (40, 60)
@@ -75,6 +80,11 @@ def test_later_click_takes_only_its_part_of_another_segment(pair):
     assert np.array_equal(first, body)
     both = grow_from_segments(prediction, [(20, 20), (20, 6)], instances=segments)
     assert np.array_equal(both, left)  # the tail, not the right worm
+    # the same click on a worm from Segment all (a mask without clicks)
+    assert np.array_equal(add_to_mask(prediction, body, (20, 6), instances=segments), left)
+    assert np.array_equal(add_to_mask(prediction, body, (20, 20), instances=segments), body)
+    with pytest.raises(ValueError, match="shape"):
+        add_to_mask(prediction, body[:5], (20, 6), instances=segments)
 
 
 def test_later_click_on_no_segment_takes_nearby_foreground(pair):
@@ -147,3 +157,11 @@ def test_cut_away_splits_a_merged_segment_keeping_the_far_side(pair):
     assert np.array_equal(cut_away(prediction, merged, (2, 2)), merged)  # outside: no cut
     with pytest.raises(ValueError, match="shape"):
         cut_away(prediction, merged[:10], (20, 8))
+
+
+def test_cut_away_keeps_the_side_of_given_seeds(pair):
+    left, right, prediction = pair
+    merged = left | right
+    # the worm's own click (e.g. a split part's seed) decides the kept side
+    kept = cut_away(prediction, merged, (20, 28), keep=(20, 50))
+    assert (kept & right).sum() >= right.sum() - 8 and (kept & left).sum() <= 8

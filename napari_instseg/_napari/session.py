@@ -851,13 +851,21 @@ class Session:
         int or None
             The label changed, or None when no instance is selected.
         """
+        from ..core.pick import add_to_mask, starts_from_segments
+
         self.sync()
         worm = self.worm(label if label is not None else self.selected)
         if worm is None:
             return None
         tau = worm.tau if worm.tau is not None else self.tau
-        grown = self._grow([*worm.seeds, point], worm.negatives, tau)
-        mask = grown if worm.seeds else (worm.mask | grown)
+        prediction = self._require_prediction()
+        if worm.origin != "click" and self.click_segments and starts_from_segments(prediction):
+            # a worm not made by clicks (Segment all, a split, a file): its mask is its
+            # state; take the piece under the click, not a whole segment
+            mask = add_to_mask(prediction, worm.mask, point)
+        else:
+            grown = self._grow([*worm.seeds, point], worm.negatives, tau)
+            mask = grown if worm.seeds else (worm.mask | grown)
         new = replace(worm, mask=mask, seeds=(*worm.seeds, point), tau=tau, edited=True)
         self._replace(worm, new)
         return worm.label
@@ -879,12 +887,13 @@ class Session:
         from ..core.pick import cut_away, starts_from_segments
 
         prediction = self._require_prediction()
-        if worm.seeds:
+        from_segments = self.click_segments and starts_from_segments(prediction)
+        if worm.seeds and (worm.origin == "click" or not from_segments):
             mask = self._grow(worm.seeds, negatives, tau)
-        elif self.click_segments and starts_from_segments(prediction):
-            # an automatic segment: cut along the boundary map, not by embedding (the
-            # embeddings of worms the segmentation merged are merged too)
-            mask = cut_away(prediction, worm.mask, point)
+        elif from_segments:
+            # not made by clicks (Segment all, a split): cut along the boundary map, not by
+            # embedding (the embeddings of worms the segmentation merged are merged too)
+            mask = cut_away(prediction, worm.mask, point, keep=worm.seeds or None)
         else:
             from ..core.grow import similarity
 
@@ -993,12 +1002,18 @@ class Session:
         Returns
         -------
         bool
-            Whether an instance was re-grown (it needs seeds).
+            Whether an instance was re-grown (it needs seeds; with clicks from the
+            automatic segments, only worms made by clicks are re-grown).
         """
+        from ..core.pick import starts_from_segments
+
         self.tau = float(tau)
         worm = self.worm(self.selected)
         if worm is None or not worm.seeds or self.prediction is None:
             return False
+        if worm.origin != "click" and self.click_segments:
+            if starts_from_segments(self.prediction):
+                return False  # its mask, not its seeds, is its state (see add_seed)
         mask = self._grow(worm.seeds, worm.negatives, self.tau)
         if not mask.any():
             return False

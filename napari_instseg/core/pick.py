@@ -36,6 +36,7 @@ from .types import Instances, Prediction
 
 __all__ = [
     "MAX_SEGMENT_PIXELS",
+    "add_to_mask",
     "automatic_segments",
     "grow_from_segments",
     "starts_from_segments",
@@ -189,36 +190,94 @@ def grow_from_segments(
     masks = np.asarray(instances.masks, bool)
     if masks.shape[1:] != tuple(shape):
         raise ValueError(f"segments of shape {masks.shape[1:]} for a {tuple(shape)} prediction")
-    boundary = np.asarray(prediction.boundary, np.float32)
-    taken = masks.any(axis=0) if len(masks) else np.zeros(shape, bool)
     mask = np.zeros(shape, bool)
     for k, (r, c) in enumerate(positive):
         if mask[r, c]:
             continue
         hits = np.flatnonzero(masks[:, r, c]) if len(masks) else np.zeros(0, np.int64)
-        if hits.size == 0 and k == 0:
+        if k == 0 and hits.size == 0:
             mask |= grow(prediction, [(r, c)], tau=tau, edge_thresholds=edge_thresholds)
-        elif hits.size == 0:
-            rr, cc = np.ogrid[: shape[0], : shape[1]]
-            near = (rr - r) ** 2 + (cc - c) ** 2 <= reach**2
-            free = near & (np.asarray(prediction.foreground) > fg_floor) & (~taken | mask)
-            if free[r, c]:
-                labels, _ = ndimage.label(free | mask)
-                mask |= labels == labels[r, c]
+        elif k == 0:
+            mask |= masks[min(hits, key=lambda i: int(masks[i].sum()))]  # crossing: smaller
         else:
-            index = min(hits, key=lambda i: int(masks[i].sum()))  # a crossing: the smaller
-            segment_mask = masks[index]
-            if k == 0:
-                mask |= segment_mask
-                continue
-            own = _own_seed(instances, index)
-            if own is None or (own[0] == r and own[1] == c):
-                mask |= segment_mask
-            else:
-                mask |= _nearer_part(boundary, segment_mask, np.array([[r, c]]), own[None])
+            mask = _add_click(prediction, instances, mask, (r, c), reach, fg_floor)
     inside = negatives[mask[negatives[:, 0], negatives[:, 1]]] if len(negatives) else negatives
     if len(inside):
+        boundary = np.asarray(prediction.boundary, np.float32)
         mask = _nearer_part(boundary, mask, positive, inside, radius=2) & mask
+    return mask
+
+
+def _add_click(
+    prediction: Prediction,
+    instances: Instances,
+    mask: np.ndarray,
+    pixel: tuple[int, int],
+    reach: int,
+    fg_floor: float,
+) -> np.ndarray:
+    """``mask`` with what a later positive click at ``pixel`` adds (see the module doc)."""
+    r, c = pixel
+    masks = np.asarray(instances.masks, bool)
+    hits = np.flatnonzero(masks[:, r, c]) if len(masks) else np.zeros(0, np.int64)
+    if hits.size == 0:
+        taken = masks.any(axis=0) if len(masks) else np.zeros(mask.shape, bool)
+        rr, cc = np.ogrid[: mask.shape[0], : mask.shape[1]]
+        near = (rr - r) ** 2 + (cc - c) ** 2 <= reach**2
+        free = near & (np.asarray(prediction.foreground) > fg_floor) & (~taken | mask)
+        if not free[r, c]:
+            return mask
+        labels, _ = ndimage.label(free | mask)
+        return mask | (labels == labels[r, c])
+    index = min(hits, key=lambda i: int(masks[i].sum()))  # a crossing: the smaller
+    own = _own_seed(instances, index)
+    if own is None or (own[0] == r and own[1] == c):
+        return mask | masks[index]
+    boundary = np.asarray(prediction.boundary, np.float32)
+    return mask | _nearer_part(boundary, masks[index], np.array([[r, c]]), own[None])
+
+
+def add_to_mask(
+    prediction: Prediction,
+    mask: np.ndarray,
+    seeds: object,
+    instances: Instances | None = None,
+    reach: int = 12,
+    fg_floor: float = 0.05,
+) -> np.ndarray:
+    """Add what positive clicks take to an existing mask (a worm from **Segment all**).
+
+    Each click on a pixel the mask lacks adds what a later click of
+    :func:`grow_from_segments` adds: the part of the automatic segment under it nearer the
+    click than that segment's seed, or the free foreground near it.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        Network outputs.
+    mask : numpy.ndarray
+        (H, W) bool mask to extend.
+    seeds : (row, col) or sequence of (row, col)
+        Positive clicks.
+    instances : Instances, optional
+        The segments; default :func:`automatic_segments`.
+    reach, fg_floor
+        As for :func:`grow_from_segments`.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) bool: the mask and what the clicks add.
+    """
+    mask = np.array(mask, bool)
+    if mask.shape != tuple(prediction.shape):
+        raise ValueError(f"mask of shape {mask.shape} for a {tuple(prediction.shape)} prediction")
+    points = _as_points(seeds, prediction.shape, "seeds")
+    if instances is None:
+        instances = automatic_segments(prediction)
+    for r, c in points:
+        if not mask[r, c]:
+            mask = _add_click(prediction, instances, mask, (int(r), int(c)), reach, fg_floor)
     return mask
 
 
@@ -241,6 +300,7 @@ def cut_away(
     prediction: Prediction,
     mask: np.ndarray,
     negative: object,
+    keep: object = None,
     boundary_threshold: float = 0.5,
     marker_depth: float = 1.5,
 ) -> np.ndarray:
@@ -262,6 +322,9 @@ def cut_away(
         (H, W) bool mask to cut.
     negative : (row, col) or sequence of (row, col)
         Negative clicks; those outside the mask are ignored.
+    keep : (row, col) or sequence of (row, col), optional
+        Pixels of the side to keep (the worm's own clicks, e.g. after a split): when one
+        lies inside the mask, the kept side is flooded from them instead of from cores.
     boundary_threshold : float
         Boundary probability of the lines that part the cores.
     marker_depth : float
@@ -280,6 +343,10 @@ def cut_away(
     if len(inside) == 0:
         return mask
     boundary = np.asarray(prediction.boundary, np.float32)
+    kept = _as_points(keep, prediction.shape, "seeds")
+    kept = kept[mask[kept[:, 0], kept[:, 1]]] if len(kept) else kept
+    if len(kept):
+        return _nearer_part(boundary, mask, kept, inside, radius=2) & mask
     box = _box(mask, 1, mask.shape)
     origin = np.array([box[0].start, box[1].start])
     sub = mask[box]
