@@ -114,6 +114,15 @@ def test_automatic_segments_cached_per_prediction(pair):
     first = automatic_segments(prediction)
     assert automatic_segments(prediction) is first
     assert len(first) == 2
+    metadata = dict(prediction.metadata)
+    try:  # other tuned parameters: segmented again, not the stale segments
+        prediction.metadata["segment_params"] = {"boundary": {"min_size": 10**6}}
+        prediction.metadata["recommended_method"] = "boundary"
+        assert len(automatic_segments(prediction)) == 0
+    finally:
+        prediction.metadata.clear()
+        prediction.metadata.update(metadata)
+    assert automatic_segments(prediction) is first
 
 
 def test_bad_input(pair):

@@ -38,11 +38,12 @@ __all__ = [
     "MAX_SEGMENT_PIXELS",
     "add_to_mask",
     "automatic_segments",
+    "cut_away",
     "grow_from_segments",
     "starts_from_segments",
 ]
 
-_CACHE: list[tuple[weakref.ref, bool, Instances]] = []
+_CACHE: list[tuple[weakref.ref, tuple[bool, str, str], Instances]] = []
 _CACHE_SIZE = 4
 
 MAX_SEGMENT_PIXELS = 4_000_000
@@ -75,15 +76,23 @@ def automatic_segments(prediction: Prediction, refine_edges: bool = True) -> Ins
     -------
     Instances
         The instances of the model's recommended method with its tuned parameters. The
-        cache holds the last few (prediction, refine_edges) by identity.
+        cache holds the last few predictions by identity, with the parameters they were
+        segmented with.
     """
     from .instances import segment
 
-    for ref, refined, found in _CACHE:
-        if ref() is prediction and refined == refine_edges:
+    metadata = getattr(prediction, "metadata", None) or {}
+    # the parameters are part of the key: a prediction re-tuned in place is segmented again
+    key = (
+        refine_edges,
+        repr(metadata.get("segment_params")),
+        repr(metadata.get("recommended_method")),
+    )
+    for ref, cached_key, found in _CACHE:
+        if ref() is prediction and cached_key == key:
             return found
     found = segment(prediction) if refine_edges else segment(prediction, edge_thresholds=None)
-    _CACHE.insert(0, (weakref.ref(prediction), refine_edges, found))
+    _CACHE.insert(0, (weakref.ref(prediction), key, found))
     del _CACHE[_CACHE_SIZE:]
     return found
 
