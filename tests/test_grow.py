@@ -154,7 +154,7 @@ def test_bench_runs_small_and_writes_section(tmp_path):
     from napari_instseg.cli.bench import END, START, run_bench, to_markdown, write_section
 
     res = run_bench(repeats=2, size=(96, 128), dim=4)
-    assert {"grow", "grow_edges", "similarity", "floor_matvec", "segment_hybrid"} <= set(
+    assert {"grow", "grow_edges", "click_from_segments", "similarity", "floor_matvec"} <= set(
         res["timings"]
     )
     t = res["timings"]["grow"]

@@ -163,6 +163,7 @@ def run_bench(
     from ..core.grow import Grower, grow
     from ..core.instances import METHODS, segment
     from ..core.oracle import prediction_from_masks
+    from ..core.pick import grow_from_segments
 
     image, masks = _synthetic(size, seed)
     timings: dict[str, dict[str, float]] = {}
@@ -220,6 +221,15 @@ def run_bench(
     timings["grow_edges"] = timeit(
         lambda: grow(edge_grower, tuple(next(it)), tau=0.5, edge_thresholds=(0.88, 0.98)),
         repeats,
+    )
+
+    # a click that starts from the automatic segments (core/pick.py, the plugin's default
+    # for a tuned model), the segments made once beforehand (the widget does that with the
+    # layers, off the GUI thread)
+    segments = segment(prediction, method="boundary")
+    it = iter(list(picks) * 3)
+    timings["click_from_segments"] = timeit(
+        lambda: grow_from_segments(prediction, tuple(next(it)), instances=segments), repeats
     )
 
     accuracy: dict[str, dict[str, float]] = {}
