@@ -176,7 +176,7 @@ class InstSegWidget(QWidget):
         self.tta_check.setToolTip(
             "Average the boundary, foreground and class maps over 8 flips/rotations of the "
             "image: better automatic segmentation (shipped model on BBBC010 validation: AP "
-            "0.63 -> 0.66, AP50 0.90 -> 0.94), 8x the network time. Click-to-grow is the same "
+            "0.63 -> 0.66, AP50 0.90 -> 0.94), 8x the network time. Clicks are about as good "
             "either way."
         )
         form.addRow("", self.tta_check)
