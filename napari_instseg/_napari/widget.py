@@ -50,9 +50,13 @@ from .session import MapLayers, Point, Session
 
 #: Click tools: key -> (shortcut key, button text, help).
 TOOLS: dict[str, tuple[str, str, str]] = {
-    "new": ("N", "New", "click a worm: grow a new instance from that pixel at the current tau"),
-    "add": ("A", "+ seed", "click: add a positive seed to the selected instance"),
-    "negative": ("Q", "- seed", "click: add a negative seed (cut a leak) to the selected one"),
+    "new": ("N", "New", "click a worm: a new instance (the automatic segment there, or grown)"),
+    "add": ("A", "+ seed", "click: add a positive seed (a missing piece) to the selected one"),
+    "negative": (
+        "Q",
+        "- seed",
+        "click: add a negative seed (cut a leak, a merge) to the selected",
+    ),
     "remove": ("R", "Remove", "click an instance to delete it"),
     "merge": ("J", "Merge", "click two instances to join them"),
     "split": ("S", "Split", "click twice inside one instance: cut it along the boundary map"),
