@@ -16,7 +16,6 @@ number of clicks to reach IoU 0.8 (worms that never do count as ``--clicks``).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.grow_bbbc010 import bbbc010_parser  # noqa: E402
 from napari_instseg.core.grow import get_grower, grow  # noqa: E402
 from napari_instseg.core.io import read_bbbc010  # noqa: E402
 from napari_instseg.core.pick import grow_from_segments  # noqa: E402
@@ -98,11 +98,7 @@ def click_ious(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="weights file (default: shipped)")
-    parser.add_argument("--data", default="../shared/data/bbbc010")
-    parser.add_argument("--wells", default="B13-C02")
-    parser.add_argument("--tta", type=int, default=1, help="test-time augmentation passes")
+    parser = bbbc010_parser(__doc__.splitlines()[0])
     parser.add_argument(
         "--clicks", type=int, default=4, help="clicks per worm, the first included"
     )

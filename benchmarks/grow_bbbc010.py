@@ -48,12 +48,18 @@ def central_pixel_ious(
     return np.asarray(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bbbc010_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every click benchmark on BBBC010 takes: model, data, wells, tta."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default=None, help="weights file (default: shipped)")
     parser.add_argument("--data", default="../shared/data/bbbc010")
     parser.add_argument("--wells", default="B13-C02")
     parser.add_argument("--tta", type=int, default=1, help="test-time augmentation passes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = bbbc010_parser(__doc__.splitlines()[0])
     parser.add_argument(
         "--no-clip", action="store_true", help="do not clip the masks to the foreground map"
     )
