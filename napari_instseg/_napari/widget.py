@@ -251,7 +251,7 @@ class InstSegWidget(QWidget):
             "dark they are against the local background, with the thresholds tuned for the "
             "model (BBBC010: better masks; other data: try both)",
         )
-        self.refine_edges.toggled.connect(self._on_refine_edges)
+        self.refine_edges.toggled.connect(lambda on: self._set_on_sessions("refine_edges", on))
         form.addRow(self.refine_edges)
         self.click_segments = _option(
             "clicks start from the automatic segments",
@@ -259,7 +259,7 @@ class InstSegWidget(QWidget):
             "negative click cuts a merged pair along the boundary map, a positive one takes "
             "back a missed piece); off, or a model never tuned: the embedding growth",
         )
-        self.click_segments.toggled.connect(self._on_click_segments)
+        self.click_segments.toggled.connect(lambda on: self._set_on_sessions("click_segments", on))
         form.addRow(self.click_segments)
         self.drop_debris = _option(
             "drop round debris",
@@ -920,13 +920,10 @@ class InstSegWidget(QWidget):
         self.drop_debris.setEnabled(blobs is not None)
         self.method_combo.setToolTip(f"{method} -> {resolved}" if method == "auto" else method)
 
-    def _on_refine_edges(self, checked: bool) -> None:
+    def _set_on_sessions(self, switch: str, checked: bool) -> None:
+        """Pass a click option's switch (``refine_edges``, ``click_segments``) to every session."""
         for session in self.sessions.values():
-            session.refine_edges = bool(checked)
-
-    def _on_click_segments(self, checked: bool) -> None:
-        for session in self.sessions.values():
-            session.click_segments = bool(checked)
+            setattr(session, switch, bool(checked))
 
     def _after_segment(self, n: int) -> None:
         self._update_review_label()
