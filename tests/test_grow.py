@@ -185,6 +185,22 @@ def test_bench_times_the_network_with_and_without_tta(tmp_path):
     assert all(res["timings"][k]["median_ms"] > 0 for k in ("predict", "predict_tta8"))
 
 
+def test_a_click_on_the_background_grows_nothing():
+    # background pixels' embeddings are alike: unclipped, a click there floods them all
+    masks = _masks()
+    prediction = prediction_from_masks(masks, embedding_dim=8, seed=0)
+    background = ~masks.any(0)
+    pixel = tuple(int(v) for v in np.argwhere(background)[0])
+    flood = grow(prediction, pixel, clip_to_foreground=False, bridge_overlaps=False)
+    assert (flood & background).sum() > 0.5 * background.sum()
+    mask = grow(prediction, pixel)
+    assert mask.sum() == 1 and mask[pixel]
+    # a faint object (foreground 0.05-0.5) is still grown, within the floor
+    prediction.foreground[masks[2]] = 0.2
+    faint = grow(prediction, (46, 50))
+    np.testing.assert_array_equal(faint, masks[2])
+
+
 def test_grow_is_clipped_to_the_foreground_map():
     # embeddings that bleed two pixels past the worm (as a network's do), a sharp foreground
     masks = _masks()
@@ -205,11 +221,16 @@ def test_grow_is_clipped_to_the_foreground_map():
     # the model's tuned threshold is the default
     blurred.metadata = {"segment_params": {"boundary": {"fg_threshold": 0.55}}}
     np.testing.assert_array_equal(Grower(blurred).grow((46, 50)), worm)
-    blurred.foreground[worm] = 0.5  # now below it
+    blurred.foreground[worm] = 0.5  # now below it: clipped to the floor only
+    blurred.foreground[halo] = 0.1
     np.testing.assert_array_equal(Grower(blurred).grow((46, 50)), unclipped)
-    # an object the model missed (its clicked pixel below the threshold) is not clipped
-    np.testing.assert_array_equal(grower.grow((46, 50), fg_threshold=0.7), unclipped)
     blurred.foreground[...] = fg
+    # an object the model half missed (its clicked pixel below the threshold) is clipped to
+    # the floor: the halo, background to the model, stays out
+    np.testing.assert_array_equal(grower.grow((46, 50), fg_threshold=0.7), worm)
+    np.testing.assert_array_equal(grower.grow((46, 50), fg_threshold=0.7, fg_floor=0.0), unclipped)
+    with pytest.raises(ValueError, match="fg_floor"):
+        grower.grow((46, 50), fg_floor=1.0)
     with pytest.raises(ValueError, match="fg_threshold"):
         grower.grow((46, 50), fg_threshold=1.0)
 

@@ -131,6 +131,23 @@ def test_click_grows_worm_and_undo(widget, worms, qtbot, tmp_path):
     assert len(widget.calls) == 1
 
 
+def test_click_on_the_background_adds_no_instance(widget, worms, qtbot):
+    viewer = widget.viewer
+    widget.run_model(blocking=True)
+    session = widget.session()
+    background = np.argwhere(~worms.masks.any(0))
+    r, c = (int(v) for v in background[len(background) // 2])
+    for tool in ("new", "add"):
+        widget.set_tool(tool)
+        click(qtbot, viewer, r, c)
+        assert session.labels_layer.data.max() == 0 and not session.worms
+        assert "No worm here" in widget.status.text()
+    # a worm is still grown, and the add tool's message names the new instance
+    click(qtbot, viewer, *inner_pixel(worms.masks, 0))
+    assert session.labels_layer.data.max() == 1
+    assert widget.status.text() == "New instance 1."
+
+
 def test_remove_merge_split_with_clicks(widget, worms, qtbot):
     viewer = widget.viewer
     widget.run_model(blocking=True)

@@ -799,6 +799,18 @@ class Session:
             mask = grow(prediction, positive, tau=tau, negative=negative, edge_thresholds=edges)
         return np.asarray(mask, bool)
 
+    def on_background(self, point: Point) -> bool:
+        """Whether the model sees no worm at all at ``point`` (foreground below the floor).
+
+        A new instance is not grown there: the background's embeddings are all alike, and
+        a click on it would take the whole background (``core.grow.FG_FLOOR``).
+        """
+        from ..core.grow import FG_FLOOR
+
+        prediction = self._require_prediction()
+        value = float(np.nan_to_num(np.asarray(prediction.foreground)[point[0], point[1]]))
+        return value < FG_FLOOR
+
     def _score_at(self, point: Point) -> tuple[float, int]:
         """Score and class of the best (tau, class) at one pixel (``best_tau_class`` there)."""
         if self.prediction is None:
@@ -821,9 +833,12 @@ class Session:
         Returns
         -------
         int or None
-            The new instance's label, or None if the mask was empty.
+            The new instance's label, or None if the mask was empty or the point is
+            background to the model (:meth:`on_background`).
         """
         tau = self.tau if tau is None else float(tau)
+        if self.on_background(point):
+            return None
         mask = self._grow([point], [], tau)
         if not mask.any():
             return None

@@ -968,12 +968,14 @@ class InstSegWidget(QWidget):
         result: Any = None
         if tool == "new":
             result = session.grow_new(point)
-            self._say(f"New instance {result}." if result else "Nothing grew there.")
+            self._say(f"New instance {result}." if result else self._nothing_grew(point))
         elif tool == "add":
             result = session.add_seed(point)
-            if result is None:
+            if result is not None:
+                self._say(f"Instance {result}: seed added.")
+            else:
                 result = session.grow_new(point)
-            self._say(f"Instance {result}: seed added.")
+                self._say(f"New instance {result}." if result else self._nothing_grew(point))
         elif tool == "negative":
             result = session.add_negative(point)
             self._say(
@@ -991,6 +993,15 @@ class InstSegWidget(QWidget):
             result = self._two_clicks(session, tool, point)
         self._update_review_label()
         return result
+
+    def _nothing_grew(self, point: Point) -> str:
+        session = self.session()
+        if session is not None and session.on_background(point):
+            return (
+                "No worm here: the model sees background at this pixel. Paint a worm it "
+                "missed with the Labels layer's brush."
+            )
+        return "Nothing grew there."
 
     def _two_clicks(self, session: Session, tool: str, point: Point) -> Any:
         label = session.label_at(point)
