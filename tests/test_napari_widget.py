@@ -146,6 +146,19 @@ def test_click_on_the_background_adds_no_instance(widget, worms, qtbot):
     click(qtbot, viewer, *inner_pixel(worms.masks, 0))
     assert session.labels_layer.data.max() == 1
     assert widget.status.text() == "New instance 1."
+    # a second click on the same worm selects it rather than adding a duplicate
+    session.select(None)
+    widget.set_tool("new")
+    click(qtbot, viewer, *inner_pixel(worms.masks, 0))
+    assert [w.label for w in session.worms] == [1] and session.selected == 1
+    assert "already this worm" in widget.status.text()
+    # after Segment all, a click on a segmented worm selects its instance too
+    widget.segment(blocking=True)
+    count = len(session.worms)
+    r, c = inner_pixel(worms.masks, 1)
+    click(qtbot, viewer, r, c)
+    assert len(session.worms) == count
+    assert session.selected == session.labels_layer.data[r, c]
 
 
 def test_remove_merge_split_with_clicks(widget, worms, qtbot):

@@ -115,6 +115,11 @@ class Worm:
         return (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
 
 
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.count_nonzero(a | b)
+    return np.count_nonzero(a & b) / union if union else 0.0
+
+
 def render(worms: Sequence[Worm], shape: tuple[int, int]) -> np.ndarray:
     """Flatten worms to an (H, W) int32 label image, as ``Instances.to_labels`` does.
 
@@ -259,6 +264,8 @@ class Session:
     """
 
     max_states = 256
+    #: a new click's mask this close (IoU) to an instance under the click is that instance
+    SAME_WORM_IOU = 0.9
 
     def __init__(self, viewer: Any, image_layer: Any) -> None:
         self.viewer = viewer
@@ -834,14 +841,22 @@ class Session:
         -------
         int or None
             The new instance's label, or None if the mask was empty or the point is
-            background to the model (:meth:`on_background`).
+            background to the model (:meth:`on_background`). When an instance under the
+            click already has (nearly) this mask (IoU >= :attr:`SAME_WORM_IOU`: a click on a
+            worm that **Segment all** or an earlier click made), no duplicate is added: that
+            instance is selected and its label returned.
         """
+        self.sync()
         tau = self.tau if tau is None else float(tau)
         if self.on_background(point):
             return None
         mask = self._grow([point], [], tau)
         if not mask.any():
             return None
+        for existing in self.worms:
+            if existing.mask[point] and _iou(existing.mask, mask) >= self.SAME_WORM_IOU:
+                self.select(existing.label)
+                return existing.label
         score, cls = self._score_at(point)
         worm = Worm(
             self._next_label(), mask, seeds=(point,), tau=tau, score=score, cls=cls,

@@ -967,15 +967,13 @@ class InstSegWidget(QWidget):
         tool = "add" if shift else self.tool
         result: Any = None
         if tool == "new":
-            result = session.grow_new(point)
-            self._say(f"New instance {result}." if result else self._nothing_grew(point))
+            result = self._grow_new(session, point)
         elif tool == "add":
             result = session.add_seed(point)
             if result is not None:
                 self._say(f"Instance {result}: seed added.")
             else:
-                result = session.grow_new(point)
-                self._say(f"New instance {result}." if result else self._nothing_grew(point))
+                result = self._grow_new(session, point)
         elif tool == "negative":
             result = session.add_negative(point)
             self._say(
@@ -994,14 +992,24 @@ class InstSegWidget(QWidget):
         self._update_review_label()
         return result
 
-    def _nothing_grew(self, point: Point) -> str:
-        session = self.session()
-        if session is not None and session.on_background(point):
-            return (
+    def _grow_new(self, session: Session, point: Point) -> int | None:
+        before = {worm.label for worm in session.worms}
+        result = session.grow_new(point)
+        if result in before:
+            self._say(
+                f"Instance {result} is already this worm: selected it (+ seed / - seed "
+                "correct it)."
+            )
+        elif result:
+            self._say(f"New instance {result}.")
+        elif session.on_background(point):
+            self._say(
                 "No worm here: the model sees background at this pixel. Paint a worm it "
                 "missed with the Labels layer's brush."
             )
-        return "Nothing grew there."
+        else:
+            self._say("Nothing grew there.")
+        return result
 
     def _two_clicks(self, session: Session, tool: str, point: Point) -> Any:
         label = session.label_at(point)
