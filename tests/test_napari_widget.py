@@ -874,3 +874,41 @@ def test_split_parts_keep_their_masks_when_clicks_start_from_segments(widget, wo
     grown = session.worm(first).mask
     assert grown[q] and (grown & ~part).sum() < session.worm(second).mask.sum() + 50
     assert (grown & ~part).sum() > 0
+
+
+def test_widget_from_the_plugins_menu_keeps_its_session_and_keys_work(
+    make_napari_viewer, monkeypatch, worms, qtbot
+):
+    """Opened as napari opens it (a proxy viewer): one session per image; shortcuts work."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+
+    oracle = prediction_from_masks(worms.masks, noise=0.1)
+    monkeypatch.setattr(compute, "predict_image", lambda image, *a, **k: oracle)
+    compute.clear_cache()
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(worms.image, name="worms image")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-instseg", "Worm segmentation")
+    widget.run_model(blocking=True)
+    session = widget.session()
+    assert session is not None and session.prediction is not None
+    assert widget.session() is session and len(widget.sessions) == 1
+    click(qtbot, viewer, *inner_pixel(worms.masks, 0))
+    assert session.labels_layer.data.max() == 1
+    edit_layers = [
+        layer.name for layer in viewer.layers if layer.name.startswith(("worms ", "seeds "))
+    ]
+    assert edit_layers == ["worms image"]  # no "worms [1]" / "seeds [1]" of a second session
+
+    # the documented keys, pressed on the canvas: a tool key, napari's undo
+    canvas = viewer.window._qt_viewer.canvas.native
+    canvas.setFocus()
+    errors = []
+    monkeypatch.setattr("sys.excepthook", lambda *exc: errors.append(exc))
+    QTest.keyClick(canvas, Qt.Key.Key_R)
+    qtbot.wait(20)
+    assert widget.tool == "remove"
+    viewer.layers.selection.active = session.labels_layer
+    QTest.keyClick(canvas, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
+    qtbot.wait(20)
+    assert session.labels_layer.data.max() == 0 and not errors

@@ -35,6 +35,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .layers import real_viewer
+
 PARENT_SHIPPED = "shipped model (BBBC010 bright-field)"
 PARENT_FILE = "weights file..."
 FREEZE_CHOICES = {
@@ -124,7 +126,7 @@ class FinetuneWidget(QWidget):
 
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__()
-        self.viewer = napari_viewer
+        self.viewer = real_viewer(napari_viewer)
         self.worker: Any = None
         self.version: Any = None
         self.last_error: str = ""

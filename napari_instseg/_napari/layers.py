@@ -185,3 +185,14 @@ def empty_map_layers(shape: tuple[int, int]) -> list[tuple[str, Any, dict]]:
 def class_score_name(tau: float) -> str:
     """Layer name of the mask score map shown for threshold ``tau``."""
     return f"{LAYER_NAMES['class_score']} (tau={tau:.2f})"
+
+
+def real_viewer(viewer: Any) -> Any:
+    """The viewer behind napari's ``PublicOnlyProxy`` (what a Plugins-menu widget gets).
+
+    Through the proxy every ``viewer.layers[name]`` is a new wrapper object, so layers
+    could not be told apart by identity (the widget keeps one session per image layer
+    and compares its own layers with the ones in events) and the speed-ups in
+    ``session.py`` that use napari's private switches warned on every edit.
+    """
+    return getattr(viewer, "__wrapped__", viewer)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from ..core.scale import MAX_SCALE
 from . import compute
 from .finetune_widget import model_versions
 from .io import META
-from .layers import prediction_layers
+from .layers import prediction_layers, real_viewer
 from .session import MapLayers, Point, Session
 
 #: Click tools: key -> (shortcut key, button text, help).
@@ -104,7 +103,7 @@ class InstSegWidget(QWidget):
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__()
         _one_numba_thread()
-        self.viewer = napari_viewer
+        self.viewer = real_viewer(napari_viewer)
         self.sessions: dict[int, Session] = {}
         #: one set of map layers for all images: it shows the maps of the image last run or
         #: chosen (adding layers is slow in napari; changing their data is not)
@@ -391,10 +390,12 @@ class InstSegWidget(QWidget):
             ev.connect(self._refresh_images)
         v.mouse_drag_callbacks.append(self._on_mouse_drag)
         v.mouse_move_callbacks.append(self._on_mouse_move)
-        keys = {TOOLS[t][0]: partial(_tool_key, self, t) for t in TOOLS}
-        keys["T"] = lambda viewer: self.hover_check.toggle()
-        keys["K"] = lambda viewer: self.mark_reviewed()
-        keys["."] = lambda viewer: self.next_to_review()
+        # named functions: napari's shortcut handling reads each callback's __name__ (a
+        # functools.partial has none, and every key press in the viewer then failed)
+        keys = {TOOLS[t][0]: _tool_key(self, t) for t in TOOLS}
+        keys["T"] = _key_action(self.hover_check.toggle, "toggle_similarity")
+        keys["K"] = _key_action(self.mark_reviewed, "mark_reviewed")
+        keys["."] = _key_action(self.next_to_review, "next_to_review")
         for key, func in keys.items():
             v.bind_key(key, func, overwrite=True)
 
@@ -518,7 +519,7 @@ class InstSegWidget(QWidget):
     def _on_image_changed(self, index: int = -1) -> None:
         session = self.session(create=False)
         self._update_review_label()
-        if session is not None and session.labels_layer is not None:
+        if session is not None and session.labels_layer in self.viewer.layers:
             self.viewer.layers.selection.active = session.labels_layer
         # after the event that changed the image has been handled
         QTimer.singleShot(_STEP_DELAY_MS, self._prepare_chosen_image)
@@ -1296,8 +1297,18 @@ class InstSegWidget(QWidget):
 KEYS_NEXT = "."
 
 
-def _tool_key(widget: InstSegWidget, tool: str, viewer: Any) -> None:
-    widget.set_tool(tool)
+def _key_action(action: Any, name: str) -> Any:
+    """A viewer key callback calling ``action()``, with a ``__name__`` for napari."""
+
+    def on_key(viewer: Any) -> None:
+        action()
+
+    on_key.__name__ = on_key.__qualname__ = f"instseg_{name}"
+    return on_key
+
+
+def _tool_key(widget: InstSegWidget, tool: str) -> Any:
+    return _key_action(lambda: widget.set_tool(tool), f"tool_{tool}")
 
 
 def _own_layers(session: Session) -> list[Any]:
