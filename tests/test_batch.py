@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -314,6 +315,17 @@ def test_find_inputs_and_plan(tmp_path):
         plan_batch([tmp_path / "img.tif"], chunk_size=48, halo=2)
     with pytest.raises(ValueError, match="chunk size"):
         plan_batch([tmp_path / "img.tif"], chunk_size=8)
+
+
+def test_a_single_path_is_one_input_not_its_characters(tmp_path, monkeypatch):
+    tifffile.imwrite(tmp_path / "img.tif", np.zeros((40, 50), np.uint16))
+    tifffile.imwrite(tmp_path / "other.tif", np.zeros((40, 50), np.uint16))
+    monkeypatch.chdir(tmp_path)
+    for single in ("img.tif", tmp_path / "img.tif"):
+        paths, errors = find_inputs(single)  # a str would otherwise be "i", "m", "g", "."...
+        assert [p.name for p in paths] == ["img.tif"] and not errors
+        plan = plan_batch(single, chunk_size=48, halo=16)
+        assert [Path(s["path"]).name for s in plan.sources] == ["img.tif"]
 
 
 @pytest.mark.parametrize(

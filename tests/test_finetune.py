@@ -138,6 +138,15 @@ def test_finetune_errors(export, parent, tmp_path):
         finetune([export], parent, freeze="everything")
 
 
+def test_finetune_takes_a_single_folder_as_a_str(export, parent, monkeypatch):
+    monkeypatch.chdir(export.parent)
+    version = finetune(
+        export.name, parent, steps=1, batch_size=1, crop_size=64, num_threads=1, device="cpu"
+    )
+    assert version.path.resolve() == export / "models" / "tiny-ft1" / "model.safetensors"
+    assert read_metadata(version.path)["data"]["folders"] == [export.name]
+
+
 def test_finetune_cli(export, parent, capsys):
     from napari_instseg.cli import main
 

@@ -79,6 +79,7 @@ from .io import (
     _is_zarr,
     _ome_axes,
     _to_nchw,
+    path_list,
     read_image,
 )
 from .scale import check_scale, resize_image, resize_prediction
@@ -117,14 +118,17 @@ _WORK = ".work"
 # --------------------------------------------------------------------------- inputs
 
 
-def find_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[dict[str, str]]]:
+def find_inputs(
+    inputs: str | Path | Iterable[str | Path],
+) -> tuple[list[Path], list[dict[str, str]]]:
     """Expand folders and glob patterns into image files and zarr stores.
 
     Parameters
     ----------
-    inputs : iterable of str or Path
+    inputs : str, Path or iterable of str or Path
         Files (TIFF, PNG, JPEG, BMP), zarr stores, folders (their images and zarr stores,
-        not recursive, hidden files left out) and glob patterns (``"plate/*.tif"``).
+        not recursive, hidden files left out) and glob patterns (``"plate/*.tif"``); a
+        single ``str`` or ``Path`` is one input.
 
     Returns
     -------
@@ -136,7 +140,7 @@ def find_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[dict[str
     """
     paths: list[Path] = []
     errors: list[dict[str, str]] = []
-    for item in inputs:
+    for item in path_list(inputs):
         path = Path(item)
         if path.is_dir() and not (_suffix(path) in ZARR_SUFFIXES or _is_zarr(path)):
             found = [
@@ -395,7 +399,7 @@ class BatchPlan:
 
 
 def plan_batch(
-    inputs: Iterable[str | Path],
+    inputs: str | Path | Iterable[str | Path],
     chunk_size: int = 1024,
     halo: int = 64,
     divisor: int = 1,
@@ -410,7 +414,7 @@ def plan_batch(
 
     Parameters
     ----------
-    inputs : iterable of str or Path
+    inputs : str, Path or iterable of str or Path
         See :func:`find_inputs`.
     chunk_size : int
         Side of a chunk's core, pixels.
@@ -1393,7 +1397,7 @@ def estimate_batch_scale(
 
 
 def run_batch(
-    inputs: Iterable[str | Path],
+    inputs: str | Path | Iterable[str | Path],
     out: str | Path,
     model: Any = None,
     device: str = "auto",
@@ -1423,8 +1427,9 @@ def run_batch(
 
     Parameters
     ----------
-    inputs : iterable of str or Path
-        Files, folders, glob patterns, multi-page TIFFs (one plane per page), zarr stores.
+    inputs : str, Path or iterable of str or Path
+        Files, folders, glob patterns, multi-page TIFFs (one plane per page), zarr stores;
+        a single ``str`` or ``Path`` is one input.
     out : str or Path
         The OME-Zarr store to write (conventionally ``*.zarr``).
     model : InstSegNet or str or Path, optional

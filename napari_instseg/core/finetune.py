@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from .io import path_list
 from .train import FREEZE_OPTIONS, TrainConfig, load_samples, train
 from .weights import load_model, read_metadata, save_model, shipped_weights_path
 
@@ -104,8 +105,9 @@ def split_holdout(
     return train, val
 
 
-def models_folder(data: Sequence[str | Path]) -> Path:
+def models_folder(data: str | Path | Sequence[str | Path]) -> Path:
     """Where model versions of these data are kept: ``<first folder>/models``."""
+    data = path_list(data)
     if not data:
         raise ValueError("no data folders given")
     return Path(data[0]) / MODELS_DIRNAME
@@ -123,7 +125,7 @@ MIN_IMAGES_TO_RETUNE = 3
 
 
 def finetune(
-    data: Sequence[str | Path],
+    data: str | Path | Sequence[str | Path],
     init: str | Path | None = None,
     *,
     steps: int = 200,
@@ -150,8 +152,9 @@ def finetune(
 
     Parameters
     ----------
-    data : sequence of path
-        Training folders (the plugin's export format) or BBBC010-style folders.
+    data : path or sequence of path
+        Training folders (the plugin's export format) or BBBC010-style folders; a single
+        ``str`` or ``Path`` is one folder.
     init : path, optional
         Parent weights; default: the shipped model.
     steps : int
@@ -200,6 +203,7 @@ def finetune(
     ModelVersion
         The new version (weights in ``out/model.safetensors``).
     """
+    data = path_list(data)
     if not data:
         raise ValueError("no data folders given")
     if steps < 1:

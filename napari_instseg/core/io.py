@@ -31,6 +31,27 @@ _CHANNEL_AXES = "CS"  # tifffile axes codes for channels / samples (RGB)
 _SMALL = 4  # an axis this short or shorter is taken for channels when nothing says otherwise
 
 
+def path_list(paths: str | Path | Iterable[str | Path]) -> list[str | Path]:
+    """The items of a path argument: a single ``str`` or ``Path`` is one path.
+
+    Public functions that take several paths accept one as it is; without this a ``str``
+    would be iterated over its characters (``"."`` being the current folder).
+
+    Parameters
+    ----------
+    paths : str, Path or iterable of str or Path
+        One path or several.
+
+    Returns
+    -------
+    list of str or Path
+        ``[paths]`` for a single path, else the items.
+    """
+    if isinstance(paths, str | Path):
+        return [paths]
+    return list(paths)
+
+
 def read_image(path: str | Path, *, channel_axis: int | None = None) -> np.ndarray:
     """Read an image file into the canonical ``(N, C, H, W)`` layout.
 

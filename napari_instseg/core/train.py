@@ -16,7 +16,7 @@ import time
 import tomllib
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -238,10 +238,16 @@ def image_draw_probabilities(names: Sequence[str], spec: str, factor: float) -> 
     return weights / weights.sum()
 
 
-def load_samples(folders: Sequence[str | Path], names: Sequence[str] | None) -> list[Sample]:
-    """Read samples from BBBC010-style folders or training folders, filtered by name."""
-    from .io import bbbc010_wells, read_bbbc010
+def load_samples(
+    folders: str | Path | Sequence[str | Path], names: Sequence[str] | None
+) -> list[Sample]:
+    """Read samples from BBBC010-style folders or training folders, filtered by name.
 
+    A single ``str`` or ``Path`` is one folder.
+    """
+    from .io import bbbc010_wells, path_list, read_bbbc010
+
+    folders = path_list(folders)
     samples: list[Sample] = []
     wanted = None if names is None else set(names)
     for folder in folders:
@@ -757,6 +763,11 @@ def train(
     """
     if not isinstance(config, TrainConfig):
         config = TrainConfig.from_toml(config)
+    from .io import path_list
+
+    # a single folder given as a str is one folder, not a list of characters
+    data = [str(d) for d in path_list(config.data)]
+    config = replace(config, data=data, replay=[str(d) for d in path_list(config.replay)])
     if config.select_metric not in SELECT_METRICS:
         raise ValueError(f"select_metric must be one of {SELECT_METRICS}")
     out = Path(config.out)
