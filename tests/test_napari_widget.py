@@ -912,3 +912,37 @@ def test_widget_from_the_plugins_menu_keeps_its_session_and_keys_work(
     QTest.keyClick(canvas, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
     qtbot.wait(20)
     assert session.labels_layer.data.max() == 0 and not errors
+
+
+def test_run_on_a_stack_segments_the_plane_shown(widget, worms, qtbot):
+    """A stack (as Open Folder makes of a BBBC010 folder) runs on the plane in view."""
+    from napari_instseg._napari.io import META
+
+    viewer = widget.viewer
+    stack = np.stack([worms.image * 0.5, worms.image, worms.image * 0.25])
+    truth = np.stack([np.zeros(worms.image.shape, np.int32)] * 3)
+    truth[1] = (worms.masks[0] * 7).astype(np.int32)
+    names = {"names": ["W01", "W02", "W03"]}
+    viewer.add_image(stack, name="images", metadata={META: names})
+    viewer.add_labels(truth, name="worms", metadata={META: dict(names)})
+    viewer.dims.set_current_step(0, 1)
+    widget.image_combo.setCurrentText("images")
+    widget.run_model(blocking=True)
+    session = widget.session()
+    assert session.image_layer.name == "W02" and widget.image_combo.currentText() == "W02"
+    np.testing.assert_array_equal(session.image, worms.image)
+    assert widget.calls[-1] == worms.image.shape  # the model saw one 2D plane
+    assert session.labels_layer.name == "W02 worms"  # its worms came along, adopted
+    assert [w.label for w in session.worms] == [7]
+    # again on the same plane: the same layer, no copy
+    widget.image_combo.setCurrentText("images")
+    widget.run_model(blocking=True)
+    assert [layer.name for layer in viewer.layers].count("W02") == 1
+    # a 4D layer (time x z) without names: the plane shown, named by its indices
+    viewer.add_image(np.stack([stack, stack]), name="movie")
+    viewer.dims.set_current_step(0, 1)
+    viewer.dims.set_current_step(1, 2)
+    widget.image_combo.setCurrentText("movie")
+    widget.run_model(blocking=True)
+    assert widget.session().image_layer.name == "movie [1, 2]"
+    np.testing.assert_array_equal(widget.session().image, stack[2])

@@ -553,6 +553,79 @@ class InstSegWidget(QWidget):
             self._stop_bar()
         self._say(f"Showing the maps of {session.image_layer.name!r}.")
 
+    def model_channels(self) -> int:
+        """Input channels of the chosen model (1 when its metadata cannot be read)."""
+        from ..core.weights import read_metadata, shipped_weights_path
+
+        path = self.model_choice() or shipped_weights_path()
+        try:
+            return int(read_metadata(path)["architecture"]["in_channels"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 1
+
+    def plane_layer(self, layer: Any) -> Any | None:
+        """For a stack (planes, time points, wells), the 2D layer of the plane shown.
+
+        An Image layer with more leading axes than the model's channels (e.g. the
+        ``images`` stack that **Open Folder** makes of a BBBC010 folder) is segmented one
+        plane at a time: the plane the viewer shows becomes an Image layer of its own
+        (named after the well when the reader recorded the names), with the matching plane
+        of a Labels stack of the same shape as its ``worms`` layer, so the session adopts
+        those worms. Added once; the same plane later returns the same layer.
+
+        Returns
+        -------
+        napari.layers.Image or None
+            None when ``layer`` is not a stack (2D, RGB, or (C, H, W) channels).
+        """
+        data = layer.data
+        if getattr(layer, "rgb", False) or data.ndim < 3:
+            return None
+        channels = self.model_channels()
+        lead = data.ndim - 2
+        if channels > 1 and data.shape[-3] == channels:
+            lead -= 1
+        elif channels == 1 and data.ndim == 3 and data.shape[0] == 1:
+            lead = 0
+        if lead == 0:
+            return None
+        point = layer.world_to_data(self.viewer.dims.point[-data.ndim :])
+        index = tuple(
+            int(np.clip(round(float(c)), 0, n - 1))
+            for c, n in zip(point[:lead], data.shape[:lead], strict=True)
+        )
+        names = (layer.metadata.get(META) or {}).get("names")
+        if lead == 1 and names and len(names) == data.shape[0] and names[index[0]]:
+            name = str(names[index[0]])
+        else:
+            name = f"{layer.name} {list(index)}"
+        plane_shape = data.shape[lead:]
+        if name in self.viewer.layers:
+            existing = self.viewer.layers[name]
+            if isinstance(existing, Image) and existing.data.shape == plane_shape:
+                return existing
+        plane_labels = None
+        for other in self.viewer.layers:
+            if (
+                isinstance(other, Labels)
+                and other.data.shape == data.shape[:lead] + data.shape[-2:]
+                and f"{name} worms" not in self.viewer.layers
+            ):
+                same_names = (other.metadata.get(META) or {}).get("names") == names
+                if other.name == f"{layer.name} worms" or (names and same_names):
+                    plane_labels = np.asarray(other.data[index])
+                    break
+        plane = self.viewer.add_image(
+            np.asarray(data[index]),
+            name=name,
+            contrast_limits=layer.contrast_limits,
+            colormap=layer.colormap.name,
+            metadata={META: {"stack": layer.name, "plane": list(index)}},
+        )
+        if plane_labels is not None:
+            self.viewer.add_labels(plane_labels, name=f"{name} worms")
+        return plane
+
     def model_choice(self) -> str | None:
         """``None`` for the shipped model, else the weights path (version, typed or browsed)."""
         if self.model_combo.currentText() == MODEL_SHIPPED:
@@ -638,7 +711,16 @@ class InstSegWidget(QWidget):
         if session is None:
             self._say("Add or open an image first.")
             return None
-        image = session.image
+        plane = self.plane_layer(session.image_layer)
+        if plane is not None:  # a stack: its current plane, as a layer of its own
+            self.image_combo.setCurrentText(plane.name)
+            session = self.session()
+            self._say(f"{session.image_layer.name}: the plane shown of a stack, as its own layer.")
+        try:
+            image = session.image
+        except ValueError as err:
+            self._say(str(err))
+            return None
         model = self.model_choice()
         device = self.device_combo.currentText() or "auto"
         tta = 8 if self.tta_check.isChecked() else 1
