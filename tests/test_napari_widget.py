@@ -671,6 +671,31 @@ def test_images_share_one_set_of_map_layers(make_napari_viewer, monkeypatch, qtb
     assert len(viewer.layers) == n_layers + 2
     assert viewer.layers.selection.active is a.labels_layer
 
+    # a run in the worker whose image is no longer chosen when it ends: its maps wait
+    third = make_worms(shape=(160, 160), n_worms=3, n_crossings=0, seed=5)
+    oracles.append((third.image, prediction_from_masks(third.masks, noise=0.1)))
+    release = threading.Event()
+    monkeypatch.setattr(
+        compute,
+        "predict_image",
+        lambda image, **kwargs: release.wait(10) and fake_predict(image),
+    )
+    viewer.add_image(third.image, name="third")
+    widget.image_combo.setCurrentText("third")
+    qtbot.waitUntil(chosen_ready)
+    c = widget.session(create=False)
+    worker = widget.run_model()
+    widget.image_combo.setCurrentText("first")
+    release.set()
+    qtbot.waitUntil(lambda: widget.worker is None and widget._showing is None, timeout=10000)
+    assert worker is not None and c.prediction is oracles[-1][1]
+    assert a.maps_shown and not c.maps_shown  # the maps on screen are still first's
+    np.testing.assert_array_equal(maps["foreground"].data, a.prediction.foreground)
+    assert "third" in widget.status.text()
+    widget.image_combo.setCurrentText("third")  # now its maps are shown, without a run
+    qtbot.waitUntil(lambda: c.maps_shown and widget._showing is None)
+    np.testing.assert_array_equal(maps["foreground"].data, c.prediction.foreground)
+
 
 def test_chosen_image_gets_empty_map_layers_that_a_run_fills(
     make_napari_viewer, monkeypatch, qtbot

@@ -417,6 +417,30 @@ class Session:
         yield from self._iter_put_map_layers(layers)
         self._raise_edit_layers()
 
+    def keep_prediction(
+        self,
+        prediction: Prediction,
+        model_name: str = "",
+        layers: list[tuple[str, Any, dict]] | None = None,
+    ) -> None:
+        """Hold a prediction without showing it (its image is not the one chosen now).
+
+        The shared map layers keep showing the chosen image's maps; choosing this image
+        shows these (:meth:`iter_show_maps`), with the layer data given here.
+        """
+        if prediction.shape != self.shape:
+            raise ValueError(
+                f"prediction is {prediction.shape} but image {self.image_layer.name!r} is "
+                f"{self.shape}"
+            )
+        self.prediction = prediction
+        self.model_name = model_name
+        self._layer_data = (
+            layers if layers is not None else prediction_layers(prediction, self.tau)
+        )
+        if self.map_layers.owner is self:
+            self.map_layers.owner = None
+
     def iter_add_empty_maps(self) -> Iterator[str]:
         """Add the map layers, hidden and empty, if the viewer has none (one per step).
 

@@ -793,6 +793,13 @@ class InstSegWidget(QWidget):
             self._say(result)
             return
         prediction, layers = result
+        if session is not self.session(create=False):  # another image was chosen meanwhile
+            session.keep_prediction(prediction, name, layers)
+            self._stop_bar()
+            self._say(
+                f"Model {name} done for {session.image_layer.name!r}: choose it to see its maps."
+            )
+            return
         self._show_prediction(session, prediction, name, layers, incremental=True)
 
     def _on_worker_error(self, what: str, err: Exception) -> None:
