@@ -190,6 +190,12 @@ def test_missing_file(tmp_path):
         read_image(tmp_path / "nope.tif")
 
 
+def test_corrupt_tiff_error_names_the_file(tmp_path):
+    (tmp_path / "broken.tif").write_bytes(b"hello, not a TIFF")
+    with pytest.raises(ValueError, match="broken.tif"):
+        read_image(tmp_path / "broken.tif")
+
+
 def test_unknown_extension(tmp_path):
     (tmp_path / "image.xyz").write_bytes(b"1234")
     with pytest.raises(ValueError, match="unknown file type"):
@@ -368,3 +374,6 @@ def test_read_seed_table(tmp_path):
             read_seed_table(path)
     with pytest.raises(FileNotFoundError):
         read_seed_table(tmp_path / "missing.csv")
+    path.write_bytes(bytes(range(256)))  # e.g. an image given as the seed table
+    with pytest.raises(ValueError, match="seeds.csv is not a CSV text file"):
+        read_seed_table(path)

@@ -243,8 +243,89 @@ def test_cli_predict(model, cli_files, tmp_path, capsys):
     assert "nope.tif" in capsys.readouterr().err
     bad = tmp_path / "garbage.safetensors"
     bad.write_bytes(b"not weights")
-    assert main(["predict", str(single), "--out", str(out), "--model", str(bad)]) == 1
+    argv = ["predict", str(single), "--out", str(out), "--model", str(bad), "--overwrite"]
+    assert main(argv) == 1
     assert "safetensors" in capsys.readouterr().err
+
+
+def test_cli_predict_never_overwrites_inputs_nor_silently_earlier_outputs(
+    cli_files, tmp_path, capsys
+):
+    import shutil
+
+    import tifffile
+
+    from napari_instseg.cli import main
+
+    weights, _, single = cli_files
+    out = tmp_path / "ov"
+    out.mkdir()
+    image = shutil.copy(single, out / "w.tif")
+    other = shutil.copy(single, out / "w_labels.tif")  # w.tif's labels would land on it
+    before = (out / "w_labels.tif").read_bytes()
+    common = ["--model", str(weights), "--device", "cpu", "--tta", "1"]
+    argv = ["predict", str(image), str(other), "--out", str(out), *common]
+    for extra in ([], ["--overwrite"]):  # never, not even with --overwrite
+        assert main([*argv, *extra]) == 1
+        err = capsys.readouterr().err
+        assert "would overwrite the input" in err and "w_labels.tif" in err
+        assert (out / "w_labels.tif").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["w.tif", "w_labels.tif"]  # no work done
+
+    # earlier outputs: refused, naming them, unless --overwrite
+    res = tmp_path / "res"
+    argv = ["predict", str(single), "--out", str(res), *common]
+    assert main(argv) == 0
+    first = tifffile.imread(res / "worms_labels.tif")
+    (res / "worms_labels.tif").write_bytes(b"")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "already holds" in err and "worms_labels.tif" in err and "--overwrite" in err
+    assert (res / "worms_labels.tif").read_bytes() == b""
+    assert main([*argv, "--overwrite"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(res / "worms_labels.tif"), first)
+
+    # --out that is a file (here: the input itself): a clear error, not a traceback
+    assert main(["predict", str(single), "--out", str(single), *common]) == 1
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_cli_predict_goes_on_after_a_bad_image_and_names_it(cli_files, tmp_path, capsys):
+    import tifffile
+
+    from napari_instseg.cli import main
+
+    weights, sample, single = cli_files
+    nan = tmp_path / "nan.tif"
+    tifffile.imwrite(nan, np.full((64, 80), np.nan, np.float32))
+    rgb = tmp_path / "rgb.tif"
+    tifffile.imwrite(rgb, np.stack([sample.image] * 3, -1).astype(np.uint8), photometric="rgb")
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"hello, not a TIFF")
+    out = tmp_path / "out"
+    argv = ["predict", str(nan), str(single), str(rgb), str(broken), "--out", str(out)]
+    assert main([*argv, "--model", str(weights), "--device", "cpu", "--tta", "1"]) == 1
+    captured = capsys.readouterr()
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 3
+    for line, path in zip(errors, (nan, rgb, broken), strict=True):
+        assert line.startswith(f"napari-instseg predict: error: {path}: ")
+    assert "NaN" in errors[0] and "channel" in errors[1]
+    assert "worms.tif: 1 plane(s)" in captured.out  # the good image after the bad one
+    assert sorted(p.name for p in out.glob("*_labels.tif")) == ["worms_labels.tif"]
+
+
+@pytest.mark.parametrize("kind", ["folder", "pattern"])
+def test_cli_predict_folders_and_patterns_need_a_zarr_out(cli_files, tmp_path, capsys, kind):
+    from napari_instseg.cli import main
+
+    weights, _, single = cli_files
+    given = single.parent if kind == "folder" else single.parent / "*.tif"
+    assert (
+        main(["predict", str(given), "--out", str(tmp_path / "o"), "--model", str(weights)]) == 1
+    )
+    err = capsys.readouterr().err
+    assert str(given) in err and "need --out <name>.zarr" in err
 
 
 def _maps(p: Prediction) -> dict[str, np.ndarray]:
@@ -395,6 +476,28 @@ def test_cli_grow_matches_the_python_api(model, cli_files, tmp_path, capsys):
     assert main([*argv, "--model", str(weights), "--tau", "1.5"]) == 1
 
 
+def test_cli_grow_refuses_to_overwrite_seeds_or_earlier_outputs(cli_files, tmp_path, capsys):
+    from napari_instseg.cli import main
+
+    weights, sample, image = cli_files
+    r0, c0 = np.argwhere(sample.masks[0])[len(np.argwhere(sample.masks[0])) // 2]
+    out = tmp_path / "out"
+    out.mkdir()
+    seeds = out / "worms_measurements.csv"  # where the measurements would go
+    seeds.write_text(f"row,col\n{r0},{c0}\n")
+    common = ["--model", str(weights), "--device", "cpu", "--tta", "1"]
+    argv = ["grow", str(image), "--seeds", str(seeds), "--out", str(out), *common]
+    assert main([*argv, "--overwrite"]) == 1
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert seeds.read_text() == f"row,col\n{r0},{c0}\n" and not (out / "worms_labels.tif").exists()
+    res = tmp_path / "res"
+    argv = ["grow", str(image), "--seeds", str(seeds), "--out", str(res), *common]
+    assert main(argv) == 0
+    assert main(argv) == 1
+    assert "already holds ['worms_labels.tif'" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+
+
 def test_cli_grow_from_segments_matches_the_python_api(model, cli_files, tmp_path):
     import tifffile
 
@@ -463,7 +566,7 @@ def test_cli_predict_scale(cli_files, tmp_path, capsys):
     assert tifffile.imread(out / "worms_labels.tif").shape == (64, 80)  # the image's grid
     assert tifffile.imread(out / "worms_foreground.tif").shape == (64, 80)
     # a model without a training width cannot estimate the scale: a clear error
-    assert main([*argv, "--device", "cpu", "--scale", "auto"]) == 1
+    assert main([*argv, "--device", "cpu", "--scale", "auto", "--overwrite"]) == 1
     assert "object_width" in capsys.readouterr().err
 
 

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # OSError: FileNotFoundError, FileExistsError, ...
         print(f"napari-instseg {args.command}: error: {err}", file=sys.stderr)
         return 1
 

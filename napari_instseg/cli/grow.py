@@ -17,6 +17,9 @@ grown from the embeddings (``--from embedding``). Writes, in ``--out``:
   in the file; where worms overlap, the smaller one's label is shown);
 - ``<name>_measurements.csv``: one row per worm (its ``worm`` id from the file, area,
   length, width, score, ...).
+
+Outputs of an earlier run in ``--out`` are replaced only with ``--overwrite``; the image and
+the seed table are never overwritten.
 """
 
 from __future__ import annotations
@@ -27,7 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .predict import SCALE_HELP, _load_model, output_name, scale_arg, tta_arg, write_labels
+from .predict import (
+    SCALE_HELP,
+    _load_model,
+    check_outputs,
+    output_name,
+    scale_arg,
+    tta_arg,
+    write_labels,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +52,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", type=Path, help="image file (2D, or a stack of planes)")
     parser.add_argument("--seeds", type=Path, required=True, help="CSV file of seed pixels")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace outputs of an earlier run in --out (default: refuse)",
+    )
     parser.add_argument(
         "--tau", type=float, default=0.5, help="similarity threshold in (0, 1) (0.5)"
     )
@@ -109,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
     outside = sorted(p for p in planes if not 0 <= p < len(stack))
     if outside:
         raise ValueError(f"seeds on plane(s) {outside}, but {args.image} has {len(stack)}")
+    name = output_name(args.image)
+    outputs = [args.out / f"{name}_labels.tif", args.out / f"{name}_measurements.csv"]
+    check_outputs(args.out, outputs, [args.image, args.seeds], args.overwrite)
     model = _load_model(args.model, args.device)
     options = {"clip_to_foreground": not args.no_clip}
     if args.boundary_barrier is not None:
@@ -137,7 +156,6 @@ def run(args: argparse.Namespace) -> int:
         table.insert(0, "image", args.image.name)
         tables.append(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = output_name(args.image)
     write_labels(args.out / f"{name}_labels.tif", labels)
     if tables:
         pd.concat(tables, ignore_index=True).to_csv(

@@ -15,6 +15,12 @@ a stack is processed plane by plane) it writes, in ``--out``:
   ``<name>_boundary.tif`` and ``<name>_foreground.tif`` (H, W), float32, each with a
   leading plane axis for a stack.
 
+No output is ever written onto an input; outputs of an earlier run in ``--out`` are
+replaced only with ``--overwrite`` (else a clear error before any work). An image that
+fails (unreadable, NaN, wrong channels, ...) is reported on stderr as
+``napari-instseg predict: error: <file>: <message>``; the others are still processed and
+the exit status is 1.
+
 When ``--out`` ends with ``.zarr`` the inputs (files, folders, glob patterns, multi-page
 TIFFs, zarr arrays) run as one dask job into a single OME-Zarr store instead: planes of any
 size are cut into chunks with a halo, instances are stitched across chunk borders, and a
@@ -28,6 +34,7 @@ rerun resumes where a crash stopped (see :mod:`napari_instseg.core.batch` and do
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -59,6 +66,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=Path,
         required=True,
         help="output folder, or an OME-Zarr store (*.zarr): one dask batch job",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace outputs of an earlier run in the --out folder (default: refuse)",
     )
     parser.add_argument(
         "--model", help="weights file (.safetensors); default: the shipped BBBC010 model"
@@ -188,6 +200,64 @@ def output_name(path: Path) -> str:
     return name or path.stem
 
 
+def check_outputs(
+    out: Path, outputs: list[Path], inputs: list[Path], overwrite: bool = False
+) -> None:
+    """Refuse to write onto an input, or onto earlier outputs unless ``overwrite``.
+
+    Parameters
+    ----------
+    out : Path
+        The ``--out`` folder (may not exist yet).
+    outputs : list of Path
+        Every file the command will write.
+    inputs : list of Path
+        Every file it reads (images, seed tables): never overwritten, even with
+        ``overwrite``.
+    overwrite : bool
+        ``--overwrite``: existing outputs may be replaced.
+
+    Raises
+    ------
+    NotADirectoryError
+        If ``out`` exists and is not a folder.
+    ValueError
+        If an output is one of the inputs.
+    FileExistsError
+        If outputs exist and ``overwrite`` is False.
+    """
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a folder")
+    read = {p.resolve() for p in inputs}
+    onto_input = [str(p) for p in outputs if p.resolve() in read]
+    if onto_input:
+        raise ValueError(
+            f"an output would overwrite the input {onto_input[0]}; choose another --out"
+        )
+    taken = [p.name for p in outputs if p.exists()]
+    if taken and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds {taken}; pass --overwrite to replace them, or choose "
+            "another --out"
+        )
+
+
+def _check_plain_inputs(inputs: list[Path]) -> None:
+    """Folders and glob patterns are batch inputs: say they need ``--out *.zarr``."""
+    import glob
+
+    from ..core.io import ZARR_SUFFIXES, _is_zarr
+
+    for path in inputs:
+        folder = path.is_dir() and not (path.suffix.lower() in ZARR_SUFFIXES or _is_zarr(path))
+        if folder or (not path.exists() and glob.has_magic(str(path))):
+            kind = "a folder" if folder else "a glob pattern"
+            raise ValueError(
+                f"{path} is {kind}: folders and glob patterns need --out <name>.zarr (one "
+                "batch job into an OME-Zarr store); an --out folder takes image files"
+            )
+
+
 def write_labels(path: Path, labels: list[np.ndarray]) -> None:
     """Write per-plane label images as one TIFF: (H, W) for one plane, else (N, H, W).
 
@@ -242,16 +312,11 @@ def run(args: argparse.Namespace) -> int:
     Returns
     -------
     int
-        0 on success.
+        0 on success, 1 when an image failed (each failure is reported on stderr).
     """
     if str(args.out).rstrip("/").lower().endswith(".zarr"):
         return _run_batch(args)
-    import pandas as pd
-    import tifffile
-
-    from ..core.io import read_image
-    from ..core.predict import predict
-
+    _check_plain_inputs(args.inputs)
     missing = [str(p) for p in args.inputs if not p.exists()]
     if missing:
         raise FileNotFoundError(f"input(s) not found: {', '.join(missing)}")
@@ -262,56 +327,74 @@ def run(args: argparse.Namespace) -> int:
     if args.tile_size < 16:
         raise ValueError("--tile-size must be at least 16")
     segment, measure = _segmenter(), _measurer()
+    suffixes = ["labels.tif"] + (["measurements.csv"] if measure is not None else [])
+    suffixes += [f"{key}.tif" for key in _MAPS] if args.save_maps else []
+    outputs = [args.out / f"{n}_{suffix}" for n in names for suffix in suffixes]
+    check_outputs(args.out, outputs, list(args.inputs), args.overwrite)
     model = _load_model(args.model, args.device)
     args.out.mkdir(parents=True, exist_ok=True)
+    failed = 0
     for path, name in zip(args.inputs, names, strict=True):
-        t0 = time.perf_counter()
-        stack = read_image(path, channel_axis=args.channel_axis)  # (N, C, H, W)
-        labels, maps, tables, n_instances = [], {k: [] for k in _MAPS}, [], 0
-        for plane, image in enumerate(stack):
-            image = image[0] if image.shape[0] == 1 else image
-            prediction = predict(
-                image,
-                model,
-                args.device,
-                tile_size=args.tile_size,
-                tta=args.tta,
-                cache=args.cache,
-                scale=args.scale,
-                precision=args.precision,
-            )
-            instances = segment(prediction, args.method, **_segment_overrides(args))
-            labels.append(instances.to_labels())
-            n_instances += len(instances)
-            if args.save_maps:
-                for key in _MAPS:
-                    maps[key].append(getattr(prediction, key).astype(np.float32))
-            if measure is not None:
-                table = pd.DataFrame(measure(instances, image=image))
-                table.insert(0, "plane", plane)
-                table.insert(0, "image", path.name)
-                tables.append(table)
-        single = len(stack) == 1
-        write_labels(args.out / f"{name}_labels.tif", labels)
-        if args.save_maps:
-            for key, arrays in maps.items():
-                arr = arrays[0] if single else np.stack(arrays)
-                tifffile.imwrite(args.out / f"{name}_{key}.tif", arr)
-        if tables:
-            pd.concat(tables, ignore_index=True).to_csv(
-                args.out / f"{name}_measurements.csv", index=False
-            )
-        print(
-            f"{path}: {len(stack)} plane(s), {n_instances} instance(s) "
-            f"({args.method}), {time.perf_counter() - t0:.1f} s -> {args.out / name}_*"
+        try:
+            _predict_one(args, path, name, model, segment, measure)
+        except (OSError, ValueError) as err:
+            failed += 1
+            print(f"napari-instseg predict: error: {path}: {err}", file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
+def _predict_one(args: argparse.Namespace, path: Path, name: str, model, segment, measure):
+    """Predict, segment and write the outputs of one input file."""
+    import pandas as pd
+    import tifffile
+
+    from ..core.io import read_image
+    from ..core.predict import predict
+
+    t0 = time.perf_counter()
+    stack = read_image(path, channel_axis=args.channel_axis)  # (N, C, H, W)
+    labels, maps, tables, n_instances = [], {k: [] for k in _MAPS}, [], 0
+    for plane, image in enumerate(stack):
+        image = image[0] if image.shape[0] == 1 else image
+        prediction = predict(
+            image,
+            model,
+            args.device,
+            tile_size=args.tile_size,
+            tta=args.tta,
+            cache=args.cache,
+            scale=args.scale,
+            precision=args.precision,
         )
-    return 0
+        instances = segment(prediction, args.method, **_segment_overrides(args))
+        labels.append(instances.to_labels())
+        n_instances += len(instances)
+        if args.save_maps:
+            for key in _MAPS:
+                maps[key].append(getattr(prediction, key).astype(np.float32))
+        if measure is not None:
+            table = pd.DataFrame(measure(instances, image=image))
+            table.insert(0, "plane", plane)
+            table.insert(0, "image", path.name)
+            tables.append(table)
+    single = len(stack) == 1
+    write_labels(args.out / f"{name}_labels.tif", labels)
+    if args.save_maps:
+        for key, arrays in maps.items():
+            arr = arrays[0] if single else np.stack(arrays)
+            tifffile.imwrite(args.out / f"{name}_{key}.tif", arr)
+    if tables:
+        pd.concat(tables, ignore_index=True).to_csv(
+            args.out / f"{name}_measurements.csv", index=False
+        )
+    print(
+        f"{path}: {len(stack)} plane(s), {n_instances} instance(s) "
+        f"({args.method}), {time.perf_counter() - t0:.1f} s -> {args.out / name}_*"
+    )
 
 
 def _run_batch(args: argparse.Namespace) -> int:
     """``--out *.zarr``: one dask job into an OME-Zarr store; 1 when inputs were skipped."""
-    import sys
-
     from ..core.batch import run_batch
 
     if args.model is None:

@@ -80,8 +80,9 @@ def read_image(path: str | Path, *, channel_axis: int | None = None) -> np.ndarr
     FileNotFoundError
         If ``path`` does not exist.
     ValueError
-        For an unknown file type, an empty image, a non-numeric dtype, fewer than two or
-        (after dropping length-1 axes) more than four dimensions, or a bad ``channel_axis``.
+        For an unknown file type, a corrupt TIFF, an empty image, a non-numeric dtype,
+        fewer than two or (after dropping length-1 axes) more than four dimensions, or a
+        bad ``channel_axis``.
     """
     path = Path(path)
     if not path.exists():
@@ -89,12 +90,15 @@ def read_image(path: str | Path, *, channel_axis: int | None = None) -> np.ndarr
     axes: str | None = None
     suffix = _suffix(path)
     if suffix in TIFF_SUFFIXES:
-        with tifffile.TiffFile(path) as tif:
-            if not tif.series:
-                raise ValueError(f"{path} holds no image data")
-            series = tif.series[0]
-            data = series.asarray()
-            axes = series.axes
+        try:
+            with tifffile.TiffFile(path) as tif:
+                if not tif.series:
+                    raise ValueError(f"{path} holds no image data")
+                series = tif.series[0]
+                data = series.asarray()
+                axes = series.axes
+        except tifffile.TiffFileError as err:  # a ValueError that does not name the file
+            raise ValueError(f"Cannot read {path} as a TIFF: {err}") from err
     elif suffix in PLAIN_SUFFIXES:
         data = np.asarray(_imread_png(path))
         if data.ndim == 3 and channel_axis is None:
@@ -404,8 +408,8 @@ def read_seed_table(path: str | Path) -> dict[int, dict[int, WormSeeds]]:
     Raises
     ------
     ValueError
-        Missing columns, values that are not numbers, tau outside (0, 1), negative seeds
-        without a worm, a worm with only negative seeds.
+        A file that is not CSV text, missing columns, values that are not numbers, tau
+        outside (0, 1), negative seeds without a worm, a worm with only negative seeds.
     FileNotFoundError
         If the file does not exist.
     """
@@ -414,10 +418,15 @@ def read_seed_table(path: str | Path) -> dict[int, dict[int, WormSeeds]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"seed file not found: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        fields = [f.strip().lower() for f in reader.fieldnames or []]
-        rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            fields = [f.strip().lower() for f in reader.fieldnames or []]
+            rows = [
+                {k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader
+            ]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path} is not a CSV text file of seeds: {err}") from err
     if {"row", "col"} <= set(fields):
         axes = ("plane", "row", "col") if "plane" in fields else (None, "row", "col")
     elif {"axis-0", "axis-1", "axis-2"} <= set(fields):

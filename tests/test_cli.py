@@ -1,0 +1,29 @@
+"""The command-line dispatcher: errors become one ``napari-instseg <cmd>: error:`` line."""
+
+import pytest
+
+from napari_instseg.cli import main
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        FileNotFoundError("no such file: x.tif"),
+        FileExistsError("models/tiny-ft1 exists"),
+        NotADirectoryError("--out file.zarr exists and is not a folder"),
+        IsADirectoryError(21, "Is a directory", "somedir"),
+        PermissionError(13, "Permission denied", "locked.tif"),
+        ValueError("tau must be in (0, 1)"),
+    ],
+)
+def test_errors_are_one_line_on_stderr_and_status_1(monkeypatch, capsys, error):
+    import napari_instseg.cli.evaluate as command
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(command, "run", fail)
+    assert main(["evaluate", "--pred", "p", "--gt", "g"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"napari-instseg evaluate: error: {error}\n"
+    assert not captured.out
