@@ -27,3 +27,14 @@ def test_errors_are_one_line_on_stderr_and_status_1(monkeypatch, capsys, error):
     captured = capsys.readouterr()
     assert captured.err == f"napari-instseg evaluate: error: {error}\n"
     assert not captured.out
+
+
+@pytest.mark.parametrize("command", ["predict", "grow", "evaluate"])
+def test_help_mentions_only_options_the_command_has(capsys, command):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    # --scale auto's batch-wide estimate needs --out *.zarr, which only predict has
+    assert ("--out *.zarr" in text) == (command == "predict")
+    if command == "grow":  # the embedding-only flags say so
+        assert "no effect when worms start from the segments" in text

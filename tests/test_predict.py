@@ -498,6 +498,55 @@ def test_cli_grow_refuses_to_overwrite_seeds_or_earlier_outputs(cli_files, tmp_p
     assert main([*argv, "--overwrite"]) == 0
 
 
+def test_cli_grow_skips_seeds_on_background_and_warns_about_ignored_flags(
+    model, cli_files, tmp_path, capsys, monkeypatch
+):
+    import pandas as pd
+    import tifffile
+
+    from napari_instseg.cli import main
+    from napari_instseg.core import predict as predict_module
+
+    weights, sample, image = cli_files
+    real = predict_module.predict
+
+    def background_corner(*args, **kwargs):  # no background in the untrained model's map
+        prediction = real(*args, **kwargs)
+        prediction.foreground[:8, :8] = 0.01
+        return prediction
+
+    monkeypatch.setattr(predict_module, "predict", background_corner)
+    centres = [np.argwhere(m)[len(np.argwhere(m)) // 2] for m in sample.masks]
+    (r0, c0), (r1, c1) = centres[0], centres[1]
+    assert not sample.masks[:, :8, :8].any()
+    seeds = tmp_path / "seeds.csv"  # worm 1: background only; worm 2: one seed on it
+    seeds.write_text(f"worm,row,col\n1,2,3\n2,4,5\n2,{r0},{c0}\n3,{r1},{c1}\n")
+    out = tmp_path / "out"
+    argv = ["grow", str(image), "--seeds", str(seeds), "--out", str(out), "--tta", "1"]
+    argv += ["--model", str(weights), "--device", "cpu"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    warnings = captured.err.strip().splitlines()
+    assert all(w.startswith("napari-instseg grow: warning: ") for w in warnings)
+    assert "seed (2,3) is on background" in warnings[0] and "worm 1 " in warnings[1]
+    assert "seed (4,5) is on background" in warnings[2] and len(warnings) == 3
+    assert "2 worm(s) grown" in captured.out
+    assert pd.read_csv(out / "worms_measurements.csv")["worm"].tolist() == [2, 3]
+    labels = tifffile.imread(out / "worms_labels.tif")
+    assert not labels[:8, :8].any() and set(np.unique(labels)) == {0, 1, 2}
+
+    # flags of the embedding growth: a warning when the worms start from the segments
+    seeds.write_text(f"row,col\n{r0},{c0}\n")
+    flags = ["--no-clip", "--boundary-barrier", "0.5", "--overwrite"]
+    assert main([*argv, *flags, "--from", "segments"]) == 0
+    err = capsys.readouterr().err
+    assert "--boundary-barrier, --no-clip: worms start from the automatic segments" in err
+    assert main([*argv, *flags, "--from", "embedding"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main([*argv, "--from", "segments", "--overwrite"]) == 0  # not given: no warning
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_cli_grow_from_segments_matches_the_python_api(model, cli_files, tmp_path):
     import tifffile
 

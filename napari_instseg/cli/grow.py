@@ -11,7 +11,12 @@ with ``axis-0`` the plane for a stack), optionally ``worm`` (seeds of one worm s
 :func:`napari_instseg.core.io.read_seed_table`. As in the plugin, a worm starts from the
 automatic segment under its first seed when the model was tuned for automatic segmentation
 (``--from segments``; :func:`napari_instseg.core.pick.grow_from_segments`), else it is
-grown from the embeddings (``--from embedding``). Writes, in ``--out``:
+grown from the embeddings (``--from embedding``); ``--boundary-barrier`` and ``--no-clip``
+act on the embedding growth only, and ``--tau`` under segments only on a worm whose first
+seed is on no segment (a warning says so when they are given). A positive seed on plain
+background (foreground below :data:`napari_instseg.core.grow.FG_FLOOR`, where a click grows
+nothing but its own pixel) is skipped with a warning, and so is a worm left without
+positive seeds. Writes, in ``--out``:
 
 - ``<name>_labels.tif``: one label per worm (1, 2, ... in the order the worms first appear
   in the file; where worms overlap, the smaller one's label is shown);
@@ -25,6 +30,7 @@ the seed table are never overwritten.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -58,7 +64,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="replace outputs of an earlier run in --out (default: refuse)",
     )
     parser.add_argument(
-        "--tau", type=float, default=0.5, help="similarity threshold in (0, 1) (0.5)"
+        "--tau",
+        type=float,
+        help="similarity threshold in (0, 1) of the embedding growth (0.5); when worms start "
+        "from the segments, it acts only on a worm whose first seed is on no segment",
     )
     parser.add_argument(
         "--from",
@@ -73,13 +82,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--boundary-barrier",
         type=float,
-        help="stop growing at boundary probability above this (e.g. 0.5; embedding growth "
-        "only); default: off",
+        help="stop growing at boundary probability above this (e.g. 0.5); default: off; "
+        "embedding growth only: no effect when worms start from the segments (the default "
+        "--from auto with the shipped model)",
     )
     parser.add_argument(
         "--no-clip",
         action="store_true",
-        help="do not clip the masks to the model's foreground map",
+        help="do not clip the masks to the model's foreground map (embedding growth only, "
+        "like --boundary-barrier)",
     )
     parser.add_argument(
         "--model", help="weights file (.safetensors); default: the shipped BBBC010 model"
@@ -110,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     """
     import pandas as pd
 
-    from ..core.grow import d2_threshold, grow_instances
+    from ..core.grow import FG_FLOOR, WormSeeds, d2_threshold, grow_instances
     from ..core.io import read_image, read_seed_table
     from ..core.measure import measure
     from ..core.pick import starts_from_segments
@@ -118,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.image.exists():
         raise FileNotFoundError(f"image not found: {args.image}")
-    d2_threshold(args.tau)  # a clear error for tau outside (0, 1) before any work
+    tau = 0.5 if args.tau is None else args.tau
+    d2_threshold(tau)  # a clear error for tau outside (0, 1) before any work
     planes = read_seed_table(args.seeds)
     t0 = time.perf_counter()
     stack = read_image(args.image, channel_axis=args.channel_axis)  # (N, C, H, W)
@@ -132,7 +144,16 @@ def run(args: argparse.Namespace) -> int:
     options = {"clip_to_foreground": not args.no_clip}
     if args.boundary_barrier is not None:
         options["boundary_barrier"] = args.boundary_barrier
-    labels, tables, n_worms = [], [], 0
+    given = [
+        flag
+        for flag, value in (
+            ("--tau", args.tau),
+            ("--boundary-barrier", args.boundary_barrier),
+            ("--no-clip", args.no_clip or None),
+        )
+        if value is not None
+    ]
+    labels, tables, n_worms, warned = [], [], 0, False
     for plane, image in enumerate(stack):
         image = image[0] if image.shape[0] == 1 else image
         worms = planes.get(plane, {})
@@ -145,8 +166,40 @@ def run(args: argparse.Namespace) -> int:
         segments = args.start == "segments" or (
             args.start == "auto" and starts_from_segments(prediction)
         )
+        if segments and given and not warned:
+            warned = True
+            _warn(
+                f"{', '.join(given)}: worms start from the automatic segments (--from "
+                f"{args.start}), where --boundary-barrier and --no-clip have no effect and "
+                "--tau acts only on a worm whose first seed is on no segment; --from "
+                "embedding grows every worm from the embeddings"
+            )
+        foreground = np.asarray(prediction.foreground)
+        height, width = foreground.shape
+        kept: dict[int, WormSeeds] = {}
+        for worm_id, worm in worms.items():
+            on_background = [  # (seeds outside the image: grow_instances' error)
+                (r, c)
+                for r, c in worm.positive
+                if 0 <= r < height and 0 <= c < width and foreground[r, c] < FG_FLOOR
+            ]
+            at = f" of plane {plane}" if len(stack) > 1 else ""
+            for r, c in on_background:
+                _warn(
+                    f"{args.image}: seed ({r},{c}){at} is on background (foreground "
+                    f"{foreground[r, c]:.3f} < {FG_FLOOR}): skipped"
+                )
+            positive = tuple(p for p in worm.positive if tuple(p) not in on_background)
+            if positive:
+                kept[worm_id] = WormSeeds(positive, worm.negative, worm.tau)
+            elif worm_id > 0:
+                _warn(f"{args.image}: worm {worm_id}{at} has no seed left on a worm: skipped")
+        worms = kept
+        if not worms:
+            labels.append(np.zeros(image.shape[-2:], np.int64))
+            continue
         instances = grow_instances(
-            prediction, list(worms.values()), tau=args.tau, from_segments=segments, **options
+            prediction, list(worms.values()), tau=tau, from_segments=segments, **options
         )
         labels.append(instances.to_labels())
         n_worms += len(instances)
@@ -162,7 +215,12 @@ def run(args: argparse.Namespace) -> int:
             args.out / f"{name}_measurements.csv", index=False
         )
     print(
-        f"{args.image}: {n_worms} worm(s) grown (tau {args.tau} unless the file sets one), "
+        f"{args.image}: {n_worms} worm(s) grown (tau {tau} unless the file sets one), "
         f"{time.perf_counter() - t0:.1f} s -> {args.out / name}_*"
     )
     return 0
+
+
+def _warn(message: str) -> None:
+    """Print ``napari-instseg grow: warning: <message>`` on stderr."""
+    print(f"napari-instseg grow: warning: {message}", file=sys.stderr, flush=True)

@@ -88,7 +88,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="test-time augmentation passes: 1, 2, 4 or 8 (auto: what the model was tuned "
         "with; 8 for the shipped model, 8x the network time)",
     )
-    parser.add_argument("--scale", type=scale_arg, default=1.0, help=SCALE_HELP)
+    parser.add_argument("--scale", type=scale_arg, default=1.0, help=PREDICT_SCALE_HELP)
     parser.add_argument(
         "--contrast-outlines",
         action=argparse.BooleanOptionalAction,
@@ -178,7 +178,11 @@ def scale_arg(text: str) -> float | str:
 SCALE_HELP = (
     "resize images by this factor before the model sees them, for worms wider (< 1) or "
     "narrower (> 1) than the model's (shipped model: about 8 px wide); auto: estimate it "
-    "per image, or with --out *.zarr once for the whole series (default 1)"
+    "per image (default 1)"
+)
+#: ``predict``'s, which also batches into OME-Zarr.
+PREDICT_SCALE_HELP = SCALE_HELP.replace(
+    "per image", "per image, or with --out *.zarr once for the whole series"
 )
 
 
