@@ -3,7 +3,14 @@ import json
 import numpy as np
 import pytest
 
-from napari_instseg.core.evaluate import evaluate, format_table, iou_matrix, parse_wells, to_json
+from napari_instseg.core.evaluate import (
+    ANCHORS_HEADER,
+    evaluate,
+    format_table,
+    iou_matrix,
+    parse_wells,
+    to_json,
+)
 from napari_instseg.core.types import Instances
 
 
@@ -76,6 +83,10 @@ def test_iou_matrix_and_errors():
         evaluate([a], [b, b])
     with pytest.raises(ValueError, match="predicted masks are"):
         evaluate([np.zeros((1, 5, 5), bool)], [b])
+    for thresholds in ([0.5, 1.5], [0.0], [-0.2], []):
+        with pytest.raises(ValueError, match=r"IoU thresholds must be in \(0, 1\]"):
+            evaluate([a], [b], thresholds=thresholds)
+    assert evaluate([a], [b], thresholds=[1.0])["S"]["1"] == 0.0
 
 
 def test_empty_images_and_table_json():
@@ -87,6 +98,11 @@ def test_empty_images_and_table_json():
     assert res["AP"] == 0.0 and res["avS"] == 0.0
     table = format_table({"mine": res})
     assert "mine" in table and "PatchPerPix" in table and "0.569" in table
+    # the published numbers come after a header that says what they are
+    lines = table.splitlines()
+    header = lines.index(ANCHORS_HEADER)
+    assert "BBBC010 test half" in ANCHORS_HEADER and "not comparable" in ANCHORS_HEADER
+    assert lines[header - 1].startswith("mine") and lines[header + 1].startswith("Novotny")
     assert json.loads(to_json(res))["n_gt"] == 1
 
 

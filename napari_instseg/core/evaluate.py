@@ -27,6 +27,7 @@ from .types import Instances
 
 __all__ = [
     "ANCHORS",
+    "ANCHORS_HEADER",
     "DSB_THRESHOLDS",
     "coco_ap",
     "dsb_accuracy",
@@ -45,6 +46,11 @@ ANCHORS: dict[str, dict[str, float | None]] = {
     "Mask R-CNN (from Novotny et al.)": {"AP": 0.559, "AP50": 0.865, "AP75": 0.641},
     "PatchPerPix (Hirsch et al. 2020)": {"avS": 0.816, "S0.5": 0.960},
 }
+#: The line :func:`format_table` prints above the anchors.
+ANCHORS_HEADER = (
+    "published results on the BBBC010 test half (wells C03-E04), for reference only; "
+    "not comparable with results on other images:"
+)
 
 
 def _masks_of(item: object, what: str, index: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -278,12 +284,16 @@ def evaluate(
     Raises
     ------
     ValueError
-        When the numbers of images or the image sizes of a pair differ.
+        When the numbers of images or the image sizes of a pair differ, or for IoU
+        thresholds outside (0, 1].
     """
     if len(predictions) != len(ground_truth):
         raise ValueError(
             f"{len(predictions)} predictions but {len(ground_truth)} ground-truth images"
         )
+    bad = [t for t in thresholds if not 0 < t <= 1]
+    if bad or not len(thresholds):
+        raise ValueError(f"IoU thresholds must be in (0, 1], got {list(thresholds)}")
     names = [str(i) for i in range(len(predictions))] if names is None else list(names)
     pm_all, ps_all, gm_all, ious = [], [], [], []
     for i, (p, g) in enumerate(zip(predictions, ground_truth, strict=True)):
@@ -315,7 +325,10 @@ def evaluate(
 
 
 def format_table(results: dict[str, dict[str, object]] | dict[str, object]) -> str:
-    """A plain-text table of our results beside the published BBBC010 anchors.
+    """A plain-text table of our results, then the published BBBC010 anchors.
+
+    The anchors come after a header line (:data:`ANCHORS_HEADER`) saying that they are
+    published numbers on the BBBC010 test half, not comparable with results on other images.
 
     Parameters
     ----------
@@ -340,10 +353,12 @@ def format_table(results: dict[str, dict[str, object]] | dict[str, object]) -> s
             return "-"
         return f"{float(v):.3f}"
 
-    all_rows = {**rows, **ANCHORS}
-    width = max(len(k) for k in all_rows) + 2
+    width = max(len(k) for k in {**rows, **ANCHORS}) + 2
     lines = ["".ljust(width) + "".join(c.rjust(7) for c in cols)]
-    for name, res in all_rows.items():
+    for name, res in rows.items():
+        lines.append(name.ljust(width) + "".join(cell(res, c).rjust(7) for c in cols))  # type: ignore[arg-type]
+    lines.append(ANCHORS_HEADER)
+    for name, res in ANCHORS.items():
         lines.append(name.ljust(width) + "".join(cell(res, c).rjust(7) for c in cols))  # type: ignore[arg-type]
     return "\n".join(lines)
 
