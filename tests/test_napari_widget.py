@@ -971,3 +971,50 @@ def test_run_on_a_stack_segments_the_plane_shown(widget, worms, qtbot):
     widget.run_model(blocking=True)
     assert widget.session().image_layer.name == "movie [1, 2]"
     np.testing.assert_array_equal(widget.session().image, stack[2])
+
+
+def test_widget_follows_what_the_user_does_to_its_layers(widget, worms, qtbot):
+    """Renames, deleted layers, napari's undo, a second image: the widget keeps up."""
+    viewer = widget.viewer
+    image = viewer.layers["worms image"]
+    click(qtbot, viewer, *inner_pixel(worms.masks, 0))  # before any run: it says so
+    assert "Run the model first" in widget.status.text()
+    widget.run_model(blocking=True)
+    session = widget.session()
+    # the plugin's own map layers are never offered as images to segment
+    items = [widget.image_combo.itemText(i) for i in range(widget.image_combo.count())]
+    assert items == ["worms image"]
+    # a renamed image stays chosen, with its session
+    image.name = "renamed"
+    assert widget.image_combo.currentText() == "renamed" and widget.session() is session
+    # the review count follows napari's undo; the Undo button says what it did
+    click(qtbot, viewer, *inner_pixel(worms.masks, 0))
+    click(qtbot, viewer, *inner_pixel(worms.masks, 1))
+    assert widget.review_label.text() == "0 / 2 reviewed"
+    session.labels_layer.undo()
+    assert widget.review_label.text() == "0 / 1 reviewed"
+    widget.undo()
+    assert widget.status.text() == "Undone the last edit." and not session.worms
+    widget.redo()
+    assert widget.status.text() == "Redone." and len(session.worms) == 1
+    # a deleted map layer comes back with Run; a deleted seeds layer with the next click
+    viewer.layers.remove("foreground")
+    widget.run_model()
+    qtbot.waitUntil(lambda: "foreground" in viewer.layers and widget._showing is None)
+    viewer.layers.remove(session.seeds_layer)
+    click(qtbot, viewer, *inner_pixel(worms.masks, 2))
+    qtbot.waitUntil(lambda: session.seeds_layer in viewer.layers)
+    assert len(session.seeds_layer.data) == 2
+    # a deleted worms layer takes its worms with it
+    viewer.layers.remove(session.labels_layer)
+    assert not session.worms
+    click(qtbot, viewer, *inner_pixel(worms.masks, 0))
+    assert [w.label for w in session.worms] == [1]
+    assert set(np.unique(session.labels_layer.data)) == {0, 1}
+    # choosing another image shows it and hides the first one with its worms
+    viewer.add_image(worms.image[::-1].copy(), name="other")
+    widget.image_combo.setCurrentText("other")
+    assert viewer.layers["other"].visible and not image.visible
+    assert not session.labels_layer.visible
+    widget.image_combo.setCurrentText("renamed")
+    assert image.visible and session.labels_layer.visible and not viewer.layers["other"].visible

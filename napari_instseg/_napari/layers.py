@@ -12,6 +12,9 @@ import numpy as np
 
 from ..core.types import Prediction
 
+#: Metadata key marking the map layers the plugin creates (never offered as an image).
+OWN_LAYER = "napari_instseg_layer"
+
 #: Names of the layers the plugin creates; one place so the widget, docs and tests agree.
 LAYER_NAMES: dict[str, str] = {
     "embeddings": "embeddings (PCA RGB)",

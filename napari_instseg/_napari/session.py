@@ -26,6 +26,7 @@ import numpy as np
 from ..core.types import Instances, Prediction, Sample
 from .layers import (
     LAYER_NAMES,
+    OWN_LAYER,
     class_score_at,
     class_score_name,
     empty_map_layers,
@@ -301,6 +302,9 @@ class Session:
         #: before its seed marker instead of waiting for it (updating a Points layer costs
         #: about as much as the mask itself, the draw included).
         self.defer: Any = None
+        #: called after the worms were brought in line with a hand edit or napari's undo
+        #: (:meth:`sync`); the widget updates its review count
+        self.on_worms_changed: Any = None
         self._seeds_pending = False
         _SESSIONS.add(self)
 
@@ -478,6 +482,7 @@ class Session:
                         setattr(layer, attr, value)
             else:  # inserted under the edit layers: no reordering afterwards
                 layer = Image(data, name=name, **transform, **kwargs)
+                layer.metadata[OWN_LAYER] = key
                 below = [self.viewer.layers.index(x) for x in self._edit_layers()]
                 with _keep_active_layer(self.viewer.layers):
                     self.viewer.layers.insert(min(below, default=len(self.viewer.layers)), layer)
@@ -552,6 +557,22 @@ class Session:
         self.labels_layer.events.paint.connect(self._on_labels_changed)
         return self.labels_layer
 
+    def forget_deleted_layers(self) -> bool:
+        """After the user deleted the ``worms`` layer: its worms are gone with it.
+
+        Deleting a layer discards its data in napari; the worms are not brought back by
+        the next edit. Returns True if the layer was gone (and the worms forgotten).
+        """
+        if self.labels_layer is None or self.labels_layer in self.viewer.layers:
+            return False
+        self.labels_layer = None
+        self.worms = ()
+        self.selected = None
+        self._states.clear()
+        self._digest = None
+        self._update_seeds_layer()
+        return True
+
     def adopt_labels_layer(self, layer: Any) -> None:
         """Edit an existing Labels layer (e.g. one opened with the reader).
 
@@ -605,6 +626,7 @@ class Session:
                 contrast_limits=(0.0, 1.0),
                 opacity=0.6,
                 visible=False,
+                metadata={OWN_LAYER: "similarity"},
                 **self._transform_kwargs(),
             )
             layers = self.viewer.layers
@@ -637,9 +659,13 @@ class Session:
             layers.selection.active = self.labels_layer
 
     def _update_seeds_layer(self) -> None:
-        layer = self.seeds_layer
-        if layer is None:
+        if self.seeds_layer is None:
             return
+        if self.seeds_layer not in self.viewer.layers:  # deleted by the user: back it comes
+            self.seeds_layer = None
+            self._seeds_shown = None
+            self._ensure_seeds_layer()
+        layer = self.seeds_layer
         pts: list[Point] = []
         negative: list[bool] = []
         for worm in self.worms:
@@ -701,6 +727,8 @@ class Session:
         if self.selected is not None and self.worm(self.selected) is None:
             self.selected = None
         self._update_seeds_layer()
+        if self.on_worms_changed is not None:
+            self.on_worms_changed()
         return True
 
     def _reconcile(self, labels: np.ndarray) -> tuple[Worm, ...]:

@@ -44,7 +44,7 @@ from ..core.scale import MAX_SCALE
 from . import compute
 from .finetune_widget import model_versions
 from .io import META
-from .layers import prediction_layers, real_viewer
+from .layers import OWN_LAYER, prediction_layers, real_viewer
 from .session import MapLayers, Point, Session
 
 #: Click tools: key -> (shortcut key, button text, help).
@@ -105,6 +105,7 @@ class InstSegWidget(QWidget):
         _one_numba_thread()
         self.viewer = real_viewer(napari_viewer)
         self.sessions: dict[int, Session] = {}
+        self._chosen_layer: Any = None  # the image layer chosen (followed through renames)
         #: one set of map layers for all images: it shows the maps of the image last run or
         #: chosen (adding layers is slow in napari; changing their data is not)
         self._map_layers = MapLayers()
@@ -449,12 +450,19 @@ class InstSegWidget(QWidget):
 
     def _refresh_images(self, event: Any = None) -> None:
         current = self.image_combo.currentText()
+        chosen = self._chosen_layer
+        if chosen is not None and chosen in self.viewer.layers:
+            current = chosen.name  # also after it was renamed
         names = [
             layer.name
             for layer in self.viewer.layers
             if isinstance(layer, Image)
+            and not layer.metadata.get(OWN_LAYER)
             and not any(layer is m for s in self.sessions.values() for m in _own_layers(s))
         ]
+        for layer in self.viewer.layers:
+            if isinstance(layer, Image):
+                layer.events.name.connect(self._refresh_images)  # once: napari dedups
         self.image_combo.blockSignals(True)
         self.image_combo.clear()
         self.image_combo.addItems(names)
@@ -462,6 +470,9 @@ class InstSegWidget(QWidget):
             self.image_combo.setCurrentText(current)
         self.image_combo.blockSignals(False)
         self._list_versions_beside_images()
+        for session in self.sessions.values():
+            if session.forget_deleted_layers() and session is self.session(create=False):
+                self._update_review_label()
         # forget sessions whose image is gone
         for key in [
             k for k, s in self.sessions.items() if s.image_layer not in self.viewer.layers
@@ -471,6 +482,7 @@ class InstSegWidget(QWidget):
             del self.sessions[key]
         if self.image_combo.currentText() != current:
             self._on_image_changed()
+        self._chosen_layer = self.image_layer()
 
     def _list_versions_beside_images(self) -> None:
         """List the model versions kept beside the folders the image layers were read from."""
@@ -502,6 +514,7 @@ class InstSegWidget(QWidget):
         if key not in self.sessions and create:
             session = Session(self.viewer, layer)
             session.defer = self.after_next_paint
+            session.on_worms_changed = self._update_review_label
             session.refine_edges = self.refine_edges.isChecked()
             session.click_segments = self.click_segments.isChecked()
             session.map_layers = self._map_layers
@@ -517,12 +530,32 @@ class InstSegWidget(QWidget):
         return self.sessions.get(key)
 
     def _on_image_changed(self, index: int = -1) -> None:
+        previous, self._chosen_layer = self._chosen_layer, self.image_layer()
+        self._show_only_chosen(previous)
         session = self.session(create=False)
         self._update_review_label()
         if session is not None and session.labels_layer in self.viewer.layers:
             self.viewer.layers.selection.active = session.labels_layer
         # after the event that changed the image has been handled
         QTimer.singleShot(_STEP_DELAY_MS, self._prepare_chosen_image)
+
+    def _show_only_chosen(self, previous: Any = None) -> None:
+        """Show the chosen image and its worms, hide the other images the widget worked on.
+
+        Images on one grid are drawn over each other: without this a click could land on
+        another image's worms than the ones shown. Left alone in napari's grid mode.
+        """
+        chosen = self._chosen_layer
+        if chosen is None or self.viewer.grid.enabled:
+            return
+        chosen.visible = True
+        if previous is not None and previous is not chosen and previous in self.viewer.layers:
+            previous.visible = False
+        for other in self.sessions.values():
+            mine = other.image_layer is chosen
+            for layer in (other.image_layer, other.labels_layer, other.seeds_layer):
+                if layer is not None and layer in self.viewer.layers:
+                    layer.visible = mine
 
     def _prepare_chosen_image(self) -> None:
         """Give the chosen image its ``worms`` and ``seeds`` layers, and show its maps.
@@ -738,7 +771,13 @@ class InstSegWidget(QWidget):
         if compute.is_cached(image, model, tta, scale):
             prediction = compute.cached_predict(image, model, device, tta=tta, scale=scale)
             if session.prediction is prediction and session.labels_layer is not None:
-                self._say(f"Model {name}: already shown (cached).")
+                if session.maps_shown and all(
+                    layer in self.viewer.layers for layer in session.map_layers.values()
+                ):
+                    self._say(f"Model {name}: already shown (cached).")
+                    return prediction
+                # a map layer was deleted (or another image's maps are shown): show again
+                self._start_showing(session.iter_show_maps(), lambda: self._maps_reshown(session))
                 return prediction
         if self.worker is not None:
             self._say("The model is already running; cancel it first.")
@@ -1131,7 +1170,7 @@ class InstSegWidget(QWidget):
         if layer is not None and getattr(layer, "mode", "pan_zoom") != "pan_zoom":
             return  # painting / adding points: napari's own tools
         session = self.session(create=False)
-        if session is None or session.prediction is None:
+        if session is None:
             return
         start_pos = np.asarray(event.pos, float)
         position = event.position
@@ -1149,17 +1188,23 @@ class InstSegWidget(QWidget):
         """Undo the last edit of the worms layer (napari Labels history)."""
         session = self.session(create=False)
         if session is not None and session.labels_layer is not None:
+            before = session.worms
             session.labels_layer.undo()
-            session.sync()
+            session.sync()  # (napari's data event has usually synced it already)
+            changed = session.worms is not before
             self._update_review_label()
+            self._say("Undone the last edit." if changed else "Nothing to undo.")
 
     def redo(self) -> None:
         """Redo the last undone edit of the worms layer."""
         session = self.session(create=False)
         if session is not None and session.labels_layer is not None:
+            before = session.worms
             session.labels_layer.redo()
-            session.sync()
+            session.sync()  # (napari's data event has usually synced it already)
+            changed = session.worms is not before
             self._update_review_label()
+            self._say("Redone." if changed else "Nothing to redo.")
 
     # ------------------------------------------------------------- tau slider
     def _tau_pressed(self) -> None:
