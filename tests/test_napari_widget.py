@@ -339,6 +339,8 @@ def test_run_model_in_worker_cancel_and_cache(make_napari_viewer, monkeypatch, w
     worker = widget.run_model()
     assert not widget.run_btn.isEnabled() and widget.cancel_btn.isEnabled()
     qtbot.waitUntil(lambda: len(reports) > 3, timeout=5000)
+    assert widget.segment() is None  # Segment all while the model runs: it says to wait
+    assert "still running" in widget.status.text()
     widget.cancel()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=5000)
     assert len(reports) < 200 and widget.session().prediction is None

@@ -989,6 +989,9 @@ class InstSegWidget(QWidget):
             Number of instances when blocking, else the worker.
         """
         session = self.session()
+        if session is not None and session.prediction is None and self.worker is not None:
+            self._say("The model is still running: Segment all once it is done.")
+            return None
         if session is None or session.prediction is None:
             self._say("Run the model first.")
             return None
