@@ -112,6 +112,11 @@ def test_segment_auto_uses_model_recommendation(worms):
     # the tuned min_size removes everything; explicit params override the tuned ones
     assert len(segment(p)) == 0
     assert len(segment(p, min_size=30)) == len(segment(p, method="boundary", min_size=30)) > 0
+    # a parameter of another method: the chosen method and what it accepts, not a TypeError
+    with pytest.raises(ValueError, match=r"'boundary' \(what method='auto' chose.*min_score"):
+        segment(p, min_score=0.5)
+    with pytest.raises(ValueError, match="accepts boundary_threshold, marker_threshold"):
+        segment(p, method="boundary", min_score=0.5)
     p.metadata.pop("recommended_method")
     assert len(segment(p)) == len(segment(p, method="hybrid"))
 
@@ -350,3 +355,17 @@ def test_add_uncovered_takes_only_masks_outside_the_segments():
     assert np.isnan(out.taus[0]) and out.taus[1] == pytest.approx(0.6)
     # a high new-pixel floor adds nothing: the segments come back as they were
     assert _add_uncovered(segments, grown, 0.6, 10**6, 0.5) is segments
+
+
+def test_instances_take_bool_or_0_1_masks_only():
+    assert Instances(np.ones((2, 4, 4), np.uint8)).masks.dtype == bool
+    assert Instances(np.zeros((1, 4, 4), np.float32)).areas.tolist() == [0]
+    for masks, shown in [
+        (np.full((1, 4, 4), 0.3, np.float32), "0.3"),  # probabilities: no longer all True
+        (np.full((1, 4, 4), np.nan), "nan"),
+        (np.full((1, 4, 4), 2), "2"),  # labels
+    ]:
+        with pytest.raises(ValueError, match=f"masks must be boolean.*such as {shown}"):
+            Instances(masks)
+    with pytest.raises(ValueError, match="dtype <U1"):
+        Instances(np.array([[["a"]]]))

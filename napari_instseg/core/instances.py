@@ -27,6 +27,7 @@ masks allowed:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import numpy as np
 from scipy import ndimage
@@ -991,14 +992,30 @@ def segment(prediction: Prediction, method: str = "auto", **params: object) -> I
     -------
     Instances
         Per-instance masks (overlaps kept except for ``"boundary"``) with scores and classes.
+
+    Raises
+    ------
+    ValueError
+        An unknown method, or ``params`` the chosen method does not take (the message
+        names the method, also the one ``"auto"`` chose, and the parameters it accepts).
     """
     funcs = {"seeds": segment_seeds, "boundary": segment_boundary, "hybrid": segment_hybrid}
     metadata = getattr(prediction, "metadata", None) or {}
     scale = float(metadata.get("scale") or 1.0)
+    chosen = ""
     if method == "auto":
         method = str(metadata.get("recommended_method") or "hybrid")
+        chosen = " (what method='auto' chose for this model)"
     if method not in funcs:
         raise ValueError(f"unknown method {method!r}; choose one of auto, {', '.join(METHODS)}")
+    accepted = [*inspect.signature(funcs[method]).parameters][1:]  # after the prediction
+    accepted += ["blob_filter", "edge_thresholds", "edge_solidity"]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"method {method!r}{chosen} does not take {', '.join(unknown)}; it accepts "
+            f"{', '.join(accepted)}"
+        )
     tuned = dict((metadata.get("segment_params") or {}).get(method, {}))
     merged = {**tuned, **params}
     edge_thresholds = merged.pop("edge_thresholds", None)

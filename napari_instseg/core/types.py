@@ -188,7 +188,8 @@ class Instances:
     Attributes
     ----------
     masks : np.ndarray
-        (N, H, W) bool.
+        (N, H, W) bool; numeric 0/1 masks are converted, any other value (a probability,
+        NaN, a label) raises ``ValueError``.
     scores : np.ndarray
         (N,) float32 confidence in [0, 1].
     classes : np.ndarray
@@ -206,7 +207,18 @@ class Instances:
     taus: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        self.masks = np.asarray(self.masks, dtype=bool)
+        masks = np.asarray(self.masks)
+        if masks.dtype != bool:
+            numeric = masks.dtype.kind in "biuf"
+            if not numeric or ((masks != 0) & (masks != 1)).any():
+                odd = masks[(masks != 0) & (masks != 1)].ravel()[:1] if numeric else []
+                example = f" with values such as {odd[0].item()!r}" if len(odd) else ""
+                raise ValueError(
+                    f"masks must be boolean (or 0/1), got dtype {masks.dtype}{example}; "
+                    "threshold probabilities first (e.g. masks > 0.5) or use "
+                    "Instances.from_labels for a label image"
+                )
+        self.masks = masks.astype(bool, copy=False)
         if self.masks.ndim != 3:
             raise ValueError(f"masks must be (N, H, W), got shape {self.masks.shape}")
         n = self.masks.shape[0]
