@@ -399,6 +399,27 @@ def test_cli_train(data, tmp_path, capsys):
     assert "missing.toml" in capsys.readouterr().err
 
 
+def test_cli_train_on_training_folders_takes_all_their_images(tmp_path, capsys):
+    from napari_instseg.cli import main
+    from napari_instseg.core.training_folder import write_training_folder
+
+    samples = []
+    for i, name in enumerate(["worms-a", "worms-b"]):
+        sample = _worms(i)
+        sample.name = name
+        samples.append(sample)
+    folder = write_training_folder(tmp_path / "corrected", samples)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(folder), "--epochs", "1", "--out", str(out)]
+    argv += ["--steps-per-epoch", "1", "--batch-size", "1", "--crop-size", "64"]
+    assert main([*argv, "--device", "cpu", "--no-progress"]) == 0, capsys.readouterr().err
+    saved = TrainConfig.from_toml(out / "config.toml")
+    assert (saved.train_wells, saved.val_wells) == ("", "")  # every image, no validation
+    # wells that name no image: the error says which flag picks them
+    assert main([*argv, "--train-wells", "A01-A03", "--no-resume"]) == 1
+    assert "--train-wells" in capsys.readouterr().err
+
+
 def test_weights_record_the_commit_training_started_at(data, tmp_path, monkeypatch):
     """The commit is HEAD when training started; a resume under other code is recorded too."""
     import napari_instseg.core.train as train_module

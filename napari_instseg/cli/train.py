@@ -12,6 +12,8 @@ Fine-tune it on a corrected training folder for a few epochs::
         --data my_training_folder --train-wells "" --val-wells "" --epochs 5 --out runs/mine
 
 (one line; ``--train-wells ""`` takes every image of the folder, ``--val-wells ""`` none).
+When no ``--data`` folder is in BBBC010's layout and neither the flags nor the TOML name
+wells, these two are the defaults: the BBBC010 well ranges would name no image.
 
 Flags override the TOML; without ``--config`` the defaults of
 :class:`~napari_instseg.core.train.TrainConfig` apply. A run resumes from its
@@ -63,10 +65,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--data", nargs="+", metavar="DIR", help="BBBC010-style folders or training folders"
     )
     parser.add_argument(
-        "--train-wells", help='wells / image names for training, e.g. "A01-B12" ("" = all)'
+        "--train-wells",
+        help='wells / image names for training, e.g. "A01-B12" ("" = all; the default for '
+        "--data folders not in BBBC010's layout)",
     )
     parser.add_argument(
-        "--val-wells", help='wells / image names for validation, e.g. "B13-C02" ("" = none)'
+        "--val-wells",
+        help='wells / image names for validation, e.g. "B13-C02" ("" = none; the default '
+        "for --data folders not in BBBC010's layout)",
     )
     parser.add_argument("--steps-per-epoch", type=int, help="batches per epoch")
     parser.add_argument("--batch-size", type=int, help="crops per batch")
@@ -106,10 +112,31 @@ def build_config(args: argparse.Namespace):
     }
     if "data" in changes:
         changes["data"] = [str(d) for d in changes["data"]]
+    # the default wells are BBBC010's: for training folders they would name no image
+    defaults = TrainConfig()
+    for name in ("train_wells", "val_wells"):
+        if (
+            name not in changes
+            and getattr(config, name) == getattr(defaults, name)
+            and not any(_is_bbbc010_layout(d) for d in changes.get("data", config.data))
+        ):
+            changes[name] = ""
     for name in ("epochs", "steps_per_epoch", "batch_size", "crop_size"):
         if name in changes and changes[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     return replace(config, **changes)
+
+
+def _is_bbbc010_layout(folder: str | Path) -> bool:
+    """Whether ``folder`` holds BBBC010-style images (``images/*_<WELL>_w2_*.tif``)."""
+    from ..core.io import bbbc010_wells
+
+    if (Path(folder) / "manifest.json").is_file():  # a training folder
+        return False
+    try:
+        return bool(bbbc010_wells(folder))
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def run(args: argparse.Namespace) -> int:

@@ -268,7 +268,11 @@ def load_samples(
             pick = wells if wanted is None else [w for w in wells if w in wanted]
             samples.extend(read_bbbc010(folder, pick, with_w1=False))
     if not samples:
-        raise ValueError(f"no images named {sorted(wanted or [])[:5]}... in {list(folders)}")
+        raise ValueError(
+            f"no images named {sorted(wanted or [])[:5]}... in {[str(f) for f in folders]}; "
+            "train_wells / val_wells (--train-wells / --val-wells) name the images to use, "
+            '"" for all of them'
+        )
     return samples
 
 
