@@ -138,6 +138,31 @@ def test_finetune_errors(export, parent, tmp_path):
         finetune([export], parent, freeze="everything")
 
 
+def test_failed_finetune_leaves_no_empty_version(export, parent, monkeypatch):
+    import napari_instseg.core.finetune as finetune_module
+
+    with pytest.raises(ValueError, match="replay_fraction"):
+        finetune([export], parent, replay=None, replay_fraction=2)
+    assert not (export / "models").exists()  # checked before the version folder is made
+
+    def failing_train(config, **kwargs):  # fails after writing the run's config
+        from pathlib import Path
+
+        Path(config.out).mkdir(parents=True)
+        config.to_toml(Path(config.out) / "config.toml")
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(finetune_module, "train", failing_train)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        finetune([export], parent, replay=None, device="cpu")
+    assert not (export / "models" / "tiny-ft1").exists()
+    monkeypatch.undo()
+    version = finetune(
+        [export], parent, steps=1, batch_size=1, crop_size=64, num_threads=1, device="cpu"
+    )
+    assert version.name == "tiny-ft1"  # the failed runs took no number
+
+
 def test_finetune_takes_a_single_folder_as_a_str(export, parent, monkeypatch):
     monkeypatch.chdir(export.parent)
     version = finetune(

@@ -210,6 +210,18 @@ def finetune(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if freeze not in FREEZE_OPTIONS:
         raise ValueError(f"freeze must be one of {FREEZE_OPTIONS}, not {freeze!r}")
+    # checked here, before the version folder is made (train() checks some only after)
+    if not 0.0 <= replay_fraction <= 1.0:
+        raise ValueError(f"replay_fraction must be in [0, 1], got {replay_fraction}")
+    for label, value in (
+        ("batch_size", batch_size),
+        ("crop_size", crop_size),
+        ("steps_per_epoch", steps_per_epoch),
+    ):
+        if value < 1:
+            raise ValueError(f"{label} must be >= 1, got {value}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
     missing = [str(d) for d in data if not Path(d).is_dir()]
     if missing:
         raise FileNotFoundError(f"data folder(s) not found: {missing}")
@@ -284,7 +296,15 @@ def finetune(
         replay_fraction=replay_fraction,
     )
     t0 = time.time()
-    best = train(config, resume=True, progress=progress, callback=callback)
+    made = not out.exists()
+    try:
+        best = train(config, resume=True, progress=progress, callback=callback)
+    except BaseException:
+        # a run that failed before writing any weights leaves no empty version behind
+        # (it would hold only config.toml, and later versions would skip its number)
+        if made and out.is_dir() and not any(out.glob("*.safetensors")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     model = load_model(best)
     meta = dict(model.metadata)
     metrics = meta.get("metrics", {})
