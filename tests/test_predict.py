@@ -94,6 +94,7 @@ def test_input_forms_agree(model, image, whole):
         (np.full((32, 32), np.nan, np.float32), "NaN"),
         (np.zeros((2, 1, 32, 32), np.float32), "2D image"),
         (np.zeros((3, 32, 32), np.float32), "channel"),
+        (np.zeros((5, 32, 32), np.float32), "5 planes of a stack or time series"),
         (np.zeros((0, 32), np.float32), "empty"),
         (np.array([["a", "b"], ["c", "d"]]), "numeric"),
         (np.zeros((4, 4), np.float32), "too small"),
@@ -102,6 +103,20 @@ def test_input_forms_agree(model, image, whole):
 def test_bad_inputs(model, bad, match):
     with pytest.raises(ValueError, match=match):
         predict(bad, model, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"tile_size": 0}, "tile_size must be an integer >= 16"),
+        ({"tile_size": 8}, "tile_size must be"),
+        ({"tile_size": 64.5}, "tile_size must be"),
+        ({"halo": -5}, "halo must be an integer >= 0"),
+    ],
+)
+def test_bad_tiling_is_rejected(model, image, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        predict(image, model, "cpu", **kwargs)
 
 
 def test_inf_is_rejected(model):

@@ -185,3 +185,10 @@ def test_shipped_weights():
     with torch.no_grad():
         out = model(x)
     assert out["embeddings"].shape[1] == model.config.embedding_dim
+
+
+def test_an_unknown_device_is_a_clear_error(saved):
+    _, path = saved
+    with pytest.raises(ValueError, match="Unknown device 'gpu'; choose one of auto"):
+        load_model(path, device="gpu")
+    assert next(load_model(path, device="auto").parameters()).device.type in ("cpu", "cuda", "mps")

@@ -71,9 +71,15 @@ def as_model_input(image: np.ndarray, in_channels: int) -> np.ndarray:
         if image.shape[0] != in_channels and image.shape[-1] == in_channels:
             image = np.moveaxis(image, -1, 0)
         if image.shape[0] != in_channels:
+            hint = ""
+            if image.shape[0] > in_channels:
+                hint = (
+                    f"; if its first axis holds {image.shape[0]} planes of a stack or time "
+                    "series, predict them plane by plane"
+                )
             raise ValueError(
                 f"image of shape {image.shape} does not have the model's {in_channels} "
-                "channel(s) on its first or last axis"
+                f"channel(s) on its first or last axis{hint}"
             )
     else:
         raise ValueError(
@@ -409,7 +415,8 @@ def predict(
     device : str or torch.device
         ``auto``, ``cuda``, ``mps`` or ``cpu``.
     tile_size, halo : int
-        Tiling for large images (see :func:`iter_predict`).
+        Tiling for large images (see :func:`iter_predict`): tiles of at most
+        ``tile_size`` (>= 16) pixels a side, with ``halo`` (>= 0) pixels of context.
     tta : int or "auto"
         Test-time augmentation: 1 (none, default), 2, 4 or 8 flipped/transposed passes whose
         boundary, foreground and class maps are averaged (see :func:`iter_predict`);
@@ -438,6 +445,10 @@ def predict(
     Prediction
         The outputs, ``metadata["cached"]`` tells whether it came from the cache.
     """
+    if isinstance(tile_size, bool) or int(tile_size) != tile_size or tile_size < 16:
+        raise ValueError(f"tile_size must be an integer >= 16, got {tile_size!r}")
+    if isinstance(halo, bool) or int(halo) != halo or halo < 0:
+        raise ValueError(f"halo must be an integer >= 0, got {halo!r}")
     dev = get_device(device)
     if model is None:
         model = _shipped_model(str(dev))

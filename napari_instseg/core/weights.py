@@ -153,7 +153,8 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     path : str or Path, optional
         A ``.safetensors`` file saved by :func:`save_model` (or a folder holding exactly one).
     device : str or torch.device
-        Where to put the model.
+        Where to put the model: ``cpu`` (default), ``cuda``, ``mps`` or ``auto`` (see
+        :func:`~napari_instseg.core.device.get_device`).
 
     Returns
     -------
@@ -165,8 +166,12 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     FileNotFoundError
         If the file does not exist.
     ValueError
-        If the file is not a napari-instseg weights file or does not fit its architecture.
+        If the file is not a napari-instseg weights file or does not fit its architecture,
+        or the device is unknown or not available.
     """
+    from .device import get_device
+
+    target = get_device(device)  # a clear error for an unknown or missing device first
     path = shipped_weights_path() if path is None else Path(path)
     if path.is_dir():
         found = sorted(path.glob("*.safetensors"))
@@ -199,7 +204,7 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     model.load_state_dict(state)
     model.metadata = meta
     model.source = str(path)
-    return model.to(device).eval()
+    return model.to(target).eval()
 
 
 def model_signature(model: InstSegNet) -> str:
