@@ -1020,3 +1020,34 @@ def test_widget_follows_what_the_user_does_to_its_layers(widget, worms, qtbot):
     assert not session.labels_layer.visible
     widget.image_combo.setCurrentText("renamed")
     assert image.visible and session.labels_layer.visible and not viewer.layers["other"].visible
+
+
+def test_a_widget_opened_again_carries_on_and_the_removed_one_is_deaf(widget, worms, qtbot):
+    """Close the widget, open a new one: same worms and seeds; one click, one worm."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+
+    from napari_instseg._napari.widget import InstSegWidget
+
+    viewer = widget.viewer
+    widget.run_model(blocking=True)
+    old = widget.session()
+    click(qtbot, viewer, *inner_pixel(worms.masks, 0))
+    first = old.worms[0]
+    viewer.window.remove_dock_widget(widget)
+    assert widget._on_mouse_drag not in viewer.mouse_drag_callbacks
+
+    again = InstSegWidget(viewer)
+    viewer.window.add_dock_widget(again, name="instseg again")
+    again.image_combo.setCurrentText("worms image")
+    session = again.session()
+    assert session is old and session.worms[0] is first  # seeds and all
+    assert [layer.name for layer in viewer.layers].count("worms") == 1
+    again.run_model(blocking=True)
+    click(qtbot, viewer, *inner_pixel(worms.masks, 1))
+    assert [w.label for w in session.worms] == [1, 2]  # the removed widget did not click too
+    canvas = viewer.window._qt_viewer.canvas.native
+    canvas.setFocus()
+    QTest.keyClick(canvas, Qt.Key.Key_R)
+    qtbot.wait(20)
+    assert again.tool == "remove" and widget.tool == "new"

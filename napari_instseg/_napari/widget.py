@@ -45,7 +45,7 @@ from . import compute
 from .finetune_widget import model_versions
 from .io import META
 from .layers import OWN_LAYER, prediction_layers, real_viewer
-from .session import MapLayers, Point, Session
+from .session import MapLayers, Point, Session, live_session_for
 
 #: Click tools: key -> (shortcut key, button text, help).
 TOOLS: dict[str, tuple[str, str, str]] = {
@@ -106,6 +106,7 @@ class InstSegWidget(QWidget):
         self.viewer = real_viewer(napari_viewer)
         self.sessions: dict[int, Session] = {}
         self._chosen_layer: Any = None  # the image layer chosen (followed through renames)
+        self._bound_keys: dict[str, Any] = {}  # key -> our callback, while connected
         #: one set of map layers for all images: it shows the maps of the image last run or
         #: chosen (adding layers is slow in napari; changing their data is not)
         self._map_layers = MapLayers()
@@ -387,6 +388,8 @@ class InstSegWidget(QWidget):
 
     def _connect_viewer(self) -> None:
         v = self.viewer
+        if self._bound_keys:
+            return  # connected already
         for ev in (v.layers.events.inserted, v.layers.events.removed):
             ev.connect(self._refresh_images)
         v.mouse_drag_callbacks.append(self._on_mouse_drag)
@@ -399,6 +402,38 @@ class InstSegWidget(QWidget):
         keys["."] = _key_action(self.next_to_review, "next_to_review")
         for key, func in keys.items():
             v.bind_key(key, func, overwrite=True)
+        self._bound_keys = keys
+
+    def _disconnect_viewer(self) -> None:
+        """Stop hearing the viewer's mouse, keys and layer events (the widget was removed).
+
+        napari's close button on a dock widget takes the widget out of the window; a
+        widget opened again from the Plugins menu is a new one, and the old one must not
+        edit the worms too.
+        """
+        from napari.utils.key_bindings import coerce_keybinding
+
+        v = self.viewer
+        for ev in (v.layers.events.inserted, v.layers.events.removed):
+            ev.disconnect(self._refresh_images)
+        for callbacks, func in (
+            (v.mouse_drag_callbacks, self._on_mouse_drag),
+            (v.mouse_move_callbacks, self._on_mouse_move),
+        ):
+            while func in callbacks:
+                callbacks.remove(func)
+        for key, func in self._bound_keys.items():
+            if v.keymap.get(coerce_keybinding(key)) is func:  # not a later widget's
+                v.bind_key(key, None)
+        self._bound_keys = {}
+
+    def event(self, event: Any) -> bool:  # noqa: D102 - Qt's
+        if event.type() == QEvent.Type.ParentChange:
+            if self.parent() is None:
+                self._disconnect_viewer()
+            else:
+                self._connect_viewer()
+        return super().event(event)
 
     # ============================================================ draw order
     def after_next_paint(self, callback: Any) -> None:
@@ -512,6 +547,15 @@ class InstSegWidget(QWidget):
             return None
         key = id(layer)
         if key not in self.sessions and create:
+            earlier = _earlier_session(self.viewer, layer)
+            if earlier is not None:  # the widget was closed and opened again: carry on
+                earlier.map_layers = self._map_layers
+                earlier.defer = self.after_next_paint
+                earlier.on_worms_changed = self._update_review_label
+                earlier.refine_edges = self.refine_edges.isChecked()
+                earlier.click_segments = self.click_segments.isChecked()
+                self.sessions[key] = earlier
+                return earlier
             session = Session(self.viewer, layer)
             session.defer = self.after_next_paint
             session.on_worms_changed = self._update_review_label
@@ -519,9 +563,10 @@ class InstSegWidget(QWidget):
             session.click_segments = self.click_segments.isChecked()
             session.map_layers = self._map_layers
             for other in self.viewer.layers:
+                owner = (other.metadata.get(META) or {}).get("image")
                 if (
                     isinstance(other, Labels)
-                    and other.name == f"{layer.name} worms"
+                    and (other.name == f"{layer.name} worms" or owner == layer.name)
                     and other.data.shape == session.shape
                 ):
                     session.adopt_labels_layer(other)
@@ -1432,6 +1477,20 @@ class InstSegWidget(QWidget):
 
 
 KEYS_NEXT = "."
+
+
+def _earlier_session(viewer: Any, image_layer: Any) -> Session | None:
+    """A session of an earlier widget on this image whose layers are still in the viewer.
+
+    Its worms keep their seeds, negative seeds and review marks; a new session adopting
+    the ``worms`` layer would only get the label image back.
+    """
+    for layer in viewer.layers:
+        if isinstance(layer, Labels):
+            session = live_session_for(layer.data)
+            if session is not None and session.image_layer is image_layer:
+                return session
+    return None
 
 
 def _key_action(action: Any, name: str) -> Any:
