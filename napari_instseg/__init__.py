@@ -7,9 +7,10 @@ so it works in scripts, notebooks and on clusters::
 
     model = nis.load_model()                    # shipped BBBC010 bright-field weights
     prediction = nis.predict(image, model)      # embeddings, seediness, class scores, ...
-    instances = nis.segment(prediction, method="hybrid")
-    mask = nis.grow(prediction, seeds=[(120, 340)], tau=0.5)
-    mask = nis.grow_from_segments(prediction, seeds=[(120, 340)], negative=[(130, 390)])
+    instances = nis.segment(prediction)         # the model's tuned method
+    row, col = instances.seeds[0]               # a pixel on a worm: where a user clicks
+    mask = nis.grow(prediction, seeds=[(row, col)], tau=0.5)
+    mask = nis.grow_from_segments(prediction, seeds=[(row, col)])
 
 Names are resolved lazily so that ``import napari_instseg`` (done by napari at start-up to
 read the plugin manifest) stays cheap and does not import torch.
