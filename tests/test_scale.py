@@ -222,6 +222,16 @@ def test_auto_scale_needs_the_model_object_width():
         predict(image, model, "cpu", scale="auto")
 
 
+def test_auto_scale_of_a_small_image_leaves_out_passes_too_small_to_run():
+    model = _tiny_model()
+    model.metadata = {"object_width": 8.0}
+    image = np.random.default_rng(0).normal(1000, 50, (20, 20)).astype(np.float32)
+    # the 1/4 pass would be 5 x 5, below what the network takes: only 1 and 1/2 run
+    assert auto_scale(image, model, "cpu") > 0
+    prediction = predict(image, model, "cpu", scale="auto")
+    assert prediction.shape == (20, 20)
+
+
 def test_auto_scale_is_estimated_once_per_image_with_a_cache(tmp_path, monkeypatch):
     import napari_instseg.core.predict as predict_module
 

@@ -89,8 +89,10 @@ def as_model_input(image: np.ndarray, in_channels: int) -> np.ndarray:
     image = image.astype(np.float32, copy=False)
     if not np.isfinite(image).all():
         raise ValueError("image contains NaN or infinite values")
-    if min(image.shape[-2:]) < 8:
-        raise ValueError(f"image {image.shape[-2:]} is too small (at least 8 x 8)")
+    if min(image.shape[-2:]) < MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"image {image.shape[-2:]} is too small (at least {MIN_IMAGE_SIDE} x {MIN_IMAGE_SIDE})"
+        )
     return image
 
 
@@ -509,6 +511,9 @@ def predict(
 
 #: Scales of the passes with which ``scale="auto"`` looks for the objects' size.
 AUTO_SCALE_PASSES = (1.0, 0.5, 0.25)
+
+#: the smallest image side (pixels) the network is run on
+MIN_IMAGE_SIDE = 8
 #: ``scale="auto"`` runs again at its estimate until two estimates agree within this ratio.
 AUTO_SCALE_AGREEMENT = 1.1
 
@@ -585,7 +590,10 @@ def auto_scale(
     # too-wide worms come out as hollow outlines, so the width measured at one scale
     # misleads; the pass whose estimate agrees best with its own scale has seen worms of
     # the model's width (the two smaller passes cost 1/4 and 1/16 of the first)
-    found = {s: e for s in AUTO_SCALE_PASSES if (e := estimate(s)) is not None}
+    # passes that would shrink a small image below what the network takes are left out
+    shortest = min(np.asarray(image).shape[-2:])
+    passes = [s for s in AUTO_SCALE_PASSES if round(shortest * s) >= MIN_IMAGE_SIDE]
+    found = {s: e for s in passes if (e := estimate(s)) is not None}
     if not found:
         return 1.0
     seen, best = min(found.items(), key=lambda item: abs(math.log(item[1] / item[0])))
