@@ -80,6 +80,12 @@ def test_export_then_reopen_round_trip(session, tmp_path):
     for a, b in zip(again.worms, sorted(session.worms, key=lambda w: w.label), strict=True):
         np.testing.assert_array_equal(a.mask, b.mask)
         assert a.reviewed == b.reviewed
+        assert a.edited == b.edited  # hand-made worms stay "edited": Segment all keeps them
+    assert all(w.edited for w in again.worms)
+    again.set_prediction(prediction_from_masks(session.sample.masks[:1]), model_name="oracle")
+    again.auto_segment(method="boundary")
+    for a, b in zip(sorted(session.worms, key=lambda w: w.label), again.worms[:3], strict=True):
+        np.testing.assert_array_equal(a.mask, b.mask)
 
 
 def test_writer_exports_live_session_with_overlaps(session, tmp_path):

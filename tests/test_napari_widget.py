@@ -11,6 +11,7 @@ from qtpy.QtCore import QTimer
 from napari_instseg._napari import compute
 from napari_instseg.core.oracle import prediction_from_masks
 from napari_instseg.core.synthetic import make_worms
+from napari_instseg.core.types import Instances
 
 pytest.importorskip("napari")
 
@@ -836,6 +837,10 @@ def test_clicks_start_from_the_automatic_segments_when_the_model_is_tuned(widget
     click(qtbot, viewer, *point)
     label = session.selected
     assert np.array_equal(session.worm(label).mask, under[0])  # the segment, as it is
+    widget.set_tau(0.9)  # a segment does not move with tau, and the status says why
+    assert np.array_equal(session.worm(label).mask, under[0])
+    assert f"tau leaves instance {label}" in widget.status.text()
+    widget.set_tau(0.5)
     widget.click_segments.setChecked(False)
     assert not session.click_segments
     grown = session.grow_new(point)
@@ -953,7 +958,14 @@ def test_run_on_a_stack_segments_the_plane_shown(widget, worms, qtbot):
     viewer.add_image(stack, name="images", metadata={META: names})
     viewer.add_labels(truth, name="worms", metadata={META: dict(names)})
     viewer.dims.set_current_step(0, 1)
+
+    def edit_layers():
+        return [la.name for la in viewer.layers if la._type_string in ("labels", "points")]
+
+    before = edit_layers()
     widget.image_combo.setCurrentText("images")
+    qtbot.wait(50)  # choosing a stack adds no worms/seeds layers of its own
+    assert edit_layers() == before and "stack" in widget.status.text()
     widget.run_model(blocking=True)
     session = widget.session()
     assert session.image_layer.name == "W02" and widget.image_combo.currentText() == "W02"
@@ -961,10 +973,12 @@ def test_run_on_a_stack_segments_the_plane_shown(widget, worms, qtbot):
     assert widget.calls[-1] == worms.image.shape  # the model saw one 2D plane
     assert session.labels_layer.name == "W02 worms"  # its worms came along, adopted
     assert [w.label for w in session.worms] == [7]
-    # again on the same plane: the same layer, no copy
+    # again on the same plane, after a rename: the same layer and session, no copy
+    session.image_layer.name = "mine"
     widget.image_combo.setCurrentText("images")
     widget.run_model(blocking=True)
-    assert [layer.name for layer in viewer.layers].count("W02") == 1
+    assert widget.session() is session and session.image_layer.name == "mine"
+    assert "W02" not in viewer.layers
     # a 4D layer (time x z) without names: the plane shown, named by its indices
     viewer.add_image(np.stack([stack, stack]), name="movie")
     viewer.dims.set_current_step(0, 1)
@@ -995,6 +1009,7 @@ def test_widget_follows_what_the_user_does_to_its_layers(widget, worms, qtbot):
     assert widget.review_label.text() == "0 / 2 reviewed"
     session.labels_layer.undo()
     assert widget.review_label.text() == "0 / 1 reviewed"
+    assert widget.status.text().startswith("Worms layer edited")
     widget.undo()
     assert widget.status.text() == "Undone the last edit." and not session.worms
     widget.redo()
@@ -1010,6 +1025,8 @@ def test_widget_follows_what_the_user_does_to_its_layers(widget, worms, qtbot):
     # a deleted worms layer takes its worms with it
     viewer.layers.remove(session.labels_layer)
     assert not session.worms
+    widget.next_to_review()
+    assert widget.status.text().startswith("No instances to review")
     click(qtbot, viewer, *inner_pixel(worms.masks, 0))
     assert [w.label for w in session.worms] == [1]
     assert set(np.unique(session.labels_layer.data)) == {0, 1}
@@ -1037,12 +1054,17 @@ def test_a_widget_opened_again_carries_on_and_the_removed_one_is_deaf(widget, wo
     viewer.window.remove_dock_widget(widget)
     assert widget._on_mouse_drag not in viewer.mouse_drag_callbacks
 
+    viewer.add_image(worms.image[::-1].copy(), name="another")  # listed first? no matter
+    viewer.layers.move(len(viewer.layers) - 1, 0)
+    names = [layer.name for layer in viewer.layers]
     again = InstSegWidget(viewer)
     viewer.window.add_dock_widget(again, name="instseg again")
-    again.image_combo.setCurrentText("worms image")
+    qtbot.wait(50)
+    assert again.image_combo.currentText() == "worms image"  # where the work was
     session = again.session()
     assert session is old and session.worms[0] is first  # seeds and all
-    assert [layer.name for layer in viewer.layers].count("worms") == 1
+    assert again.review_label.text() == "0 / 1 reviewed"
+    assert [layer.name for layer in viewer.layers] == names  # no second set of layers
     again.run_model(blocking=True)
     click(qtbot, viewer, *inner_pixel(worms.masks, 1))
     assert [w.label for w in session.worms] == [1, 2]  # the removed widget did not click too
@@ -1051,3 +1073,29 @@ def test_a_widget_opened_again_carries_on_and_the_removed_one_is_deaf(widget, wo
     QTest.keyClick(canvas, Qt.Key.Key_R)
     qtbot.wait(20)
     assert again.tool == "remove" and widget.tool == "new"
+    # a hidden panel's tools rest: a click on a worm removes nothing, keys are napari's
+    again.hide()
+    click(qtbot, viewer, *inner_pixel(worms.masks, 1))
+    assert len(session.worms) == 2
+    QTest.keyClick(canvas, Qt.Key.Key_N)
+    qtbot.wait(20)
+    assert again.tool == "remove"
+    again.show()
+    click(qtbot, viewer, *inner_pixel(worms.masks, 1))
+    assert [w.label for w in session.worms] == [1]
+
+
+def test_an_image_opened_twice_gets_its_own_worms_layer(widget, worms, qtbot):
+    """napari names a second copy 'X [1]' / 'X worms [1]': each image adopts its own."""
+    viewer = widget.viewer
+    truth = Instances(masks=worms.masks).to_labels()
+    for _ in range(2):  # as the reader opens an export twice
+        viewer.add_image(worms.image, name="plate")
+        viewer.add_labels(truth.copy(), name="plate worms")
+    assert "plate [1]" in viewer.layers and "plate worms [1]" in viewer.layers
+    widget.image_combo.setCurrentText("plate [1]")
+    session = widget.session()
+    assert session.labels_layer is viewer.layers["plate worms [1]"]
+    assert len(session.worms) == len(worms.masks)
+    widget.image_combo.setCurrentText("plate")
+    assert widget.session().labels_layer is viewer.layers["plate worms"]

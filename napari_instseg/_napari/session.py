@@ -64,6 +64,19 @@ def live_session_for(labels: Any) -> Session | None:
     return None
 
 
+def live_sessions(viewer: Any) -> list[Session]:
+    """The live sessions on ``viewer`` whose image layer is still in it.
+
+    A widget opened again (after napari's close button took the first one out) carries on
+    with them.
+    """
+    return [
+        session
+        for session in list(_SESSIONS)
+        if session.viewer is viewer and session.image_layer in viewer.layers
+    ]
+
+
 @dataclass(frozen=True, eq=False)
 class Worm:
     """One instance in the side model (immutable: edits create new ``Worm`` objects).
@@ -596,9 +609,18 @@ class Session:
                 data,
             )
         ):
+            # an export records which worms a person edited: Segment all keeps those
+            edited = (meta.get("provenance") or {}).get("edited")
+            if edited is None or len(edited) != len(masks):
+                edited = [False] * len(masks)
             for i, m in enumerate(masks):
                 rev = bool(reviewed[i]) if reviewed is not None else False
-                worms.append(Worm(i + 1, np.asarray(m, bool), reviewed=rev, origin="file"))
+                worms.append(
+                    Worm(
+                        i + 1, np.asarray(m, bool), reviewed=rev, edited=bool(edited[i]),
+                        origin="file",
+                    )
+                )  # fmt: skip
         else:
             for lab in np.unique(data):
                 if lab != 0:
@@ -1084,8 +1106,9 @@ class Session:
         Returns
         -------
         bool
-            Whether an instance was re-grown (it needs seeds; with clicks from the
-            automatic segments, only worms made by clicks are re-grown).
+            Whether the instance changed (it needs seeds; with clicks from the automatic
+            segments, only worms made by clicks are re-grown, and tau only moves the
+            parts grown from the embeddings).
         """
         from ..core.pick import starts_from_segments
 
@@ -1097,8 +1120,8 @@ class Session:
             if starts_from_segments(self.prediction):
                 return False  # its mask, not its seeds, is its state (see add_seed)
         mask = self._grow(worm.seeds, worm.negatives, self.tau)
-        if not mask.any():
-            return False
+        if not mask.any() or np.array_equal(mask, worm.mask):
+            return False  # (from the segments, a first click's mask does not use tau)
         new = replace(worm, mask=mask, tau=self.tau, edited=True)
         self._write([new if w is worm else w for w in self.worms], preview=preview)
         return True

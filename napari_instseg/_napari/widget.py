@@ -7,6 +7,7 @@ that scripts and tests drive it without a mouse.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,8 +45,8 @@ from ..core.scale import MAX_SCALE
 from . import compute
 from .finetune_widget import model_versions
 from .io import META
-from .layers import OWN_LAYER, prediction_layers, real_viewer
-from .session import MapLayers, Point, Session, live_session_for
+from .layers import LAYER_NAMES, OWN_LAYER, prediction_layers, real_viewer
+from .session import MapLayers, Point, Session, live_session_for, live_sessions
 
 #: Click tools: key -> (shortcut key, button text, help).
 TOOLS: dict[str, tuple[str, str, str]] = {
@@ -139,7 +140,10 @@ class InstSegWidget(QWidget):
         self._bar_timer.timeout.connect(self._tick_bar)
         self._build()
         self._connect_viewer()
+        earlier = self._take_over_earlier_sessions()
         self._refresh_images()
+        if earlier is not None:  # back on the image the earlier widget showed
+            self.image_combo.setCurrentText(earlier.image_layer.name)
 
     # =============================================================== building
     def _build(self) -> None:
@@ -404,6 +408,38 @@ class InstSegWidget(QWidget):
             v.bind_key(key, func, overwrite=True)
         self._bound_keys = keys
 
+    def _take_over_earlier_sessions(self) -> Session | None:
+        """Carry on where an earlier widget on this viewer left off (it was closed).
+
+        Its sessions (worms, seeds, reviews, predictions) become this widget's, and so do
+        the map layers it made, instead of a second set. Returns the session whose maps
+        are shown, or None.
+        """
+        earlier = live_sessions(self.viewer)
+        maps = next((s.map_layers for s in earlier if s.map_layers), None)
+        if maps is None:  # no session left: the map layers the plugin made, by their mark
+            maps = MapLayers()
+            for layer in self.viewer.layers:
+                key = layer.metadata.get(OWN_LAYER)
+                if key in LAYER_NAMES and key not in ("similarity", "worms", "seeds"):
+                    maps[key] = layer
+        for key, layer in maps.items():
+            self._map_layers[key] = layer
+        self._map_layers.owner = maps.owner
+        for session in earlier:
+            self._attach(session)
+            self.sessions[id(session.image_layer)] = session
+        owner = self._map_layers.owner
+        return owner if owner in earlier else (earlier[0] if earlier else None)
+
+    def _attach(self, session: Session) -> None:
+        """Give a session this widget's shared map layers, callbacks and switches."""
+        session.map_layers = self._map_layers
+        session.defer = self.after_next_paint
+        session.on_worms_changed = self._on_worms_edited
+        session.refine_edges = self.refine_edges.isChecked()
+        session.click_segments = self.click_segments.isChecked()
+
     def _disconnect_viewer(self) -> None:
         """Stop hearing the viewer's mouse, keys and layer events (the widget was removed).
 
@@ -428,11 +464,18 @@ class InstSegWidget(QWidget):
         self._bound_keys = {}
 
     def event(self, event: Any) -> bool:  # noqa: D102 - Qt's
-        if event.type() == QEvent.Type.ParentChange:
+        kind = event.type()
+        if kind == QEvent.Type.ParentChange:
             if self.parent() is None:
                 self._disconnect_viewer()
             else:
                 self._connect_viewer()
+        elif kind == QEvent.Type.Hide and not event.spontaneous():
+            # the panel hidden (napari's "hide this panel"): clicks and keys are napari's
+            self._disconnect_viewer()
+        elif kind == QEvent.Type.Show and not event.spontaneous():
+            self._connect_viewer()
+            self._refresh_images()
         return super().event(event)
 
     # ============================================================ draw order
@@ -547,32 +590,38 @@ class InstSegWidget(QWidget):
             return None
         key = id(layer)
         if key not in self.sessions and create:
-            earlier = _earlier_session(self.viewer, layer)
-            if earlier is not None:  # the widget was closed and opened again: carry on
-                earlier.map_layers = self._map_layers
-                earlier.defer = self.after_next_paint
-                earlier.on_worms_changed = self._update_review_label
-                earlier.refine_edges = self.refine_edges.isChecked()
-                earlier.click_segments = self.click_segments.isChecked()
-                self.sessions[key] = earlier
-                return earlier
             session = Session(self.viewer, layer)
-            session.defer = self.after_next_paint
-            session.on_worms_changed = self._update_review_label
-            session.refine_edges = self.refine_edges.isChecked()
-            session.click_segments = self.click_segments.isChecked()
-            session.map_layers = self._map_layers
-            for other in self.viewer.layers:
-                owner = (other.metadata.get(META) or {}).get("image")
-                if (
-                    isinstance(other, Labels)
-                    and (other.name == f"{layer.name} worms" or owner == layer.name)
-                    and other.data.shape == session.shape
-                ):
-                    session.adopt_labels_layer(other)
-                    break
+            self._attach(session)
+            worms = self._worms_layer_for(layer)
+            if worms is not None:
+                session.adopt_labels_layer(worms)
             self.sessions[key] = session
         return self.sessions.get(key)
+
+    def _worms_layer_for(self, image_layer: Any) -> Any | None:
+        """A Labels layer holding this image's worms that no other session edits.
+
+        Named ``<image> worms`` (as the reader and napari's duplicate suffix make it:
+        ``A04 [1]`` and ``A04 worms [1]``) or made for this image by the plugin
+        (``metadata["napari_instseg"]["image"]``), of the image's height and width.
+        """
+        names = {f"{image_layer.name} worms"}
+        suffixed = re.fullmatch(r"(.*) \[(\d+)\]", image_layer.name)
+        if suffixed:
+            names.add(f"{suffixed[1]} worms [{suffixed[2]}]")
+        shape = tuple(image_layer.data.shape[-2:])
+        if getattr(image_layer, "rgb", False):
+            shape = tuple(image_layer.data.shape[-3:-1])
+        for other in self.viewer.layers:
+            if not isinstance(other, Labels) or other.data.shape != shape:
+                continue
+            owner = (other.metadata.get(META) or {}).get("image")
+            if other.name not in names and owner != image_layer.name:
+                continue
+            holder = live_session_for(other.data)
+            if holder is None or holder.image_layer is image_layer:
+                return other
+        return None
 
     def _on_image_changed(self, index: int = -1) -> None:
         previous, self._chosen_layer = self._chosen_layer, self.image_layer()
@@ -610,6 +659,13 @@ class InstSegWidget(QWidget):
         each; done when the image is chosen, it is not done while the model runs (the
         viewer would freeze when its results arrive).
         """
+        layer = self.image_layer()
+        if layer is not None and self.stack_axes(layer):  # its planes get their own layers
+            self._say(
+                f"{layer.name!r} is a stack: Run model segments the plane shown, as an image "
+                "layer of its own."
+            )
+            return
         session = self.session()
         if session is None:
             return
@@ -641,6 +697,22 @@ class InstSegWidget(QWidget):
         except (OSError, ValueError, KeyError, TypeError):
             return 1
 
+    def stack_axes(self, layer: Any) -> int:
+        """How many leading axes of an Image layer are planes (wells, z, time), not channels.
+
+        0 for a 2D image, an RGB one, or (C, H, W) with the model's C channels.
+        """
+        data = layer.data
+        if getattr(layer, "rgb", False) or data.ndim < 3:
+            return 0
+        channels = self.model_channels()
+        lead = data.ndim - 2
+        if channels > 1 and data.shape[-3] == channels:
+            lead -= 1
+        elif channels == 1 and data.ndim == 3 and data.shape[0] == 1:
+            lead = 0
+        return lead
+
     def plane_layer(self, layer: Any) -> Any | None:
         """For a stack (planes, time points, wells), the 2D layer of the plane shown.
 
@@ -656,17 +728,10 @@ class InstSegWidget(QWidget):
         napari.layers.Image or None
             None when ``layer`` is not a stack (2D, RGB, or (C, H, W) channels).
         """
-        data = layer.data
-        if getattr(layer, "rgb", False) or data.ndim < 3:
-            return None
-        channels = self.model_channels()
-        lead = data.ndim - 2
-        if channels > 1 and data.shape[-3] == channels:
-            lead -= 1
-        elif channels == 1 and data.ndim == 3 and data.shape[0] == 1:
-            lead = 0
+        lead = self.stack_axes(layer)
         if lead == 0:
             return None
+        data = layer.data
         point = layer.world_to_data(self.viewer.dims.point[-data.ndim :])
         index = tuple(
             int(np.clip(round(float(c)), 0, n - 1))
@@ -677,11 +742,12 @@ class InstSegWidget(QWidget):
             name = str(names[index[0]])
         else:
             name = f"{layer.name} {list(index)}"
-        plane_shape = data.shape[lead:]
-        if name in self.viewer.layers:
-            existing = self.viewer.layers[name]
-            if isinstance(existing, Image) and existing.data.shape == plane_shape:
+        plane_meta = {"stack": layer.name, "plane": list(index)}
+        for existing in self.viewer.layers:  # made before (perhaps renamed since)
+            if isinstance(existing, Image) and existing.metadata.get(META) == plane_meta:
                 return existing
+        if name in self.viewer.layers:  # the name is taken by another layer
+            name = f"{layer.name} {list(index)}"
         plane_labels = None
         for other in self.viewer.layers:
             if (
@@ -698,7 +764,7 @@ class InstSegWidget(QWidget):
             name=name,
             contrast_limits=layer.contrast_limits,
             colormap=layer.colormap.name,
-            metadata={META: {"stack": layer.name, "plane": list(index)}},
+            metadata={META: plane_meta},
         )
         if plane_labels is not None:
             self.viewer.add_labels(plane_labels, name=f"{name} worms")
@@ -1274,7 +1340,12 @@ class InstSegWidget(QWidget):
         session.tau = tau
         session.set_tau_display(tau)
         if session.prediction is not None and session.selected is not None:
-            session.regrow_selected(tau, preview=self.tau_slider.isSliderDown())
+            changed = session.regrow_selected(tau, preview=self.tau_slider.isSliderDown())
+            if not changed and session.click_segments and session.worm(session.selected):
+                self._say(
+                    f"tau leaves instance {session.selected} as it is: it is an automatic "
+                    "segment (correct it with + / - seeds), not grown from the embeddings."
+                )
 
     def set_tau(self, tau: float, live: bool = False) -> None:
         """Move the tau slider (re-grows the selected instance).
@@ -1367,9 +1438,17 @@ class InstSegWidget(QWidget):
         worm = session.worm(label)
         self._say(
             f"Instance {label} (score {worm.score:.2f}): fix it, then K." if worm else
-            "Every instance is reviewed."
+            "Every instance is reviewed." if session.worms else
+            "No instances to review yet: Segment all or click worms."
         )  # fmt: skip
         return label
+
+    def _on_worms_edited(self) -> None:
+        """The worms layer changed outside the widget's tools (napari's undo, the brush)."""
+        self._update_review_label()
+        session = self.session(create=False)
+        if session is not None:
+            self._say(f"Worms layer edited (undo, redo or brush): {len(session.worms)} worms.")
 
     def _update_review_label(self) -> None:
         session = self.session(create=False)
@@ -1477,20 +1556,6 @@ class InstSegWidget(QWidget):
 
 
 KEYS_NEXT = "."
-
-
-def _earlier_session(viewer: Any, image_layer: Any) -> Session | None:
-    """A session of an earlier widget on this image whose layers are still in the viewer.
-
-    Its worms keep their seeds, negative seeds and review marks; a new session adopting
-    the ``worms`` layer would only get the label image back.
-    """
-    for layer in viewer.layers:
-        if isinstance(layer, Labels):
-            session = live_session_for(layer.data)
-            if session is not None and session.image_layer is image_layer:
-                return session
-    return None
 
 
 def _key_action(action: Any, name: str) -> Any:
