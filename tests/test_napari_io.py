@@ -173,3 +173,17 @@ def test_napari_save_and_open_through_the_plugin(session, tmp_path):
     again.adopt_labels_layer(layers[1])
     assert len(again.worms) == len(session.worms)
     assert (again.instances.masks.sum(0) > 1).any()  # overlaps survived the round trip
+
+
+def test_worms_layer_is_uint16_and_widens_past_its_range(session):
+    """uint16 spares napari's int32 label kernel; a label past 65535 widens the layer."""
+    p = seeds_of(session.sample.masks)[0]
+    session.grow_new(p)
+    layer = session.labels_layer
+    assert layer.data.dtype == np.uint16
+    worm = session.worms[0]
+    session.worms = (type(worm)(70000, worm.mask, seeds=worm.seeds),)
+    session._register()
+    session._write((type(worm)(70001, worm.mask, seeds=worm.seeds),))
+    assert layer.data.dtype == np.int32 and layer.data.max() == 70001
+    assert [w.label for w in session.worms] == [70001]

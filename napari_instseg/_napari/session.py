@@ -557,8 +557,13 @@ class Session:
         """Create the ``worms`` Labels layer if needed and return it."""
         if self.labels_layer is not None and self.labels_layer in self.viewer.layers:
             return self.labels_layer
+        labels = render(self.worms, self.shape)
+        if labels.max(initial=0) <= np.iinfo(np.uint16).max:
+            # napari shows uint16 labels as they are; int32 ones go through a numba
+            # kernel whose compilation, on the first Labels layer, froze the viewer ~1 s
+            labels = labels.astype(np.uint16)
         self.labels_layer = self.viewer.add_labels(
-            render(self.worms, self.shape),
+            labels,
             name=LAYER_NAMES["worms"],
             opacity=0.55,
             metadata={META: {"image": self.image_layer.name}},
@@ -797,6 +802,8 @@ class Session:
             values = new[rows, cols]
         self._writing = True
         try:
+            if idx and idx[0].size and values.max() > np.iinfo(layer.data.dtype).max:
+                layer.data = np.asarray(layer.data).astype(np.int32)  # labels past uint16
             if idx and idx[0].size:
                 if preview or self._preview_start is not None:
                     layer.data_setitem(idx, values)
