@@ -153,3 +153,20 @@ def test_cli_evaluate_bbbc010_needs_model_or_pred(bbbc010_root, tmp_path, capsys
     res = json.loads(out.read_text())
     assert res["n_images"] == 2 and res["avS"] == 1.0 and res["AP"] == pytest.approx(1.0)
     assert "PatchPerPix" in capsys.readouterr().out
+
+
+def test_cli_evaluate_shows_the_published_anchors_beside_bbbc010_only(tmp_path, capsys):
+    from napari_instseg.cli import main
+    from napari_instseg.core.synthetic import make_worms
+    from napari_instseg.core.training_folder import write_training_folder
+
+    sample = make_worms(shape=(96, 112), n_worms=3, n_crossings=1, n_touching=0, seed=1)
+    sample.name = "plate"
+    write_training_folder(tmp_path / "mine", [sample])
+    args = ["evaluate", "--gt", str(tmp_path / "mine"), "--pred", str(tmp_path / "mine")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "ours" in out and "PatchPerPix" not in out and ANCHORS_HEADER not in out
+    # a folder for --json is refused before anything is computed
+    assert main([*args, "--json", str(tmp_path)]) == 1
+    assert "is a folder" in capsys.readouterr().err

@@ -133,6 +133,8 @@ def _predict_all(args: argparse.Namespace, samples: list[Sample]) -> list[Instan
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the table (and write JSON when asked)."""
     wells = parse_wells(args.wells) if args.wells else None
+    if args.json is not None and args.json.is_dir():
+        raise ValueError(f"--json {args.json} is a folder; give a file name, e.g. out.json")
     t0 = time.perf_counter()
     gt = load_samples(args.gt, wells)
     if not gt:
@@ -159,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
         f"{results['n_images']} images, {results['n_gt']} ground-truth instances, "
         f"{results['n_pred']} predicted ({results['seconds']} s)"
     )
-    print(format_table(results))
+    # the published anchors are BBBC010 numbers: shown beside BBBC010 results only
+    print(format_table(results, anchors=is_bbbc010(Path(args.gt))))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(to_json(results))

@@ -324,7 +324,9 @@ def evaluate(
     }
 
 
-def format_table(results: dict[str, dict[str, object]] | dict[str, object]) -> str:
+def format_table(
+    results: dict[str, dict[str, object]] | dict[str, object], anchors: bool = True
+) -> str:
     """A plain-text table of our results, then the published BBBC010 anchors.
 
     The anchors come after a header line (:data:`ANCHORS_HEADER`) saying that they are
@@ -334,6 +336,8 @@ def format_table(results: dict[str, dict[str, object]] | dict[str, object]) -> s
     ----------
     results : dict
         One :func:`evaluate` result, or {row name: result} for several.
+    anchors : bool
+        Add the published anchors (for BBBC010 results; False for other images).
 
     Returns
     -------
@@ -357,6 +361,8 @@ def format_table(results: dict[str, dict[str, object]] | dict[str, object]) -> s
     lines = ["".ljust(width) + "".join(c.rjust(7) for c in cols)]
     for name, res in rows.items():
         lines.append(name.ljust(width) + "".join(cell(res, c).rjust(7) for c in cols))  # type: ignore[arg-type]
+    if not anchors:
+        return "\n".join(lines)
     lines.append(ANCHORS_HEADER)
     for name, res in ANCHORS.items():
         lines.append(name.ljust(width) + "".join(cell(res, c).rjust(7) for c in cols))  # type: ignore[arg-type]
