@@ -299,6 +299,12 @@ def test_cli_predict_never_overwrites_inputs_nor_silently_earlier_outputs(
     assert (res / "worms_labels.tif").read_bytes() == b""
     assert main([*argv, "--overwrite"]) == 0
     np.testing.assert_array_equal(tifffile.imread(res / "worms_labels.tif"), first)
+    # an earlier run's maps are outputs too: not left beside labels they do not match
+    assert main([*argv, "--overwrite", "--save-maps"]) == 0
+    assert (res / "worms_boundary.tif").exists()
+    assert main(argv) == 1 and "worms_boundary.tif" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+    assert not (res / "worms_boundary.tif").exists()
 
     # --out that is a file (here: the input itself): a clear error, not a traceback
     assert main(["predict", str(single), "--out", str(single), *common]) == 1
@@ -511,6 +517,27 @@ def test_cli_grow_refuses_to_overwrite_seeds_or_earlier_outputs(cli_files, tmp_p
     assert main(argv) == 1
     assert "already holds ['worms_labels.tif'" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
+    assert (res / "worms_measurements.csv").exists()
+
+
+def test_cli_grow_with_nothing_grown_leaves_no_earlier_table(cli_files, tmp_path, monkeypatch):
+    import tifffile
+
+    from napari_instseg.cli import main
+    from napari_instseg.core import grow as grow_module
+
+    weights, sample, image = cli_files
+    r0, c0 = np.argwhere(sample.masks[0])[len(np.argwhere(sample.masks[0])) // 2]
+    seeds = tmp_path / "seeds.csv"
+    seeds.write_text(f"row,col\n{r0},{c0}\n")
+    res = tmp_path / "res"
+    argv = ["grow", str(image), "--seeds", str(seeds), "--out", str(res), "--model"]
+    argv += [str(weights), "--device", "cpu", "--tta", "1"]
+    assert main(argv) == 0 and (res / "worms_measurements.csv").exists()
+    monkeypatch.setattr(grow_module, "FG_FLOOR", 1.01)  # every seed now on "background"
+    assert main([*argv, "--overwrite"]) == 0
+    assert not (res / "worms_measurements.csv").exists()  # not the earlier run's worms
+    assert tifffile.imread(res / "worms_labels.tif").max() == 0
 
 
 def test_cli_grow_skips_seeds_on_background_and_warns_about_ignored_flags(

@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if value is not None
     ]
-    labels, tables, n_worms, warned = [], [], 0, False
+    labels, tables, n_worms, warned, any_segments = [], [], 0, False, False
     for plane, image in enumerate(stack):
         image = image[0] if image.shape[0] == 1 else image
         worms = planes.get(plane, {})
@@ -166,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         segments = args.start == "segments" or (
             args.start == "auto" and starts_from_segments(prediction)
         )
+        any_segments |= bool(segments)
         if segments and given and not warned:
             warned = True
             _warn(
@@ -210,12 +211,14 @@ def run(args: argparse.Namespace) -> int:
         tables.append(table)
     args.out.mkdir(parents=True, exist_ok=True)
     write_labels(args.out / f"{name}_labels.tif", labels)
+    csv = args.out / f"{name}_measurements.csv"
     if tables:
-        pd.concat(tables, ignore_index=True).to_csv(
-            args.out / f"{name}_measurements.csv", index=False
-        )
+        pd.concat(tables, ignore_index=True).to_csv(csv, index=False)
+    else:  # no worm grown: no table, and none left from an earlier run (--overwrite)
+        csv.unlink(missing_ok=True)
+    how = "from the automatic segments" if any_segments else f"tau {tau} unless the file sets one"
     print(
-        f"{args.image}: {n_worms} worm(s) grown (tau {tau} unless the file sets one), "
+        f"{args.image}: {n_worms} worm(s) grown ({how}), "
         f"{time.perf_counter() - t0:.1f} s -> {args.out / name}_*"
     )
     return 0

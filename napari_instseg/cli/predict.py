@@ -332,7 +332,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--tile-size must be at least 16")
     segment, measure = _segmenter(), _measurer()
     suffixes = ["labels.tif"] + (["measurements.csv"] if measure is not None else [])
-    suffixes += [f"{key}.tif" for key in _MAPS] if args.save_maps else []
+    # maps of an earlier --save-maps run count too: new labels beside them would not match
+    suffixes += [f"{key}.tif" for key in _MAPS]
     outputs = [args.out / f"{n}_{suffix}" for n in names for suffix in suffixes]
     check_outputs(args.out, outputs, list(args.inputs), args.overwrite)
     model = _load_model(args.model, args.device)
@@ -383,10 +384,12 @@ def _predict_one(args: argparse.Namespace, path: Path, name: str, model, segment
             tables.append(table)
     single = len(stack) == 1
     write_labels(args.out / f"{name}_labels.tif", labels)
-    if args.save_maps:
-        for key, arrays in maps.items():
-            arr = arrays[0] if single else np.stack(arrays)
-            tifffile.imwrite(args.out / f"{name}_{key}.tif", arr)
+    for key, arrays in maps.items():
+        target = args.out / f"{name}_{key}.tif"
+        if args.save_maps:
+            tifffile.imwrite(target, arrays[0] if single else np.stack(arrays))
+        else:  # an earlier run's map (replaced only with --overwrite) would not match
+            target.unlink(missing_ok=True)
     if tables:
         pd.concat(tables, ignore_index=True).to_csv(
             args.out / f"{name}_measurements.csv", index=False
