@@ -711,3 +711,16 @@ def test_cli_predict_precision_reaches_the_network(model, cli_files, tmp_path, p
     image = tifffile.imread(single)
     expected = predict(image, model, "cpu", precision=precision).foreground
     np.testing.assert_allclose(tifffile.imread(out / "worms_foreground.tif"), expected, atol=1e-6)
+
+
+def test_cli_predict_says_which_options_the_kind_of_run_ignores(cli_files, tmp_path, capsys):
+    from napari_instseg.cli import main
+
+    weights, _, image = cli_files
+    common = ["--model", str(weights), "--device", "cpu", "--tta", "1"]
+    argv = ["predict", str(image), "--out", str(tmp_path / "res"), *common]
+    assert main([*argv, "--workers", "4", "--no-resume"]) == 0
+    err = capsys.readouterr().err
+    assert "--workers, --no-resume have no effect without --out *.zarr" in err
+    assert main([*argv, "--halo", "-3"]) == 1
+    assert "--halo must be >= 0" in capsys.readouterr().err

@@ -318,7 +318,11 @@ def run(args: argparse.Namespace) -> int:
     int
         0 on success, 1 when an image failed (each failure is reported on stderr).
     """
-    if str(args.out).rstrip("/").lower().endswith(".zarr"):
+    batch = str(args.out).rstrip("/").lower().endswith(".zarr")
+    if args.halo < 0 or args.chunk_size < 16:
+        raise ValueError("--halo must be >= 0 and --chunk-size at least 16")
+    _warn_ignored(args, batch)
+    if batch:
         return _run_batch(args)
     _check_plain_inputs(args.inputs)
     missing = [str(p) for p in args.inputs if not p.exists()]
@@ -398,6 +402,30 @@ def _predict_one(args: argparse.Namespace, path: Path, name: str, model, segment
         f"{path}: {len(stack)} plane(s), {n_instances} instance(s) "
         f"({args.method}), {time.perf_counter() - t0:.1f} s -> {args.out / name}_*"
     )
+
+
+#: options of one kind of run only, with their defaults: (batch only, plain only)
+_BATCH_ONLY = {
+    "chunk_size": 1024, "halo": 64, "scheduler": None, "workers": 1, "threads": None,
+    "measurements": "csv", "resume": True,
+}  # fmt: skip
+_PLAIN_ONLY = {"tile_size": 1024, "cache": None, "overwrite": False}
+
+
+def _warn_ignored(args: argparse.Namespace, batch: bool) -> None:
+    """Say on stderr which given options the kind of run (``--out *.zarr`` or not) ignores."""
+    unused = _PLAIN_ONLY if batch else _BATCH_ONLY
+    given = [
+        "--" + key.replace("_", "-") if getattr(args, key) is not False else "--no-resume"
+        for key, default in unused.items()
+        if getattr(args, key, default) != default
+    ]
+    if given:
+        kind = "with --out *.zarr (a batch)" if batch else "without --out *.zarr"
+        print(
+            f"napari-instseg predict: warning: {', '.join(given)} have no effect {kind}",
+            file=sys.stderr,
+        )
 
 
 def _run_batch(args: argparse.Namespace) -> int:
