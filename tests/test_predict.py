@@ -724,3 +724,44 @@ def test_cli_predict_says_which_options_the_kind_of_run_ignores(cli_files, tmp_p
     assert "--workers, --no-resume have no effect without --out *.zarr" in err
     assert main([*argv, "--halo", "-3"]) == 1
     assert "--halo must be >= 0" in capsys.readouterr().err
+
+
+def test_cli_evaluate_reads_what_predict_wrote(cli_files, tmp_path, monkeypatch):
+    """predict -> evaluate: the labels TIFFs and the table's scores are the predictions."""
+    import json
+
+    import pandas as pd
+    import tifffile
+
+    from napari_instseg.cli import main
+    from napari_instseg.cli import predict as predict_cli
+    from napari_instseg.cli.evaluate import read_prediction_folder
+    from napari_instseg.core.training_folder import write_training_folder
+    from napari_instseg.core.types import Instances
+
+    weights, sample, image = cli_files
+    found = Instances(masks=sample.masks[:2], scores=np.array([0.4, 0.9], np.float32))
+    # (the tiny untrained model finds nothing: its segmentation is the truth's first two)
+    monkeypatch.setattr(predict_cli, "_segmenter", lambda: lambda *a, **k: found)
+    res = tmp_path / "res"
+    common = ["--model", str(weights), "--device", "cpu", "--tta", "1"]
+    assert main(["predict", str(image), "--out", str(res), *common]) == 0
+    [read] = read_prediction_folder(res)
+    labels = tifffile.imread(res / "worms_labels.tif")
+    table = pd.read_csv(res / "worms_measurements.csv")
+    assert read.name == "worms" and len(read.masks) == len(np.unique(labels)) - 1 == 2
+    np.testing.assert_allclose(read.metadata["scores"], table.sort_values("label")["score"])
+    np.testing.assert_allclose(read.metadata["scores"], [0.4, 0.9])
+    # the truth as a training folder of the same name; then evaluate the predict folder
+    sample.name = "worms"
+    write_training_folder(tmp_path / "truth", [sample])
+    out = tmp_path / "r.json"
+    args = ["evaluate", "--pred", str(res), "--gt", str(tmp_path / "truth"), "--json", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["n_images"] == 1 and result["n_pred"] == 2 and result["n_gt"] == 3
+    assert result["S"]["0.5"] == pytest.approx(2 / 3)
+    # a BBBC010 file name is matched by its well
+    tifffile.imwrite(res / "1649_x_A01_w2_ABC-1.tif_labels.tif".replace(".tif_", "_"), labels)
+    names = [s.name for s in read_prediction_folder(res)]
+    assert "A01" in names

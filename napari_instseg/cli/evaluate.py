@@ -2,9 +2,13 @@
 
 Examples
 --------
-Compare exported predictions with ground truth (both training folders, or a BBBC010 folder
-as ground truth), matching images by name::
+Compare predictions with ground truth (a BBBC010 folder or a training folder), matching
+images by name (a BBBC010 file name by its well). ``--pred`` is a training folder (exported
+from the plugin: overlaps kept) or ``napari-instseg predict``'s output folder
+(``<name>_labels.tif``, scores from ``<name>_measurements.csv``; label images hold no
+overlaps, so crossing worms lose their shared pixels there)::
 
+    napari-instseg predict images/*_w2_*.tif --out results/
     napari-instseg evaluate --pred results/ --gt ../shared/data/bbbc010 --json out.json
 
 Predict and segment BBBC010 validation wells with a model, then evaluate::
@@ -15,6 +19,7 @@ Predict and segment BBBC010 validation wells with a model, then evaluate::
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 
@@ -27,7 +32,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Add the command's arguments."""
     parser.add_argument("--gt", required=True, help="ground truth: training folder or BBBC010")
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pred", help="predicted instances: a training folder")
+    src.add_argument(
+        "--pred",
+        help="predicted instances: a training folder, or the output folder of "
+        "`napari-instseg predict` (*_labels.tif)",
+    )
     src.add_argument(
         "--model",
         help="predict + segment the ground truth's images with this model "
@@ -87,6 +96,11 @@ def load_samples(root: str | Path, wells: list[str] | None = None) -> list[Sampl
         from ..core.io import read_bbbc010
 
         return read_bbbc010(root, wells=wells)
+    if not (root / "manifest.json").exists() and any(root.glob(f"*{LABELS_SUFFIX}")):
+        samples = read_prediction_folder(root)
+        if wells is not None:
+            samples = [s for s in samples if s.name in set(wells)]
+        return samples
     try:
         from ..core.training_folder import read_training_folder
     except ImportError as err:  # pragma: no cover - lands with the export work
@@ -98,6 +112,68 @@ def load_samples(root: str | Path, wells: list[str] | None = None) -> list[Sampl
     if wells is not None:
         keep = set(wells)
         samples = [s for s in samples if s.name in keep]
+    return samples
+
+
+LABELS_SUFFIX = "_labels.tif"
+_WELL = re.compile(r"_(?P<well>[A-P]\d{2})_w2_")
+
+
+def read_prediction_folder(root: str | Path) -> list[Sample]:
+    """The instances ``napari-instseg predict`` wrote into a folder.
+
+    Parameters
+    ----------
+    root : str or Path
+        The ``--out`` folder of ``predict``: ``<name>_labels.tif`` per image (2D), and
+        ``<name>_measurements.csv`` with each label's ``score`` when it was written.
+
+    Returns
+    -------
+    list of Sample
+        One per labels file, named after the BBBC010 well in the file name when there is
+        one (``..._A01_w2_...`` -> ``A01``), else ``<name>``; the scores in
+        ``metadata["scores"]`` (None without the table). The image is a placeholder of
+        zeros: evaluation needs only the masks.
+
+    Raises
+    ------
+    ValueError
+        For a labels file that is not one 2D label image.
+    """
+    import numpy as np
+    import pandas as pd
+    import tifffile
+
+    root = Path(root)
+    samples = []
+    for path in sorted(root.glob(f"*{LABELS_SUFFIX}")):
+        name = path.name[: -len(LABELS_SUFFIX)]
+        labels = np.asarray(tifffile.imread(path))
+        if labels.ndim != 2:
+            raise ValueError(
+                f"{path}: {labels.ndim}D labels; evaluate reads one 2D label image per file"
+            )
+        ids = np.unique(labels)
+        ids = ids[ids > 0]
+        masks = labels[None] == ids[:, None, None]
+        scores = None
+        table = root / f"{name}_measurements.csv"
+        if table.is_file():
+            rows = pd.read_csv(table)
+            if {"label", "score"} <= set(rows.columns):
+                by_label = dict(zip(rows["label"], rows["score"], strict=True))
+                if all(int(i) in by_label for i in ids):
+                    scores = np.array([by_label[int(i)] for i in ids], np.float32)
+        well = _WELL.search(name + "_")
+        samples.append(
+            Sample(
+                image=np.zeros(labels.shape, np.float32),
+                masks=masks,
+                name=well["well"] if well else name,
+                metadata={"scores": scores},
+            )
+        )
     return samples
 
 
