@@ -433,3 +433,111 @@ def test_weights_record_the_commit_training_started_at(data, tmp_path, monkeypat
     training = load_model(out / "best.safetensors").metadata["training"]
     assert training["epoch"] == 2
     assert training["commit"] == "aaaaaaa" and training["resumed_commit"] == "bbbbbbb"
+
+
+def _plain_folder(root: Path, names: list[str]) -> Path:
+    """images/<name>.tif and masks/<name>.tif label images, no manifest (stardist layout)."""
+    import tifffile
+
+    from napari_instseg.core.instances import Instances
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i, name in enumerate(names):
+        sample = _worms(i)
+        tifffile.imwrite(root / "images" / f"{name}.tif", sample.image.astype(np.uint16))
+        tifffile.imwrite(root / "masks" / f"{name}.tif", Instances(sample.masks).to_labels())
+    return root
+
+
+def test_load_samples_reads_every_documented_layout(data, tmp_path):
+    plain = _plain_folder(tmp_path / "plain", ["A01", "worm-b"])
+    samples = load_samples(plain, None)
+    assert [s.name for s in samples] == ["A01", "worm-b"]
+    assert samples[0].masks.shape == (3, 96, 96)
+    assert [s.name for s in load_samples([plain], ["worm-b"])] == ["worm-b"]
+    assert [s.name for s in load_samples(data, ["A02"])] == ["A02"]  # manifest
+    bbbc = write_bbbc010_layout(tmp_path / "bbbc", ["A01"])
+    assert [s.name for s in load_samples(bbbc, None)] == ["A01"]
+    # what is missing is named
+    (plain / "masks" / "worm-b.tif").unlink()
+    with pytest.raises(FileNotFoundError, match="masks/worm-b.tif"):
+        load_samples(plain, None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images/"):
+        load_samples(tmp_path / "empty", None)
+    with pytest.raises(FileNotFoundError, match="data folder .*nowhere does not exist"):
+        load_samples(tmp_path / "nowhere", None)
+
+
+def test_cli_train_on_a_folder_without_manifest(tmp_path, capsys):
+    from napari_instseg.cli import main
+
+    plain = _plain_folder(tmp_path / "tf", ["A01", "A02"])
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(plain), "--epochs", "1", "--out", str(out)]
+    argv += ["--steps-per-epoch", "1", "--batch-size", "1", "--crop-size", "64"]
+    assert main([*argv, "--device", "cpu", "--no-progress"]) == 0, capsys.readouterr().err
+    assert (out / "best.safetensors").is_file()
+
+
+def test_a_config_file_or_object_behaves_like_the_flags(data, tmp_path, monkeypatch, capsys):
+    """One folder as a str, and BBBC010's default wells dropped for training folders."""
+    from napari_instseg.cli import main
+    from napari_instseg.core.training_folder import write_training_folder
+
+    samples = []
+    for i, name in enumerate(["worms-a", "worms-b"]):
+        sample = _worms(i)
+        sample.name = name
+        samples.append(sample)
+    folder = write_training_folder(tmp_path / "tfx", samples)
+    monkeypatch.chdir(tmp_path)
+    small = 'epochs = 1\nsteps_per_epoch = 1\nbatch_size = 1\ncrop_size = 64\ndevice = "cpu"\n'
+    (tmp_path / "c.toml").write_text(f'data = "tfx"\nout = "tr2"\n{small}')
+    assert TrainConfig.from_toml(tmp_path / "c.toml").data == ["tfx"]
+    assert main(["train", "--config", "c.toml", "--no-progress"]) == 0, capsys.readouterr().err
+    saved = TrainConfig.from_toml(tmp_path / "tr2" / "config.toml")
+    assert (saved.data, saved.train_wells, saved.val_wells) == (["tfx"], "", "")
+    config = TrainConfig(
+        data=[str(folder)], epochs=1, steps_per_epoch=1, batch_size=1, crop_size=64, out="tr3"
+    )
+    assert train(config, progress=False).is_file()
+    assert TrainConfig.from_toml(tmp_path / "tr3" / "config.toml").train_wells == ""
+    # BBBC010's wells stay for a BBBC010 folder, a Path is one folder too
+    bbbc = write_bbbc010_layout(tmp_path / "bbbc", ["A01"])
+    assert TrainConfig(data=bbbc).data == [str(bbbc)]
+    with pytest.raises(TypeError, match="data must be a folder path"):
+        TrainConfig(data=b"tfx")
+    with pytest.raises(TypeError, match="replay must hold folder paths"):
+        TrainConfig(replay=["a", 3])
+
+
+def test_a_run_that_fails_before_training_leaves_no_run_folder(data, tmp_path):
+    out = tmp_path / "tr3"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        train(tiny_config(tmp_path / "nowhere", out), progress=False)
+    with pytest.raises(ValueError, match="no images named"):
+        train(tiny_config(data, out, train_wells="Z01"), progress=False)
+    with pytest.raises(ValueError, match="aligned_fraction"):
+        train(tiny_config(data, out, aligned_fraction=2.0), progress=False)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        train(tiny_config(data, out, steps_per_epoch=0), progress=False)
+    assert not out.exists()
+
+
+def test_max_steps_cuts_the_last_epoch_short(data, tmp_path, monkeypatch):
+    import napari_instseg.core.train as train_module
+
+    calls = []
+    loss = train_module.training_loss
+    monkeypatch.setattr(
+        train_module, "training_loss", lambda *a, **k: calls.append(1) or loss(*a, **k)
+    )
+    out = tmp_path / "short"
+    train(tiny_config(data, out, epochs=5, steps_per_epoch=2, max_steps=3), progress=False)
+    assert len(calls) == 3
+    rows = _log(out)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert "val_grow_iou" in rows[-1]  # the short last epoch validates
+    assert float(rows[-1]["lr"]) == pytest.approx(0.0, abs=1e-9)  # the schedule ends there

@@ -97,7 +97,7 @@ def build_config(args: argparse.Namespace):
     TrainConfig
         The run's configuration.
     """
-    from ..core.train import TrainConfig
+    from ..core.train import TrainConfig, default_wells
 
     if args.config is not None:
         if not args.config.is_file():
@@ -110,33 +110,11 @@ def build_config(args: argparse.Namespace):
         for dest, field in _OVERRIDES.items()
         if getattr(args, dest, None) is not None
     }
-    if "data" in changes:
-        changes["data"] = [str(d) for d in changes["data"]]
-    # the default wells are BBBC010's: for training folders they would name no image
-    defaults = TrainConfig()
-    for name in ("train_wells", "val_wells"):
-        if (
-            name not in changes
-            and getattr(config, name) == getattr(defaults, name)
-            and not any(_is_bbbc010_layout(d) for d in changes.get("data", config.data))
-        ):
-            changes[name] = ""
     for name in ("epochs", "steps_per_epoch", "batch_size", "crop_size"):
         if name in changes and changes[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    return replace(config, **changes)
-
-
-def _is_bbbc010_layout(folder: str | Path) -> bool:
-    """Whether ``folder`` holds BBBC010-style images (``images/*_<WELL>_w2_*.tif``)."""
-    from ..core.io import bbbc010_wells
-
-    if (Path(folder) / "manifest.json").is_file():  # a training folder
-        return False
-    try:
-        return bool(bbbc010_wells(folder))
-    except (FileNotFoundError, ValueError):
-        return False
+    # the default wells are BBBC010's: for training folders they would name no image
+    return default_wells(replace(config, **changes))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -44,10 +44,15 @@ class TrainConfig:
     Attributes
     ----------
     data : list of str
-        Data folders: BBBC010-style (``images/``, ``masks/``) or training folders.
+        Data folders: BBBC010-style (``images/``, ``masks/``) or training folders (with a
+        ``manifest.json``, or ``images/<name>.tif`` and ``masks/<name>.tif`` label images);
+        a single ``str`` or ``Path`` is one folder.
     train_wells, val_wells : str
         Wells (BBBC010) or image names used for training / validation, as comma-separated
-        names or ranges ``"A01-B12"``. Empty ``val_wells``: no validation.
+        names or ranges ``"A01-B12"``. Empty ``train_wells``: all images; empty
+        ``val_wells``: no validation. When no data folder is in BBBC010's layout, the
+        default BBBC010 ranges (which would name no image) become empty
+        (:func:`default_wells`).
     out : str
         Run folder (checkpoints, log, config).
     model : dict
@@ -56,6 +61,9 @@ class TrainConfig:
         Weights to start from (fine-tuning); empty: from scratch.
     epochs, steps_per_epoch, batch_size, crop_size : int
         Schedule: an epoch is ``steps_per_epoch`` batches of random crops.
+    max_steps : int
+        Stop after this many steps in all, the last epoch being shorter; 0 (default):
+        ``epochs * steps_per_epoch``.
     lr, weight_decay : float
         AdamW; cosine decay over all steps.
     seed : int
@@ -105,7 +113,8 @@ class TrainConfig:
         torch CPU threads (0 = torch default).
     replay : list of str
         More data folders mixed into training (fine-tuning: the parent's own training
-        images, so a few corrections add to what the model knew instead of replacing it).
+        images, so a few corrections add to what the model knew instead of replacing it);
+        a single ``str`` or ``Path`` is one folder.
     replay_wells : str
         Names or ranges of the replay images (empty: all of them).
     replay_fraction : float
@@ -125,6 +134,7 @@ class TrainConfig:
     init: str = ""
     epochs: int = 60
     steps_per_epoch: int = 50
+    max_steps: int = 0
     batch_size: int = 4
     crop_size: int = 256
     lr: float = 2e-3
@@ -162,6 +172,11 @@ class TrainConfig:
     oversample_wells: str = ""
     oversample_factor: float = 1.0
 
+    def __post_init__(self) -> None:
+        # a single folder given as a str is one folder, not a list of characters
+        self.data = folder_list(self.data, "data")
+        self.replay = folder_list(self.replay, "replay")
+
     @classmethod
     def from_toml(cls, path: str | Path) -> TrainConfig:
         """Read a config; unknown keys raise ``ValueError``."""
@@ -181,6 +196,94 @@ class TrainConfig:
     def to_toml(self, path: str | Path) -> None:
         """Write the config as TOML."""
         Path(path).write_text(tomli_w.dumps(asdict(self)))
+
+
+def folder_list(value: Any, what: str) -> list[str]:
+    """Folders given as one path or a sequence of paths, as a list of ``str``.
+
+    Parameters
+    ----------
+    value : str, os.PathLike or sequence of them
+        The folders; a single ``str`` or ``Path`` is one folder.
+    what : str
+        The argument's name, for the error message.
+
+    Returns
+    -------
+    list of str
+        The folders.
+
+    Raises
+    ------
+    TypeError
+        If ``value`` or one of its items is not a ``str`` or path (e.g. ``bytes``).
+    """
+    if isinstance(value, str | os.PathLike):
+        value = [value]
+    elif isinstance(value, bytes | bytearray) or not isinstance(value, Sequence):
+        raise TypeError(
+            f"{what} must be a folder path (str or Path) or a list of them, "
+            f"got {type(value).__name__}"
+        )
+    items = list(value)
+    bad = [item for item in items if not isinstance(item, str | os.PathLike)]
+    if bad:
+        raise TypeError(
+            f"{what} must hold folder paths (str or Path), got {type(bad[0]).__name__} {bad[0]!r}"
+        )
+    return [os.fspath(item) for item in items]
+
+
+def is_bbbc010_layout(folder: str | Path) -> bool:
+    """Whether ``folder`` holds BBBC010-style images (``images/*_<WELL>_w2_*.tif``).
+
+    Parameters
+    ----------
+    folder : str or Path
+        A data folder.
+
+    Returns
+    -------
+    bool
+        False for a training folder (``manifest.json``), a folder with other images and a
+        missing folder.
+    """
+    from .io import bbbc010_wells
+
+    if (Path(folder) / "manifest.json").is_file():  # a training folder
+        return False
+    try:
+        return bool(bbbc010_wells(folder))
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def default_wells(config: TrainConfig) -> TrainConfig:
+    """The config with BBBC010's default well ranges dropped when they cannot apply.
+
+    The defaults of ``train_wells`` and ``val_wells`` are BBBC010's split; when no data
+    folder is in BBBC010's layout they would name no image, so they become ``""`` (all
+    images for training, no validation). Other values are kept.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The run.
+
+    Returns
+    -------
+    TrainConfig
+        ``config`` itself, or a copy with the defaults replaced.
+    """
+    defaults = TrainConfig()
+    names = [
+        name
+        for name in ("train_wells", "val_wells")
+        if getattr(config, name) == getattr(defaults, name)
+    ]
+    if not names or any(is_bbbc010_layout(d) for d in config.data):
+        return config
+    return replace(config, **dict.fromkeys(names, ""))
 
 
 _WELL_RANGE = re.compile(r"[A-Za-z]+\d+\s*-\s*[A-Za-z]+\d+")
@@ -243,30 +346,35 @@ def load_samples(
 ) -> list[Sample]:
     """Read samples from BBBC010-style folders or training folders, filtered by name.
 
-    A single ``str`` or ``Path`` is one folder.
+    A single ``str`` or ``Path`` is one folder. A folder is read as a training folder
+    (:func:`~napari_instseg.core.training_folder.read_training_folder`) when it has a
+    ``manifest.json`` or when its ``images/`` holds no BBBC010-style image (then it needs
+    ``masks/<name>.tif`` label images), else in BBBC010's layout.
     """
-    from .io import bbbc010_wells, path_list, read_bbbc010
+    from .io import read_bbbc010
+    from .training_folder import read_training_folder
 
-    folders = path_list(folders)
+    folders = folder_list(folders, "data")
     samples: list[Sample] = []
     wanted = None if names is None else set(names)
-    for folder in folders:
-        folder = Path(folder)
-        if (folder / "manifest.json").is_file():
-            from .training_folder import read_training_folder
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"data folder {folder} does not exist")
+        if is_bbbc010_layout(folder):
+            from .io import bbbc010_wells
 
-            found = read_training_folder(folder)
-            samples.extend(s for s in found if wanted is None or s.name in wanted)
-        else:
-            try:
-                wells = bbbc010_wells(folder)
-            except FileNotFoundError as err:
-                raise FileNotFoundError(
-                    f"{folder} is neither a training folder (no manifest.json) nor a "
-                    "BBBC010-style folder (no images/)"
-                ) from err
+            wells = bbbc010_wells(folder)
             pick = wells if wanted is None else [w for w in wells if w in wanted]
             samples.extend(read_bbbc010(folder, pick, with_w1=False))
+            continue
+        if not (folder / "manifest.json").is_file() and not (folder / "images").is_dir():
+            raise FileNotFoundError(
+                f"{folder} is neither a training folder (no manifest.json) nor a folder of "
+                "images/ and masks/ (BBBC010's layout, or images/<name>.tif with "
+                "masks/<name>.tif label images): it has no images/"
+            )
+        found = read_training_folder(folder)
+        samples.extend(s for s in found if wanted is None or s.name in wanted)
     if not samples:
         raise ValueError(
             f"no images named {sorted(wanted or [])[:5]}... in {[str(f) for f in folders]}; "
@@ -767,16 +875,16 @@ def train(
     """
     if not isinstance(config, TrainConfig):
         config = TrainConfig.from_toml(config)
-    from .io import path_list
-
-    # a single folder given as a str is one folder, not a list of characters
-    data = [str(d) for d in path_list(config.data)]
-    config = replace(config, data=data, replay=[str(d) for d in path_list(config.replay)])
+    # TrainConfig's fields can be reassigned after it was made: normalise them again
+    config = default_wells(replace(config))
     if config.select_metric not in SELECT_METRICS:
         raise ValueError(f"select_metric must be one of {SELECT_METRICS}")
+    for name in ("epochs", "steps_per_epoch", "batch_size", "crop_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.max_steps < 0:
+        raise ValueError(f"max_steps must be >= 0, got {config.max_steps}")
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config.to_toml(out / "config.toml")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = get_device(config.device)
@@ -831,6 +939,12 @@ def train(
     trainable = freeze_parameters(model, config.freeze)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     total_steps = config.epochs * config.steps_per_epoch
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    epochs = math.ceil(total_steps / config.steps_per_epoch)
+    # the arguments are checked and the data read: only now does the run folder appear
+    out.mkdir(parents=True, exist_ok=True)
+    config.to_toml(out / "config.toml")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
     )
@@ -862,19 +976,21 @@ def train(
     taus = model.config.taus
     bar = tqdm(
         total=total_steps,
-        initial=start_epoch * config.steps_per_epoch,
+        initial=min(start_epoch * config.steps_per_epoch, total_steps),
         disable=not progress,
         desc="train",
         unit="step",
     )
     best_path = out / "best.safetensors"
     stop = False
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(start_epoch, epochs):
         cls_weight = L.lambda_ramp(
             epoch, config.lambda_start, config.lambda_end, config.lambda_max
         )
         sums: dict[str, float] = {}
-        for _ in range(config.steps_per_epoch):
+        # every epoch is steps_per_epoch long but a last one cut short by max_steps
+        n_steps = min(config.steps_per_epoch, total_steps - epoch * config.steps_per_epoch)
+        for _ in range(n_steps):
             crops = []
             for _ in range(config.batch_size):
                 pool = items
@@ -904,10 +1020,10 @@ def train(
             bar.set_postfix(loss=f"{float(terms['total'].detach()):.3f}", epoch=epoch + 1)
         elapsed = elapsed_before + time.time() - t0
         row: dict[str, Any] = {"epoch": epoch + 1, "elapsed_s": round(elapsed, 1)}
-        row.update({f"loss_{k}": v / config.steps_per_epoch for k, v in sums.items()})
+        row.update({f"loss_{k}": v / n_steps for k, v in sums.items()})
         row["lambda"] = cls_weight
         row["lr"] = scheduler.get_last_lr()[0]
-        last_epoch = epoch + 1 == config.epochs
+        last_epoch = epoch + 1 == epochs
         over_time = config.time_limit_minutes and elapsed > 60 * config.time_limit_minutes
         if val_items and ((epoch + 1) % config.val_every == 0 or last_epoch or over_time):
             row.update(validate(model, val_items, device))
