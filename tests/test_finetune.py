@@ -268,3 +268,122 @@ def test_parent_training_data_found_or_not(export, parent, replay_folder, tmp_pa
         [export], parent, steps=2, steps_per_epoch=2, batch_size=1, crop_size=48, device="cpu"
     )
     assert read_metadata(version.path)["finetune"]["replay"] is None
+
+
+def test_finetune_reads_a_folder_without_manifest(export, parent, tmp_path):
+    import shutil
+
+    plain = tmp_path / "tf"
+    for sub in ("images", "masks"):
+        shutil.copytree(export / sub, plain / sub)
+    version = finetune(
+        plain, parent, steps=1, batch_size=1, crop_size=64, num_threads=1, device="cpu"
+    )
+    assert version.path == plain / "models" / "tiny-ft1" / "model.safetensors"
+    assert len(version.images) == 3
+
+
+@pytest.mark.parametrize("name", ["../../evil", "a/b", "a\\b", "..", ".", "", " ", ".hidden"])
+def test_finetune_refuses_version_names_that_are_not_a_folder_name(export, parent, name):
+    with pytest.raises(ValueError, match="name"):
+        finetune(export, parent, name=name, steps=1, device="cpu")
+    assert not (export / "models").exists()
+    assert not (export.parent / "evil").exists()
+
+
+def test_finetune_cli_refuses_a_name_with_a_path(export, parent, capsys):
+    from napari_instseg.cli import main
+
+    argv = ["finetune", str(export), "--model", str(parent), "--steps", "1"]
+    assert main([*argv, "--name", "../../evil"]) == 1
+    assert "name '../../evil'" in capsys.readouterr().err
+    assert not (export / "models").exists()
+
+
+def test_finetune_wrong_types_name_the_argument(export, parent):
+    with pytest.raises(TypeError, match="data must be a folder path"):
+        finetune(b"export", parent)
+    with pytest.raises(TypeError, match="data must hold folder paths"):
+        finetune([export, 3], parent)
+    with pytest.raises(TypeError, match="steps must be an int"):
+        finetune(export, parent, steps="10")
+    with pytest.raises(TypeError, match="lr must be a number"):
+        finetune(export, parent, lr="0.1")
+    with pytest.raises(TypeError, match="init must be a path"):
+        finetune(export, b"tiny.safetensors")
+    with pytest.raises(TypeError, match="name must be a str"):
+        finetune(export, parent, name=3)
+    with pytest.raises(TypeError, match="replay must be a folder path"):
+        finetune(export, parent, replay=b"x")
+    with pytest.raises(ValueError, match=r"not in the data: \['nope'\]"):  # one name
+        finetune(export, parent, val_names="nope")
+    assert not (export / "models").exists()
+
+
+def _count_steps(monkeypatch, interrupt_at: int | None = None) -> list[int]:
+    """Count the training steps; raise KeyboardInterrupt (Ctrl-C) at step ``interrupt_at``."""
+    import napari_instseg.core.train as train_module
+
+    calls: list[int] = []
+    loss = train_module.training_loss
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "training_loss", counting)
+    return calls
+
+
+def test_finetune_trains_exactly_the_steps_asked(export, parent, monkeypatch):
+    calls = _count_steps(monkeypatch)
+    rows = []
+    version = finetune(
+        export,
+        parent,
+        steps=5,
+        steps_per_epoch=2,
+        batch_size=1,
+        crop_size=64,
+        num_threads=1,
+        device="cpu",
+        callback=rows.append,
+    )
+    assert len(calls) == 5
+    assert len(rows) == 3 and "val_ap" in rows[-1]
+    assert read_metadata(version.path)["finetune"]["steps"] == 5
+
+
+def test_ctrl_c_keeps_the_best_weights_so_far(export, parent, monkeypatch, capsys):
+    from napari_instseg.cli import main
+    from napari_instseg.core.finetune import FinetuneInterrupted
+
+    kw = {"steps": 6, "steps_per_epoch": 2, "batch_size": 1, "crop_size": 64, "device": "cpu"}
+    _count_steps(monkeypatch, interrupt_at=3)  # in the second epoch
+    with pytest.raises(FinetuneInterrupted) as caught:
+        finetune(export, parent, num_threads=1, **kw)
+    version = caught.value.version
+    assert isinstance(caught.value, KeyboardInterrupt)
+    assert version.path == export / "models" / "tiny-ft1" / "model.safetensors"
+    assert read_metadata(version.path)["finetune"]["interrupted"] is True
+    assert not (version.path.parent / "last.ckpt.safetensors").exists()
+    assert [v.name for v in list_model_versions(export)] == ["tiny-ft1"]
+
+    # the command line: one line, status 130, the version registered
+    _count_steps(monkeypatch, interrupt_at=21)  # the command line's epochs are 20 steps
+    argv = ["finetune", str(export), "--model", str(parent), "--steps", "40", "--device", "cpu"]
+    assert main([*argv, "--threads", "1"]) == 130
+    out = capsys.readouterr().out
+    assert "interrupted: kept model version tiny-ft2" in out
+    assert (export / "models" / "tiny-ft2" / "model.safetensors").is_file()
+    # before any weights were kept: no version, no empty folder
+    _count_steps(monkeypatch, interrupt_at=1)
+    assert main([*argv, "--threads", "1"]) == 130
+    assert "no model version" in capsys.readouterr().out
+    assert not (export / "models" / "tiny-ft3").exists()
+    _count_steps(monkeypatch, interrupt_at=1)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(export, parent, num_threads=1, **kw)
+    assert not (export / "models" / "tiny-ft3").exists()

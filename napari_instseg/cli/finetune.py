@@ -18,6 +18,9 @@ Mix the parent's own training images (when they are on this computer) into the c
 List the versions kept beside some data::
 
     napari-instseg finetune corrected_a --list
+
+Ctrl-C stops fine-tuning; once the first weights were kept (after the first epoch of 20
+steps) they become the version, as the widget's Stop button does, and the exit status is 130.
 """
 
 from __future__ import annotations
@@ -38,7 +41,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "data", nargs="+", type=Path, metavar="DIR", help="training folders (plugin exports)"
     )
     parser.add_argument("--model", help="parent weights (default: the shipped model)")
-    parser.add_argument("--steps", type=int, default=200, help="optimiser steps (default 200)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=200,
+        help="optimiser steps (default 200), in epochs of 20; a last epoch may be shorter",
+    )
     parser.add_argument(
         "--freeze",
         default="",
@@ -52,7 +60,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--val-fraction", type=float, default=0.2, help="fraction held out for validation"
     )
-    parser.add_argument("--name", help="version name (default <parent>-ft<N>)")
+    parser.add_argument(
+        "--name", help="version name, a plain folder name (default <parent>-ft<N>)"
+    )
     parser.add_argument("--out", type=Path, help="version folder (default DATA/models/NAME)")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads")
@@ -91,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
     Returns
     -------
     int
-        0 on success.
+        0 on success, 130 when interrupted (Ctrl-C).
     """
-    from ..core.finetune import finetune, list_model_versions
+    from ..core.finetune import FinetuneInterrupted, finetune, list_model_versions
 
     if args.list:
         for folder in args.data:
@@ -108,29 +118,36 @@ def run(args: argparse.Namespace) -> int:
         val = f", val AP {row['val_ap']:.3f}" if "val_ap" in row else ""
         print(f"epoch {row['epoch']}: loss {row['loss_total']:.3f}{val}", flush=True)
 
-    version = finetune(
-        args.data,
-        args.model,
-        steps=args.steps,
-        freeze=args.freeze,
-        lr=args.lr,
-        val_names=[v for v in args.val.split(",") if v] if args.val else None,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        name=args.name,
-        out=args.out,
-        device=args.device,
-        num_threads=args.threads,
-        time_limit_minutes=args.time_limit,
-        progress=True,
-        callback=report,
-        replay=None
-        if args.no_replay
-        else "parent"
-        if args.replay == ["parent"]
-        else (args.replay or "auto"),
-        replay_names=args.replay_names,
-        replay_fraction=args.replay_fraction,
-    )
+    try:
+        version = finetune(
+            args.data,
+            args.model,
+            steps=args.steps,
+            freeze=args.freeze,
+            lr=args.lr,
+            val_names=[v for v in args.val.split(",") if v] if args.val else None,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            name=args.name,
+            out=args.out,
+            device=args.device,
+            num_threads=args.threads,
+            time_limit_minutes=args.time_limit,
+            progress=True,
+            callback=report,
+            replay=None
+            if args.no_replay
+            else "parent"
+            if args.replay == ["parent"]
+            else (args.replay or "auto"),
+            replay_names=args.replay_names,
+            replay_fraction=args.replay_fraction,
+        )
+    except FinetuneInterrupted as stop:
+        print(f"interrupted: kept model version {stop.version.label}: {stop.version.path}")
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted before the first weights were kept: no model version")
+        return 130
     print(f"model version {version.label}: {version.path}")
     return 0

@@ -20,6 +20,8 @@ defaults:
 from __future__ import annotations
 
 import json
+import numbers
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .io import path_list
-from .train import FREEZE_OPTIONS, TrainConfig, load_samples, train
+from .train import FREEZE_OPTIONS, TrainConfig, folder_list, load_samples, train
 from .weights import load_model, read_metadata, save_model, shipped_weights_path
 
 MODELS_DIRNAME = "models"
@@ -124,6 +126,62 @@ def _next_name(folder: Path, stem: str) -> str:
 MIN_IMAGES_TO_RETUNE = 3
 
 
+class FinetuneInterrupted(KeyboardInterrupt):
+    """Fine-tuning was interrupted (Ctrl-C) after some weights were kept.
+
+    The best weights so far are registered as a model version before this is raised.
+
+    Attributes
+    ----------
+    version : ModelVersion
+        The version kept.
+    """
+
+    def __init__(self, version: ModelVersion) -> None:
+        super().__init__(f"fine-tuning interrupted; kept model version {version.name}")
+        self.version = version
+
+
+def check_version_name(name: str) -> str:
+    """Check that a model version's name is one folder name inside the models folder.
+
+    Parameters
+    ----------
+    name : str
+        The version name.
+
+    Returns
+    -------
+    str
+        ``name``.
+
+    Raises
+    ------
+    TypeError
+        If ``name`` is not a ``str``.
+    ValueError
+        If it is empty, ``.`` or ``..``, starts with ``.``, or contains a path separator
+        or a drive colon.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if not name.strip() or name != name.strip():
+        raise ValueError(f"name must be a non-empty name without surrounding spaces: {name!r}")
+    if name.startswith(".") or any(c in name for c in "/\\:\0"):
+        raise ValueError(
+            f"name {name!r} must be a plain folder name inside the models folder: no path "
+            "separators (/ \\), no ':', no leading '.' (no '..')"
+        )
+    return name
+
+
+def _check_types(**values: tuple[Any, type | tuple[type, ...], str]) -> None:
+    """Raise TypeError naming the first argument whose value is not of its kind."""
+    for arg, (value, kind, text) in values.items():
+        if isinstance(value, bool) or not isinstance(value, kind):  # True is no number here
+            raise TypeError(f"{arg} must be {text}, got {type(value).__name__} {value!r}")
+
+
 def finetune(
     data: str | Path | Sequence[str | Path],
     init: str | Path | None = None,
@@ -158,7 +216,8 @@ def finetune(
     init : path, optional
         Parent weights; default: the shipped model.
     steps : int
-        Optimiser steps (batches of ``batch_size`` random crops).
+        Optimiser steps (batches of ``batch_size`` random crops), exactly: the last epoch
+        is shorter when ``steps`` is not a multiple of ``steps_per_epoch``.
     freeze : {"", "encoder", "backbone"}
         Parts of the network kept fixed.
     lr : float
@@ -172,7 +231,8 @@ def finetune(
     seed : int
         Seeds the split, the crops and the network.
     name : str, optional
-        Version name; default ``<parent name>-ft<N>``.
+        Version name, a plain folder name (no path separators, no leading ``.``); default
+        ``<parent name>-ft<N>``.
     out : path, optional
         Version folder; default ``<first data folder>/models/<name>``.
     device : str
@@ -202,10 +262,47 @@ def finetune(
     -------
     ModelVersion
         The new version (weights in ``out/model.safetensors``).
+
+    Raises
+    ------
+    FinetuneInterrupted
+        On a KeyboardInterrupt (Ctrl-C) after the first weights were kept: the best
+        weights so far are registered as a version first (its ``version`` attribute). A
+        KeyboardInterrupt before that leaves no version.
+    TypeError
+        If an argument has the wrong type (e.g. ``data`` as ``bytes``).
     """
-    data = path_list(data)
+    data = folder_list(data, "data")
     if not data:
         raise ValueError("no data folders given")
+    integer, real = (numbers.Integral, "an int"), (numbers.Real, "a number")
+    path_or_none = ((str, os.PathLike, type(None)), "a path (str or Path) or None")
+    string = (str, "a str")
+    _check_types(
+        init=(init, *path_or_none),
+        steps=(steps, *integer),
+        freeze=(freeze, *string),
+        lr=(lr, *real),
+        val_fraction=(val_fraction, *real),
+        batch_size=(batch_size, *integer),
+        crop_size=(crop_size, *integer),
+        steps_per_epoch=(steps_per_epoch, *integer),
+        seed=(seed, *integer),
+        out=(out, *path_or_none),
+        device=(device, *string),
+        num_threads=(num_threads, *integer),
+        time_limit_minutes=(time_limit_minutes, *real),
+        replay_names=(replay_names, *string),
+        replay_fraction=(replay_fraction, *real),
+    )
+    if name is not None:
+        check_version_name(name)
+    if isinstance(val_names, str):  # one image name, not a list of characters
+        val_names = [val_names]
+    if val_names is not None:
+        bad_names = [v for v in val_names if not isinstance(v, str)]
+        if bad_names:
+            raise TypeError(f"val_names must hold image names (str), got {bad_names[0]!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if freeze not in FREEZE_OPTIONS:
@@ -241,8 +338,7 @@ def finetune(
             )
         replay_folders, replay_names = [str(f) for f in found[0]], found[1]
     elif replay:
-        replay_list = [replay] if isinstance(replay, str | Path) else list(replay)
-        replay_folders = [str(f) for f in replay_list]
+        replay_folders = folder_list(replay, "replay")
         gone = [f for f in replay_folders if not Path(f).is_dir()]
         if gone:
             raise FileNotFoundError(f"replay folder(s) not found: {gone}")
@@ -270,7 +366,7 @@ def finetune(
     name = name or out.name
     if (out / WEIGHTS_NAME).exists():
         raise FileExistsError(f"{out / WEIGHTS_NAME} exists; choose another name")
-    epochs = max(1, int(np.ceil(steps / steps_per_epoch)))
+    epochs = max(1, int(np.ceil(steps / steps_per_epoch)))  # the last one may be shorter
     config = TrainConfig(
         data=[str(d) for d in data],
         train_wells=",".join(train_names),
@@ -279,6 +375,7 @@ def finetune(
         init=str(parent),
         epochs=epochs,
         steps_per_epoch=min(steps_per_epoch, steps),
+        max_steps=steps,
         batch_size=batch_size,
         crop_size=crop_size,
         lr=lr,
@@ -297,14 +394,19 @@ def finetune(
     )
     t0 = time.time()
     made = not out.exists()
+    interrupted = False
     try:
         best = train(config, resume=True, progress=progress, callback=callback)
-    except BaseException:
-        # a run that failed before writing any weights leaves no empty version behind
-        # (it would hold only config.toml, and later versions would skip its number)
-        if made and out.is_dir() and not any(out.glob("*.safetensors")):
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    except BaseException as err:
+        best = out / "best.safetensors"
+        # Ctrl-C after the first weights were kept: keep them, as the Stop button does
+        interrupted = isinstance(err, KeyboardInterrupt) and best.is_file()
+        if not interrupted:
+            # a run that failed before writing any weights leaves no empty version behind
+            # (it would hold only config.toml, and later versions would skip its number)
+            if made and out.is_dir() and not any(out.glob("*.safetensors")):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
     model = load_model(best)
     meta = dict(model.metadata)
     metrics = meta.get("metrics", {})
@@ -321,6 +423,7 @@ def finetune(
         "freeze": freeze,
         "lr": lr,
         "wall_time_s": round(time.time() - t0, 1),
+        "interrupted": interrupted,
         "replay": {"folders": replay_folders, "names": replay_names, "fraction": replay_fraction}
         if replay_folders
         else None,
@@ -343,7 +446,11 @@ def finetune(
     ckpt = out / "last.ckpt.safetensors"
     if ckpt.exists():
         ckpt.unlink()
-    return _version(weights)
+    ckpt.with_suffix(".tmp").unlink(missing_ok=True)  # a checkpoint cut off by Ctrl-C
+    version = _version(weights)
+    if interrupted:
+        raise FinetuneInterrupted(version)
+    return version
 
 
 def parent_training_data(weights: str | Path) -> tuple[list[Path], str] | None:
