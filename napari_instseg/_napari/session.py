@@ -414,16 +414,8 @@ class Session:
         str
             The key of the layer just shown (see :data:`LAYER_NAMES`).
         """
-        if prediction.shape != self.shape:
-            raise ValueError(
-                f"prediction is {prediction.shape} but image {self.image_layer.name!r} is "
-                f"{self.shape}"
-            )
-        self.prediction = prediction
-        self.model_name = model_name
-        if layers is None:
-            layers = prediction_layers(prediction, self.tau)
-        self._layer_data = layers
+        self.keep_prediction(prediction, model_name, layers)
+        layers = self._layer_data
         self.map_layers.owner = self
         # the layers needed to click come first, so editing can start while the maps follow
         self.ensure_labels_layer()
