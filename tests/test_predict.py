@@ -58,6 +58,16 @@ def cli_files(model, tmp_path):
     return weights, sample, image
 
 
+def centre_seed_file(mask, path):
+    """A seeds CSV with one seed, the middle pixel of ``mask`` in row-major order.
+
+    Returns the path and the seed (row, col).
+    """
+    r0, c0 = np.argwhere(mask)[len(np.argwhere(mask)) // 2]
+    path.write_text(f"row,col\n{r0},{c0}\n")
+    return path, (int(r0), int(c0))
+
+
 def test_shapes_and_probabilities(whole, image, model):
     h, w = image.shape
     cfg = model.config
@@ -527,9 +537,7 @@ def test_cli_grow_with_nothing_grown_leaves_no_earlier_table(cli_files, tmp_path
     from napari_instseg.core import grow as grow_module
 
     weights, sample, image = cli_files
-    r0, c0 = np.argwhere(sample.masks[0])[len(np.argwhere(sample.masks[0])) // 2]
-    seeds = tmp_path / "seeds.csv"
-    seeds.write_text(f"row,col\n{r0},{c0}\n")
+    seeds, (r0, c0) = centre_seed_file(sample.masks[0], tmp_path / "seeds.csv")
     res = tmp_path / "res"
     argv = ["grow", str(image), "--seeds", str(seeds), "--out", str(res), "--model"]
     argv += [str(weights), "--device", "cpu", "--tta", "1"]
@@ -596,9 +604,7 @@ def test_cli_grow_from_segments_matches_the_python_api(model, cli_files, tmp_pat
     from napari_instseg.core.pick import grow_from_segments
 
     weights, sample, image = cli_files
-    r0, c0 = np.argwhere(sample.masks[0])[len(np.argwhere(sample.masks[0])) // 2]
-    seeds = tmp_path / "seeds.csv"
-    seeds.write_text(f"row,col\n{r0},{c0}\n")
+    seeds, (r0, c0) = centre_seed_file(sample.masks[0], tmp_path / "seeds.csv")
     out = tmp_path / "out"
     argv = ["grow", str(image), "--seeds", str(seeds), "--out", str(out), "--tta", "1"]
     argv += ["--model", str(weights), "--device", "cpu", "--from", "segments"]
