@@ -38,3 +38,14 @@ def test_help_mentions_only_options_the_command_has(capsys, command):
     assert ("--out *.zarr" in text) == (command == "predict")
     if command == "grow":  # the embedding-only flags say so
         assert "no effect when worms start from the segments" in text
+
+
+def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
+    import napari_instseg.cli.evaluate as command
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "run", interrupted)
+    assert main(["evaluate", "--pred", "p", "--gt", "g"]) == 130
+    assert capsys.readouterr().err == "napari-instseg evaluate: interrupted\n"

@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:  # OSError: FileNotFoundError, FileExistsError, ...
         print(f"napari-instseg {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (train resumes from its
+        # last epoch's checkpoint when run again)
+        print(f"napari-instseg {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
