@@ -1099,3 +1099,54 @@ def test_an_image_opened_twice_gets_its_own_worms_layer(widget, worms, qtbot):
     assert len(session.worms) == len(worms.masks)
     widget.image_combo.setCurrentText("plate")
     assert widget.session().labels_layer is viewer.layers["plate worms"]
+
+
+def test_closing_the_widget_mid_work_loses_nothing(widget, worms, qtbot, monkeypatch):
+    """A tau drag, a run and the tau value survive the widget's removal and reopening."""
+    from napari_instseg._napari.widget import InstSegWidget
+
+    viewer = widget.viewer
+    widget.run_model(blocking=True)
+    session = widget.session()
+    widget.click_segments.setChecked(False)  # grown worms: tau moves them
+    click(qtbot, viewer, *inner_pixel(worms.masks, 0))
+    before = session.worms[0].mask.copy()
+    widget.set_tau(0.75, live=True)  # a drag the widget's removal interrupts
+    assert session._preview_start is not None
+    assert not np.array_equal(session.worms[0].mask, before)
+    # a run on another image that ends after the widget is gone
+    other = make_worms(shape=(160, 160), n_worms=3, n_crossings=0, seed=7)
+    late = prediction_from_masks(other.masks, noise=0.1)
+    release = threading.Event()
+    monkeypatch.setattr(
+        compute, "predict_image", lambda image, **kwargs: release.wait(10) and late
+    )
+    viewer.add_image(other.image, name="later")
+    widget.image_combo.setCurrentText("later")
+    qtbot.waitUntil(lambda: widget.session(create=False) is not None)
+    worker = widget.run_model()
+    assert worker is not None
+    viewer.window.remove_dock_widget(widget)
+    assert session._preview_start is None  # the drag is one undo step, sync works again
+    again = InstSegWidget(viewer)
+    viewer.window.add_dock_widget(again, name="instseg again")
+    again.image_combo.setCurrentText("worms image")
+    assert again.session() is session
+    maps = dict(again._map_layers)
+    foreground = maps["foreground"].data.copy()
+    release.set()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=10000)
+    qtbot.wait(50)
+    later = next(s for s in again.sessions.values() if s.image_layer.name == "later")
+    assert later.prediction is late  # kept for its image...
+    np.testing.assert_array_equal(maps["foreground"].data, foreground)  # ...not shown over
+    assert session.maps_shown
+    # the tau of the work carries over to the reopened widget
+    assert again.tau == 0.75
+    session.labels_layer.undo()  # the drag was one undo step, and the worms follow it
+    np.testing.assert_array_equal(session.worms[0].mask, before)
+    # a worms layer made again while "worms" is taken is named after its image
+    viewer.layers.remove(session.labels_layer)
+    viewer.add_labels(np.zeros((4, 4), np.uint8), name="worms")
+    click(qtbot, viewer, *inner_pixel(worms.masks, 1))
+    assert session.labels_layer.name == "worms image worms"

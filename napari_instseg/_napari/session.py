@@ -545,6 +545,14 @@ class Session:
             "translate": tuple(layer.translate[-nd:]),
         }
 
+    def _edit_layer_name(self, key: str) -> str:
+        """``worms`` / ``seeds``, or ``<image> worms`` when another layer has that name.
+
+        (napari would call it ``worms [1]``, which says nothing of whose worms they are.)
+        """
+        name = LAYER_NAMES[key]
+        return name if name not in self.viewer.layers else f"{self.image_layer.name} {name}"
+
     def ensure_labels_layer(self) -> Any:
         """Create the ``worms`` Labels layer if needed and return it."""
         if self.labels_layer is not None and self.labels_layer in self.viewer.layers:
@@ -556,7 +564,7 @@ class Session:
             labels = labels.astype(np.uint16)
         self.labels_layer = self.viewer.add_labels(
             labels,
-            name=LAYER_NAMES["worms"],
+            name=self._edit_layer_name("worms"),
             opacity=0.55,
             metadata={META: {"image": self.image_layer.name}},
             **self._transform_kwargs(),
@@ -658,7 +666,7 @@ class Session:
             with _keep_active_layer(self.viewer.layers):  # the worms layer stays active
                 self.seeds_layer = self.viewer.add_points(
                     np.zeros((0, 2)),
-                    name=LAYER_NAMES["seeds"],
+                    name=self._edit_layer_name("seeds"),
                     size=9,
                     border_color="white",
                     border_width=0.15,

@@ -108,6 +108,7 @@ class InstSegWidget(QWidget):
         self.sessions: dict[int, Session] = {}
         self._chosen_layer: Any = None  # the image layer chosen (followed through renames)
         self._bound_keys: dict[str, Any] = {}  # key -> our callback, while connected
+        self._removed = False  # taken out of the window (a later widget may take over)
         #: one set of map layers for all images: it shows the maps of the image last run or
         #: chosen (adding layers is slow in napari; changing their data is not)
         self._map_layers = MapLayers()
@@ -142,8 +143,12 @@ class InstSegWidget(QWidget):
         self._connect_viewer()
         earlier = self._take_over_earlier_sessions()
         self._refresh_images()
-        if earlier is not None:  # back on the image the earlier widget showed
+        if earlier is not None:  # back on the image the earlier widget showed, at its tau
             self.image_combo.setCurrentText(earlier.image_layer.name)
+            self.tau_slider.blockSignals(True)
+            self.tau_slider.setValue(int(round(earlier.tau * 100)))
+            self.tau_slider.blockSignals(False)
+            self.tau_label.setText(f"{earlier.tau:.2f}")
 
     # =============================================================== building
     def _build(self) -> None:
@@ -434,6 +439,7 @@ class InstSegWidget(QWidget):
 
     def _attach(self, session: Session) -> None:
         """Give a session this widget's shared map layers, callbacks and switches."""
+        session.end_preview()  # (an earlier widget's tau drag that never ended)
         session.map_layers = self._map_layers
         session.defer = self.after_next_paint
         session.on_worms_changed = self._on_worms_edited
@@ -450,6 +456,8 @@ class InstSegWidget(QWidget):
         from napari.utils.key_bindings import coerce_keybinding
 
         v = self.viewer
+        for session in self.sessions.values():  # a tau drag left open: one undo step now
+            session.end_preview()
         for ev in (v.layers.events.inserted, v.layers.events.removed):
             ev.disconnect(self._refresh_images)
         for callbacks, func in (
@@ -466,7 +474,8 @@ class InstSegWidget(QWidget):
     def event(self, event: Any) -> bool:  # noqa: D102 - Qt's
         kind = event.type()
         if kind == QEvent.Type.ParentChange:
-            if self.parent() is None:
+            self._removed = self.parent() is None
+            if self._removed:
                 self._disconnect_viewer()
             else:
                 self._connect_viewer()
@@ -943,7 +952,7 @@ class InstSegWidget(QWidget):
             self._say(result)
             return
         prediction, layers = result
-        if session is not self.session(create=False):  # another image was chosen meanwhile
+        if self._removed or session is not self.session(create=False):  # not shown now
             session.keep_prediction(prediction, name, layers)
             self._stop_bar()
             self._say(
