@@ -225,6 +225,9 @@ def measure_tau(
 ) -> tuple[list[float], list[float]]:
     """Grow one worm, then move the tau slider through the widget ``steps`` times.
 
+    The worm is grown from the embeddings ("clicks start from the automatic segments" off
+    for the measurement): that is the growth tau acts on.
+
     Parameters
     ----------
     viewer, widget : napari.Viewer, InstSegWidget
@@ -245,6 +248,10 @@ def measure_tau(
     session = widget.session()
     labels = session.labels_layer
     widget.set_tool("new")
+    # tau re-grows worms grown from the embeddings; a click that takes an automatic
+    # segment (the default for a tuned model since session 25) does not move with tau
+    from_segments = widget.click_segments.isChecked()
+    widget.click_segments.setChecked(False)
     row, col = inner_pixel(masks, 0)
     send_click(viewer, row, col)
     redraw.wait()
@@ -273,6 +280,7 @@ def measure_tau(
     widget.undo()  # the whole drag
     widget.undo()  # the new instance
     redraw.wait()
+    widget.click_segments.setChecked(from_segments)
     return times, cpu
 
 
