@@ -925,8 +925,10 @@ def test_widget_from_the_plugins_menu_keeps_its_session_and_keys_work(
     session = widget.session()
     assert session is not None and session.prediction is not None
     assert widget.session() is session and len(widget.sessions) == 1
+    viewer.layers.selection.active = viewer.layers["worms image"]
     click(qtbot, viewer, *inner_pixel(worms.masks, 0))
     assert session.labels_layer.data.max() == 1
+    assert viewer.layers.selection.active is session.labels_layer  # Ctrl+Z undoes the click
     edit_layers = [
         layer.name for layer in viewer.layers if layer.name.startswith(("worms ", "seeds "))
     ]
@@ -940,7 +942,6 @@ def test_widget_from_the_plugins_menu_keeps_its_session_and_keys_work(
     QTest.keyClick(canvas, Qt.Key.Key_R)
     qtbot.wait(20)
     assert widget.tool == "remove"
-    viewer.layers.selection.active = session.labels_layer
     QTest.keyClick(canvas, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
     qtbot.wait(20)
     assert session.labels_layer.data.max() == 0 and not errors

@@ -69,7 +69,7 @@ KEYS: dict[str, str] = {
     "K": "mark the selected instance reviewed (again: take the review back)",
     ".": "centre on the next (least certain) unreviewed instance",
     "Shift+click": "add a positive seed to the selected instance (any tool)",
-    "Ctrl+Z / Ctrl+Shift+Z": "undo / redo (napari Labels history, worms layer active)",
+    "Ctrl+Z / Ctrl+Shift+Z": "undo / redo (napari Labels history; a click makes worms active)",
 }
 
 METHODS = ("auto", "hybrid", "seeds", "boundary")
@@ -1242,6 +1242,9 @@ class InstSegWidget(QWidget):
         elif tool in ("merge", "split"):
             result = self._two_clicks(session, tool, point)
         self._update_review_label()
+        layers = self.viewer.layers
+        if session.labels_layer in layers and layers.selection.active is not session.labels_layer:
+            layers.selection.active = session.labels_layer  # so Ctrl+Z undoes this edit
         return result
 
     def _grow_new(self, session: Session, point: Point) -> int | None:
