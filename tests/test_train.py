@@ -399,8 +399,8 @@ def test_cli_train(data, tmp_path, capsys):
     assert "missing.toml" in capsys.readouterr().err
 
 
-def test_cli_train_on_training_folders_takes_all_their_images(tmp_path, capsys):
-    from napari_instseg.cli import main
+def _two_sample_folder(path):
+    """A training folder of two synthetic images, ``worms-a`` and ``worms-b``."""
     from napari_instseg.core.training_folder import write_training_folder
 
     samples = []
@@ -408,7 +408,13 @@ def test_cli_train_on_training_folders_takes_all_their_images(tmp_path, capsys):
         sample = _worms(i)
         sample.name = name
         samples.append(sample)
-    folder = write_training_folder(tmp_path / "corrected", samples)
+    return write_training_folder(path, samples)
+
+
+def test_cli_train_on_training_folders_takes_all_their_images(tmp_path, capsys):
+    from napari_instseg.cli import main
+
+    folder = _two_sample_folder(tmp_path / "corrected")
     out = tmp_path / "run"
     argv = ["train", "--data", str(folder), "--epochs", "1", "--out", str(out)]
     argv += ["--steps-per-epoch", "1", "--batch-size", "1", "--crop-size", "64"]
@@ -484,14 +490,8 @@ def test_cli_train_on_a_folder_without_manifest(tmp_path, capsys):
 def test_a_config_file_or_object_behaves_like_the_flags(data, tmp_path, monkeypatch, capsys):
     """One folder as a str, and BBBC010's default wells dropped for training folders."""
     from napari_instseg.cli import main
-    from napari_instseg.core.training_folder import write_training_folder
 
-    samples = []
-    for i, name in enumerate(["worms-a", "worms-b"]):
-        sample = _worms(i)
-        sample.name = name
-        samples.append(sample)
-    folder = write_training_folder(tmp_path / "tfx", samples)
+    folder = _two_sample_folder(tmp_path / "tfx")
     monkeypatch.chdir(tmp_path)
     small = 'epochs = 1\nsteps_per_epoch = 1\nbatch_size = 1\ncrop_size = 64\ndevice = "cpu"\n'
     (tmp_path / "c.toml").write_text(f'data = "tfx"\nout = "tr2"\n{small}')
