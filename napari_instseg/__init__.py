@@ -38,6 +38,7 @@ _API: dict[str, str] = {
     "grow_instances": "napari_instseg.core.grow",
     "grow_from_segments": "napari_instseg.core.pick",
     "WormSeeds": "napari_instseg.core.grow",
+    "BackgroundSeedWarning": "napari_instseg.core.grow",
     "measure": "napari_instseg.core.measure",
     "evaluate": "napari_instseg.core.evaluate",
     "train": "napari_instseg.core.train",

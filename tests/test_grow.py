@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 
@@ -250,6 +252,34 @@ def test_grow_instances_one_per_worm(oracle):
     assert len(grow_instances(p, [])) == 0
     with pytest.raises(ValueError, match="worm 1 has no positive seed"):
         grow_instances(p, [WormSeeds((), ((1, 1),))])
+
+
+def test_grow_instances_leaves_out_seeds_on_background(oracle):
+    from napari_instseg.core.grow import (
+        FG_FLOOR,
+        BackgroundSeedWarning,
+        WormSeeds,
+        background_seeds,
+        grow_instances,
+    )
+
+    masks, p = oracle
+    background = tuple(map(int, np.argwhere(p.foreground < FG_FLOOR)[0]))
+    assert background_seeds(p.foreground, [(31, 10), background, (-1, 5)]) == [background]
+    worms = [WormSeeds(((31, 10), background)), WormSeeds((background,))]
+    with pytest.warns(BackgroundSeedWarning) as caught:
+        inst = grow_instances(p, worms, tau=0.5)
+    assert [str(w.message).split(":")[0] for w in caught] == ["worm 1", "worm 2"]
+    assert "its mask is empty" in str(caught[1].message)
+    # the worm keeps its seed on the worm; the one with none left is empty, score 0
+    np.testing.assert_array_equal(inst.masks[0], grow(p, (31, 10)))
+    assert not inst.masks[1].any() and inst.scores[1] == 0 and inst.scores[0] > 0
+    assert inst.seeds.tolist() == [[31, 10], list(background)]
+    # unclipped masks were asked for: the seed is kept (and grows into the background)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unclipped = grow_instances(p, worms[1:], clip_to_foreground=False)
+    assert unclipped.masks[0].sum() > 1
 
 
 @pytest.mark.parametrize("radius", [0, 1, 2, 5, 12, 40])

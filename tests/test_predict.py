@@ -595,6 +595,11 @@ def test_cli_grow_skips_seeds_on_background_and_warns_about_ignored_flags(
     assert "warning" not in capsys.readouterr().err
     assert main([*argv, "--from", "segments", "--overwrite"]) == 0  # not given: no warning
     assert "warning" not in capsys.readouterr().err
+    # unclipped embedding growth asked for: a seed on background is kept, as in Python
+    seeds.write_text("worm,row,col\n1,2,3\n")
+    assert main([*argv, "--no-clip", "--from", "embedding", "--overwrite"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert tifffile.imread(out / "worms_labels.tif")[2, 3] == 1
 
 
 def test_cli_grow_from_segments_matches_the_python_api(model, cli_files, tmp_path):

@@ -121,7 +121,13 @@ def run(args: argparse.Namespace) -> int:
     """
     import pandas as pd
 
-    from ..core.grow import FG_FLOOR, WormSeeds, d2_threshold, grow_instances
+    from ..core.grow import (
+        FG_FLOOR,
+        WormSeeds,
+        background_seeds,
+        d2_threshold,
+        grow_instances,
+    )
     from ..core.io import read_image, read_seed_table
     from ..core.measure import measure
     from ..core.pick import starts_from_segments
@@ -176,14 +182,13 @@ def run(args: argparse.Namespace) -> int:
                 "embedding grows every worm from the embeddings"
             )
         foreground = np.asarray(prediction.foreground)
-        height, width = foreground.shape
         kept: dict[int, WormSeeds] = {}
         for worm_id, worm in worms.items():
-            on_background = [  # (seeds outside the image: grow_instances' error)
-                (r, c)
-                for r, c in worm.positive
-                if 0 <= r < height and 0 <= c < width and foreground[r, c] < FG_FLOOR
-            ]
+            # as grow_instances: kept when --no-clip asks for unclipped embedding growth
+            # (seeds outside the image: grow_instances' error)
+            on_background = (
+                background_seeds(foreground, worm.positive) if segments or not args.no_clip else []
+            )
             at = f" of plane {plane}" if len(stack) > 1 else ""
             for r, c in on_background:
                 _warn(

@@ -20,6 +20,7 @@ Both worms keep their crossing pixels, and the worm stays connected through them
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from .types import Instances, Prediction
 
 __all__ = [
     "FG_FLOOR",
+    "BackgroundSeedWarning",
     "Grower",
     "WormSeeds",
     "d2_threshold",
@@ -53,6 +55,39 @@ never takes such pixels, and a click on one grows nothing (the seed alone). On B
 every annotated worm's central pixel is above 0.5 for the shipped model, while the
 embeddings of the background are all alike: a click there used to flood the whole
 background (~340,000 of the 362,000 pixels, docs/benchmarks.md "Session 26")."""
+
+
+class BackgroundSeedWarning(UserWarning):
+    """A seed lies on plain background (foreground below :data:`FG_FLOOR`) and was left out."""
+
+
+def background_seeds(
+    foreground: np.ndarray, seeds: Sequence[Sequence[int]], fg_floor: float | None = None
+) -> list[tuple[int, int]]:
+    """The seeds that lie on plain background, where a click grows nothing.
+
+    Parameters
+    ----------
+    foreground : (H, W) array
+        Foreground probability of the image.
+    seeds : sequence of (row, col)
+        Seed pixels; those outside the image are not background (``grow`` refuses them).
+    fg_floor : float, optional
+        Foreground probability below which a pixel is background to every click;
+        default :data:`FG_FLOOR`.
+
+    Returns
+    -------
+    list of (row, col)
+        The seeds, in their order, whose foreground probability is below ``fg_floor``.
+    """
+    floor = FG_FLOOR if fg_floor is None else fg_floor
+    height, width = foreground.shape[-2:]
+    return [
+        (int(r), int(c))
+        for r, c in seeds
+        if 0 <= r < height and 0 <= c < width and foreground[r, c] < floor
+    ]
 
 
 def d2_threshold(tau: float) -> float:
@@ -747,14 +782,23 @@ def grow_instances(
         ``edge_thresholds`` of ``grow_options`` applies then.
     **grow_options
         Passed to :func:`grow` (``boundary_barrier``, ``clip_to_foreground``,
-        ``edge_thresholds``, ...).
+        ``edge_thresholds``, ``fg_floor``, ...).
 
     Returns
     -------
     Instances
         One mask per worm, in the given order (overlaps kept); score and class from the
         class head at the worm's first positive seed (Fathi et al.), its seed that one,
-        ``taus`` the thresholds used.
+        ``taus`` the thresholds used. Positive seeds on plain background (foreground below
+        ``fg_floor``, :data:`FG_FLOOR` by default; :func:`background_seeds`) are left out
+        with a :class:`BackgroundSeedWarning`, as the plugin and ``napari-instseg grow``
+        do, unless ``clip_to_foreground=False`` asks for unclipped masks; a worm with no
+        seed left gets an empty mask and score 0.
+
+    Warns
+    -----
+    BackgroundSeedWarning
+        For each worm that had seeds on plain background.
 
     Raises
     ------
@@ -766,11 +810,33 @@ def grow_instances(
     if not worms:
         return Instances(masks=np.zeros((0, h, w), bool))
     _, best_class, best_score = grower.prediction.best_tau_class()
-    masks, seeds, taus = [], [], []
+    fg_floor = grow_options.get("fg_floor", FG_FLOOR)  # (grow's own default)
+    skip_background = from_segments or grow_options.get("clip_to_foreground", True)
+    foreground = np.asarray(grower.prediction.foreground)
+    masks, seeds, taus, empty = [], [], [], []
     for index, worm in enumerate(worms):
         if not worm.positive:
             raise ValueError(f"worm {index + 1} has no positive seed")
         taus.append(tau if worm.tau is None else worm.tau)
+        seeds.append(_as_points(worm.positive[0], grower.shape, "seeds")[0])
+        outside = background_seeds(foreground, worm.positive, fg_floor)
+        if skip_background and outside:
+            worm = WormSeeds(
+                tuple(p for p in worm.positive if tuple(p) not in outside),
+                worm.negative,
+                worm.tau,
+            )
+            left = "left out" if worm.positive else "left out: its mask is empty"
+            warnings.warn(
+                f"worm {index + 1}: seed(s) {', '.join(map(str, outside))} on plain "
+                f"background (foreground < {fg_floor}) {left}",
+                BackgroundSeedWarning,
+                stacklevel=2,
+            )
+            if not worm.positive:
+                masks.append(np.zeros(grower.shape, bool))
+                empty.append(index)
+                continue
         if from_segments:
             from .pick import grow_from_segments
 
@@ -785,12 +851,13 @@ def grow_instances(
                 grow(grower, list(worm.positive), tau=taus[-1],
                      negative=list(worm.negative) or None, **grow_options)
             )  # fmt: skip
-        seeds.append(_as_points(worm.positive[0], grower.shape, "seeds")[0])
     at = np.asarray(seeds)
     rows, cols = at[:, 0], at[:, 1]
+    scores = np.array(best_score[rows, cols])
+    scores[empty] = 0
     return Instances(
         masks=np.stack(masks),
-        scores=best_score[rows, cols],
+        scores=scores,
         classes=best_class[rows, cols],
         seeds=at,
         taus=np.asarray(taus, np.float32),
