@@ -1151,3 +1151,48 @@ def test_closing_the_widget_mid_work_loses_nothing(widget, worms, qtbot, monkeyp
     viewer.add_labels(np.zeros((4, 4), np.uint8), name="worms")
     click(qtbot, viewer, *inner_pixel(worms.masks, 1))
     assert session.labels_layer.name == "worms image worms"
+
+
+def test_export_gathers_several_images_in_one_training_folder(widget, worms, qtbot, tmp_path):
+    """A second image exported into a training folder is added; a name in it is asked about."""
+    from qtpy.QtWidgets import QFileDialog, QMessageBox
+
+    from napari_instseg.core.training_folder import read_training_folder
+
+    viewer, out = widget.viewer, tmp_path / "train"
+    widget.run_model(blocking=True)
+    widget.segment(blocking=True)
+    assert widget.export(out) == out
+    viewer.add_image(worms.image[::-1].copy(), name="second")
+    widget.image_combo.setCurrentText("second")
+    widget.run_model(blocking=True)
+    widget.segment(blocking=True)
+    assert widget.export(out) == out  # added, nothing asked, nothing replaced
+    assert "2 images in the folder" in widget.status.text()
+    assert [s.name for s in read_training_folder(out)] == ["worms image", "second"]
+    with pytest.raises(FileExistsError, match="already holds an image named 'second'"):
+        widget.export(out)
+    # the button: the dialog names what would be replaced; No writes nothing and says so
+    asked = []
+    answer = QMessageBox.StandardButton.No
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(out))
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or answer)
+    manifest = (out / "manifest.json").read_text()
+    widget.export_btn.click()
+    assert "Replace that image" in asked[-1] and "other images stay" in asked[-1]
+    assert "cancelled" in widget.status.text()
+    assert (out / "manifest.json").read_text() == manifest
+    widget.session().remove(label=widget.session().worms[0].label)
+    answer = QMessageBox.StandardButton.Yes
+    widget.export_btn.click()
+    monkeypatch.undo()
+    samples = {s.name: s for s in read_training_folder(out)}
+    assert list(samples) == ["worms image", "second"]
+    assert len(samples["second"].masks) == len(widget.session().worms)
+    # a folder of other files is not taken over without asking
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not a training folder"):
+        widget.export(other)

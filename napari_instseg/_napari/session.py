@@ -1367,20 +1367,68 @@ class Session:
         return {"scale": scale} if scale != 1.0 else {}
 
     def export(self, root: Any, overwrite: bool = False) -> Any:
-        """Write the image and instances as a training folder (see ``write_training_folder``).
+        """Write the image and instances into a training folder (``write_training_folder``).
+
+        A new or empty folder becomes a training folder; an existing training folder is
+        extended with this image (other images stay), so several corrected images can be
+        exported into one folder.
+
+        Parameters
+        ----------
+        root : str or Path
+            The folder.
+        overwrite : bool
+            Replace an image of the same name in a training folder, or write into a folder
+            that is not empty and not a training folder.
+
+        Returns
+        -------
+        Path
+            ``root``.
 
         Raises
         ------
         FileExistsError
-            If ``root`` exists and ``overwrite`` is False.
+            Without ``overwrite``: the training folder already holds an image of this name,
+            or ``root`` is a file or a non-empty folder that is not a training folder.
         """
-        from pathlib import Path
-
         from ..core.training_folder import write_training_folder
 
-        root = Path(root)
-        if root.exists() and any(root.iterdir()) and not overwrite:
-            raise FileExistsError(
-                f"{root} exists and is not empty; choose overwrite to replace it"
-            )
-        return write_training_folder(root, [self.to_sample()], overwrite=overwrite)
+        sample = self.to_sample()
+        conflict = export_conflict(root, sample.name)
+        if conflict and not overwrite:
+            raise FileExistsError(conflict)
+        return write_training_folder(root, [sample], overwrite=overwrite)
+
+
+def export_conflict(root: Any, name: str) -> str:
+    """Why exporting image ``name`` into folder ``root`` would replace something ("" if not).
+
+    Parameters
+    ----------
+    root : str or Path
+        The folder to export into.
+    name : str
+        The image's name in the training folder.
+
+    Returns
+    -------
+    str
+        A message for the user, or "" when the export only adds files: ``root`` does not
+        exist, is empty, or is a training folder without an image of that name.
+    """
+    from pathlib import Path
+
+    from ..core.training_folder import MANIFEST, training_folder_names
+
+    root = Path(root)
+    if root.is_file():
+        return f"{root} is a file, not a folder"
+    if not root.is_dir() or not any(root.iterdir()):
+        return ""
+    names = training_folder_names(root)
+    if (root / MANIFEST).is_file() or names:
+        if name in names:
+            return f"{root} already holds an image named {name!r}"
+        return ""
+    return f"{root} is not empty and is not a training folder"

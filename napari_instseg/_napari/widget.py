@@ -46,7 +46,14 @@ from . import compute
 from .finetune_widget import model_versions
 from .io import META
 from .layers import LAYER_NAMES, OWN_LAYER, prediction_layers, real_viewer
-from .session import MapLayers, Point, Session, live_session_for, live_sessions
+from .session import (
+    MapLayers,
+    Point,
+    Session,
+    export_conflict,
+    live_session_for,
+    live_sessions,
+)
 
 #: Click tools: key -> (shortcut key, button text, help).
 TOOLS: dict[str, tuple[str, str, str]] = {
@@ -1527,20 +1534,24 @@ class InstSegWidget(QWidget):
 
     # ================================================================= export
     def export(self, path: str | Path | None = None, overwrite: bool | None = None) -> Any:
-        """Export image + instances as a training folder.
+        """Export image + instances into a training folder.
+
+        A new or empty folder becomes a training folder; a training folder gets this image
+        added (its other images stay), so corrected images can be gathered in one folder.
 
         Parameters
         ----------
         path : str or Path, optional
             Folder; asks when None.
         overwrite : bool, optional
-            Replace an existing folder. When None and the folder exists, the user is asked
-            (and, without a dialog, a FileExistsError is raised).
+            Replace an image of the same name already in the folder (or write into a
+            non-empty folder that is not a training folder). When None and that is the
+            case, the user is asked (and, without a dialog, a FileExistsError is raised).
 
         Returns
         -------
         Path or None
-            The folder written.
+            The folder written, or None when nothing was written (the reason is shown).
         """
         session = self.session(create=False)
         if session is None or not session.worms:
@@ -1548,22 +1559,42 @@ class InstSegWidget(QWidget):
             return None
         interactive = path is None
         if path is None:
-            path = QFileDialog.getExistingDirectory(self, "Export training folder (new folder)")
+            path = QFileDialog.getExistingDirectory(
+                self, "Export training folder (a new or empty folder, or a training folder)"
+            )
             if not path:
                 return None
         path = Path(path)
-        exists = path.exists() and (path.is_file() or any(path.iterdir()))
-        if exists and overwrite is None:
+        name = str(session.image_layer.name)
+        try:
+            conflict = export_conflict(path, name)
+        except ValueError as err:  # e.g. a broken manifest.json
+            self._say(f"Export failed: {err}")
+            return None
+        if conflict and overwrite is None:
             if not interactive:
-                raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-            answer = QMessageBox.question(
-                self, "Overwrite?", f"{path} exists and is not empty. Replace it?"
-            )
+                raise FileExistsError(f"{conflict}; pass overwrite=True to replace it")
+            if "holds an image" in conflict:
+                question = f"{conflict}. Replace that image (the folder's other images stay)?"
+            else:
+                question = f"{conflict}. Write the training folder into it anyway?"
+            answer = QMessageBox.question(self, "Export training folder", question)
             overwrite = answer == QMessageBox.StandardButton.Yes
-            if not overwrite:
-                return None
-        session.export(path, overwrite=bool(overwrite))
-        self._say(f"Exported {len(session.worms)} instances to {path}")
+        if conflict and not overwrite:
+            self._say(f"Export cancelled: {conflict}. Nothing was written.")
+            return None
+        try:
+            session.export(path, overwrite=bool(overwrite))
+        except (OSError, ValueError) as err:  # e.g. a layer name that is no file name
+            self._say(f"Export failed: {err}")
+            return None
+        from ..core.training_folder import training_folder_names
+
+        n = len(training_folder_names(path))
+        self._say(
+            f"Exported {len(session.worms)} instances of {name!r} to {path} "
+            f"({n} image{'s' if n != 1 else ''} in the folder)"
+        )
         return path
 
 
