@@ -733,8 +733,57 @@ def test_cli_predict_says_which_options_the_kind_of_run_ignores(cli_files, tmp_p
     assert main([*argv, "--workers", "4", "--no-resume"]) == 0
     err = capsys.readouterr().err
     assert "--workers, --no-resume have no effect without --out *.zarr" in err
-    assert main([*argv, "--halo", "-3"]) == 1
-    assert "--halo must be >= 0" in capsys.readouterr().err
+    # a batch-only option is ignored, not checked, without --out *.zarr: said in the singular
+    assert main([*argv, "--overwrite", "--halo", "-3"]) == 0
+    assert "--halo has no effect without --out *.zarr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--chunk-size", "8"], "--chunk-size must be at least 16, got 8"),
+        (
+            ["--halo", "4"],
+            "--halo must be at least 8 (instances are matched in the overlap), got 4",
+        ),
+    ],
+)
+def test_cli_batch_names_the_one_bad_option(cli_files, tmp_path, capsys, option, message):
+    """A bad --chunk-size or --halo is named alone, with the real minimum, before any work."""
+    from napari_instseg.cli import main
+
+    weights, _, image = cli_files
+    out = tmp_path / "res.zarr"
+    argv = ["predict", str(image), "--out", str(out), "--model", str(weights), "--tta", "1"]
+    assert main([*argv, "--device", "cpu", *option]) == 1
+    err = capsys.readouterr().err
+    assert message in err
+    other = "--halo" if option[0] == "--chunk-size" else "--chunk-size"
+    assert other not in err and not out.exists()
+
+
+def test_cli_predict_and_grow_say_the_estimated_scale(
+    model, cli_files, tmp_path, capsys, monkeypatch
+):
+    """With --scale auto the line printed per image names the factor that was chosen."""
+    import napari_instseg.core.predict as predict_module
+    from napari_instseg.cli import main
+    from napari_instseg.core.weights import save_model
+
+    monkeypatch.setattr(predict_module, "auto_scale", lambda image, *a, **k: 0.75)
+    _, sample, image = cli_files
+    weights = save_model(model, tmp_path / "wide.safetensors", {"object_width": 8.0})
+    common = ["--model", str(weights), "--device", "cpu", "--tta", "1"]
+    assert main(["predict", str(image), "--out", str(tmp_path / "p"), *common]) == 0
+    assert "estimated scale" not in capsys.readouterr().out  # --scale 1: nothing to say
+    argv = ["predict", str(image), "--out", str(tmp_path / "a"), "--scale", "auto", *common]
+    assert main(argv) == 0
+    assert ", estimated scale 0.75)" in capsys.readouterr().out
+    seeds, _ = centre_seed_file(sample.masks[0], tmp_path / "seeds.csv")
+    argv = ["grow", str(image), "--seeds", str(seeds), "--out", str(tmp_path / "g")]
+    argv += ["--scale", "auto", "--from", "embedding", "--no-clip", *common]
+    assert main(argv) == 0
+    assert ", estimated scale 0.75)" in capsys.readouterr().out
 
 
 def test_cli_evaluate_reads_what_predict_wrote(cli_files, tmp_path, monkeypatch):

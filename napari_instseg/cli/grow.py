@@ -40,6 +40,7 @@ from .predict import (
     SCALE_HELP,
     _load_model,
     check_outputs,
+    estimated_scale_note,
     output_name,
     scale_arg,
     tta_arg,
@@ -160,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None
     ]
     labels, tables, n_worms, warned, any_segments = [], [], 0, False, False
+    scales: list[float] = []
     for plane, image in enumerate(stack):
         image = image[0] if image.shape[0] == 1 else image
         worms = planes.get(plane, {})
@@ -169,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         prediction = predict(
             image, model, args.device, tta=args.tta, cache=args.cache, scale=args.scale
         )
+        scales.append(float(prediction.metadata.get("scale", 1.0)))
         segments = args.start == "segments" or (
             args.start == "auto" and starts_from_segments(prediction)
         )
@@ -223,7 +226,8 @@ def run(args: argparse.Namespace) -> int:
         csv.unlink(missing_ok=True)
     how = "from the automatic segments" if any_segments else f"tau {tau} unless the file sets one"
     print(
-        f"{args.image}: {n_worms} worm(s) grown ({how}), "
+        f"{args.image}: {n_worms} worm(s) grown ({how}"
+        f"{estimated_scale_note(args.scale, scales)}), "
         f"{time.perf_counter() - t0:.1f} s -> {args.out / name}_*"
     )
     return 0

@@ -44,6 +44,8 @@ METHODS = ("hybrid", "seeds", "boundary", "auto")
 _MAPS = ("embeddings", "seediness", "boundary", "foreground")
 #: ``core.device.PRECISIONS``, spelled out so that ``--help`` needs no torch import
 PRECISIONS = ("auto", "float32", "bfloat16")
+#: the smallest ``--halo`` of a batch (``core.batch`` checks it too)
+MIN_HALO = 8
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -135,7 +137,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=1, help="local worker processes (1: threads only)"
     )
     batch.add_argument(
-        "--threads", type=int, help="threads (per worker with --workers > 1; default: cores)"
+        "--threads",
+        type=int,
+        help="threads of the local scheduler (default: the CPU count), or of each worker "
+        "with --workers > 1 (default 1)",
     )
     batch.add_argument(
         "--measurements",
@@ -319,8 +324,13 @@ def run(args: argparse.Namespace) -> int:
         0 on success, 1 when an image failed (each failure is reported on stderr).
     """
     batch = str(args.out).rstrip("/").lower().endswith(".zarr")
-    if args.halo < 0 or args.chunk_size < 16:
-        raise ValueError("--halo must be >= 0 and --chunk-size at least 16")
+    if batch and args.chunk_size < 16:
+        raise ValueError(f"--chunk-size must be at least 16, got {args.chunk_size}")
+    if batch and args.halo < MIN_HALO:
+        raise ValueError(
+            f"--halo must be at least {MIN_HALO} (instances are matched in the overlap), "
+            f"got {args.halo}"
+        )
     _warn_ignored(args, batch)
     if batch:
         return _run_batch(args)
@@ -363,6 +373,7 @@ def _predict_one(args: argparse.Namespace, path: Path, name: str, model, segment
     t0 = time.perf_counter()
     stack = read_image(path, channel_axis=args.channel_axis)  # (N, C, H, W)
     labels, maps, tables, n_instances = [], {k: [] for k in _MAPS}, [], 0
+    scales: list[float] = []
     for plane, image in enumerate(stack):
         image = image[0] if image.shape[0] == 1 else image
         prediction = predict(
@@ -375,6 +386,7 @@ def _predict_one(args: argparse.Namespace, path: Path, name: str, model, segment
             scale=args.scale,
             precision=args.precision,
         )
+        scales.append(float(prediction.metadata.get("scale", 1.0)))
         instances = segment(prediction, args.method, **_segment_overrides(args))
         labels.append(instances.to_labels())
         n_instances += len(instances)
@@ -400,8 +412,32 @@ def _predict_one(args: argparse.Namespace, path: Path, name: str, model, segment
         )
     print(
         f"{path}: {len(stack)} plane(s), {n_instances} instance(s) "
-        f"({args.method}), {time.perf_counter() - t0:.1f} s -> {args.out / name}_*"
+        f"({args.method}{estimated_scale_note(args.scale, scales)}), "
+        f"{time.perf_counter() - t0:.1f} s -> {args.out / name}_*"
     )
+
+
+def estimated_scale_note(scale_arg_value: float | str, scales: list[float]) -> str:
+    """Say which factor ``--scale auto`` chose, for the line printed per image.
+
+    Parameters
+    ----------
+    scale_arg_value : float or str
+        The parsed ``--scale``: a number, or ``"auto"``.
+    scales : list of float
+        The factor each processed plane was predicted at (``metadata["scale"]``).
+
+    Returns
+    -------
+    str
+        ``", estimated scale 0.6"`` (one factor per plane, comma-separated, for a stack
+        whose planes differ) with ``--scale auto``; empty otherwise, or when no plane ran.
+    """
+    if scale_arg_value != "auto" or not scales:
+        return ""
+    distinct = list(dict.fromkeys(round(s, 3) for s in scales))
+    shown = ", ".join(f"{s:g}" for s in (distinct if len(distinct) == 1 else scales))
+    return f", estimated scale {shown}"
 
 
 #: options of one kind of run only, with their defaults: (batch only, plain only)
@@ -422,8 +458,9 @@ def _warn_ignored(args: argparse.Namespace, batch: bool) -> None:
     ]
     if given:
         kind = "with --out *.zarr (a batch)" if batch else "without --out *.zarr"
+        verb = "has" if len(given) == 1 else "have"
         print(
-            f"napari-instseg predict: warning: {', '.join(given)} have no effect {kind}",
+            f"napari-instseg predict: warning: {', '.join(given)} {verb} no effect {kind}",
             file=sys.stderr,
         )
 
@@ -440,6 +477,7 @@ def _run_batch(args: argparse.Namespace) -> int:
                 f"no shipped model at {shipped_weights_path()}; pass --model WEIGHTS.safetensors"
             )
     shown: dict[str, int] = {}
+    t0 = time.perf_counter()  # this call's time: a finished store's report keeps its run's
 
     def progress(stage: str, done: int, total: int) -> None:
         step = max(1, total // 20)
@@ -474,19 +512,20 @@ def _run_batch(args: argparse.Namespace) -> int:
         f"{args.out}: {report['planes']} image(s) of {report['shape'][2]} x "
         f"{report['shape'][3]}, {report['instances']} instance(s); chunks: "
         f"{chunks['computed']} computed, {chunks['skipped']} already done, "
-        f"{chunks['failed']} failed ({report['seconds']['total']:.1f} s, {report['scheduler']})"
+        f"{chunks['failed']} failed ({time.perf_counter() - t0:.1f} s, {report['scheduler']})"
     )
     if report.get("scale_estimates") is not None:
         estimates = ", ".join(f"{v:g}" for v in report["scale_estimates"])
-        print(f"scale {report['scale']:g} for every image (estimated on planes: {estimates})")
+        print(
+            f"scale {report['scale']:g} for every image (the median of the estimates "
+            f"{estimates} on the first, middle and last image)"
+        )
     for item in report["skipped_inputs"]:
         print(f"skipped {item['path']}: {item['error']}", file=sys.stderr)
     for item in report["failed_chunks"]:
         print(f"failed chunk {item['chunk']} of {item['input']}: {item['error']}", file=sys.stderr)
     if not result.ok:
-        print(
-            f"see {args.out}/report.json; rerun the same command to retry failed chunks",
-            file=sys.stderr,
-        )
+        retry = "; rerun the same command to retry the failed chunks" if chunks["failed"] else ""
+        print(f"see {args.out}/report.json{retry}", file=sys.stderr)
         return 1
     return 0
