@@ -1196,3 +1196,35 @@ def test_export_gathers_several_images_in_one_training_folder(widget, worms, qtb
     (other / "todo.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not a training folder"):
         widget.export(other)
+
+
+def test_reopened_export_of_several_images_keeps_reviews_and_overlaps(widget, worms, tmp_path):
+    """An export of two images opens as a stack; each plane's worms keep their reviews."""
+    import dataclasses
+
+    from napari_instseg._napari.io import read
+    from napari_instseg.core.training_folder import read_training_folder, write_training_folder
+
+    assert (worms.masks.sum(0) > 1).any()  # crossing worms: an overlap to keep
+    n = len(worms.masks)
+    first = dataclasses.replace(worms, name="W01", reviewed=np.zeros(n, bool))
+    second = dataclasses.replace(
+        worms, name="W02", image=worms.image * 0.5, reviewed=np.arange(n) % 2 == 0
+    )
+    out = write_training_folder(tmp_path / "export", [first, second])
+    viewer = widget.viewer
+    for data, kwargs, kind in read(str(out)):  # File > Open Folder
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    viewer.dims.set_current_step(0, 1)
+    widget.image_combo.setCurrentText("images")
+    widget.run_model(blocking=True)
+    session = widget.session()
+    assert session.image_layer.name == "W02"
+    assert [w.reviewed for w in session.worms] == second.reviewed.tolist()
+    np.testing.assert_array_equal(session.instances.masks, worms.masks)  # overlaps whole
+    assert widget.review_label.text() == f"{second.reviewed.sum()} / {n} reviewed"
+    # exported again (e.g. after more corrections), the reviews are still there
+    widget.export(tmp_path / "again")
+    [back] = read_training_folder(tmp_path / "again")
+    assert back.reviewed.tolist() == second.reviewed.tolist()
+    assert (back.masks.sum(0) > 1).any()

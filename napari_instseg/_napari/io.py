@@ -4,7 +4,8 @@
   one well when a ``*_w2_*.tif`` file inside ``images/`` is opened) or a training folder
   written by the plugin. Each sample gives an Image layer and a Labels layer; the full,
   possibly overlapping masks and the reviewed flags travel in the Labels layer's
-  ``metadata["napari_instseg"]`` so the widget can keep overlaps. Image layers carry the
+  ``metadata["napari_instseg"]`` so the widget can keep overlaps (for a stack, one such
+  entry per plane under ``"planes"``). Image layers carry the
   folder read (``metadata["napari_instseg"]["folder"]``): the main widget lists the model
   versions fine-tuned beside it.
 - Writer: a Labels layer (+ its Image layer) to the training-folder format.
@@ -90,8 +91,17 @@ def samples_to_layers(samples: Sequence[Sample]) -> list[LayerData]:
         images = np.stack([s.image for s in samples])
         labels = np.stack([Instances(masks=s.masks).to_labels() for s in samples])
         names = [s.name for s in samples]
+        # each plane's full masks, reviewed flags and provenance: the widget gives them to
+        # the plane's own worms layer (planes[i] is what _labels_meta gives a single image)
+        planes = [_labels_meta(s)[META] for s in samples]
         layers.append((images, {"name": "images", "metadata": {META: {"names": names}}}, "image"))
-        layers.append((labels, {"name": "worms", "metadata": {META: {"names": names}}}, "labels"))
+        layers.append(
+            (
+                labels,
+                {"name": "worms", "metadata": {META: {"names": names, "planes": planes}}},
+                "labels",
+            )
+        )
         return layers
     for s in samples:
         layers.extend(samples_to_layers([s]))

@@ -764,16 +764,22 @@ class InstSegWidget(QWidget):
                 return existing
         if name in self.viewer.layers:  # the name is taken by another layer
             name = f"{layer.name} {list(index)}"
-        plane_labels = None
+        plane_labels, labels_meta = None, {}
         for other in self.viewer.layers:
             if (
                 isinstance(other, Labels)
                 and other.data.shape == data.shape[:lead] + data.shape[-2:]
                 and f"{name} worms" not in self.viewer.layers
             ):
-                same_names = (other.metadata.get(META) or {}).get("names") == names
+                stack_meta = other.metadata.get(META) or {}
+                same_names = stack_meta.get("names") == names
                 if other.name == f"{layer.name} worms" or (names and same_names):
                     plane_labels = np.asarray(other.data[index])
+                    # the reader's full masks, reviews and provenance of this plane (the
+                    # session uses them while they agree with the plane's labels)
+                    planes = stack_meta.get("planes")
+                    if lead == 1 and planes and len(planes) == data.shape[0]:
+                        labels_meta = {META: planes[index[0]]}
                     break
         plane = self.viewer.add_image(
             np.asarray(data[index]),
@@ -783,7 +789,7 @@ class InstSegWidget(QWidget):
             metadata={META: plane_meta},
         )
         if plane_labels is not None:
-            self.viewer.add_labels(plane_labels, name=f"{name} worms")
+            self.viewer.add_labels(plane_labels, name=f"{name} worms", metadata=labels_meta)
         return plane
 
     def model_choice(self) -> str | None:
@@ -875,6 +881,7 @@ class InstSegWidget(QWidget):
         if plane is not None:  # a stack: its current plane, as a layer of its own
             self.image_combo.setCurrentText(plane.name)
             session = self.session()
+            self._update_review_label()  # its worms (e.g. a reopened export's) are counted
             self._say(f"{session.image_layer.name}: the plane shown of a stack, as its own layer.")
         try:
             image = session.image
