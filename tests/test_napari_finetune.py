@@ -173,3 +173,31 @@ def test_opening_a_training_folder_lists_its_model_versions(make_napari_viewer, 
     count = widget.model_combo.count()
     viewer.add_image(np.zeros((96, 96), np.float32), name="another")
     assert widget.model_combo.count() == count  # a folder's versions are listed once
+
+
+def test_finetune_widget_refuses_folders_without_a_reviewed_worm(widget, parent, tmp_path, qtbot):
+    """Exports whose worms nobody reviewed would teach background only: the user is told."""
+    samples = [
+        dataclasses.replace(
+            make_worms((96, 96), n_worms=3, length=(40, 60), n_crossings=0, seed=i),
+            name=f"img{i}",
+            reviewed=np.zeros(3, bool),
+        )
+        for i in range(2)
+    ]
+    unreviewed = write_training_folder(tmp_path / "unreviewed", samples)
+    widget.set_parent(parent)
+    widget.add_folder(unreviewed)
+    assert "2 image(s), 6 worms, 0 reviewed" in widget.status.text()
+    assert "mark the worms you checked with K" in widget.status.text()
+    widget.steps.setValue(1)
+    assert widget.start() is None and widget.worker is None
+    assert "Nothing to learn from" in widget.status.text()
+    # one reviewed worm is something to learn from
+    samples[1] = dataclasses.replace(samples[1], reviewed=np.array([True, False, False]))
+    write_training_folder(unreviewed, samples[1:], overwrite=True)
+    widget.add_folder(unreviewed)
+    assert "1 reviewed" in widget.status.text()
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.last_error == "" and widget.version is not None

@@ -1163,6 +1163,10 @@ def test_export_gathers_several_images_in_one_training_folder(widget, worms, qtb
     widget.run_model(blocking=True)
     widget.segment(blocking=True)
     assert widget.export(out) == out
+    n = len(widget.session().worms)
+    # fine-tuning leaves unreviewed worms out: the user learns it when exporting, not later
+    assert f"{n} instances (0 reviewed)" in widget.status.text()
+    assert f"the {n} unreviewed are left out" in widget.status.text()
     viewer.add_image(worms.image[::-1].copy(), name="second")
     widget.image_combo.setCurrentText("second")
     widget.run_model(blocking=True)

@@ -63,6 +63,39 @@ class _Failure:
     error: Exception
 
 
+def reviewed_counts(folder: str | Path) -> tuple[int, int, int] | None:
+    """Images, worms and reviewed worms of an exported training folder, from its manifest.
+
+    Parameters
+    ----------
+    folder : str or Path
+        A folder listed for fine-tuning.
+
+    Returns
+    -------
+    (int, int, int) or None
+        None when the folder has no readable manifest (e.g. a BBBC010-style folder) or
+        records no review flags: then every worm is trusted.
+    """
+    import json
+
+    from ..core.training_folder import MANIFEST
+
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+        entries = list(manifest["images"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    images = worms = reviewed = 0
+    for entry in entries:
+        flags = entry.get("reviewed")
+        n = int(entry.get("n_instances") or 0)
+        if flags is None:
+            return None  # unknown: all trusted
+        images, worms, reviewed = images + 1, worms + n, reviewed + sum(map(bool, flags))
+    return images, worms, reviewed
+
+
 class _Rows(QObject):
     """Carries log rows from the worker thread to the GUI thread (queued signal)."""
 
@@ -200,11 +233,31 @@ class FinetuneWidget(QWidget):
 
     # -- inputs -------------------------------------------------------------------------
     def add_folder(self, folder: str | Path) -> None:
-        """Add a training folder (ignored if already listed)."""
+        """Add a training folder (ignored if already listed); say what it holds."""
         folder = str(Path(folder))
         if folder not in self.data_folders():
             self.folders.addItem(folder)
         self._refresh_parents()
+        if self.worker is None:
+            self.status.setText(self._data_summary())
+
+    def _data_summary(self) -> str:
+        """What the listed folders hold for training, with a warning when nothing is reviewed."""
+        images = worms = reviewed = 0
+        for folder in self.data_folders():
+            counts = reviewed_counts(folder)
+            if counts is None:  # not an export: every worm is trusted
+                return f"{len(self.data_folders())} folder(s) listed. Fine-tune when ready."
+            images, worms, reviewed = (
+                a + b for a, b in zip((images, worms, reviewed), counts, strict=True)
+            )
+        text = f"{images} image(s), {worms} worms, {reviewed} reviewed."
+        if worms and not reviewed:
+            return (
+                f"{text} Fine-tuning learns only from reviewed worms: mark the worms you "
+                "checked with K (Worm segmentation, 4. Review) and export again."
+            )
+        return f"{text} Fine-tune when ready (unreviewed worms are left out)."
 
     def data_folders(self) -> list[str]:
         """The folders listed."""
@@ -279,6 +332,11 @@ class FinetuneWidget(QWidget):
         folders = self.data_folders()
         if not folders:
             self.status.setText("Add at least one training folder first.")
+            return None
+        counts = [reviewed_counts(folder) for folder in folders]
+        if all(c is not None and c[1] > 0 and c[2] == 0 for c in counts):
+            # every worm would be left out of the loss: the model would learn background only
+            self.status.setText(f"Nothing to learn from. {self._data_summary()}")
             return None
         from ..core.finetune import finetune
 

@@ -1598,10 +1598,18 @@ class InstSegWidget(QWidget):
         from ..core.training_folder import training_folder_names
 
         n = len(training_folder_names(path))
-        self._say(
-            f"Exported {len(session.worms)} instances of {name!r} to {path} "
-            f"({n} image{'s' if n != 1 else ''} in the folder)"
+        worms = len(session.worms)
+        reviewed = sum(w.reviewed for w in session.worms)
+        text = (
+            f"Exported {worms} instances ({reviewed} reviewed) of {name!r} to {path} "
+            f"({n} image{'s' if n != 1 else ''} in the folder)."
         )
+        if reviewed < worms:  # fine-tuning leaves them out of the loss: say so now
+            text += (
+                f" Fine-tuning learns only from reviewed worms: the {worms - reviewed} "
+                "unreviewed are left out (mark them with K and export again)."
+            )
+        self._say(text)
         return path
 
 
