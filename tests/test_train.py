@@ -541,3 +541,24 @@ def test_max_steps_cuts_the_last_epoch_short(data, tmp_path, monkeypatch):
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert "val_grow_iou" in rows[-1]  # the short last epoch validates
     assert float(rows[-1]["lr"]) == pytest.approx(0.0, abs=1e-9)  # the schedule ends there
+
+
+def test_cli_train_says_where_a_relative_data_folder_was_looked_for(tmp_path, monkeypatch, capsys):
+    """A config's relative ``data`` is read from the current folder: the error says which."""
+    from napari_instseg.cli import main
+
+    config = tmp_path / "configs" / "run.toml"
+    config.parent.mkdir()
+    config.write_text('data = ["../shared/data/bbbc010"]\nepochs = 1\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "data folder ../shared/data/bbbc010 does not exist" in err
+    assert f"read from the current folder, {elsewhere}" in err
+    absent = tmp_path / "absent"
+    assert main(["train", "--data", str(absent), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert f"data folder {absent} does not exist" in err and "current folder" not in err
+    assert not (tmp_path / "run").exists()

@@ -135,10 +135,31 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     for folder in config.data:
         if not Path(folder).is_dir():
-            raise FileNotFoundError(f"data folder {folder} does not exist")
+            raise FileNotFoundError(f"data folder {folder} does not exist{_relative_hint(folder)}")
     if config.init and not Path(config.init).exists():
         raise FileNotFoundError(f"--init weights {config.init} do not exist")
     print(f"training into {config.out} (epochs {config.epochs}, device {config.device})")
     best = train(config, resume=not args.no_resume, progress=not args.no_progress)
     print(f"best weights: {best}")
     return 0
+
+
+def _relative_hint(folder: str | Path) -> str:
+    """Where a relative ``data`` path of a config was looked for (empty for absolute ones).
+
+    Parameters
+    ----------
+    folder : str or Path
+        A ``data`` entry of the run's configuration.
+
+    Returns
+    -------
+    str
+        `` (relative paths are read from the current folder, <cwd>: ...)``, or ``""``.
+    """
+    if Path(folder).is_absolute():
+        return ""
+    return (
+        f" (relative paths are read from the current folder, {Path.cwd()}: run from the "
+        "folder the config was written for, or give --data)"
+    )
