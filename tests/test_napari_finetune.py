@@ -201,3 +201,32 @@ def test_finetune_widget_refuses_folders_without_a_reviewed_worm(widget, parent,
     assert widget.start() is not None
     qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
     assert widget.last_error == "" and widget.version is not None
+
+
+def test_a_panel_opened_again_takes_over_the_running_fine_tune(widget, export, parent, qtbot):
+    """Closing the panel mid-run loses nothing; the next panel shows and stops that run."""
+    from napari_instseg._napari.finetune_widget import FinetuneWidget, model_versions
+
+    announced = []
+    model_versions.trained.connect(announced.append)
+    viewer = widget.viewer
+    widget.add_folder(export)
+    widget.set_parent(parent)
+    widget.steps.setValue(60)  # three epochs: time to close and reopen the panel
+    worker = widget.start()
+    viewer.window.remove_dock_widget(widget)  # the panel's close button
+    again = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(again, name="finetune again")
+    assert again.data_folders() == [str(export)]
+    assert not again.start_button.isEnabled() and again.stop_button.isEnabled()
+    assert "started before this panel opened" in again.status.text()
+    assert again.start() is worker  # no second run on the same data
+    again.stop()
+    assert not again.stop_button.isEnabled()  # pressed once: it is honoured
+    qtbot.waitUntil(lambda: again.worker is None, timeout=120_000)
+    assert again.version is not None and again.version.path.is_file()
+    assert again.status.text().startswith("Stopped early: New model version")
+    assert len(again.curve.losses) == 1  # the epoch it showed
+    assert announced == [str(again.version.path)]  # the main widget hears of it once
+    assert again.start_button.isEnabled()
+    model_versions.trained.disconnect(announced.append)

@@ -96,10 +96,61 @@ def reviewed_counts(folder: str | Path) -> tuple[int, int, int] | None:
     return images, worms, reviewed
 
 
-class _Rows(QObject):
-    """Carries log rows from the worker thread to the GUI thread (queued signal)."""
+class _Run(QObject):
+    """One fine-tuning run; it outlives the panel that started it.
+
+    Closing the *Fine-tune model* panel does not stop training (napari's progress bar goes
+    on, the new version is still announced); a panel opened again takes the run over
+    (:data:`_running`): its curves, its Stop button, its result. Log rows come from the
+    worker thread through the queued ``row`` signal.
+    """
 
     row = QtSignal(dict)
+
+    def __init__(self, folders: list[str], epochs: int) -> None:
+        super().__init__()
+        self.folders = folders
+        self.rows: list[dict[str, Any]] = []
+        self.stop = False
+        self.owner: Any = None  # the panel showing the run
+        self.worker: Any = None
+        self.progress: Any = progress(total=epochs, desc="Fine-tuning")
+        self.row.connect(self._on_row)
+
+    def _tell(self, method: str, *args: Any) -> None:
+        owner = self.owner
+        if owner is None:
+            return
+        try:
+            getattr(owner, method)(*args)
+        except RuntimeError:  # its Qt parts were deleted (the panel was closed)
+            self.owner = None
+
+    def _on_row(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.progress is not None:
+            self.progress.update(1)
+        self._tell("_on_row", row)
+
+    def on_returned(self, result: Any) -> None:
+        """Announce the new version (even with no panel open), then show the result."""
+        if not isinstance(result, _Failure):
+            model_versions.trained.emit(str(result.path))
+        self._tell("_on_done", result)
+
+    def on_finished(self) -> None:
+        """Close the progress bar, free the slot for the next run, enable the buttons."""
+        global _running
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+        if _running is self:
+            _running = None
+        self._tell("_on_finished")
+
+
+#: The fine-tuning run in progress in this napari (one at a time), or None.
+_running: _Run | None = None
 
 
 class CurvePlot(QWidget):
@@ -163,10 +214,7 @@ class FinetuneWidget(QWidget):
         self.worker: Any = None
         self.version: Any = None
         self.last_error: str = ""
-        self._stop = False
-        self._progress: Any = None
-        self._rows = _Rows()
-        self._rows.row.connect(self._on_row)
+        self._run: _Run | None = None
 
         layout = QVBoxLayout(self)
         layout.addWidget(QLabel("Training folders (exports of corrected labels):"))
@@ -230,6 +278,25 @@ class FinetuneWidget(QWidget):
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         layout.addWidget(self.status)
         layout.addStretch(1)
+        if _running is not None:  # started by a panel that was closed: carry on showing it
+            self._take_over(_running)
+
+    def _take_over(self, run: _Run) -> None:
+        """Show a run in progress: its folders, curves and Stop button."""
+        self._run, self.worker = run, run.worker
+        run.owner = self
+        for folder in run.folders:
+            if folder not in self.data_folders():
+                self.folders.addItem(folder)
+        for row in run.rows:
+            self.curve.add(row)
+        self.start_button.setEnabled(False)
+        self.stop_button.setEnabled(not run.stop)
+        self.status.setText(
+            "Stopping after this epoch..." if run.stop else
+            f"Fine-tuning on {len(run.folders)} folder(s) (started before this panel "
+            f"opened), {len(run.rows)} epoch(s) done..."
+        )  # fmt: skip
 
     # -- inputs -------------------------------------------------------------------------
     def add_folder(self, folder: str | Path) -> None:
@@ -327,7 +394,11 @@ class FinetuneWidget(QWidget):
     # -- running ------------------------------------------------------------------------
     def start(self) -> Any:
         """Fine-tune in a worker thread; returns the worker (None when nothing to do)."""
+        global _running
         if self.worker is not None:
+            return self.worker
+        if _running is not None:  # (another panel's; one run at a time)
+            self._take_over(_running)
             return self.worker
         folders = self.data_folders()
         if not folders:
@@ -349,15 +420,14 @@ class FinetuneWidget(QWidget):
             "parent" if self.replay.isEnabled() and self.replay.isChecked() else None
         )
         parent = self._parent_path
-        self._stop, self.version, self.last_error = False, None, ""
+        self.version, self.last_error = None, ""
         self.curve.clear()
-        epochs = max(1, -(-kwargs["steps"] // 20))
-        self._progress = progress(total=epochs, desc="Fine-tuning")
-        rows = self._rows
+        run = _running = self._run = _Run(folders, epochs=max(1, -(-kwargs["steps"] // 20)))
+        run.owner = self
 
         def callback(row: dict[str, Any]) -> bool:
-            rows.row.emit(dict(row))
-            return self._stop
+            run.row.emit(dict(row))
+            return run.stop
 
         @thread_worker
         def work() -> Any:
@@ -367,9 +437,9 @@ class FinetuneWidget(QWidget):
             except Exception as err:  # noqa: BLE001 - any failure is reported to the user
                 return _Failure(err)
 
-        self.worker = work()
-        self.worker.returned.connect(self._on_done)
-        self.worker.finished.connect(self._on_finished)
+        self.worker = run.worker = work()
+        self.worker.returned.connect(run.on_returned)
+        self.worker.finished.connect(run.on_finished)
         self.start_button.setEnabled(False)
         self.stop_button.setEnabled(True)
         self.status.setText(f"Fine-tuning on {len(folders)} folder(s)...")
@@ -378,16 +448,19 @@ class FinetuneWidget(QWidget):
 
     def stop(self) -> None:
         """Stop after the current epoch (the best checkpoint so far is kept)."""
-        self._stop = True
+        if self._run is None or self.worker is None:
+            return
+        self._run.stop = True
+        self.stop_button.setEnabled(False)
         self.status.setText("Stopping after this epoch...")
 
     def _on_row(self, row: dict[str, Any]) -> None:
         self.curve.add(row)
-        if self._progress is not None:
-            self._progress.update(1)
         val = f", validation AP {row['val_ap']:.3f}" if "val_ap" in row else ""
+        stopping = " (stopping after this epoch)" if self._run and self._run.stop else ""
         self.status.setText(
             f"epoch {row.get('epoch')}: loss {row.get('loss_total', float('nan')):.3f}{val}"
+            f"{stopping}"
         )
 
     def _on_done(self, version: Any) -> None:
@@ -395,18 +468,18 @@ class FinetuneWidget(QWidget):
             self._on_error(version.error)
             return
         self.version = version
-        self.status.setText(f"New model version {version.label}\n{version.path}")
+        early = "Stopped early: " if self._run is not None and self._run.stop else ""
+        self.status.setText(
+            f"{early}New model version {version.label}\n{version.path}\n"
+            "Choose it under model in Worm segmentation and Run model."
+        )
         self._refresh_parents()
-        model_versions.trained.emit(str(version.path))
 
     def _on_error(self, error: Exception) -> None:
         self.last_error = f"{type(error).__name__}: {error}"
         self.status.setText(f"Fine-tuning failed: {self.last_error}")
 
     def _on_finished(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
         self.worker = None
         self.start_button.setEnabled(True)
         self.stop_button.setEnabled(False)
