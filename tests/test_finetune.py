@@ -387,3 +387,22 @@ def test_ctrl_c_keeps_the_best_weights_so_far(export, parent, monkeypatch, capsy
     with pytest.raises(KeyboardInterrupt):
         finetune(export, parent, num_threads=1, **kw)
     assert not (export / "models" / "tiny-ft3").exists()
+
+
+def test_finetune_cli_says_what_it_replayed(export, parent, replay_folder, capsys):
+    """The default replay goes on silently without the parent's images: the CLI says which."""
+    from napari_instseg.cli import main
+
+    argv = ["finetune", str(export), "--model", str(parent), "--steps", "2"]
+    argv += ["--threads", "1", "--device", "cpu"]
+    assert main(argv) == 0  # the parent records no training images
+    out = capsys.readouterr().out
+    assert "replay: none (the parent's training images were not found on this computer" in out
+    assert main([*argv, "--no-replay"]) == 0
+    assert "replay: none (--no-replay)" in capsys.readouterr().out
+    meta = read_metadata(parent)
+    meta["training"] = {"data": [str(replay_folder)], "train_wells": "old-0,old-1"}
+    save_model(load_model(parent), parent, meta)
+    assert main([*argv, "--replay-fraction", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert f"replay: {replay_folder.resolve()} (old-0,old-1), 30% of the crops" in out

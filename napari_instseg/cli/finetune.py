@@ -150,4 +150,39 @@ def run(args: argparse.Namespace) -> int:
         print("interrupted before the first weights were kept: no model version")
         return 130
     print(f"model version {version.label}: {version.path}")
+    print(replay_summary(version.path, args.no_replay))
     return 0
+
+
+def replay_summary(weights: Path, no_replay: bool) -> str:
+    """One line on what a fine-tuned version replayed, read from its metadata.
+
+    The default replay is silent where it finds nothing, so the command line says which.
+
+    Parameters
+    ----------
+    weights : Path
+        The version's ``model.safetensors`` (its ``model.json`` beside it).
+    no_replay : bool
+        Whether ``--no-replay`` was given.
+
+    Returns
+    -------
+    str
+        ``replay: <folders> (<names>), <fraction> of the crops``, or why there was none.
+    """
+    from ..core.weights import read_metadata
+
+    replay = (read_metadata(weights).get("finetune") or {}).get("replay")
+    if replay:
+        names = replay.get("names") or "all images"
+        return (
+            f"replay: {', '.join(map(str, replay['folders']))} ({names}), "
+            f"{replay['fraction']:.0%} of the crops"
+        )
+    if no_replay:
+        return "replay: none (--no-replay)"
+    return (
+        "replay: none (the parent's training images were not found on this computer; "
+        "--replay DIR names earlier training folders)"
+    )
