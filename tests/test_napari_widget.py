@@ -1232,3 +1232,26 @@ def test_reopened_export_of_several_images_keeps_reviews_and_overlaps(widget, wo
     [back] = read_training_folder(tmp_path / "again")
     assert back.reviewed.tolist() == second.reviewed.tolist()
     assert (back.masks.sum(0) > 1).any()
+
+
+def test_a_model_chosen_while_another_runs_is_not_taken_for_the_maps_shown(
+    widget, worms, qtbot, monkeypatch, tmp_path
+):
+    """Choosing a new version mid-run: the maps that arrive say whose they are."""
+    release = threading.Event()
+    oracle = prediction_from_masks(worms.masks, noise=0.1)
+    monkeypatch.setattr(
+        compute, "predict_image", lambda image, **kwargs: release.wait(10) and oracle
+    )
+    version = tmp_path / "models" / "bbbc010-ft1" / "model.safetensors"
+    assert widget.run_model() is not None
+    widget.add_model_version(version, select=False)  # announced by the fine-tune widget
+    widget.model_combo.setCurrentText("version: bbbc010-ft1")  # the user picks it now
+    release.set()
+    qtbot.waitUntil(lambda: widget.worker is None and widget._showing is None, timeout=10000)
+    assert widget.session().model_name == "shipped"
+    text = widget.status.text()
+    assert "shows model shipped; bbbc010-ft1 is chosen: Run model to see it" in text
+    widget.model_combo.setCurrentIndex(0)  # back to the shipped model: nothing to say
+    assert "is chosen" not in widget.status.text()
+    assert "shows model shipped, as chosen" in widget.status.text()

@@ -811,6 +811,28 @@ class InstSegWidget(QWidget):
         custom = self.model_combo.currentText() == MODEL_FILE
         self.model_path.setEnabled(custom)
         self.browse_btn.setEnabled(custom)
+        session = self.session(create=False)
+        note = self._model_mismatch()
+        if note:
+            self._say(note)
+        elif session is not None and session.prediction is not None and not custom:
+            self._say(f"{session.image_layer.name!r} shows model {session.model_name}, as chosen.")
+
+    def _model_mismatch(self) -> str:
+        """A hint when the chosen model is not the one whose maps the chosen image shows."""
+        session = self.session(create=False)
+        if session is None or session.prediction is None:
+            return ""
+        if self.model_combo.currentText() == MODEL_FILE and self.model_choice() is None:
+            return ""
+        chosen = _model_name(self.model_choice())
+        if chosen == session.model_name:
+            return ""
+        busy = " once this run is done" if self.worker is not None else ""
+        return (
+            f"{session.image_layer.name!r} shows model {session.model_name}; {chosen} is "
+            f"chosen: Run model{busy} to see it."
+        )
 
     def add_model_version(self, path: str | Path, select: bool = True) -> None:
         """List a fine-tuned model version; with ``select``, use it (and re-run the image).
@@ -895,9 +917,7 @@ class InstSegWidget(QWidget):
         if self.model_combo.currentText() == MODEL_FILE and model is None:
             self._say("Choose a weights file (Browse...) or the shipped model.")
             return None
-        name = "shipped" if model is None else Path(model).name
-        if model is not None and Path(model).name == "model.safetensors":
-            name = Path(model).parent.name  # a fine-tuned version
+        name = _model_name(model)
         if blocking:
             prediction = compute.cached_predict(image, model, device, tta=tta, scale=scale)
             self._show_prediction(session, prediction, name)
@@ -1075,9 +1095,10 @@ class InstSegWidget(QWidget):
         scale = float(prediction.metadata.get("scale") or 1.0)
         estimated = " estimated" if prediction.metadata.get("scale_estimated") else ""
         scaled = f" at scale {scale:g}{estimated}" if scale != 1.0 or estimated else ""
+        mismatch = self._model_mismatch()  # another model was chosen while this one ran
         self._say(
-            f"Model {name} done{' on ' + str(dev) if dev else ''}{scaled}{cached}. Click a "
-            "worm to grow it, or 'Segment all'."
+            f"Model {name} done{' on ' + str(dev) if dev else ''}{scaled}{cached}. "
+            + (mismatch or "Click a worm to grow it, or 'Segment all'.")
         )
         self.prediction_shown.emit(session)
 
@@ -1614,6 +1635,15 @@ class InstSegWidget(QWidget):
 
 
 KEYS_NEXT = "."
+
+
+def _model_name(model: str | None) -> str:
+    """How the widget names a model: ``shipped``, a version's folder name, or a file name."""
+    if model is None:
+        return "shipped"
+    if Path(model).name == "model.safetensors":
+        return Path(model).parent.name  # a fine-tuned version
+    return Path(model).name
 
 
 def _key_action(action: Any, name: str) -> Any:
