@@ -212,14 +212,21 @@ def test_a_second_round_reads_segments_against_the_median_of_the_first_cuts():
     single = _bar(CLUMP_SHAPE, (20, 20), (180, 20))
     clump = np.any(_clump_of_three(), axis=0)
     lam = np.any(_lambda(CLUMP_SHAPE), axis=0)
-    masks = np.stack([single, lam, lam, clump, clump])
+
+    def left(m):
+        return np.pad(m, ((0, 0), (0, 200)))
+
+    def right(m):  # a second worm or clump of the same shape beside the first
+        return np.pad(m, ((0, 0), (200, 0)))
+
+    masks = np.stack([left(single), left(lam), right(lam), left(clump), right(clump)])
     inst = Instances(masks=masks, scores=np.full(5, 0.8, np.float32))
     once = untangle(inst, rounds=1)
     assert len(once) == 1 + 2 + 3 + 3  # the clumps only
     twice = untangle(inst)
     assert len(twice) == 1 + 2 * 2 + 3 + 3
     assert len(untangle(inst, min_kink_cos=None)) == len(once)
-    assert _best_ious(list(twice.masks), _lambda(CLUMP_SHAPE))[0] > 0.9
+    assert _best_ious(list(twice.masks), [left(m) for m in _lambda(CLUMP_SHAPE)])[0] > 0.9
 
 
 def test_a_spur_at_the_junction_of_worms_end_to_end_does_not_keep_them_merged():
@@ -254,3 +261,41 @@ def test_a_pinhole_where_worms_meet_does_not_ring_the_skeleton():
     ring = (np.hypot(yy - 100, xx - 100) <= 60) & (np.hypot(yy - 100, xx - 100) >= 50)
     skeleton = _cropped_skeleton(ring)  # a ring of worm encloses far more than a pinhole
     assert skeleton is not None and _path_order(skeleton.skeleton) is None  # still a loop
+
+
+def test_no_cut_where_the_segment_shares_a_crossing_with_another_worm():
+    a = _bar(SHAPE, (80, 5), (80, 79))
+    b = _bar(SHAPE, (80, 81), (80, 155))
+    merged = a | b
+    boundary = np.full(SHAPE, 0.5, np.float32)
+    boundary[:, 78:83] = 0.95  # a peak, and also where another worm crosses
+    crossing = _bar(SHAPE, (20, 80), (140, 80)) & merged
+    assert cut_end_to_end(merged, typical_length=70, boundary=boundary) is not None
+    assert cut_end_to_end(merged, 70, boundary=boundary, shared=crossing) is None
+    # a waist inside the crossing is no cut either; one away from it still is
+    waisted = merged.copy()
+    waisted[:78, 77:84] = waisted[83:, 77:84] = False  # 5 px wide there, 9 elsewhere
+    assert cut_end_to_end(waisted, typical_length=70) is not None
+    assert cut_end_to_end(waisted, typical_length=70, shared=crossing) is None
+    vee = np.any(_lambda(CLUMP_SHAPE), axis=0)
+    tip = np.argwhere(np.all(_lambda(CLUMP_SHAPE), axis=0)).mean(axis=0).astype(int)
+    at_tip = np.zeros(CLUMP_SHAPE, bool)  # the whole bend
+    at_tip[tip[0] - 20 : tip[0] + 21, tip[1] - 20 : tip[1] + 21] = True
+    assert cut_at_kink(vee) is not None and cut_at_kink(vee, shared=at_tip & vee) is None
+
+
+def test_a_long_worm_read_out_of_a_crossing_is_not_cut_at_the_crossing():
+    # the horizontal worm is 1.5x the others' length: a candidate for an end-to-end cut in
+    # the second round, where the crossing makes a boundary peak in its middle
+    singles = [_bar(SHAPE, (5, 8 + 14 * i), (60, 8 + 14 * i)) for i in range(5)]
+    long_worm = _bar(SHAPE, (110, 5), (110, 90))
+    short_worm = _bar(SHAPE, (80, 48), (140, 48))
+    boundary = np.full(SHAPE, 0.2, np.float32)
+    boundary[100:121, 40:57] = 0.95
+    inst = Instances(masks=np.stack([*singles, long_worm | short_worm]))
+    out = untangle(inst, boundary=boundary)
+    assert len(out) == 7
+    assert _best_ious(list(out.masks[5:]), [long_worm, short_worm])[0] > 0.85
+    # the same worm alone, not out of a crossing, is cut at the peak
+    alone = Instances(masks=np.stack([*singles, long_worm]))
+    assert len(untangle(alone, boundary=boundary)) == 7

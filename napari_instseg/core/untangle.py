@@ -227,6 +227,7 @@ def cut_end_to_end(
     max_waist: float = 0.7,
     boundary: np.ndarray | None = None,
     min_boundary_rise: float = 0.2,
+    shared: np.ndarray | None = None,
 ) -> list[np.ndarray] | None:
     """Cut a segment whose unbranched skeleton is much longer than a worm at its waist.
 
@@ -251,12 +252,16 @@ def cut_end_to_end(
         (H, W) boundary probability of the image.
     min_boundary_rise : float
         How far the boundary peak must rise above the median along the skeleton.
+    shared : numpy.ndarray, optional
+        (H, W) bool, the pixels the segment shares with other instances (a crossing an
+        earlier reading gave to both worms): never cut within half a worm width of them,
+        where the boundary peaks and the body narrows although the worm goes on.
 
     Returns
     -------
     list of numpy.ndarray or None
         Two (H, W) bool masks, or None when the skeleton branches, is not long enough or
-        has no waist.
+        has no waist (away from ``shared``).
     """
     return _cut_end_to_end(
         mask,
@@ -266,6 +271,7 @@ def cut_end_to_end(
         max_waist,
         boundary,
         min_boundary_rise,
+        shared,
     )
 
 
@@ -277,6 +283,7 @@ def _cut_end_to_end(
     max_waist: float = 0.7,
     boundary: np.ndarray | None = None,
     min_boundary_rise: float = 0.2,
+    shared: np.ndarray | None = None,
 ) -> list[np.ndarray] | None:
     """cut_end_to_end on a precomputed :func:`_cropped_skeleton` result."""
     if found is None:
@@ -288,17 +295,40 @@ def _cut_end_to_end(
         return None
     depth = ndimage.distance_transform_edt(crop)[path[:, 0], path[:, 1]]
     lo, hi = int(0.3 * len(path)), int(0.7 * len(path))
+    allowed = _off_crossings(found, shared)[lo:hi]
+    if not allowed.any():
+        return None
     cut = None
     if boundary is not None:
         along = np.asarray(boundary)[r0:r1, c0:c1][path[:, 0], path[:, 1]]
-        peak = lo + int(np.argmax(along[lo:hi]))
+        peak = lo + int(np.argmax(np.where(allowed, along[lo:hi], -np.inf)))
         if along[peak] - np.median(along) >= min_boundary_rise:
             cut = peak
     if cut is None:
-        cut = lo + int(np.argmin(depth[lo:hi]))
+        cut = lo + int(np.argmin(np.where(allowed, depth[lo:hi], np.inf)))
         if depth[cut] > max_waist * np.median(depth):
             return None
     return _cut_path(mask.shape, (r0, r1, c0, c1), crop, path, cut)
+
+
+def _off_crossings(found: _Skeleton, shared: np.ndarray | None) -> np.ndarray:
+    """Per pixel of ``found.path``: True where a cut may go, away from a crossing.
+
+    ``shared`` (H, W) marks the pixels the segment shares with other instances: the
+    crossings an earlier reading bridged, where the boundary map peaks and the body narrows
+    or bends although the worm goes on. Path pixels within half a worm width of them are
+    not cut points.
+    """
+    path = found.path
+    allowed = np.ones(len(path), bool)
+    if shared is None:
+        return allowed
+    r0, r1, c0, c1 = found.box
+    near = np.asarray(shared, bool)[r0:r1, c0:c1]
+    if near.any():
+        near = ndimage.distance_transform_edt(~near) <= found.width / 2 + 1
+        allowed = ~near[path[:, 0], path[:, 1]]
+    return allowed
 
 
 def _cut_path(
@@ -324,7 +354,10 @@ def _cut_path(
 
 
 def cut_at_kink(
-    mask: np.ndarray, min_kink_cos: float = 0.3, arm_widths: float = 2.0
+    mask: np.ndarray,
+    min_kink_cos: float = 0.3,
+    arm_widths: float = 2.0,
+    shared: np.ndarray | None = None,
 ) -> list[np.ndarray] | None:
     """Cut a segment whose unbranched skeleton folds back sharply: two worms meeting at an angle.
 
@@ -344,13 +377,16 @@ def cut_at_kink(
         The fold must be at least this sharp (cosine of the angle between its two arms).
     arm_widths : float
         Length of the arms the angle is measured on, in worm widths.
+    shared : numpy.ndarray, optional
+        See :func:`cut_end_to_end`: no cut within half a worm width of these pixels.
 
     Returns
     -------
     list of numpy.ndarray or None
-        Two (H, W) bool masks, or None when the skeleton branches or has no sharp kink.
+        Two (H, W) bool masks, or None when the skeleton branches or has no sharp kink
+        (away from ``shared``).
     """
-    return _cut_at_kink(mask, _cropped_skeleton(mask), min_kink_cos, arm_widths)
+    return _cut_at_kink(mask, _cropped_skeleton(mask), min_kink_cos, arm_widths, shared)
 
 
 def _cut_at_kink(
@@ -358,6 +394,7 @@ def _cut_at_kink(
     found: _Skeleton | None,
     min_kink_cos: float = 0.3,
     arm_widths: float = 2.0,
+    shared: np.ndarray | None = None,
 ) -> list[np.ndarray] | None:
     """cut_at_kink on a precomputed :func:`_cropped_skeleton` result."""
     if found is None:
@@ -375,6 +412,7 @@ def _cut_at_kink(
     back = path[lo - step : hi - step] - centre
     ahead = path[lo + step : hi + step] - centre
     cosines = (back * ahead).sum(axis=1) / (np.hypot(*back.T) * np.hypot(*ahead.T) + 1e-9)
+    cosines = np.where(_off_crossings(found, shared)[lo:hi], cosines, -np.inf)
     sharpest = int(np.argmax(cosines))
     if cosines[sharpest] < min_kink_cos:
         return None
@@ -672,23 +710,27 @@ def _read_segment(
     boundary: np.ndarray | None,
     clumps: bool,
     min_kink_cos: float | None,
+    shared: np.ndarray | None = None,
 ) -> list[np.ndarray] | None:
     """The first reading of one skeleton whose parts are all large enough, or None.
 
     Readings in order: one crossing (:func:`untangle_segment`), a clump
     (:func:`untangle_clump`), end to end (:func:`cut_end_to_end`), a kink
     (:func:`cut_at_kink`). A reading whose smallest part is under ``min_part_fraction``
-    of the typical area is passed over for the next one.
+    of the typical area is passed over for the next one. ``shared``: the segment's pixels
+    that other instances hold too (crossings), where neither cut goes.
     """
     readers = [lambda: _untangle_segment(mask, found, max_bend_cos)]
     if clumps:
         readers.append(lambda: _untangle_clump(mask, found, max_bend_cos))
     if length_factor > 0:
         readers.append(
-            lambda: _cut_end_to_end(mask, found, typical_length, length_factor, boundary=boundary)
+            lambda: _cut_end_to_end(
+                mask, found, typical_length, length_factor, boundary=boundary, shared=shared
+            )
         )
     if min_kink_cos is not None:
-        readers.append(lambda: _cut_at_kink(mask, found, min_kink_cos))
+        readers.append(lambda: _cut_at_kink(mask, found, min_kink_cos, shared=shared))
     for read in readers:
         parts = read()
         if parts is not None and min(p.sum() for p in parts) >= min_part_fraction * typical:
@@ -726,6 +768,7 @@ def _untangle_round(
         for m, known in zip(instances.masks, lengths, strict=True)
     ]
     typical_length = float(np.median(lengths))
+    cover = instances.masks.sum(axis=0, dtype=np.int32)  # crossings: pixels of 2+ instances
     masks, scores, classes, seeds, taus = [], [], [], [], []
     new_lengths: list[int | None] = []
     changed = False
@@ -735,7 +778,14 @@ def _untangle_round(
             mask = instances.masks[i]
             found = _cropped_skeleton(mask)  # one skeleton for all four readings
             options = (typical, typical_length, min_part_fraction, max_bend_cos)
-            more = (length_factor, boundary, clumps, min_kink_cos)
+            shared = mask & (cover > 1)  # an earlier round's crossing: no cut there
+            more = (
+                length_factor,
+                boundary,
+                clumps,
+                min_kink_cos,
+                shared if shared.any() else None,
+            )
             parts = _read_segment(mask, found, *options, *more)
             if parts is None and found is not None and reprune_widths:
                 # a spur of the outline just longer than the default pruning makes a
