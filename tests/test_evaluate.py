@@ -170,3 +170,28 @@ def test_cli_evaluate_shows_the_published_anchors_beside_bbbc010_only(tmp_path, 
     # a folder for --json is refused before anything is computed
     assert main([*args, "--json", str(tmp_path)]) == 1
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_cli_evaluate_wells_names_training_folder_images(tmp_path, capsys):
+    """--wells takes a training folder's image names, dashes included, as well as wells."""
+    from napari_instseg.cli import main
+    from napari_instseg.core.evaluate import parse_names
+    from napari_instseg.core.synthetic import make_worms
+    from napari_instseg.core.training_folder import write_training_folder
+
+    assert parse_names("A01-A03,synthetic-5, img7") == ["A01", "A02", "A03", "synthetic-5", "img7"]
+    samples = [
+        make_worms(shape=(96, 112), n_worms=2 + i, n_crossings=0, n_touching=0, seed=i)
+        for i in range(3)
+    ]
+    for i, sample in enumerate(samples):
+        sample.name = f"synthetic-{i}"
+    write_training_folder(tmp_path / "mine", samples)
+    args = ["evaluate", "--gt", str(tmp_path / "mine"), "--pred", str(tmp_path / "mine")]
+    json_path = tmp_path / "out.json"
+    assert main([*args, "--wells", "synthetic-0,synthetic-2", "--json", str(json_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 images, 6 ground-truth instances" in out  # 2 + 4 worms
+    assert main([*args, "--wells", "synthetic-9"]) == 1
+    err = capsys.readouterr().err
+    assert "no ground-truth images named by --wells synthetic-9 found in" in err

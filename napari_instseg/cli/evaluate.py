@@ -23,7 +23,7 @@ import re
 import time
 from pathlib import Path
 
-from ..core.evaluate import evaluate, format_table, parse_wells, to_json
+from ..core.evaluate import evaluate, format_table, parse_names, to_json
 from ..core.types import Instances, Sample
 from .predict import SCALE_HELP, scale_arg, tta_arg
 
@@ -42,7 +42,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="predict + segment the ground truth's images with this model "
         "('default' = shipped weights)",
     )
-    parser.add_argument("--wells", help="BBBC010 wells, e.g. B13-C02 or A01,A05-A08")
+    parser.add_argument(
+        "--wells",
+        help="BBBC010 wells or training-folder image names, e.g. B13-C02, A01,A05-A08 or "
+        "synthetic-5,synthetic-6",
+    )
     parser.add_argument(
         "--method",
         default="auto",
@@ -208,13 +212,14 @@ def _predict_all(args: argparse.Namespace, samples: list[Sample]) -> list[Instan
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the table (and write JSON when asked)."""
-    wells = parse_wells(args.wells) if args.wells else None
+    wells = parse_names(args.wells) if args.wells else None
     if args.json is not None and args.json.is_dir():
         raise ValueError(f"--json {args.json} is a folder; give a file name, e.g. out.json")
     t0 = time.perf_counter()
     gt = load_samples(args.gt, wells)
     if not gt:
-        raise ValueError(f"no ground-truth images found in {args.gt}")
+        named = f" named by --wells {args.wells}" if wells else ""
+        raise ValueError(f"no ground-truth images{named} found in {args.gt}")
     if args.model:
         preds = _predict_all(args, gt)
         names = [s.name for s in gt]

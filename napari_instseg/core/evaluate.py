@@ -437,3 +437,30 @@ def parse_wells(spec: str, n_cols: int = 24) -> list[str]:
     if not out:
         raise ValueError(f"no wells in {spec!r}")
     return out
+
+
+_WELL_RANGE = re.compile(r"[A-Za-z]+\d+\s*-\s*[A-Za-z]+\d+")
+
+
+def parse_names(spec: str) -> list[str]:
+    """Expand ``"A01-B12,C01,img7"`` into image names.
+
+    Parameters
+    ----------
+    spec : str
+        Comma-separated names; a part like ``A01-B12`` is a range of wells in plate order
+        (A01..A24, B01, ...; see :func:`parse_wells`), any other part is taken as an image
+        name as it is (e.g. a training-folder image such as ``synthetic-5``).
+
+    Returns
+    -------
+    list of str
+        The names, in order.
+    """
+    out: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if _WELL_RANGE.fullmatch(part):
+            out.extend(parse_wells(part))
+        elif part:
+            out.append(part)
+    return out

@@ -10,7 +10,6 @@ import csv
 import json
 import math
 import os
-import re
 import subprocess
 import time
 import tomllib
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from . import losses as L
 from .device import cpu_name, get_device
+from .evaluate import parse_names
 from .model import InstSegNet, ModelConfig
 from .normalize import model_input
 from .scale import at_recorded_scale, object_width
@@ -284,35 +284,6 @@ def default_wells(config: TrainConfig) -> TrainConfig:
     if not names or any(is_bbbc010_layout(d) for d in config.data):
         return config
     return replace(config, **dict.fromkeys(names, ""))
-
-
-_WELL_RANGE = re.compile(r"[A-Za-z]+\d+\s*-\s*[A-Za-z]+\d+")
-
-
-def parse_names(spec: str) -> list[str]:
-    """Expand ``"A01-B12,C01,img7"`` into image names.
-
-    Parameters
-    ----------
-    spec : str
-        Comma-separated names; a part like ``A01-B12`` is a range of wells in plate order
-        (A01..A24, B01, ...; see :func:`napari_instseg.core.evaluate.parse_wells`), any
-        other part is taken as an image name as it is (e.g. a training-folder image).
-
-    Returns
-    -------
-    list of str
-        The names, in order.
-    """
-    from .evaluate import parse_wells
-
-    out: list[str] = []
-    for part in (p.strip() for p in spec.split(",")):
-        if _WELL_RANGE.fullmatch(part):
-            out.extend(parse_wells(part))
-        elif part:
-            out.append(part)
-    return out
 
 
 def image_draw_probabilities(names: Sequence[str], spec: str, factor: float) -> np.ndarray:
