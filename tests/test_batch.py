@@ -311,6 +311,15 @@ def test_find_inputs_and_plan(tmp_path):
         assert r0 % 8 == 0 and c0 % 8 == 0  # the network's pooling grid is the global one
         assert r0 <= chunk.core[0] - 16 or r0 == 0
         assert r1 == min(chunk.core[1] + 16, 100)
+    # a colour file for a grey model: skipped, with what to do instead
+    rgb = np.zeros((100, 130, 3), np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
+    plan = plan_batch([tmp_path / "img.tif", tmp_path / "rgb.tif"], 48, 16, in_channels=1)
+    (error,) = plan.errors
+    assert (
+        error["path"].endswith("rgb.tif")
+        and "a colour image: convert it to grey" in error["error"]
+    )
     with pytest.raises(ValueError, match="halo"):
         plan_batch([tmp_path / "img.tif"], chunk_size=48, halo=2)
     with pytest.raises(ValueError, match="chunk size"):

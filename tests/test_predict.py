@@ -68,6 +68,25 @@ def centre_seed_file(mask, path):
     return path, (int(r0), int(c0))
 
 
+def test_a_colour_image_is_its_luminance_and_a_channel_first_three_is_refused(image, model):
+    from napari_instseg.core.predict import as_model_input, colour_to_grey
+
+    rng = np.random.default_rng(1)
+    rgb = np.stack([image, image * 0.5, rng.uniform(0, 9, image.shape)], -1)
+    luminance = 0.2125 * rgb[..., 0] + 0.7154 * rgb[..., 1] + 0.0721 * rgb[..., 2]
+    np.testing.assert_allclose(as_model_input(rgb, 1)[0], luminance, rtol=1e-5)
+    rgba = np.concatenate([rgb, np.full(image.shape + (1,), 255.0)], -1)
+    np.testing.assert_allclose(as_model_input(rgba, 1)[0], luminance, rtol=1e-5)
+    np.testing.assert_allclose(colour_to_grey(np.moveaxis(rgb, -1, 0)), luminance, rtol=1e-5)
+    one = np.stack([image])
+    assert colour_to_grey(one) is one and colour_to_grey(np.moveaxis(rgb, -1, 0), 3).shape[0] == 3
+    grey = predict(luminance.astype(np.float32), model, "cpu", tta=1)
+    np.testing.assert_allclose(predict(rgb, model, "cpu", tta=1).foreground, grey.foreground)
+    # three planes first could be a stack as well as colour: refused, with the hint
+    with pytest.raises(ValueError, match="plane by plane"):
+        as_model_input(np.moveaxis(rgb, -1, 0), 1)
+
+
 def test_shapes_and_probabilities(whole, image, model):
     h, w = image.shape
     cfg = model.config
@@ -329,21 +348,50 @@ def test_cli_predict_goes_on_after_a_bad_image_and_names_it(cli_files, tmp_path,
     weights, sample, single = cli_files
     nan = tmp_path / "nan.tif"
     tifffile.imwrite(nan, np.full((64, 80), np.nan, np.float32))
-    rgb = tmp_path / "rgb.tif"
-    tifffile.imwrite(rgb, np.stack([sample.image] * 3, -1).astype(np.uint8), photometric="rgb")
+    two = tmp_path / "two.tif"  # two channels: not what the grey model takes
+    tifffile.imwrite(
+        two, np.stack([sample.image] * 2).astype(np.float32), metadata={"axes": "CYX"}
+    )
     broken = tmp_path / "broken.tif"
     broken.write_bytes(b"hello, not a TIFF")
     out = tmp_path / "out"
-    argv = ["predict", str(nan), str(single), str(rgb), str(broken), "--out", str(out)]
+    argv = ["predict", str(nan), str(single), str(two), str(broken), "--out", str(out)]
     assert main([*argv, "--model", str(weights), "--device", "cpu", "--tta", "1"]) == 1
     captured = capsys.readouterr()
     errors = captured.err.strip().splitlines()
     assert len(errors) == 3
-    for line, path in zip(errors, (nan, rgb, broken), strict=True):
+    for line, path in zip(errors, (nan, two, broken), strict=True):
         assert line.startswith(f"napari-instseg predict: error: {path}: ")
     assert "NaN" in errors[0] and "channel" in errors[1]
     assert "worms.tif: 1 plane(s)" in captured.out  # the good image after the bad one
     assert sorted(p.name for p in out.glob("*_labels.tif")) == ["worms_labels.tif"]
+
+
+def test_cli_predict_and_grow_take_a_colour_file_as_its_grey_luminance(
+    cli_files, tmp_path, capsys
+):
+    import tifffile
+
+    from napari_instseg.cli import main
+
+    weights, sample, single = cli_files
+    grey = (255 * sample.image / sample.image.max()).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "grey.tif", grey)
+    tifffile.imwrite(tmp_path / "rgb.tif", np.stack([grey] * 3, -1), photometric="rgb")
+    common = ["--model", str(weights), "--device", "cpu", "--tta", "1", "--out"]
+    for name in ("grey", "rgb"):
+        argv = ["predict", str(tmp_path / f"{name}.tif"), "--save-maps", *common]
+        assert main([*argv, str(tmp_path / name)]) == 0
+    capsys.readouterr()
+    maps = {n: tifffile.imread(tmp_path / n / f"{n}_foreground.tif") for n in ("grey", "rgb")}
+    # grey R = G = B: the luminance is the grey image (weights sum to 1), so the same maps
+    assert maps["rgb"].shape == grey.shape
+    np.testing.assert_allclose(maps["rgb"], maps["grey"], atol=1e-5)
+    r, c = np.argwhere(sample.masks[0])[len(np.argwhere(sample.masks[0])) // 2]
+    (tmp_path / "seeds.csv").write_text(f"row,col\n{r},{c}\n")
+    argv = ["grow", str(tmp_path / "rgb.tif"), "--seeds", str(tmp_path / "seeds.csv")]
+    assert main([*argv, *common, str(tmp_path / "g")]) == 0
+    assert tifffile.imread(tmp_path / "g" / "rgb_labels.tif")[r, c] == 1
 
 
 @pytest.mark.parametrize("kind", ["folder", "pattern"])

@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from ..core.io import read_image, read_seed_table
     from ..core.measure import measure
     from ..core.pick import starts_from_segments
-    from ..core.predict import predict
+    from ..core.predict import colour_to_grey, predict
 
     if not args.image.exists():
         raise FileNotFoundError(f"image not found: {args.image}")
@@ -162,8 +162,10 @@ def run(args: argparse.Namespace) -> int:
     ]
     labels, tables, n_worms, warned, any_segments = [], [], 0, False, False
     scales: list[float] = []
+    in_channels = model.config.in_channels
     for plane, image in enumerate(stack):
-        image = image[0] if image.shape[0] == 1 else image
+        # one grey channel; a colour (RGB/RGBA) file as its luminance for a grey model
+        image = image[0] if image.shape[0] == 1 else colour_to_grey(image, in_channels)
         worms = planes.get(plane, {})
         if not worms:
             labels.append(np.zeros(image.shape[-2:], np.int64))

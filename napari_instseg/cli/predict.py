@@ -368,14 +368,16 @@ def _predict_one(args: argparse.Namespace, path: Path, name: str, model, segment
     import tifffile
 
     from ..core.io import read_image
-    from ..core.predict import predict
+    from ..core.predict import colour_to_grey, predict
 
     t0 = time.perf_counter()
     stack = read_image(path, channel_axis=args.channel_axis)  # (N, C, H, W)
+    in_channels = model.config.in_channels
     labels, maps, tables, n_instances = [], {k: [] for k in _MAPS}, [], 0
     scales: list[float] = []
     for plane, image in enumerate(stack):
-        image = image[0] if image.shape[0] == 1 else image
+        # one grey channel; a colour (RGB/RGBA) file as its luminance for a grey model
+        image = image[0] if image.shape[0] == 1 else colour_to_grey(image, in_channels)
         prediction = predict(
             image,
             model,

@@ -457,7 +457,13 @@ def plan_batch(
                 {
                     "path": str(path),
                     "error": f"has {shape[1]} channel(s) (shape N, C, H, W = {shape}); "
-                    f"the model takes {in_channels}",
+                    f"the model takes {in_channels}"
+                    + (
+                        " (a colour image: convert it to grey, or run "
+                        "napari-instseg predict on it with --out a folder)"
+                        if in_channels == 1 and shape[1] in (3, 4)
+                        else ""
+                    ),
                 }
             )
             continue

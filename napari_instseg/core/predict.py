@@ -40,13 +40,44 @@ def _shipped_model(device: str) -> InstSegNet:
     return load_model(None, device=device)
 
 
+_LUMINANCE = np.array([0.2125, 0.7154, 0.0721], np.float32)  # skimage.color.rgb2gray's weights
+
+
+def colour_to_grey(image: np.ndarray, in_channels: int = 1) -> np.ndarray:
+    """A colour plane as one grey channel, for a model that takes one channel.
+
+    For images whose channel axis is known (``read_image`` gives ``(C, H, W)`` planes): a
+    bright-field image saved as RGB or RGBA is its luminance (``0.2125 R + 0.7154 G +
+    0.0721 B``, as ``skimage.color.rgb2gray``; alpha left out).
+
+    Parameters
+    ----------
+    image : np.ndarray
+        ``(C, H, W)``, channels first.
+    in_channels : int
+        Channels the model takes.
+
+    Returns
+    -------
+    np.ndarray
+        ``(H, W)`` float32 for ``C`` = 3 or 4 and a one-channel model; else ``image``.
+    """
+    image = np.asarray(image)
+    if in_channels == 1 and image.ndim == 3 and image.shape[0] in (3, 4):
+        return np.tensordot(_LUMINANCE, image[:3].astype(np.float32), axes=1)
+    return image
+
+
 def as_model_input(image: np.ndarray, in_channels: int) -> np.ndarray:
     """Check an image and bring it to (C, H, W) float32.
 
     Parameters
     ----------
     image : np.ndarray
-        (H, W), (C, H, W) or (H, W, C) with C = ``in_channels``.
+        (H, W), (C, H, W) or (H, W, C) with C = ``in_channels``. For a one-channel model
+        an RGB or RGBA image, (H, W, 3) or (H, W, 4), is taken as its luminance
+        (``0.2125 R + 0.7154 G + 0.0721 B``, as ``skimage.color.rgb2gray``; alpha left
+        out): a bright-field image saved in colour.
     in_channels : int
         Channels the model takes.
 
@@ -68,7 +99,9 @@ def as_model_input(image: np.ndarray, in_channels: int) -> np.ndarray:
     if image.ndim == 2:
         image = image[None]
     elif image.ndim == 3:
-        if image.shape[0] != in_channels and image.shape[-1] == in_channels:
+        if in_channels == 1 and image.shape[-1] in (3, 4) and min(image.shape[:2]) > 4:
+            image = colour_to_grey(np.moveaxis(image, -1, 0))[None]
+        elif image.shape[0] != in_channels and image.shape[-1] == in_channels:
             image = np.moveaxis(image, -1, 0)
         if image.shape[0] != in_channels:
             hint = ""
