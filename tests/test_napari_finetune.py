@@ -230,3 +230,22 @@ def test_a_panel_opened_again_takes_over_the_running_fine_tune(widget, export, p
     assert announced == [str(again.version.path)]  # the main widget hears of it once
     assert again.start_button.isEnabled()
     model_versions.trained.disconnect(announced.append)
+
+
+def test_closing_napari_mid_run_keeps_the_best_epoch_as_a_version(widget, export, parent, qtbot):
+    """napari's window close cancels its tasks: training stops after its epoch, not later."""
+    from napari_instseg.core.finetune import list_model_versions
+
+    widget.add_folder(export)
+    widget.set_parent(parent)
+    widget.steps.setValue(60)  # three epochs
+    worker = widget.start()
+    finished = []
+    worker.finished.connect(lambda: finished.append(True))
+    assert widget.viewer.window._task_status_manager.is_busy()  # napari's close asks first
+    widget.viewer.window._task_status_manager.cancel_all()  # what closing the window does
+    qtbot.waitUntil(lambda: bool(finished), timeout=120_000)
+    [version] = list_model_versions(export)
+    assert version.path.is_file()
+    log = (version.path.parent / "log.csv").read_text().strip().splitlines()
+    assert len(log) == 2  # header + the one epoch that was running

@@ -426,8 +426,13 @@ class FinetuneWidget(QWidget):
         run.owner = self
 
         def callback(row: dict[str, Any]) -> bool:
-            run.row.emit(dict(row))
-            return run.stop
+            try:
+                run.row.emit(dict(row))
+            except RuntimeError:  # Qt is gone (napari quit): keep what was learnt, stop
+                return True
+            # napari asks its workers to quit when its window closes: the best epoch so far
+            # becomes the version instead of training on, unseen, for all the steps asked
+            return run.stop or bool(getattr(run.worker, "abort_requested", False))
 
         @thread_worker
         def work() -> Any:
