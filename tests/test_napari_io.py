@@ -15,6 +15,7 @@ from napari_instseg._napari import io as nio  # noqa: E402
 from napari_instseg._napari.session import Session  # noqa: E402
 from napari_instseg.core.oracle import prediction_from_masks  # noqa: E402
 from napari_instseg.core.synthetic import make_worms  # noqa: E402
+from napari_instseg.core.training_folder import read_training_folder  # noqa: E402
 from napari_instseg.core.types import Instances  # noqa: E402
 
 
@@ -104,9 +105,22 @@ def test_writer_exports_live_session_with_overlaps(session, tmp_path):
     layers = nio.read(str(out))
     masks = layers[1][1]["metadata"]["napari_instseg"]["masks"]
     assert (masks.sum(0) > 1).any()  # the writer used the side model, not the flat labels
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="already holds an image named 'plate'"):
         nio.write_training(
-            str(out), [(layer.data, {"name": "w"}, "labels"), (session.image, {}, "image")]
+            str(out),
+            [(layer.data, {"name": "w"}, "labels"), (session.image, {"name": "plate"}, "image")],
+        )  # the same image again: never replaced
+    # another image saved into the training folder joins it, as the widget's Export does
+    nio.write_training(
+        str(out), [(layer.data, {"name": "w"}, "labels"), (session.image, {"name": "b"}, "image")]
+    )
+    assert [s.name for s in read_training_folder(out)] == ["plate", "b"]
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not a training folder"):
+        nio.write_training(
+            str(notes), [(layer.data, {"name": "w"}, "labels"), (session.image, {}, "image")]
         )
     with pytest.raises(ValueError, match="exactly one Labels"):
         nio.write_training(str(tmp_path / "x"), [(session.image, {}, "image")])

@@ -224,8 +224,10 @@ def _masks_for(labels: np.ndarray, meta: dict[str, Any]) -> tuple[np.ndarray, np
 def write_training(path: str, layer_data: list[LayerData]) -> list[str]:
     """Write a Labels layer (and the Image layer it annotates) as a training folder.
 
-    The folder must not exist yet (or be empty): the writer never overwrites; the core
-    writes atomically.
+    A new or empty folder becomes a training folder; a training folder gets the image
+    added (as the widget's Export does). The writer never overwrites: an image of the same
+    name in the folder, or a non-empty folder that is no training folder, is refused. The
+    core writes atomically.
 
     Parameters
     ----------
@@ -244,7 +246,7 @@ def write_training(path: str, layer_data: list[LayerData]) -> list[str]:
     ValueError
         If there is no labels layer, no image can be found, or sizes disagree.
     FileExistsError
-        If the folder exists and is not empty.
+        If the folder holds an image of that name, or files but no training folder.
     """
     from ..core.training_folder import write_training_folder
 
@@ -274,11 +276,14 @@ def write_training(path: str, layer_data: list[LayerData]) -> list[str]:
     if image.shape[-2:] != data.shape:
         raise ValueError(f"image is {image.shape[-2:]} but labels are {data.shape}")
     root = Path(path)
-    if root.exists() and (root.is_file() or any(root.iterdir())):
-        raise FileExistsError(f"{root} exists; choose a new folder (nothing is overwritten)")
+    from .session import export_conflict
+
+    conflict = export_conflict(root, name)
+    if conflict:  # a training folder without this image is extended, as the widget does
+        raise FileExistsError(f"{conflict}; choose another folder (nothing is overwritten)")
     masks, reviewed, provenance = _masks_for(data, meta)
     if session is not None:  # labels corrected on a prediction at another scale
         provenance.update(session.scale_metadata())
     sample = Sample(image=image, masks=masks, name=name, reviewed=reviewed, metadata=provenance)
-    write_training_folder(root, [sample], overwrite=root.exists())
+    write_training_folder(root, [sample])
     return [str(root)]
