@@ -1255,3 +1255,24 @@ def test_a_model_chosen_while_another_runs_is_not_taken_for_the_maps_shown(
     widget.model_combo.setCurrentIndex(0)  # back to the shipped model: nothing to say
     assert "is chosen" not in widget.status.text()
     assert "shows model shipped, as chosen" in widget.status.text()
+
+
+def test_closing_napari_stops_a_running_prediction(widget, monkeypatch, qtbot):
+    """napari's window close cancels its tasks: the model stops at its next tile."""
+    import time
+
+    tiles = []
+
+    def slow_predict(image, progress=None, **kwargs):
+        for i in range(400):  # 400 tiles of 25 ms: 10 s unless cancelled
+            progress(i, 400)
+            tiles.append(i)
+            time.sleep(0.025)
+        raise AssertionError("the prediction was not stopped")
+
+    monkeypatch.setattr(compute, "predict_image", slow_predict)
+    worker = widget.run_model()
+    qtbot.waitUntil(lambda: len(tiles) >= 2, timeout=5000)
+    widget.viewer.window._task_status_manager.cancel_all()  # what closing the window does
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=5000)
+    assert len(tiles) < 100 and not worker.is_running

@@ -942,7 +942,9 @@ class InstSegWidget(QWidget):
         tau = self.tau
 
         def report(*args: Any, **kwargs: Any) -> None:
-            if self._cancel:
+            # Cancel, or napari's window closing (it asks its workers to quit): stop at the
+            # next tile instead of keeping the closed napari's process predicting
+            if self._cancel or getattr(self.worker, "abort_requested", False):
                 raise compute.Cancelled
             self._progress_state = (args, kwargs)  # the main thread's timer shows it
 
