@@ -249,3 +249,18 @@ def test_closing_napari_mid_run_keeps_the_best_epoch_as_a_version(widget, export
     assert version.path.is_file()
     log = (version.path.parent / "log.csv").read_text().strip().splitlines()
     assert len(log) == 2  # header + the one epoch that was running
+
+
+def test_finetune_widget_on_one_image_says_nothing_was_held_out(widget, export, parent, qtbot):
+    """With one image nothing validates the weights: the user is told it is the last epoch."""
+    from napari_instseg.core.training_folder import read_training_folder
+
+    one = write_training_folder(export.parent / "one", read_training_folder(export)[:1])
+    widget.add_folder(one)
+    widget.set_parent(parent)
+    widget.steps.setValue(1)
+    widget.start()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.version is not None and "val_ap" not in widget.version.metrics
+    assert "no image held out" in widget.status.text()
+    assert widget.curve.val_ap == []  # no orange curve either

@@ -251,7 +251,8 @@ class FinetuneWidget(QWidget):
         self.val_fraction.setSingleStep(0.05)
         self.val_fraction.setValue(0.2)
         self.val_fraction.setToolTip(
-            "fraction of the images held out to choose the checkpoint (at least one image)"
+            "fraction of the images held out to choose the checkpoint (at least one when "
+            "there are two or more; with one image, or 0, the last epoch's weights are kept)"
         )
         form.addRow("Held out", self.val_fraction)
         self.replay = QCheckBox("mix in the parent's training images")
@@ -474,8 +475,13 @@ class FinetuneWidget(QWidget):
             return
         self.version = version
         early = "Stopped early: " if self._run is not None and self._run.stop else ""
+        unjudged = (
+            ""
+            if "val_ap" in (version.metrics or {})
+            else " (no image held out, so no validation AP: the last epoch's weights)"
+        )
         self.status.setText(
-            f"{early}New model version {version.label}\n{version.path}\n"
+            f"{early}New model version {version.label}{unjudged}\n{version.path}\n"
             "Choose it under model in Worm segmentation and Run model."
         )
         self._refresh_parents()
