@@ -264,3 +264,22 @@ def test_finetune_widget_on_one_image_says_nothing_was_held_out(widget, export, 
     assert widget.version is not None and "val_ap" not in widget.version.metrics
     assert "no image held out" in widget.status.text()
     assert widget.curve.val_ap == []  # no orange curve either
+
+
+def test_a_main_widget_opened_later_lists_the_versions_of_this_session(
+    make_napari_viewer, tmp_path
+):
+    """Close Worm segmentation, fine-tune, open it again: the new version is in its list."""
+    from napari_instseg._napari.finetune_widget import model_versions
+    from napari_instseg._napari.widget import MODEL_SHIPPED, InstSegWidget
+
+    torch.manual_seed(0)
+    tiny = InstSegNet(ModelConfig(channels=(8, 8, 8), embedding_dim=4, head_channels=8))
+    path = save_model(tiny, tmp_path / "models" / "later-ft1" / "model.safetensors", {})
+    viewer = make_napari_viewer(show=True)
+    model_versions.trained.emit(str(path))  # announced while no main widget was open
+    widget = InstSegWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="instseg")
+    index = widget.model_combo.findText("version: later-ft1")
+    assert index >= 0 and widget.model_combo.itemData(index) == str(path)
+    assert widget.model_combo.currentText() == MODEL_SHIPPED  # listed, not chosen

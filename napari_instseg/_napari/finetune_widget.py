@@ -47,9 +47,21 @@ FREEZE_CHOICES = {
 
 
 class _ModelVersions:
-    """Announces new model versions (``trained.emit(path)``) to every widget."""
+    """Announces new model versions (``trained.emit(path)``) to every widget.
+
+    ``paths`` keeps every version announced in this session, in order, so that a main
+    widget opened later (closed and opened again from the Plugins menu) lists them too.
+    """
 
     trained = Signal(str)
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.trained.connect(self._remember)
+
+    def _remember(self, path: str) -> None:
+        if path not in self.paths:
+            self.paths.append(path)
 
 
 #: Emitted with the weights path of every version a fine-tune widget produces.

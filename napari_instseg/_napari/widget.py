@@ -374,6 +374,9 @@ class InstSegWidget(QWidget):
         # --- signals
         self.model_combo.currentIndexChanged.connect(self._on_model_choice)
         self.browse_btn.clicked.connect(self._browse_model)
+        for path in model_versions.paths:  # fine-tuned in this session before it opened
+            if Path(path).is_file():
+                self.add_model_version(path, select=False)
         announced = self._on_version_trained
         model_versions.trained.connect(announced)
         # a closed widget must not hear about versions trained later (its Qt parts are gone)
