@@ -16,6 +16,15 @@ from napari_instseg.core.weights import save_model
 pytest.importorskip("napari")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_session_lists(monkeypatch):
+    """Versions and exports announced by earlier tests are not this test's."""
+    from napari_instseg._napari.finetune_widget import model_versions
+
+    monkeypatch.setattr(model_versions, "paths", [])
+    monkeypatch.setattr(model_versions, "exports", [])
+
+
 @pytest.fixture
 def export(tmp_path):
     samples = [
@@ -283,3 +292,35 @@ def test_a_main_widget_opened_later_lists_the_versions_of_this_session(
     index = widget.model_combo.findText("version: later-ft1")
     assert index >= 0 and widget.model_combo.itemData(index) == str(path)
     assert widget.model_combo.currentText() == MODEL_SHIPPED  # listed, not chosen
+
+
+def test_the_fine_tune_panel_lists_the_folders_exported_in_this_session(
+    make_napari_viewer, monkeypatch, tmp_path
+):
+    """Export in Worm segmentation, open Fine-tune model: the folder is there already."""
+    from napari_instseg._napari import compute
+    from napari_instseg._napari.finetune_widget import FinetuneWidget
+    from napari_instseg._napari.widget import InstSegWidget
+    from napari_instseg.core.oracle import prediction_from_masks
+
+    sample = make_worms((96, 96), n_worms=3, length=(40, 60), n_crossings=0, seed=0)
+    oracle = prediction_from_masks(sample.masks)
+    monkeypatch.setattr(compute, "predict_image", lambda image, **kwargs: oracle)
+    monkeypatch.setenv(compute.CACHE_ENV, "off")
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(sample.image, name="plate")
+    main = InstSegWidget(viewer)
+    viewer.window.add_dock_widget(main, name="instseg")
+    open_before = FinetuneWidget(viewer)  # a panel open while exporting
+    viewer.window.add_dock_widget(open_before, name="finetune")
+    main.run_model(blocking=True)
+    main.segment(blocking=True)
+    main.session().mark_reviewed(main.session().worms[0].label)
+    main.export(tmp_path / "corrected")
+    assert open_before.data_folders() == [str(tmp_path / "corrected")]
+    assert (
+        "1 image(s), " in open_before.status.text() and "1 reviewed" in open_before.status.text()
+    )
+    viewer.window.remove_dock_widget(open_before)
+    opened_after = FinetuneWidget(viewer)  # opened from the Plugins menu afterwards
+    assert opened_after.data_folders() == [str(tmp_path / "corrected")]

@@ -54,14 +54,22 @@ class _ModelVersions:
     """
 
     trained = Signal(str)
+    #: Emitted with the folder of every export of the main widget (training data).
+    exported = Signal(str)
 
     def __init__(self) -> None:
         self.paths: list[str] = []
+        self.exports: list[str] = []
         self.trained.connect(self._remember)
+        self.exported.connect(self._remember_export)
 
     def _remember(self, path: str) -> None:
         if path not in self.paths:
             self.paths.append(path)
+
+    def _remember_export(self, folder: str) -> None:
+        if folder not in self.exports:
+            self.exports.append(folder)
 
 
 #: Emitted with the weights path of every version a fine-tune widget produces.
@@ -291,8 +299,24 @@ class FinetuneWidget(QWidget):
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         layout.addWidget(self.status)
         layout.addStretch(1)
+        # the folders exported in this session are the data to fine-tune on: listed already
+        for folder in model_versions.exports:
+            if Path(folder).is_dir():
+                self.folders.addItem(str(Path(folder)))
+        if self.data_folders():
+            self._refresh_parents()
+            self.status.setText(self._data_summary())
+        exported = self._on_exported
+        model_versions.exported.connect(exported)
+        self.destroyed.connect(
+            lambda *_: model_versions.exported.disconnect(exported, missing_ok=True)
+        )
         if _running is not None:  # started by a panel that was closed: carry on showing it
             self._take_over(_running)
+
+    def _on_exported(self, folder: str) -> None:
+        """The main widget exported into ``folder``: list it (the data to fine-tune on)."""
+        self.add_folder(folder)
 
     def _take_over(self, run: _Run) -> None:
         """Show a run in progress: its folders, curves and Stop button."""

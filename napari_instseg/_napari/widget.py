@@ -1623,6 +1623,7 @@ class InstSegWidget(QWidget):
             return None
         from ..core.training_folder import training_folder_names
 
+        model_versions.exported.emit(str(path))  # the Fine-tune panel lists the folder
         n = len(training_folder_names(path))
         worms = len(session.worms)
         reviewed = sum(w.reviewed for w in session.worms)
