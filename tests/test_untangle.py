@@ -13,6 +13,7 @@ from napari_instseg.core.untangle import (
     _path_order,
     cut_at_kink,
     cut_end_to_end,
+    join_cut_arms,
     untangle,
     untangle_clump,
     untangle_segment,
@@ -299,3 +300,69 @@ def test_a_long_worm_read_out_of_a_crossing_is_not_cut_at_the_crossing():
     # the same worm alone, not out of a crossing, is cut at the peak
     alone = Instances(masks=np.stack([*singles, long_worm]))
     assert len(untangle(alone, boundary=boundary)) == 7
+
+
+def _cut_off_crossing():
+    """An X whose fourth arm the boundary map cut off: worm a, b's stub with a, b's rest."""
+    a = _bar(SHAPE, (20, 20), (140, 140))
+    b = _bar(SHAPE, (20, 135), (140, 25))
+    rows = np.arange(SHAPE[0])[:, None]
+    segment = a | (b & (rows <= 84))  # a, the crossing and b's upper arm
+    rest = b & ~segment  # b's lower arm, touching the segment below the crossing
+    return a, b, segment, rest
+
+
+def _with_singles(*masks):
+    """The masks widened to the right, beside five single worms of a worm's length."""
+    masks = [np.pad(m, ((0, 0), (0, 100))) for m in masks]
+    shape = masks[0].shape
+    singles = [_bar(shape, (5, 170 + 18 * i), (155, 170 + 18 * i)) for i in range(5)]
+    inst = Instances(masks=np.stack([*singles, *masks]), scores=np.full(5 + len(masks), 0.8))
+    return inst, masks
+
+
+def test_a_crossing_whose_fourth_arm_is_a_segment_of_its_own_is_read_as_four_arms():
+    a, b, segment, rest = _cut_off_crossing()
+    inst = Instances(
+        masks=np.stack([segment, rest]),
+        scores=np.array([0.9, 0.7], np.float32),
+        classes=np.array([1, 2]),
+        seeds=np.array([[80, 80], [130, 35]]),
+        taus=np.array([0.4, 0.6], np.float32),
+    )
+    out = join_cut_arms(inst)
+    assert len(out) == 2
+    assert _iou(out.masks[0], a) > 0.93 and _iou(out.masks[1], b) > 0.93
+    crossing = a & b
+    assert (out.masks[0] & out.masks[1] & crossing).sum() >= 0.8 * crossing.sum()  # both keep it
+    assert np.allclose(out.scores, [0.9, 0.7]) and list(out.classes) == [1, 2]
+    assert np.allclose(out.taus, [0.4, 0.6])
+    for mask, seed in zip(out.masks, out.seeds, strict=True):
+        assert mask[seed[0], seed[1]]
+    # in the pipeline: without the reading the three-armed segment gives a and b's stub,
+    # and b's lower arm stays a worm of its own
+    inst, (a, b) = _with_singles(segment, rest)[0], _with_singles(a, b)[1]
+    joined = untangle(inst)
+    assert len(joined) == 7
+    assert _best_ious(list(joined.masks[5:]), [a, b])[0] > 0.93
+    alone = untangle(inst, join_arms=False)
+    assert max(_iou(m, b) for m in alone.masks) < 0.7
+
+
+def test_no_four_arm_reading_where_the_neighbour_does_not_continue_an_arm():
+    a, b, segment, rest = _cut_off_crossing()
+    # a neighbour ending at the junction square to the arms: no straight pair for it
+    square = _bar(SHAPE, (80, 86), (80, 150)) & ~segment
+    inst = Instances(masks=np.stack([segment, square]), scores=np.full(2, 0.8, np.float32))
+    assert join_cut_arms(inst) is inst
+    # two neighbours ending there: which one is the fourth arm is not clear
+    other = _bar(SHAPE, (140, 90), (95, 85)) & ~segment & ~rest
+    inst = Instances(masks=np.stack([segment, rest, other]), scores=np.full(3, 0.8, np.float32))
+    assert join_cut_arms(inst) is inst
+    # a neighbour that ends far from the junction is no arm of it
+    far = rest & (np.arange(SHAPE[0])[:, None] > 115)
+    inst = Instances(masks=np.stack([segment, far]), scores=np.full(2, 0.8, np.float32))
+    assert join_cut_arms(inst) is inst
+    # segments smaller than min_area are not read
+    inst = Instances(masks=np.stack([segment, rest]), scores=np.full(2, 0.8, np.float32))
+    assert join_cut_arms(inst, min_area=segment.sum() + 1) is inst

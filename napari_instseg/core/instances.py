@@ -415,6 +415,7 @@ def segment_boundary(
     untangle_factor: float = 1.3,
     merge_tau: float = 0.3,
     size_weight: float = 1.0,
+    join_arms: bool = True,
 ) -> Instances:
     """BAISeg's mask extraction pipeline on the boundary and foreground maps.
 
@@ -460,6 +461,11 @@ def segment_boundary(
     size_weight : float
         Scores are weighted by how typical each segment's size is
         (:func:`weight_scores_by_size`); 0 = off.
+    join_arms : bool
+        With the untangling, first re-read a three-armed segment together with the
+        neighbouring segment whose skeleton ends at its junction as a crossing of four
+        arms (the boundary map cut one arm off;
+        :func:`napari_instseg.core.untangle.join_cut_arms`).
 
     Returns
     -------
@@ -519,7 +525,9 @@ def segment_boundary(
     if split_factor > 0:
         segments = split_merged(prediction, segments, factor=split_factor, tau=split_tau)
     if untangle_factor > 0:
-        segments = untangle(segments, factor=untangle_factor, boundary=prediction.boundary)
+        segments = untangle(
+            segments, factor=untangle_factor, boundary=prediction.boundary, join_arms=join_arms
+        )
     return weight_scores_by_size(segments, size_weight)
 
 
@@ -814,6 +822,7 @@ def segment_hybrid(
     split_factor: float = 0.0,
     split_tau: float = 0.3,
     size_weight: float = 1.0,
+    join_arms: bool = True,
 ) -> Instances:
     """Seeds, boundaries and similarity together.
 
@@ -855,6 +864,8 @@ def segment_hybrid(
         Score multiplier for seeds from boundary segments and for added segments.
     untangle_factor, merge_tau : float
         As in :func:`segment_boundary` (for the boundary segments).
+    join_arms : bool
+        As in :func:`segment_boundary`.
     primary : {"seeds", "boundary"}
         Which source leads (see above).
     split_factor, split_tau, size_weight : float
@@ -879,6 +890,7 @@ def segment_hybrid(
         dilate_iterations=dilate_iterations,
         untangle_factor=untangle_factor,
         merge_tau=merge_tau,
+        join_arms=join_arms,
         split_factor=split_factor if boundary_first else 0.0,
         split_tau=split_tau,
         # seeds first: the added segments' scores stay comparable to the grown ones

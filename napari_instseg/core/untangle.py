@@ -14,10 +14,15 @@ and junction pixels a worm width apart are merged) with three or four long arms.
 worm through them along the paired arms. Anything else (a crossing of five or more arms, a
 loop) is left whole. Where two worms cross, both parts keep the crossing, so the masks
 overlap there.
+
+Where the boundary map cut the fourth arm of a crossing off as a segment of its own, the
+rest is a three-armed junction that read alone pairs the wrong arms; :func:`join_cut_arms`
+reads it together with the neighbour whose skeleton ends at the junction, as four arms.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import combinations
@@ -32,7 +37,14 @@ from .types import Instances
 PINHOLE_AREA_WIDTHS2 = 2.0
 """Holes of a segment up to this many squared worm widths are filled before it is skeletonized."""
 
-__all__ = ["cut_at_kink", "cut_end_to_end", "untangle", "untangle_clump", "untangle_segment"]
+__all__ = [
+    "cut_at_kink",
+    "cut_end_to_end",
+    "join_cut_arms",
+    "untangle",
+    "untangle_clump",
+    "untangle_segment",
+]
 
 _EIGHT = np.ones((3, 3), bool)
 
@@ -453,19 +465,12 @@ def _untangle_segment(
     """untangle_segment on a precomputed :func:`_cropped_skeleton` result."""
     if found is None:
         return None
-    (r0, r1, c0, c1), crop, skeleton, width = found.box, found.crop, found.skeleton, found.width
+    (r0, r1, c0, c1), crop, width = found.box, found.crop, found.width
     mask = np.asarray(mask, bool)
-    graph = _junction_graph(skeleton, width)
-    if graph is None or len(set(graph.group.values())) != 1:
+    star = _one_junction(found)
+    if star is None:
         return None
-    touches, links, branch_labels = graph.touches, graph.links, graph.branch_labels
-    junction_labels = graph.junction_labels
-    arms = [b for b in touches if b not in links]
-    if any(len(touches[b]) != 1 for b in arms) or len(arms) not in (3, 4):
-        return None
-    junction = (junction_labels > 0) | np.isin(branch_labels, links)
-    centre = np.argwhere(junction).mean(axis=0)
-    arm_coords = [np.argwhere(branch_labels == b) for b in arms]
+    centre, arm_coords = star
     directions = [_arm_direction(c, centre, width, width + 3 * width) for c in arm_coords]
     worms = _pair_arms(directions)
     for worm in worms:
@@ -476,6 +481,23 @@ def _untangle_segment(
         for worm in worms
     ]
     return _worm_masks(mask.shape, (r0, r1, c0, c1), crop, arm_coords, worms, bridges, width)
+
+
+def _one_junction(found: _Skeleton) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """Junction centre and arms' pixels (crop coordinates) of a one-junction skeleton.
+
+    None unless the skeleton has one junction and three or four free-ended arms.
+    """
+    graph = _junction_graph(found.skeleton, found.width)
+    if graph is None or len(set(graph.group.values())) != 1:
+        return None
+    touches, links, branch_labels = graph.touches, graph.links, graph.branch_labels
+    arms = [b for b in touches if b not in links]
+    if any(len(touches[b]) != 1 for b in arms) or len(arms) not in (3, 4):
+        return None
+    junction = (graph.junction_labels > 0) | np.isin(branch_labels, links)
+    centre = np.argwhere(junction).mean(axis=0)
+    return centre, [np.argwhere(branch_labels == b) for b in arms]
 
 
 def _end_near(coords: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -639,6 +661,170 @@ def _untangle_clump(
     return _worm_masks(np.shape(mask), (r0, r1, c0, c1), crop, arm_coords, worms, bridges, width)
 
 
+def join_cut_arms(
+    instances: Instances,
+    max_bend_cos: float = -0.3,
+    reach_widths: float = 2.5,
+    min_area: float = 0.0,
+    min_part_area: float = 0.0,
+) -> Instances:
+    """Re-read crossings whose fourth arm the boundary map cut off as a segment of its own.
+
+    Where two worms cross, the boundary map sometimes cuts one arm of the crossing off: one
+    segment then holds three arms around a junction (read alone, the two most nearly
+    opposite arms are one worm and the third is another, which is wrong when the cut-off
+    arm continues the third one), and the cut-off arm is a separate segment whose skeleton
+    ends at the junction. A segment whose pruned skeleton has one junction with three
+    free-ended arms (:func:`untangle_segment`'s reading) is read together with the one
+    other segment that touches it and whose unbranched skeleton has a free end within
+    ``reach_widths`` worm widths of the junction centre: that segment is the fourth arm,
+    its outward direction measured like the others', and the four arms are paired as at a
+    crossing. When both pairs are straight enough (``max_bend_cos``), the two segments are
+    replaced by the two worms: the segment's two arms paired together, and the neighbour
+    with the arm it continues; both are bridged through the junction, so both keep the
+    crossing. A segment with no such neighbour, or more than one, is left to
+    :func:`untangle`'s readings.
+
+    Parameters
+    ----------
+    instances : Instances
+        Segments, e.g. from the boundary pipeline.
+    max_bend_cos : float
+        See :func:`untangle_segment`; both pairs of arms must be at least this straight.
+    reach_widths : float
+        How near to the junction centre (in worm widths of the three-armed segment) the
+        neighbour's skeleton must end.
+    min_area : float
+        Only segments of at least this many pixels are read as three-armed.
+    min_part_area : float
+        Both worms need at least this many pixels, or the two segments stay as they are.
+
+    Returns
+    -------
+    Instances
+        The same instances, each re-read pair replaced in place by its two worms: the
+        three-armed segment's index gets the worm of its two paired arms (its score, class
+        and tau; its seed, or the worm's most interior pixel outside the crossing when the
+        seed is not in it), the neighbour's index gets the worm it continues (its own
+        score, class, seed and tau). The two masks overlap at the crossing.
+    """
+    n = len(instances)
+    if n < 2:
+        return instances
+    masks = np.asarray(instances.masks, bool)
+    shape = masks.shape[1:]
+    areas = masks.reshape(n, -1).sum(axis=1)
+    skeletons: dict[int, _Skeleton | None] = {}
+
+    def skeleton_of(k: int) -> _Skeleton | None:
+        if k not in skeletons:
+            skeletons[k] = _cropped_skeleton(masks[k])
+        return skeletons[k]
+
+    new_masks = masks.copy()
+    seeds = None if instances.seeds is None else np.array(instances.seeds, copy=True)
+    used: set[int] = set()
+    for i in range(n):
+        if i in used or areas[i] < min_area:
+            continue
+        found = skeleton_of(i)
+        star = _one_junction(found) if found is not None else None
+        if star is None or len(star[1]) != 3:
+            continue
+        offset = np.array([found.box[0], found.box[2]])
+        centre = star[0] + offset
+        arms = [c + offset for c in star[1]]
+        fourth = _fourth_arm(masks, i, centre, reach_widths * found.width, used, skeleton_of)
+        if fourth is None:
+            continue
+        j, end, path = fourth
+        width = found.width
+        directions = [_arm_direction(c, centre, width, 4 * width) for c in [*arms, path]]
+        pairs = _pair_arms(directions)
+        if any(directions[a] @ directions[b] > max_bend_cos for a, b in pairs):
+            continue
+        own, joined = (pairs[0], pairs[1]) if 3 in pairs[1] else (pairs[1], pairs[0])
+        partner = joined[0] if joined[1] == 3 else joined[1]
+        # one crop around both segments, the neighbour's skeleton as the fourth arm
+        both = masks[i] | masks[j]
+        rows, cols = np.nonzero(both)
+        r0, r1 = max(rows.min() - 2, 0), min(rows.max() + 3, shape[0])
+        c0, c1 = max(cols.min() - 2, 0), min(cols.max() + 3, shape[1])
+        corner = np.array([r0, c0])
+        coords = [c - corner for c in [*arms, path]]
+        middle = centre - corner
+        bridges = [
+            [(_end_near(coords[own[0]], middle), _end_near(coords[own[1]], middle))],
+            [(_end_near(coords[partner], middle), end - corner)],
+        ]
+        worm, other = _worm_masks(
+            shape, (r0, r1, c0, c1), both[r0:r1, c0:c1], coords, [own, joined], bridges, width
+        )
+        worm &= masks[i]
+        other |= masks[j]
+        if min(worm.sum(), other.sum()) < max(min_part_area, 1):
+            continue
+        new_masks[i], new_masks[j] = worm, other
+        used.update((i, j))
+        if seeds is not None and not worm[int(seeds[i][0]), int(seeds[i][1])]:
+            alone = worm & ~other
+            depth = ndimage.distance_transform_edt(alone if alone.any() else worm)
+            seeds[i] = np.unravel_index(np.argmax(depth), shape)
+    if not used:
+        return instances
+    return Instances(
+        masks=new_masks,
+        scores=instances.scores,
+        classes=instances.classes,
+        seeds=seeds,
+        taus=instances.taus,
+    )
+
+
+def _fourth_arm(
+    masks: np.ndarray,
+    i: int,
+    centre: np.ndarray,
+    reach: float,
+    used: set[int],
+    skeleton_of: Callable[[int], _Skeleton | None],
+) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """The one segment that touches segment ``i`` and whose skeleton ends near ``centre``.
+
+    Returns its index, its skeleton's end pixel nearest to ``centre`` and its skeleton's
+    pixels (image coordinates), or None when no segment or more than one qualifies.
+    Candidates are segments not in ``used`` with an unbranched skeleton (a worm's piece)
+    that touch segment ``i`` (within 2 px) within ``reach`` + 2 px of ``centre`` and end
+    within ``reach`` of it.
+    """
+    shape = masks.shape[1:]
+    pad = int(np.ceil(reach)) + 3
+    r, c = (int(round(v)) for v in centre)
+    r0, r1, c0, c1 = (
+        max(r - pad, 0),
+        min(r + pad + 1, shape[0]),
+        max(c - pad, 0),
+        min(c + pad + 1, shape[1]),
+    )
+    yy, xx = np.ogrid[r0:r1, c0:c1]
+    disc = np.hypot(yy - centre[0], xx - centre[1]) <= reach + 2
+    ring = ndimage.binary_dilation(masks[i, r0:r1, c0:c1], _EIGHT, iterations=2) & disc
+    found = []
+    for j in np.flatnonzero(masks[:, r0:r1, c0:c1][:, ring].any(axis=1)):
+        if j == i or j in used:
+            continue
+        skeleton = skeleton_of(int(j))
+        path = skeleton.path if skeleton is not None else None
+        if path is None:
+            continue
+        path = path + np.array([skeleton.box[0], skeleton.box[2]])
+        ends = path[[0, -1]]
+        dist = np.hypot(*(ends - centre).T)
+        if dist.min() <= reach:
+            found.append((int(j), ends[int(np.argmin(dist))], path))
+    return found[0] if len(found) == 1 else None
+
+
 def untangle(
     instances: Instances,
     factor: float = 1.3,
@@ -650,6 +836,7 @@ def untangle(
     min_kink_cos: float | None = 0.3,
     rounds: int = 2,
     reprune_widths: float | None = 3.0,
+    join_arms: bool = True,
 ) -> Instances:
     """Cut segments much larger than the typical one where their skeleton shows two worms.
 
@@ -682,6 +869,11 @@ def untangle(
         When no reading of a candidate's skeleton gives large enough parts, read it once
         more with free-ended spurs shorter than this many worm widths pruned (default
         pruning: 1.5 widths); None = never.
+    join_arms : bool
+        First re-read crossings whose fourth arm the boundary map cut off as a segment of
+        its own (:func:`join_cut_arms`: three-armed segments of at least the median area,
+        which hold a worm and an arm of another; both worms at least ``min_part_fraction``
+        of the median area).
 
     Returns
     -------
@@ -689,6 +881,14 @@ def untangle(
         Each cut segment replaced by its parts (same score, class and tau; the first part
         that holds the segment's seed keeps it, the others get their most interior pixel).
     """
+    if join_arms and len(instances) >= 2 and factor > 0:
+        typical = float(np.median(instances.areas))
+        instances = join_cut_arms(
+            instances,
+            max_bend_cos,
+            min_area=typical,
+            min_part_area=min_part_fraction * typical,
+        )
     options = (factor, min_part_fraction, max_bend_cos, length_factor, boundary, reprune_widths)
     lengths: list[int | None] = [None] * len(instances)
     for _ in range(rounds):
