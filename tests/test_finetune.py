@@ -1,6 +1,7 @@
 """Fine-tuning from exported training folders and the model versions it leaves."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,7 +149,7 @@ def test_failed_finetune_leaves_no_empty_version(export, parent, monkeypatch):
     def failing_train(config, **kwargs):  # fails after writing the run's config
         from pathlib import Path
 
-        Path(config.out).mkdir(parents=True)
+        Path(config.out).mkdir(parents=True, exist_ok=True)  # (claimed by finetune)
         config.to_toml(Path(config.out) / "config.toml")
         raise RuntimeError("out of memory")
 
@@ -161,6 +162,44 @@ def test_failed_finetune_leaves_no_empty_version(export, parent, monkeypatch):
         [export], parent, steps=1, batch_size=1, crop_size=64, num_threads=1, device="cpu"
     )
     assert version.name == "tiny-ft1"  # the failed runs took no number
+
+
+def test_two_finetunes_at_once_take_two_version_names(export, parent, monkeypatch):
+    import napari_instseg.core.finetune as finetune_module
+    from napari_instseg.core.finetune import _claim_next_name
+
+    folder = export / "models"
+    assert [_claim_next_name(folder, "tiny") for _ in range(2)] == ["tiny-ft1", "tiny-ft2"]
+    assert (folder / "tiny-ft1").is_dir() and (folder / "tiny-ft2").is_dir()
+    for claimed in ("tiny-ft1", "tiny-ft2"):
+        (folder / claimed).rmdir()
+
+    # a run that starts while another one's folder is claimed (no weights yet) takes the
+    # next name; and one that fails before training gives its claim back
+    (folder / "tiny-ft1").mkdir()
+    names = []
+
+    def record(config, **kwargs):
+        names.append(Path(config.out).name)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(finetune_module, "train", record)
+    with pytest.raises(RuntimeError, match="stop here"):
+        finetune([export], parent, replay=None, device="cpu")
+    assert names == ["tiny-ft2"] and not (folder / "tiny-ft2").exists()
+    monkeypatch.setattr(finetune_module, "TrainConfig", None)  # fails before train()
+    with pytest.raises(TypeError):
+        finetune([export], parent, replay=None, device="cpu")
+    assert sorted(p.name for p in folder.iterdir()) == ["tiny-ft1"]
+
+
+def test_version_label_says_image_or_images(tmp_path):
+    from napari_instseg.core.finetune import ModelVersion
+
+    def label(n):
+        return ModelVersion("v", tmp_path, "p", "", {}, [f"i{k}" for k in range(n)]).label
+
+    assert label(1) == "v (1 image)" and label(3) == "v (3 images)"
 
 
 def test_finetune_takes_a_single_folder_as_a_str(export, parent, monkeypatch):

@@ -135,6 +135,19 @@ def test_tiny_run_then_resume(data, tmp_path):
     assert [int(r["epoch"]) for r in _log(out2)] == [1]
     assert (out2 / "best.safetensors").is_file()  # without validation: the last weights
 
+    # should_stop, asked after every step, ends the epoch at that step (validated, kept)
+    out3, asked = tmp_path / "stopped_at_a_step", []
+
+    def after_two_steps() -> bool:
+        asked.append(1)
+        return len(asked) == 2
+
+    cfg = tiny_config(data, out3, epochs=5, steps_per_epoch=4)
+    train(cfg, progress=False, should_stop=after_two_steps)
+    (row,) = _log(out3)
+    assert len(asked) == 2 and int(row["epoch"]) == 1 and "val_ap" in row
+    assert (out3 / "best.safetensors").is_file()
+
 
 def test_labels_exported_at_a_scale_train_at_the_model_width(tmp_path):
     # worms twice as wide, exported from a prediction at scale 0.5: training resizes them

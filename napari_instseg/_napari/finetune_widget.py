@@ -330,7 +330,7 @@ class FinetuneWidget(QWidget):
         self.start_button.setEnabled(False)
         self.stop_button.setEnabled(not run.stop)
         self.status.setText(
-            "Stopping after this epoch..." if run.stop else
+            "Stopping after this step..." if run.stop else
             f"Fine-tuning on {len(run.folders)} folder(s) (started before this panel "
             f"opened), {len(run.rows)} epoch(s) done..."
         )  # fmt: skip
@@ -467,15 +467,21 @@ class FinetuneWidget(QWidget):
                 run.row.emit(dict(row))
             except RuntimeError:  # Qt is gone (napari quit): keep what was learnt, stop
                 return True
-            # napari asks its workers to quit when its window closes: the best epoch so far
-            # becomes the version instead of training on, unseen, for all the steps asked
+            return stop_asked()
+
+        def stop_asked() -> bool:
+            # Stop, or napari asking its workers to quit as its window closes: the step
+            # ends the epoch, and the best weights so far become the version instead of
+            # training on, unseen, for all the steps asked (asked after every step)
             return run.stop or bool(getattr(run.worker, "abort_requested", False))
 
         @thread_worker
         def work() -> Any:
             # errors come back as values: shown in the widget, never lost in a log
             try:
-                return finetune(folders, parent, callback=callback, **kwargs)
+                return finetune(
+                    folders, parent, callback=callback, should_stop=stop_asked, **kwargs
+                )
             except Exception as err:  # noqa: BLE001 - any failure is reported to the user
                 return _Failure(err)
 
@@ -489,17 +495,17 @@ class FinetuneWidget(QWidget):
         return self.worker
 
     def stop(self) -> None:
-        """Stop after the current epoch (the best checkpoint so far is kept)."""
+        """Stop after the current step (the best weights so far become the version)."""
         if self._run is None or self.worker is None:
             return
         self._run.stop = True
         self.stop_button.setEnabled(False)
-        self.status.setText("Stopping after this epoch...")
+        self.status.setText("Stopping after this step...")
 
     def _on_row(self, row: dict[str, Any]) -> None:
         self.curve.add(row)
         val = f", validation AP {row['val_ap']:.3f}" if "val_ap" in row else ""
-        stopping = " (stopping after this epoch)" if self._run and self._run.stop else ""
+        stopping = " (stopping after this step)" if self._run and self._run.stop else ""
         self.status.setText(
             f"epoch {row.get('epoch')}: loss {row.get('loss_total', float('nan')):.3f}{val}"
             f"{stopping}"

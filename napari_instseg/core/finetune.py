@@ -71,7 +71,8 @@ class ModelVersion:
         """Short text for a model chooser."""
         ap = self.metrics.get("val_ap")
         score = f", val AP {ap:.2f}" if isinstance(ap, int | float) else ""
-        return f"{self.name} ({len(self.images)} images{score})"
+        n = len(self.images)
+        return f"{self.name} ({n} image{'' if n == 1 else 's'}{score})"
 
 
 def split_holdout(
@@ -115,11 +116,21 @@ def models_folder(data: str | Path | Sequence[str | Path]) -> Path:
     return Path(data[0]) / MODELS_DIRNAME
 
 
-def _next_name(folder: Path, stem: str) -> str:
+def _claim_next_name(folder: Path, stem: str) -> str:
+    """The first free ``<stem>-ftN`` in ``folder``, its folder created to claim it.
+
+    The folder is made with ``exist_ok=False``, so two fine-tunes started at once (the CLI
+    and the plugin, say) never take the same name and write into one folder.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
     i = 1
-    while (folder / f"{stem}-ft{i}").exists():
-        i += 1
-    return f"{stem}-ft{i}"
+    while True:
+        try:
+            (folder / f"{stem}-ft{i}").mkdir()
+        except FileExistsError:
+            i += 1
+            continue
+        return f"{stem}-ft{i}"
 
 
 #: held-out images needed before fine-tuning re-chooses the boundary threshold
@@ -202,6 +213,7 @@ def finetune(
     time_limit_minutes: float = 0.0,
     progress: bool = False,
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
     replay: Sequence[str | Path] | str | None = "auto",
     replay_names: str = "",
     replay_fraction: float = 0.5,
@@ -245,6 +257,9 @@ def finetune(
         tqdm progress bar.
     callback : callable, optional
         Gets every epoch's log row (losses, ``val_ap``, ...); returning True stops.
+    should_stop : callable, optional
+        Asked after every step; True ends the epoch there and stops (a Stop button need
+        not wait for the epoch's end). The best weights so far become the version.
     replay : sequence of path, "auto", "parent" or None
         Folders of earlier training images mixed into the crops, so the corrections add
         to what the parent knew; ``"parent"``: the parent's own training images, as
@@ -358,45 +373,54 @@ def finetune(
     if not train_names:
         raise ValueError("no images left for training after holding out validation images")
     stem = str(parent_meta.get("name") or parent.stem).split("-ft")[0]
+    claimed = False  # a version folder made here just now to claim its name
     if out is None:
         folder = models_folder(data)
-        name = name or _next_name(folder, stem)
+        claimed = name is None
+        name = name or _claim_next_name(folder, stem)
         out = folder / name
     out = Path(out)
     name = name or out.name
     if (out / WEIGHTS_NAME).exists():
         raise FileExistsError(f"{out / WEIGHTS_NAME} exists; choose another name")
-    epochs = max(1, int(np.ceil(steps / steps_per_epoch)))  # the last one may be shorter
-    config = TrainConfig(
-        data=[str(d) for d in data],
-        train_wells=",".join(train_names),
-        val_wells=",".join(val_list),
-        out=str(out),
-        init=str(parent),
-        epochs=epochs,
-        steps_per_epoch=min(steps_per_epoch, steps),
-        max_steps=steps,
-        batch_size=batch_size,
-        crop_size=crop_size,
-        lr=lr,
-        seed=seed,
-        lambda_start=-1.0,
-        lambda_end=0.0,
-        val_every=1,
-        time_limit_minutes=time_limit_minutes,
-        freeze=freeze,
-        select_metric="val_ap",
-        device=device,
-        num_threads=num_threads,
-        replay=replay_folders,
-        replay_wells=replay_names if replay_folders else "",
-        replay_fraction=replay_fraction,
-    )
+    try:
+        epochs = max(1, int(np.ceil(steps / steps_per_epoch)))  # the last one may be shorter
+        config = TrainConfig(
+            data=[str(d) for d in data],
+            train_wells=",".join(train_names),
+            val_wells=",".join(val_list),
+            out=str(out),
+            init=str(parent),
+            epochs=epochs,
+            steps_per_epoch=min(steps_per_epoch, steps),
+            max_steps=steps,
+            batch_size=batch_size,
+            crop_size=crop_size,
+            lr=lr,
+            seed=seed,
+            lambda_start=-1.0,
+            lambda_end=0.0,
+            val_every=1,
+            time_limit_minutes=time_limit_minutes,
+            freeze=freeze,
+            select_metric="val_ap",
+            device=device,
+            num_threads=num_threads,
+            replay=replay_folders,
+            replay_wells=replay_names if replay_folders else "",
+            replay_fraction=replay_fraction,
+        )
+    except Exception:
+        if claimed:  # (an empty folder would make later versions skip its number)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     t0 = time.time()
-    made = not out.exists()
+    made = claimed or not out.exists()
     interrupted = False
     try:
-        best = train(config, resume=True, progress=progress, callback=callback)
+        best = train(
+            config, resume=True, progress=progress, callback=callback, should_stop=should_stop
+        )
     except BaseException as err:
         best = out / "best.safetensors"
         # Ctrl-C after the first weights were kept: keep them, as the Stop button does

@@ -823,6 +823,7 @@ def train(
     resume: bool = True,
     progress: bool = True,
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Path:
     """Train a model; returns the path of the best weights (``out/best.safetensors``).
 
@@ -836,7 +837,11 @@ def train(
         Show a tqdm progress bar.
     callback : callable, optional
         Called after every epoch with the log row; returning True stops training (the GUI's
-        cancel button and live curves use this).
+        live curves use this).
+    should_stop : callable, optional
+        Asked after every step; when it returns True the epoch ends there (validated,
+        logged and checkpointed as a whole one) and training stops: a Stop button, or
+        closing napari, waits one step instead of up to an epoch.
 
     Returns
     -------
@@ -961,6 +966,7 @@ def train(
         sums: dict[str, float] = {}
         # every epoch is steps_per_epoch long but a last one cut short by max_steps
         n_steps = min(config.steps_per_epoch, total_steps - epoch * config.steps_per_epoch)
+        done = 0
         for _ in range(n_steps):
             crops = []
             for _ in range(config.batch_size):
@@ -989,12 +995,17 @@ def train(
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.update(1)
             bar.set_postfix(loss=f"{float(terms['total'].detach()):.3f}", epoch=epoch + 1)
+            done += 1
+            if should_stop is not None and should_stop():
+                stop = True
+                break
+        n_steps = done  # (fewer when stopped within the epoch)
         elapsed = elapsed_before + time.time() - t0
         row: dict[str, Any] = {"epoch": epoch + 1, "elapsed_s": round(elapsed, 1)}
         row.update({f"loss_{k}": v / n_steps for k, v in sums.items()})
         row["lambda"] = cls_weight
         row["lr"] = scheduler.get_last_lr()[0]
-        last_epoch = epoch + 1 == epochs
+        last_epoch = epoch + 1 == epochs or stop
         over_time = config.time_limit_minutes and elapsed > 60 * config.time_limit_minutes
         if val_items and ((epoch + 1) % config.val_every == 0 or last_epoch or over_time):
             row.update(validate(model, val_items, device))
