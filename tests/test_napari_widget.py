@@ -1276,3 +1276,19 @@ def test_closing_napari_stops_a_running_prediction(widget, monkeypatch, qtbot):
     widget.viewer.window._task_status_manager.cancel_all()  # what closing the window does
     qtbot.waitUntil(lambda: widget.worker is None, timeout=5000)
     assert len(tiles) < 100 and not worker.is_running
+
+
+def test_an_rgb_layer_runs_on_its_luminance_as_the_cli_does(widget, worms):
+    from napari_instseg.core.predict import as_model_input
+
+    viewer = widget.viewer
+    rng = np.random.default_rng(0)
+    rgb = np.stack([worms.image, worms.image * 0.8, rng.uniform(0, 50, worms.image.shape)], -1)
+    viewer.add_image(rgb.astype(np.float32), name="colour", rgb=True)
+    widget.image_combo.setCurrentText("colour")
+    widget.run_model(blocking=True)
+    session = widget.session()
+    assert session.image_layer.name == "colour" and session.shape == worms.image.shape
+    assert widget.calls[-1] == worms.image.shape  # one grey plane, not three planes
+    # the same grey values as `napari-instseg predict` on a colour file
+    np.testing.assert_allclose(session.image, as_model_input(rgb, 1)[0], rtol=1e-5)

@@ -266,8 +266,10 @@ def write_training(path: str, layer_data: list[LayerData]) -> list[str]:
     if images:
         image = np.asarray(images[0][0])
         name = str(images[0][1].get("name", name))
-        if images[0][1].get("rgb"):
-            image = image[..., :3].mean(axis=-1)
+        if images[0][1].get("rgb"):  # its luminance, as the widget and the CLI see it
+            from ..core.predict import luminance
+
+            image = luminance(image)
     elif session is not None:
         image = session.image
         name = str(session.image_layer.name)

@@ -324,10 +324,12 @@ class Session:
     # ------------------------------------------------------------------ basics
     @property
     def image(self) -> np.ndarray:
-        """The image as (H, W) or (C, H, W) (RGB layers are averaged to grey)."""
+        """The image as (H, W) or (C, H, W) (an RGB layer as its luminance, as the CLI)."""
         data = np.asarray(self.image_layer.data)
         if getattr(self.image_layer, "rgb", False):
-            data = data[..., :3].mean(axis=-1)
+            from ..core.predict import luminance
+
+            data = luminance(data)
         if data.ndim not in (2, 3):
             raise ValueError(
                 f"layer {self.image_layer.name!r} is {data.ndim}D; napari-instseg segments "

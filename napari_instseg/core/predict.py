@@ -43,6 +43,22 @@ def _shipped_model(device: str) -> InstSegNet:
 _LUMINANCE = np.array([0.2125, 0.7154, 0.0721], np.float32)  # skimage.color.rgb2gray's weights
 
 
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """Grey values of colours on the last axis (RGB or RGBA; alpha left out).
+
+    Parameters
+    ----------
+    rgb : np.ndarray
+        ``(..., 3)`` or ``(..., 4)``, any number of leading axes.
+
+    Returns
+    -------
+    np.ndarray
+        ``(...)`` float32, ``0.2125 R + 0.7154 G + 0.0721 B`` (``skimage.color.rgb2gray``).
+    """
+    return np.asarray(rgb)[..., :3].astype(np.float32) @ _LUMINANCE
+
+
 def colour_to_grey(image: np.ndarray, in_channels: int = 1) -> np.ndarray:
     """A colour plane as one grey channel, for a model that takes one channel.
 
@@ -64,7 +80,7 @@ def colour_to_grey(image: np.ndarray, in_channels: int = 1) -> np.ndarray:
     """
     image = np.asarray(image)
     if in_channels == 1 and image.ndim == 3 and image.shape[0] in (3, 4):
-        return np.tensordot(_LUMINANCE, image[:3].astype(np.float32), axes=1)
+        return luminance(np.moveaxis(image, 0, -1))
     return image
 
 
@@ -100,7 +116,7 @@ def as_model_input(image: np.ndarray, in_channels: int) -> np.ndarray:
         image = image[None]
     elif image.ndim == 3:
         if in_channels == 1 and image.shape[-1] in (3, 4) and min(image.shape[:2]) > 4:
-            image = colour_to_grey(np.moveaxis(image, -1, 0))[None]
+            image = luminance(image)[None]
         elif image.shape[0] != in_channels and image.shape[-1] == in_channels:
             image = np.moveaxis(image, -1, 0)
         if image.shape[0] != in_channels:
