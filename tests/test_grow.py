@@ -307,3 +307,85 @@ def test_foreground_subset_follows_the_threshold(oracle):
             index, np.flatnonzero(np.asarray(pred.foreground).reshape(-1) >= threshold)
         )
         np.testing.assert_array_equal(columns, grower._aug[:, index])
+
+
+def _whole_image_components(near, rows, cols, start=64):
+    """Reference of ``seed_components``: label all of ``near`` (the code before session 27)."""
+    from scipy import ndimage
+
+    parts, _ = ndimage.label(near, np.ones((3, 3), bool))
+    ids = np.unique(parts[rows, cols])
+    found = np.isin(parts, ids)
+    r = np.flatnonzero(found.any(axis=1))
+    c = np.flatnonzero(found.any(axis=0))
+    box = (int(r[0]), int(r[-1]) + 1, int(c[0]), int(c[-1]) + 1)
+    return found[box[0] : box[1], box[2] : box[3]], box
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_seed_components_in_a_window_match_the_whole_image(seed):
+    from napari_instseg.core.grow import seed_components
+
+    rng = np.random.default_rng(seed)
+    near = rng.random((90, 120)) < 0.45  # near percolation: long winding components
+    near[40:45, :] = seed % 2 == 0  # a component across the whole width, or none
+    on = np.argwhere(near)
+    for k in rng.choice(len(on), 8, replace=False):
+        rows, cols = on[[k]][:, 0], on[[k]][:, 1]
+        for start in (1, 3, 64):  # tiny windows must grow (doubling) to the same answer
+            got, box = seed_components(near, rows, cols, start=start)
+            want, want_box = _whole_image_components(near, rows, cols)
+            assert box == want_box
+            np.testing.assert_array_equal(got, want)
+    rows, cols = on[:3, 0], on[:3, 1]  # several seeds
+    got, box = seed_components(near, rows, cols, start=2)
+    want, want_box = _whole_image_components(near, rows, cols)
+    assert box == want_box
+    np.testing.assert_array_equal(got, want)
+
+
+def test_with_pixels_is_union1d():
+    from napari_instseg.core.grow import _with_pixels
+
+    rng = np.random.default_rng(0)
+    index = np.unique(rng.integers(0, 10_000, 3000))
+    for pixels in (index[[5, 7]], np.array([3, 9999, 3, 5000]), np.array([index[0], -1 + 0])):
+        pixels = np.abs(pixels)
+        np.testing.assert_array_equal(_with_pixels(index, pixels), np.union1d(index, pixels))
+    np.testing.assert_array_equal(_with_pixels(index[:0], np.array([4])), [4])
+
+
+def test_grow_on_a_mosaic_of_lookalikes_matches_the_whole_image_labelling(monkeypatch):
+    """Look-alike worms all over a large image make the similarity mask's extent the whole
+    image; the click's worm is found in a window around it (and its crossing pixels still
+    from anchors anywhere): the masks equal those of labelling the whole extent."""
+    from napari_instseg.core import grow as grow_module
+    from napari_instseg.core.synthetic import make_worms
+
+    tiles = [
+        make_worms(shape=(96, 96), n_worms=4, n_crossings=1, length=(30, 60), seed=s)
+        for s in range(4)
+    ]
+    masks = []
+    for k, t in enumerate(tiles):  # a 2 x 2 mosaic, every tile's worms in place
+        for m in t.masks:
+            full = np.zeros((192, 192), bool)
+            r, c = divmod(k, 2)
+            full[96 * r : 96 * r + 96, 96 * c : 96 * c + 96] = m
+            masks.append(full)
+    masks = np.stack(masks)
+    p = prediction_from_masks(masks, embedding_dim=8, noise=0.1, seed=1)
+    # tile 3 repeats tile 0's embeddings: look-alikes far from every click on tile 0
+    p.embeddings[:, 96:, 96:] = p.embeddings[:, :96, :96]
+    clicks = [tuple(np.argwhere(m)[len(np.argwhere(m)) // 2]) for m in masks]
+    far = Grower(p).grow(clicks[0], connected=False, bridge_overlaps=False)
+    assert far[96:, 96:].any()  # the similarity mask's extent: the whole image
+    taus = (0.3, 0.6)
+    new = [grow(Grower(p), [c], tau=t, edge_thresholds=None) for c in clicks for t in taus]
+    two = [clicks[0], clicks[1]]
+    new.append(grow(Grower(p), two, negative=[clicks[2]], edge_thresholds=None))
+    monkeypatch.setattr(grow_module, "seed_components", _whole_image_components)
+    old = [grow(Grower(p), [c], tau=t, edge_thresholds=None) for c in clicks for t in taus]
+    old.append(grow(Grower(p), two, negative=[clicks[2]], edge_thresholds=None))
+    for a, b in zip(new, old, strict=True):
+        np.testing.assert_array_equal(a, b)

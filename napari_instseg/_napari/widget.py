@@ -1734,7 +1734,8 @@ def prepare_layers(prediction: Any, tau: float) -> list[tuple[str, Any, dict]]:
     from ..core.scale import at_model_scale
 
     layers = prediction_layers(prediction, tau)
-    get_grower(prediction)
+    grower = get_grower(prediction)
+    grower.foreground_pixels(grower.default_fg_threshold)  # what a click compares
     if getattr(prediction, "model_grid", None) is not None:  # clicks grow on the network's grid
         get_grower(at_model_scale(prediction))
     from ..core.pick import automatic_segments, starts_from_segments

@@ -282,8 +282,12 @@ class Grower:
             raise ValueError(f"similarity takes one (row, col) pixel, got {len(pts)}")
         d2 = self.sq_dist(self.vectors(pts))[0]
         np.minimum(d2, 80.0, out=d2)  # exp overflow guard; sigma ~ 0 there anyway
-        out = 2.0 / (1.0 + np.exp(d2))
-        return out.astype(np.float32).reshape(self.shape)
+        # 2 / (1 + exp(d2)) in place: float32 throughout, as before, without three copies
+        # of the image (the live preview recomputes it at every cursor move)
+        np.exp(d2, out=d2)
+        d2 += 1.0
+        np.divide(2.0, d2, out=d2)
+        return d2.reshape(self.shape)
 
     # ------------------------------------------------------------------ grow
     def grow(
@@ -341,7 +345,7 @@ class Grower:
             keep[clicked] = True
             idx = np.flatnonzero(keep)
         else:  # the clicked pixels always belong to the mask
-            idx = np.union1d(candidates[keep], clicked)
+            idx = _with_pixels(candidates[keep], clicked)
 
         if len(neg) and len(idx):
             # remove pixels closer to a negative seed than to every positive seed
@@ -365,19 +369,18 @@ class Grower:
         # connected result: it lies in the seeds' part of that neighbourhood (``reach``)
         near = chessboard_dilation(mask, overlap_radius if bridge_overlaps else 0)
         reach = None
-        if connected:
-            parts, _ = ndimage.label(near, _EIGHT)
-            ids = np.unique(parts[pos[:, 0] - r0, pos[:, 1] - c0])
-            reach = parts == ids[0] if len(ids) == 1 else np.isin(parts, ids)
-        overlap = np.zeros_like(mask)
+        part = (0, r1 - r0, 0, c1 - c0)  # the box's part the rest runs on
+        if connected:  # the seeds' part only: the same result
+            reach, part = seed_components(near, pos[:, 0] - r0, pos[:, 1] - c0)
+        a0, a1, b0, b1 = part
         if bridge_overlaps:
-            overlap = self._overlaps(mask, (r0, r1, c0, c1), vp, thr, fg_threshold, near, reach)
-        if reach is not None:  # the rest runs on the seeds' part only: the same result
-            in_rows = np.flatnonzero(reach.any(axis=1))
-            in_cols = np.flatnonzero(reach.any(axis=0))
-            a0, a1 = int(in_rows[0]), int(in_rows[-1]) + 1
-            b0, b1 = int(in_cols[0]), int(in_cols[-1]) + 1
-            mask, overlap = mask[a0:a1, b0:b1], overlap[a0:a1, b0:b1]
+            overlap = self._overlaps(
+                mask, (r0, r1, c0, c1), vp, thr, fg_threshold, near, reach, part
+            )
+        else:
+            overlap = np.zeros((a1 - a0, b1 - b0), bool)
+        if reach is not None:
+            mask = mask[a0:a1, b0:b1]
             r0, r1, c0, c1 = r0 + a0, r0 + a1, c0 + b0, c0 + b1
         allowed = mask | overlap
         if connected:
@@ -419,26 +422,35 @@ class Grower:
         fg_threshold: float,
         near: np.ndarray,
         reach: np.ndarray | None = None,
+        part: tuple[int, int, int, int] | None = None,
     ) -> np.ndarray:
         """Pixels of a crossing: midpoints between the seed and another nearby instance.
 
         Candidates are foreground pixels ``near`` the mask (within the crossing radius);
         anchors, pixels of the other instance, are taken from all of them, the midpoints
-        tested only within ``reach`` when given.
+        tested only within ``reach`` when given. ``part`` (row0, row1, col0, col1 in the
+        box, default all of it) is the window ``reach`` covers and the result's extent.
         """
         r0, r1, c0, c1 = box
         w = self.shape[1]
-        cand = self.foreground[r0:r1, c0:c1] > fg_threshold
-        cand &= near
-        cand &= ~mask
-        tested = cand if reach is None else cand & reach
+        t0, t1, u0, u1 = (0, r1 - r0, 0, c1 - c0) if part is None else part
+        tested = self.foreground[r0 + t0 : r0 + t1, c0 + u0 : c0 + u1] > fg_threshold
+        tested &= near[t0:t1, u0:u1]
+        tested &= ~mask[t0:t1, u0:u1]
+        if reach is not None:
+            tested &= reach
         bw = c1 - c0
-        qr, qc = np.divmod(np.flatnonzero(tested), bw)
+        qr, qc = np.divmod(np.flatnonzero(tested), u1 - u0)
+        out = np.zeros(tested.shape, bool)
         if len(qr) == 0:
-            return np.zeros_like(mask)
-        q_idx = (qr + r0) * w + (qc + c0)
-        # anchors: other foreground pixels near the mask (every second row and column)
-        ar, ac = np.divmod(np.flatnonzero(cand[::2, ::2]), (bw + 1) // 2)
+            return out
+        q_idx = (qr + r0 + t0) * w + (qc + c0 + u0)  # row-major, as over the whole box
+        # anchors: other foreground pixels near the mask (every second row and column of
+        # the whole box: a crossing worm's pixels may lie outside ``part``)
+        grid = self.foreground[r0:r1:2, c0:c1:2] > fg_threshold
+        grid &= near[::2, ::2]
+        grid &= ~mask[::2, ::2]
+        ar, ac = np.divmod(np.flatnonzero(grid), (bw + 1) // 2)
         a_idx = (2 * ar + r0) * w + (2 * ac + c0)
         # an anchor must belong to another instance: for an exact midpoint q between the
         # seed and anchor a, d2(seed, a) = 4 d2(seed, q) > 4 thr; requiring > 2 thr stops
@@ -446,7 +458,7 @@ class Grower:
         far = self.sq_dist(vp, a_idx).min(axis=0) > 2.0 * thr
         a_idx = a_idx[far]
         if len(a_idx) == 0:
-            return np.zeros_like(mask)
+            return out
         # each candidate's reflection 2 e_q - e_seed, with a last column of ones: (nq, D + 1)
         d = self.dim
         refl = np.ones((len(q_idx), d + 1), np.float32)
@@ -465,9 +477,73 @@ class Grower:
             closest[start : start + 256] = (refl[start : start + 256] @ anchors).max(axis=1)
         norms = np.einsum("nd,nd->n", refl[:, :d], refl[:, :d])
         hit = closest >= 0.5 * (norms - thr)
-        out = np.zeros_like(mask)
         out[qr[hit], qc[hit]] = True
         return out
+
+
+def _with_pixels(index: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """``np.union1d(index, pixels)`` for a sorted, unique ``index`` and a few ``pixels``.
+
+    Only the pixels missing from ``index`` are sorted in (``union1d`` sorts everything: a
+    few milliseconds per click on a large image's foreground).
+    """
+    pos = np.searchsorted(index, pixels)
+    found = pos < len(index)
+    found[found] = index[pos[found]] == pixels[found]
+    missing = np.unique(pixels[~found])
+    if not len(missing):
+        return index
+    return np.insert(index, np.searchsorted(index, missing), missing)
+
+
+def seed_components(
+    near: np.ndarray, rows: np.ndarray, cols: np.ndarray, start: int = 64
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The 8-connected components of ``near`` holding the seed pixels, and their box.
+
+    The same components as labelling all of ``near``, found in a window around the seeds
+    that doubles until the components touch none of its sides inside the array: a
+    component that stays off the window's inner sides has no neighbour outside it, so it
+    is whole. On a large image with look-alike worms far away (their pixels make
+    ``near``'s extent the whole image) this labels a few hundred pixels square instead.
+
+    Parameters
+    ----------
+    near : np.ndarray
+        (H, W) bool.
+    rows, cols : np.ndarray
+        The seed pixels (all in ``near``).
+    start : int
+        Half-size of the first window around the seeds' box.
+
+    Returns
+    -------
+    np.ndarray
+        The components, cropped to their bounding box.
+    (int, int, int, int)
+        That box (row0, row1, col0, col1), ends exclusive, in ``near``'s pixels.
+    """
+    h, w = near.shape
+    size = start
+    while True:
+        a0, a1 = max(int(rows.min()) - size, 0), min(int(rows.max()) + size + 1, h)
+        b0, b1 = max(int(cols.min()) - size, 0), min(int(cols.max()) + size + 1, w)
+        parts, _ = ndimage.label(near[a0:a1, b0:b1], _EIGHT)
+        ids = np.unique(parts[rows - a0, cols - b0])
+        found = parts == ids[0] if len(ids) == 1 else np.isin(parts, ids)
+        if (a0, a1, b0, b1) == (0, h, 0, w) or not (
+            (a0 > 0 and found[0].any())
+            or (a1 < h and found[-1].any())
+            or (b0 > 0 and found[:, 0].any())
+            or (b1 < w and found[:, -1].any())
+        ):
+            break
+        size *= 2
+    in_rows = np.flatnonzero(found.any(axis=1))
+    in_cols = np.flatnonzero(found.any(axis=0))
+    e0, e1 = int(in_rows[0]), int(in_rows[-1]) + 1
+    f0, f1 = int(in_cols[0]), int(in_cols[-1]) + 1
+    return found[e0:e1, f0:f1], (a0 + e0, a0 + e1, b0 + f0, b0 + f1)
 
 
 def chessboard_dilation(mask: np.ndarray, radius: int) -> np.ndarray:
