@@ -139,8 +139,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     batch.add_argument(
         "--threads",
         type=int,
-        help="threads of the local scheduler (default: the CPU count), or of each worker "
-        "with --workers > 1 (default 1)",
+        help="threads of the local scheduler (default: the cores this job may use), or of "
+        "each worker with --workers > 1 (default 1)",
     )
     batch.add_argument(
         "--measurements",

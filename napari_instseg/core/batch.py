@@ -1050,7 +1050,9 @@ class _Executor:
         self.client = None
         self.cluster = None
         self.local = "threads"
-        self.threads = threads or os.cpu_count() or 1
+        from .device import usable_cores
+
+        self.threads = threads or usable_cores()
         if scheduler is not None and not isinstance(scheduler, str):
             self.client = scheduler  # a distributed.Client
         elif scheduler in (None, "threads", "sync") and workers <= 1:
@@ -1641,7 +1643,9 @@ def run_batch(
         import torch
 
         saved_threads = torch.get_num_threads()
-        per_task = (env_threads or os.cpu_count() or 1) // max(1, executor.threads)
+        from .device import usable_cores
+
+        per_task = (env_threads or usable_cores()) // max(1, executor.threads)
         torch.set_num_threads(max(1, min(saved_threads, per_task)))
     try:
         return _execute(job, executor, norm, progress, t_start, measurements)

@@ -10,6 +10,21 @@ _VALID = ("auto", "cuda", "mps", "cpu")
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity, e.g. a cluster job's share).
+
+    ``os.cpu_count()`` counts every core of the machine; a job given 4 of 64 cores that
+    started 64 threads would oversubscribe them. Falls back to ``os.cpu_count()`` where the
+    affinity cannot be read (macOS, Windows).
+    """
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def get_device(preference: str | torch.device | None = "auto") -> torch.device:
     """Return the device to compute on.
 
