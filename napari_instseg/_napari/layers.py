@@ -91,7 +91,8 @@ def class_score_at(prediction: Prediction, tau: float) -> tuple[np.ndarray, floa
     """
     taus = np.asarray(prediction.taus, dtype=np.float32)
     t = int(np.abs(taus - tau).argmin())
-    return prediction.class_scores[t, 1:].max(axis=0).astype(np.float32), float(taus[t])
+    score = prediction.class_scores[t, 1:].max(axis=0)  # a new array: no second copy
+    return score.astype(np.float32, copy=False), float(taus[t])
 
 
 #: How each map layer looks (``viewer.add_image`` keyword arguments), in stacking order.

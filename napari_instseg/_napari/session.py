@@ -117,7 +117,7 @@ class Worm:
     @cached_property
     def area(self) -> int:
         """Number of pixels of the full mask."""
-        return int(self.mask.sum())
+        return int(np.count_nonzero(self.mask))
 
     @cached_property
     def bbox(self) -> tuple[int, int, int, int]:
