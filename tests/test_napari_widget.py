@@ -1292,3 +1292,37 @@ def test_an_rgb_layer_runs_on_its_luminance_as_the_cli_does(widget, worms):
     assert widget.calls[-1] == worms.image.shape  # one grey plane, not three planes
     # the same grey values as `napari-instseg predict` on a colour file
     np.testing.assert_allclose(session.image, as_model_input(rgb, 1)[0], rtol=1e-5)
+
+
+def test_a_click_hashes_the_worms_layer_once_and_painting_still_syncs(
+    widget, worms, qtbot, monkeypatch
+):
+    """A click checksums the label image once (for undo), not at every internal sync: on a
+    4160 x 5568 image each hash is ~30 ms. An edit napari makes (painting, undo) still
+    makes the next click re-read the layer."""
+    from napari_instseg._napari import session as session_module
+
+    viewer = widget.viewer
+    widget.run_model(blocking=True)
+    session = widget.session()
+    widget.set_tool("new")
+    calls = []
+    real = session_module.state_key
+    monkeypatch.setattr(session_module, "state_key", lambda a: calls.append(1) or real(a))
+    a = inner_pixel(worms.masks, 0)
+    click(qtbot, viewer, *a)
+    assert len(session.worms) == 1
+    assert len(calls) == 1  # the new state's digest (three before session 27)
+    # paint a worm by hand (napari's brush emits ``paint``): the next click sees it
+    labels = session.labels_layer
+    b = inner_pixel(worms.masks, 1)
+    labels.data_setitem((np.array([b[0]]), np.array([b[1]])), [77])
+    calls.clear()
+    c = inner_pixel(worms.masks, 2)
+    click(qtbot, viewer, *c)
+    assert any(w.label == 77 for w in session.worms)  # the hand-painted pixel is a worm
+    assert len(session.worms) == 3
+    assert len(calls) == 2  # the painted state read back, then the new one
+    widget.undo()
+    widget.undo()
+    assert [w.label for w in session.worms] == [session.worms[0].label]

@@ -733,9 +733,11 @@ class Session:
             self._states.popitem(last=False)
 
     def _on_labels_changed(self, event: Any = None) -> None:
-        self._digest_layer = None  # the data changed: hash it again at the next sync
         if not self._writing and self._preview_start is None:
             self.sync()
+        # napari emits ``paint`` before it writes the data (``Labels.data_setitem``): the
+        # digest just taken may be the old one, so the next sync hashes the layer again
+        self._digest_layer = None
 
     def sync(self) -> bool:
         """Bring the side model in line with the Labels layer after undo/redo or painting.
