@@ -462,15 +462,31 @@ def test_seeds_layer_follows_seeds_only(widget, worms, qtbot):
         assert session._score_at(q) == (pytest.approx(float(score[q])), int(cls[q]))
 
 
-def test_prediction_disk_cache_after_restart(make_napari_viewer, worms, tmp_path, qtbot):
-    """A real (tiny) model: the second run after clearing memory reads the zarr cache."""
-    from napari_instseg._napari.widget import MODEL_FILE, InstSegWidget
+def tiny_model(path, seed=0):
+    """A tiny untrained network saved to ``path``, initialised from ``seed``.
+
+    Seeded: an untrained head of 4 channels gives a constant foreground map (every ReLU
+    dead, the output its bias) for about one initialisation in eight, and a constant map
+    is the same with test-time augmentation; unseeded, a test comparing them failed at
+    random (torch's seed differs per process). The global RNG is left as it was.
+    """
+    import torch
+
     from napari_instseg.core.model import InstSegNet, ModelConfig
     from napari_instseg.core.weights import save_model
 
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = InstSegNet(ModelConfig(channels=(4, 8), embedding_dim=4, head_channels=4))
+    return save_model(net, path)
+
+
+def test_prediction_disk_cache_after_restart(make_napari_viewer, worms, tmp_path, qtbot):
+    """A real (tiny) model: the second run after clearing memory reads the zarr cache."""
+    from napari_instseg._napari.widget import MODEL_FILE, InstSegWidget
+
     compute.clear_cache()
-    net = InstSegNet(ModelConfig(channels=(4, 8), embedding_dim=4, head_channels=4))
-    path = save_model(net, tmp_path / "tiny.safetensors")
+    path = tiny_model(tmp_path / "tiny.safetensors")
     viewer = make_napari_viewer()
     viewer.add_image(worms.image[:64, :96], name="img")
     widget = InstSegWidget(viewer)
@@ -480,6 +496,7 @@ def test_prediction_disk_cache_after_restart(make_napari_viewer, worms, tmp_path
         widget.run_model()
     first = widget.session().prediction
     assert first.metadata["cached"] is False
+    assert np.ptp(first.foreground) > 0  # not a constant map (TTA would not change it)
     assert len(list(compute.cache_dir().glob("*.zarr"))) == 1
     assert compute.cache_dir().is_relative_to(tmp_path)
 
@@ -511,12 +528,9 @@ def test_prediction_disk_cache_after_restart(make_napari_viewer, worms, tmp_path
 def test_scale_field_runs_the_model_at_another_scale(make_napari_viewer, worms, tmp_path, qtbot):
     """The scale field resizes the image for the network; layers stay on the image grid."""
     from napari_instseg._napari.widget import MODEL_FILE, InstSegWidget
-    from napari_instseg.core.model import InstSegNet, ModelConfig
-    from napari_instseg.core.weights import save_model
 
     compute.clear_cache()
-    net = InstSegNet(ModelConfig(channels=(4, 8), embedding_dim=4, head_channels=4))
-    path = save_model(net, tmp_path / "tiny.safetensors")  # no object_width: no "auto"
+    path = tiny_model(tmp_path / "tiny.safetensors")  # no object_width: no "auto"
     viewer = make_napari_viewer()
     viewer.add_image(worms.image[:64, :96], name="img")
     widget = InstSegWidget(viewer)
