@@ -29,8 +29,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.morphology import skeletonize
 
-from .shape import bounding_box, solidity
-from .types import Instances
+from .shape import solidity
+from .types import CroppedInstances, Instances
 
 #: Median solidity of an image's instances at which the edge threshold is all "curved"
 #: and all "straight" (BBBC010: live wells 0.47-0.67, dead wells 0.71-0.87).
@@ -169,40 +169,62 @@ def refine_edges(
     ValueError
         If ``contrast`` does not match the masks, or the thresholds or radius are invalid.
     """
+    if len(instances) == 0:
+        _check_refinement(instances.shape, contrast, thresholds, radius)
+        return instances
+    cropped = CroppedInstances.from_instances(instances)
+    refined = _refine_edges_cropped(cropped, contrast, thresholds, solidity_range, radius)
+    return replace(instances, masks=refined.to_instances().masks)
+
+
+def _check_refinement(
+    shape: tuple[int, int], contrast: np.ndarray, thresholds: Sequence[float], radius: int
+) -> tuple[float, float, np.ndarray, int]:
+    """Validated (curved, straight, contrast as float32, radius) of :func:`refine_edges`."""
     curved, straight = _check_thresholds(thresholds)
     contrast = np.asarray(contrast, np.float32)
-    if contrast.shape != instances.shape:
+    if contrast.shape != shape:
         raise ValueError(
-            f"contrast is {contrast.shape} but the masks are {instances.shape}: "
+            f"contrast is {contrast.shape} but the masks are {shape}: "
             "both must come from the same image"
         )
     if int(radius) < 1:
         raise ValueError(f"radius must be >= 1, got {radius}")
-    radius = int(radius)
+    return curved, straight, contrast, int(radius)
+
+
+def _refine_edges_cropped(
+    instances: CroppedInstances,
+    contrast: np.ndarray,
+    thresholds: Sequence[float],
+    solidity_range: Sequence[float] = DEFAULT_SOLIDITY_RANGE,
+    radius: int = 1,
+) -> CroppedInstances:
+    """:func:`refine_edges` on cropped masks: each mask in its box grown by ``radius + 1``."""
+    curved, straight, contrast, radius = _check_refinement(
+        instances.shape, contrast, thresholds, radius
+    )
     if len(instances) == 0:
         return instances
-    masks = instances.masks
-    boxes = [bounding_box(m, radius + 1) for m in masks]
+    windows = [instances.window(k, radius + 1) for k in range(len(instances))]
     threshold = edge_threshold(
-        [solidity(m[b[0] : b[1], b[2] : b[3]]) for m, b in zip(masks, boxes, strict=True) if b],
+        [solidity(m) for box, m in windows if m.any()],
         curved,
         straight,
         solidity_range=solidity_range,
     )
-    dark = contrast < threshold
-    coverage = masks.sum(axis=0, dtype=np.int32)
-    out = np.zeros_like(masks)
-    for i, (mask, box) in enumerate(zip(masks, boxes, strict=True)):
-        if box is None:
+    coverage = instances.cover()
+    boxes, crops = list(instances.boxes), list(instances.crops)
+    for i, (box, m) in enumerate(windows):
+        if not m.any():
+            boxes[i], crops[i] = (0, 1, 0, 1), np.zeros((1, 1), bool)
             continue
         r0, r1, c0, c1 = box
-        m = mask[r0:r1, c0:c1]
         eroded = ndimage.binary_erosion(m, iterations=radius, border_value=1)
         ring = m & ~eroded  # empty when the mask fills its whole box (and the image)
         if ring.any() and np.median(contrast[r0:r1, c0:c1][ring]) > 1.02:
             # an outline brighter than the background (a worm at the well's rim, a
             # bright halo): the contrast says nothing about where the edge is
-            out[i] = mask
             continue
         # the skeleton stays: a thin stretch the band covers end to end is never cut off
         body = eroded | skeletonize(m)
@@ -210,12 +232,12 @@ def refine_edges(
         # the outer band never takes pixels that belong to another instance
         others = (coverage[r0:r1, c0:c1] - m) > 0
         band = (m & ~body) | (grown & ~m & ~others)
-        new = body | (band & dark[r0:r1, c0:c1])
+        new = body | (band & (contrast[r0:r1, c0:c1] < threshold))
         labels, n = ndimage.label(new)
         if n > 1:
             sizes = ndimage.sum_labels(new, labels, index=np.arange(1, n + 1))
             new = labels == 1 + int(np.argmax(sizes))
         if not new.any():  # nothing dark enough: keep the mask as it was
             new = m
-        out[i, r0:r1, c0:c1] = new
-    return replace(instances, masks=out)
+        boxes[i], crops[i] = box, new
+    return replace(instances, boxes=boxes, crops=crops)

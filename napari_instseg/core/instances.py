@@ -34,12 +34,12 @@ from scipy import ndimage
 from skimage.morphology import disk, ellipse, skeletonize
 from skimage.segmentation import watershed
 
-from .edges import DEFAULT_SOLIDITY_RANGE, refine_edges
+from .edges import DEFAULT_SOLIDITY_RANGE, _refine_edges_cropped, refine_edges
 from .grow import Grower, d2_threshold, get_grower
 from .scale import at_model_scale, resize_instances
 from .shape import bounding_box, elongation, solidity
-from .types import Instances, Prediction
-from .untangle import untangle
+from .types import CroppedInstances, Instances, Prediction
+from .untangle import _untangle
 
 __all__ = [
     "segment",
@@ -476,6 +476,41 @@ def segment_boundary(
         class scores, seeds at each instance's deepest pixel (a split part: its seed).
     """
     _check_prediction(prediction)
+    return _segment_boundary_cropped(
+        prediction,
+        boundary_threshold,
+        marker_threshold,
+        fg_threshold,
+        min_marker_size,
+        min_size,
+        closing_size,
+        dilate_iterations,
+        split_factor,
+        split_tau,
+        untangle_factor,
+        merge_tau,
+        size_weight,
+        join_arms,
+    ).to_instances()
+
+
+def _segment_boundary_cropped(
+    prediction: Prediction,
+    boundary_threshold: float = 0.5,
+    marker_threshold: float = 0.5,
+    fg_threshold: float = 0.5,
+    min_marker_size: int = 5,
+    min_size: int = 30,
+    closing_size: int = 5,
+    dilate_iterations: int = 1,
+    split_factor: float = 0.0,
+    split_tau: float = 0.3,
+    untangle_factor: float = 1.3,
+    merge_tau: float = 0.3,
+    size_weight: float = 1.0,
+    join_arms: bool = True,
+) -> CroppedInstances:
+    """:func:`segment_boundary` with every instance kept in its box (no full-image masks)."""
     shape = prediction.shape
     labels, dist = _boundary_labels(
         prediction,
@@ -494,7 +529,7 @@ def segment_boundary(
     pad = closing_size
     _, cls_map, _ = prediction.best_tau_class()
     seed_map = np.asarray(prediction.seediness, np.float32)
-    masks, scores, classes, seeds = [], [], [], []
+    boxes, masks, scores, classes, seeds = [], [], [], [], []
     for i, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None:
             continue
@@ -505,33 +540,36 @@ def segment_boundary(
         closed &= fg[r0:r1, c0:c1]
         if closed.sum() < min_size:
             continue
-        m = np.zeros(shape, bool)
-        m[r0:r1, c0:c1] = closed
         d = np.where(closed, dist[r0:r1, c0:c1], -1)
         sr, sc = np.unravel_index(int(np.argmax(d)), d.shape)
-        masks.append(m)
+        boxes.append((r0, r1, c0, c1))
+        masks.append(closed)
         scores.append(float(seed_map[r0:r1, c0:c1][closed].mean()))
         classes.append(int(np.bincount(cls_map[r0:r1, c0:c1][closed]).argmax()))
         seeds.append((sr + r0, sc + c0))
     if not masks:
-        return _empty(shape)
-    segments = Instances(
-        masks=np.stack(masks),
+        return CroppedInstances.from_instances(_empty(shape))
+    segments = CroppedInstances(
+        shape=shape,
+        boxes=boxes,
+        crops=masks,
         scores=np.asarray(scores, np.float32),
         classes=np.asarray(classes, np.int64),
         seeds=np.asarray(seeds, np.int64),
         taus=None,
     )
     if split_factor > 0:
-        segments = split_merged(prediction, segments, factor=split_factor, tau=split_tau)
+        segments = _split_merged(get_grower(prediction), segments, split_factor, split_tau)
     if untangle_factor > 0:
-        segments = untangle(
+        segments = _untangle(
             segments, factor=untangle_factor, boundary=prediction.boundary, join_arms=join_arms
         )
     return weight_scores_by_size(segments, size_weight)
 
 
-def weight_scores_by_size(instances: Instances, power: float = 1.0) -> Instances:
+def weight_scores_by_size(
+    instances: Instances | CroppedInstances, power: float = 1.0
+) -> Instances | CroppedInstances:
     """Scale each score by how close its instance's area is to the image's median area.
 
     Score times ``min(a / m, m / a) ** power`` (``a``: the instance's area, ``m``: the
@@ -595,27 +633,72 @@ def drop_blobs(
     ValueError
         If a limit is out of range.
     """
-    if not max_elongation > 1.0 or not 0.0 < min_solidity < 1.0:
-        raise ValueError(
-            "a blob needs max_elongation > 1 and min_solidity in (0, 1), got "
-            f"{max_elongation} and {min_solidity}"
-        )
-    keep = []
-    h, w = instances.shape
-    for i, mask in enumerate(instances.masks):
-        box = bounding_box(mask)
-        # an object cut by the image's (or a batch window's) edge cannot be judged by shape
-        if box is None or box[0] == 0 or box[2] == 0 or box[1] == h or box[3] == w:
-            keep.append(i)
-            continue
-        crop = mask[box[0] : box[1], box[2] : box[3]]
-        if elongation(crop) >= max_elongation or solidity(crop) <= min_solidity:
-            keep.append(i)
+    _check_blob_limits(max_elongation, min_solidity)
+    keep = [
+        i
+        for i, mask in enumerate(instances.masks)
+        if not _is_blob(mask, (0, 0, 0, 0), max_elongation, min_solidity)
+    ]
     if len(keep) == len(instances):
         return instances
     idx = np.asarray(keep, np.int64)
     return Instances(
         masks=instances.masks[idx],
+        scores=instances.scores[idx],
+        classes=instances.classes[idx],
+        seeds=None if instances.seeds is None else instances.seeds[idx],
+        taus=None if instances.taus is None else instances.taus[idx],
+    )
+
+
+def _check_blob_limits(max_elongation: float, min_solidity: float) -> None:
+    if not max_elongation > 1.0 or not 0.0 < min_solidity < 1.0:
+        raise ValueError(
+            "a blob needs max_elongation > 1 and min_solidity in (0, 1), got "
+            f"{max_elongation} and {min_solidity}"
+        )
+
+
+def _is_blob(
+    crop: np.ndarray,
+    box: tuple[int, int, int, int],
+    max_elongation: float,
+    min_solidity: float,
+    shape: tuple[int, int] | None = None,
+) -> bool:
+    """Whether a mask (``crop`` at ``box`` of an image of ``shape``) is a blob (drop_blobs).
+
+    ``shape`` defaults to the crop's own (the crop is the whole image).
+    """
+    h, w = crop.shape if shape is None else shape
+    tight = bounding_box(crop)
+    if tight is None:
+        return False
+    r0, r1 = tight[0] + box[0], tight[1] + box[0]
+    c0, c1 = tight[2] + box[2], tight[3] + box[2]
+    # an object cut by the image's (or a batch window's) edge cannot be judged by shape
+    if r0 == 0 or c0 == 0 or r1 == h or c1 == w:
+        return False
+    crop = crop[tight[0] : tight[1], tight[2] : tight[3]]
+    return elongation(crop) < max_elongation and solidity(crop) > min_solidity
+
+
+def _drop_blobs_cropped(
+    instances: CroppedInstances, max_elongation: float, min_solidity: float
+) -> CroppedInstances:
+    """:func:`drop_blobs` on cropped masks (the input itself when none is dropped)."""
+    keep = [
+        i
+        for i, (box, crop) in enumerate(zip(instances.boxes, instances.crops, strict=True))
+        if not _is_blob(crop, box, max_elongation, min_solidity, instances.shape)
+    ]
+    if len(keep) == len(instances):
+        return instances
+    idx = np.asarray(keep, np.int64)
+    return dataclasses.replace(
+        instances,
+        boxes=[instances.boxes[i] for i in keep],
+        crops=[instances.crops[i] for i in keep],
         scores=instances.scores[idx],
         classes=instances.classes[idx],
         seeds=None if instances.seeds is None else instances.seeds[idx],
@@ -690,45 +773,70 @@ def split_merged(
         )
     if n < 2 or factor <= 0:
         return instances
+    cropped = CroppedInstances.from_instances(instances)
+    split = _split_merged(
+        grower, cropped, factor, tau, iterations, min_part_fraction, max_parts, bridge_radius
+    )
+    return instances if split is cropped else split.to_instances()
+
+
+def _split_merged(
+    grower: Grower,
+    instances: CroppedInstances,
+    factor: float = 1.5,
+    tau: float = 0.3,
+    iterations: int = 1,
+    min_part_fraction: float = 0.3,
+    max_parts: int = 4,
+    bridge_radius: int = 5,
+) -> CroppedInstances:
+    """:func:`split_merged` on cropped masks (the input itself when nothing is split)."""
+    n = len(instances)
+    if n < 2 or factor <= 0:
+        return instances
     areas = instances.areas
     typical = float(np.median(areas))
     big = set(np.flatnonzero(areas > factor * typical).tolist())
     if not big:
         return instances
     seed_map = np.asarray(grower.prediction.seediness, np.float32).reshape(-1)
+    h, w = grower.shape
     min_part = max(min_part_fraction * typical, 1.0)
     if instances.seeds is not None:
         seeds = np.asarray(instances.seeds, np.int64).reshape(n, 2)
-    else:  # the seediest pixel of each segment
-        flat_masks = instances.masks.reshape(n, -1)
-        best = np.where(flat_masks, seed_map[None], -1.0).argmax(axis=1)
-        seeds = np.stack(np.divmod(best, grower.shape[1]), axis=1).astype(np.int64)
-    out: dict[str, list] = {"masks": [], "scores": [], "classes": [], "seeds": [], "taus": []}
+    else:  # the seediest pixel of each segment (the image's first pixel for an empty one)
+        seeds = np.zeros((n, 2), np.int64)
+        for k, ((r0, r1, c0, c1), crop) in enumerate(
+            zip(instances.boxes, instances.crops, strict=True)
+        ):
+            if crop.any():
+                local = seed_map.reshape(h, w)[r0:r1, c0:c1]
+                best = np.where(crop, local, -1.0).argmax()
+                seeds[k] = np.divmod(best, crop.shape[1]) + np.array([r0, c0])
+    out: dict[str, list] = {
+        "boxes": [], "crops": [], "scores": [], "classes": [], "seeds": [], "taus": []
+    }  # fmt: skip
     for i in range(n):
-        parts = (
-            _split_segment(
-                grower,
-                instances.masks[i],
-                seed_map,
-                tau,
-                iterations,
-                min_part,
-                max_parts,
-                bridge_radius,
+        parts = []
+        if i in big:
+            rows, cols = np.nonzero(instances.crops[i])
+            rows, cols = rows + instances.boxes[i][0], cols + instances.boxes[i][2]
+            parts = _split_segment(
+                grower, rows, cols, seed_map, tau, iterations, min_part, max_parts, bridge_radius
             )
-            if i in big
-            else []
-        )
         if len(parts) < 2:
-            parts = [(instances.masks[i], seeds[i])]
-        for mask, seed in parts:
-            out["masks"].append(mask)
+            parts = [(instances.boxes[i], instances.crops[i], seeds[i])]
+        for box, mask, seed in parts:
+            out["boxes"].append(box)
+            out["crops"].append(mask)
             out["scores"].append(instances.scores[i])
             out["classes"].append(instances.classes[i])
             out["seeds"].append(seed)
             out["taus"].append(instances.taus[i] if instances.taus is not None else tau)
-    return Instances(
-        masks=np.stack(out["masks"]),
+    return CroppedInstances(
+        shape=instances.shape,
+        boxes=out["boxes"],
+        crops=out["crops"],
         scores=np.asarray(out["scores"], np.float32),
         classes=np.asarray(out["classes"], np.int64),
         seeds=np.asarray(out["seeds"], np.int64).reshape(-1, 2),
@@ -738,17 +846,22 @@ def split_merged(
 
 def _split_segment(
     grower: Grower,
-    mask: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
     seed_map: np.ndarray,
     tau: float,
     iterations: int,
     min_part: float,
     max_parts: int,
     bridge_radius: int,
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Parts of one segment as (mask, seed) pairs; fewer than two means "do not split"."""
+) -> list[tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]]:
+    """Parts of one segment (its pixels ``rows``, ``cols`` in the image) as (box, mask, seed).
+
+    Each part's mask is cut to the segment's bounding box ``box``; fewer than two parts
+    means "do not split".
+    """
     h, w = grower.shape
-    rows, cols = np.nonzero(mask)
+    box = (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1)
     pad = bridge_radius + 1
     r0, c0 = rows.min() - pad, cols.min() - pad  # local frame, padded for the morphology
     local_shape = (rows.max() - r0 + 1 + pad, cols.max() - c0 + 1 + pad)
@@ -793,10 +906,10 @@ def _split_segment(
             local = np.zeros(local_shape, bool)
             local[lr[full], lc[full]] = True
             full |= ndimage.binary_closing(local, bridge)[lr, lc]
-        m = np.zeros((h, w), bool)
-        m[rows[full], cols[full]] = True
+        m = np.zeros((box[1] - box[0], box[3] - box[2]), bool)
+        m[rows[full] - box[0], cols[full] - box[2]] = True
         seed_pos = np.flatnonzero(part)[np.argmax(seed_map[idx[part]])]
-        result.append((m, np.array([rows[seed_pos], cols[seed_pos]], np.int64)))
+        result.append((box, m, np.array([rows[seed_pos], cols[seed_pos]], np.int64)))
     return result
 
 
@@ -1042,6 +1155,10 @@ def segment(prediction: Prediction, method: str = "auto", **params: object) -> I
         )
         found = resize_instances(found, prediction.shape)
         blob_filter = None
+    elif method == "boundary":
+        # each instance stays in its box until the end: one (N, H, W) allocation, made last
+        _check_prediction(prediction)
+        found = _segment_boundary_cropped(prediction, **merged)  # type: ignore[arg-type]
     else:
         found = funcs[method](prediction, **merged)  # type: ignore[arg-type]
     if blob_filter is not None:
@@ -1051,15 +1168,23 @@ def segment(prediction: Prediction, method: str = "auto", **params: object) -> I
             raise ValueError(
                 f"blob_filter must be (max_elongation, min_solidity) or None, got {blob_filter!r}"
             ) from None
-        found = drop_blobs(found, max_elongation, min_solidity)
-    if edge_thresholds is None:
-        return found
+        if isinstance(found, CroppedInstances):
+            _check_blob_limits(max_elongation, min_solidity)
+            found = _drop_blobs_cropped(found, max_elongation, min_solidity)
+        else:
+            found = drop_blobs(found, max_elongation, min_solidity)
     contrast = getattr(prediction, "contrast", None)
-    if contrast is None:
-        if "edge_thresholds" in params:
-            raise ValueError(
-                "edge_thresholds needs the image contrast (prediction.contrast), which "
-                "predict() fills in; this prediction has none"
+    if edge_thresholds is not None and contrast is None and "edge_thresholds" in params:
+        raise ValueError(
+            "edge_thresholds needs the image contrast (prediction.contrast), which "
+            "predict() fills in; this prediction has none"
+        )
+    # the model's tuned refinement is skipped where the image is unknown
+    if edge_thresholds is not None and contrast is not None:
+        if isinstance(found, CroppedInstances):
+            found = _refine_edges_cropped(
+                found, contrast, edge_thresholds, solidity_range=edge_solidity
             )
-        return found  # the model's tuned refinement is skipped where the image is unknown
-    return refine_edges(found, contrast, edge_thresholds, solidity_range=edge_solidity)
+        else:
+            found = refine_edges(found, contrast, edge_thresholds, solidity_range=edge_solidity)
+    return found.to_instances() if isinstance(found, CroppedInstances) else found

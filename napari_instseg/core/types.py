@@ -276,3 +276,116 @@ class Instances:
         if not len(ids):
             return cls(masks=np.zeros((0, *labels.shape), bool))
         return cls(masks=labels[None] == ids[:, None, None])
+
+
+@dataclass
+class CroppedInstances:
+    """Instances whose masks are kept as crops: the working form of the boundary pipeline.
+
+    Mask ``k`` is ``crops[k]`` placed at rows ``boxes[k][0]:boxes[k][1]`` and columns
+    ``boxes[k][2]:boxes[k][3]`` of an image of ``shape``, and empty elsewhere. A crop may be
+    larger than its mask's bounding box (a margin) but always lies inside the image. On a
+    large image this holds each worm in its box instead of a full-image mask;
+    :meth:`to_instances` makes the (N, H, W) masks of :class:`Instances` once, at the end.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        (H, W) of the image.
+    boxes : list of tuple of int
+        (r0, r1, c0, c1) of every crop in the image.
+    crops : list of np.ndarray
+        (r1 - r0, c1 - c0) bool masks.
+    scores, classes, seeds, taus : np.ndarray or None
+        As in :class:`Instances`.
+    """
+
+    shape: tuple[int, int]
+    boxes: list[tuple[int, int, int, int]]
+    crops: list[np.ndarray]
+    scores: np.ndarray
+    classes: np.ndarray
+    seeds: np.ndarray | None = None
+    taus: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    @classmethod
+    def from_instances(cls, instances: Instances) -> CroppedInstances:
+        """Each mask of ``instances`` cut to its bounding box (an empty one to 1 x 1)."""
+        boxes, crops = [], []
+        for mask in instances.masks:
+            rows = np.flatnonzero(mask.any(axis=1))
+            if len(rows):
+                cols = np.flatnonzero(mask.any(axis=0))
+                box = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+            else:  # an empty mask: one empty pixel
+                box = (0, 1, 0, 1)
+            boxes.append(box)
+            crops.append(mask[box[0] : box[1], box[2] : box[3]].copy())
+        return cls(
+            shape=instances.shape,
+            boxes=boxes,
+            crops=crops,
+            scores=instances.scores,
+            classes=instances.classes,
+            seeds=instances.seeds,
+            taus=instances.taus,
+        )
+
+    def to_instances(self) -> Instances:
+        """The :class:`Instances`: one (N, H, W) allocation, every crop pasted in."""
+        masks = np.zeros((len(self), *self.shape), bool)
+        for mask, (r0, r1, c0, c1), crop in zip(masks, self.boxes, self.crops, strict=True):
+            mask[r0:r1, c0:c1] = crop
+        return Instances(
+            masks=masks,
+            scores=self.scores,
+            classes=self.classes,
+            seeds=self.seeds,
+            taus=self.taus,
+        )
+
+    @property
+    def areas(self) -> np.ndarray:
+        """(N,) int64 pixel count of every mask."""
+        return np.array([np.count_nonzero(c) for c in self.crops], np.int64)
+
+    def region(self, k: int, box: tuple[int, int, int, int]) -> np.ndarray:
+        """Mask ``k``'s pixels in ``box`` = (r0, r1, c0, c1) of the image (a new array)."""
+        r0, r1, c0, c1 = box
+        out = np.zeros((r1 - r0, c1 - c0), bool)
+        b0, b1, b2, b3 = self.boxes[k]
+        i0, i1, j0, j1 = max(r0, b0), min(r1, b1), max(c0, b2), min(c1, b3)
+        if i0 < i1 and j0 < j1:
+            out[i0 - r0 : i1 - r0, j0 - c0 : j1 - c0] = self.crops[k][
+                i0 - b0 : i1 - b0, j0 - b2 : j1 - b2
+            ]
+        return out
+
+    def window(self, k: int, margin: int) -> tuple[tuple[int, int, int, int], np.ndarray]:
+        """Mask ``k`` in its bounding box grown by ``margin`` (within the image): (box, mask).
+
+        An empty mask gives a 0 x 0 box at the origin.
+        """
+        crop = self.crops[k]
+        rows = np.flatnonzero(crop.any(axis=1))
+        if not len(rows):
+            return (0, 0, 0, 0), np.zeros((0, 0), bool)
+        cols = np.flatnonzero(crop.any(axis=0))
+        r0, c0 = self.boxes[k][0], self.boxes[k][2]
+        box = (
+            max(r0 + int(rows[0]) - margin, 0),
+            min(r0 + int(rows[-1]) + 1 + margin, self.shape[0]),
+            max(c0 + int(cols[0]) - margin, 0),
+            min(c0 + int(cols[-1]) + 1 + margin, self.shape[1]),
+        )
+        return box, self.region(k, box)
+
+    def cover(self) -> np.ndarray:
+        """(H, W) int32: how many masks hold each pixel."""
+        count = np.zeros(self.shape, np.int32)
+        for (r0, r1, c0, c1), crop in zip(self.boxes, self.crops, strict=True):
+            count[r0:r1, c0:c1] += crop
+        return count

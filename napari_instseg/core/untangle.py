@@ -22,6 +22,7 @@ reads it together with the neighbour whose skeleton ends at the junction, as fou
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,7 +33,7 @@ from scipy import ndimage
 from skimage.draw import line
 from skimage.morphology import skeletonize
 
-from .types import Instances
+from .types import CroppedInstances, Instances
 
 PINHOLE_AREA_WIDTHS2 = 2.0
 """Holes of a segment up to this many squared worm widths are filled before it is skeletonized."""
@@ -708,20 +709,44 @@ def join_cut_arms(
         seed is not in it), the neighbour's index gets the worm it continues (its own
         score, class, seed and tau). The two masks overlap at the crossing.
     """
+    if len(instances) < 2:
+        return instances
+    cropped = CroppedInstances.from_instances(instances)
+    joined = _join_cut_arms(cropped, max_bend_cos, reach_widths, min_area, min_part_area)
+    return instances if joined is cropped else joined.to_instances()
+
+
+def _in_image(found: _Skeleton | None, origin: tuple[int, int]) -> _Skeleton | None:
+    """A skeleton of a window whose corner is ``origin``, its box moved to image coordinates."""
+    if found is None:
+        return None
+    r0, r1, c0, c1 = found.box
+    box = (r0 + origin[0], r1 + origin[0], c0 + origin[1], c1 + origin[1])
+    return _Skeleton(box, found.crop, found.skeleton, found.width)
+
+
+def _join_cut_arms(
+    instances: CroppedInstances,
+    max_bend_cos: float = -0.3,
+    reach_widths: float = 2.5,
+    min_area: float = 0.0,
+    min_part_area: float = 0.0,
+) -> CroppedInstances:
+    """:func:`join_cut_arms` on cropped masks (the input itself when nothing is re-read)."""
     n = len(instances)
     if n < 2:
         return instances
-    masks = np.asarray(instances.masks, bool)
-    shape = masks.shape[1:]
-    areas = masks.reshape(n, -1).sum(axis=1)
+    shape = instances.shape
+    areas = instances.areas
     skeletons: dict[int, _Skeleton | None] = {}
 
     def skeleton_of(k: int) -> _Skeleton | None:
         if k not in skeletons:
-            skeletons[k] = _cropped_skeleton(masks[k])
+            (r0, _, c0, _), window = instances.window(k, 2)
+            skeletons[k] = _in_image(_cropped_skeleton(window), (r0, c0))
         return skeletons[k]
 
-    new_masks = masks.copy()
+    boxes, crops = list(instances.boxes), list(instances.crops)
     seeds = None if instances.seeds is None else np.array(instances.seeds, copy=True)
     used: set[int] = set()
     for i in range(n):
@@ -734,7 +759,7 @@ def join_cut_arms(
         offset = np.array([found.box[0], found.box[2]])
         centre = star[0] + offset
         arms = [c + offset for c in star[1]]
-        fourth = _fourth_arm(masks, i, centre, reach_widths * found.width, used, skeleton_of)
+        fourth = _fourth_arm(instances, i, centre, reach_widths * found.width, used, skeleton_of)
         if fourth is None:
             continue
         j, end, path = fourth
@@ -746,11 +771,17 @@ def join_cut_arms(
         own, joined = (pairs[0], pairs[1]) if 3 in pairs[1] else (pairs[1], pairs[0])
         partner = joined[0] if joined[1] == 3 else joined[1]
         # one crop around both segments, the neighbour's skeleton as the fourth arm
-        both = masks[i] | masks[j]
-        rows, cols = np.nonzero(both)
-        r0, r1 = max(rows.min() - 2, 0), min(rows.max() + 3, shape[0])
-        c0, c1 = max(cols.min() - 2, 0), min(cols.max() + 3, shape[1])
-        corner = np.array([r0, c0])
+        (a0, a1, b0, b1), _ = instances.window(i, 0)
+        (d0, d1, e0, e1), _ = instances.window(j, 0)
+        box = (
+            max(min(a0, d0) - 2, 0),
+            min(max(a1, d1) + 2, shape[0]),
+            max(min(b0, e0) - 2, 0),
+            min(max(b1, e1) + 2, shape[1]),
+        )
+        mask_i, mask_j = instances.region(i, box), instances.region(j, box)
+        both = mask_i | mask_j
+        corner = np.array([box[0], box[2]])
         coords = [c - corner for c in [*arms, path]]
         middle = centre - corner
         bridges = [
@@ -758,31 +789,33 @@ def join_cut_arms(
             [(_end_near(coords[partner], middle), end - corner)],
         ]
         worm, other = _worm_masks(
-            shape, (r0, r1, c0, c1), both[r0:r1, c0:c1], coords, [own, joined], bridges, width
-        )
-        worm &= masks[i]
-        other |= masks[j]
+            both.shape, (0, both.shape[0], 0, both.shape[1]), both, coords, [own, joined],
+            bridges, width,
+        )  # fmt: skip
+        worm &= mask_i
+        other |= mask_j
         if min(worm.sum(), other.sum()) < max(min_part_area, 1):
             continue
-        new_masks[i], new_masks[j] = worm, other
+        boxes[i] = boxes[j] = box
+        crops[i], crops[j] = worm, other
         used.update((i, j))
-        if seeds is not None and not worm[int(seeds[i][0]), int(seeds[i][1])]:
+        seed = None if seeds is None else seeds[i] - corner
+        if seed is not None and not (
+            0 <= seed[0] < worm.shape[0]
+            and 0 <= seed[1] < worm.shape[1]
+            and worm[int(seed[0]), int(seed[1])]
+        ):
             alone = worm & ~other
+            # the box has a 2-px margin (or the image's edge): the depths are the image's
             depth = ndimage.distance_transform_edt(alone if alone.any() else worm)
-            seeds[i] = np.unravel_index(np.argmax(depth), shape)
+            seeds[i] = np.asarray(np.unravel_index(np.argmax(depth), worm.shape)) + corner
     if not used:
         return instances
-    return Instances(
-        masks=new_masks,
-        scores=instances.scores,
-        classes=instances.classes,
-        seeds=seeds,
-        taus=instances.taus,
-    )
+    return dataclasses.replace(instances, boxes=boxes, crops=crops, seeds=seeds)
 
 
 def _fourth_arm(
-    masks: np.ndarray,
+    instances: CroppedInstances,
     i: int,
     centre: np.ndarray,
     reach: float,
@@ -797,7 +830,7 @@ def _fourth_arm(
     that touch segment ``i`` (within 2 px) within ``reach`` + 2 px of ``centre`` and end
     within ``reach`` of it.
     """
-    shape = masks.shape[1:]
+    shape = instances.shape
     pad = int(np.ceil(reach)) + 3
     r, c = (int(round(v)) for v in centre)
     r0, r1, c0, c1 = (
@@ -808,10 +841,13 @@ def _fourth_arm(
     )
     yy, xx = np.ogrid[r0:r1, c0:c1]
     disc = np.hypot(yy - centre[0], xx - centre[1]) <= reach + 2
-    ring = ndimage.binary_dilation(masks[i, r0:r1, c0:c1], _EIGHT, iterations=2) & disc
+    region = (r0, r1, c0, c1)
+    ring = ndimage.binary_dilation(instances.region(i, region), _EIGHT, iterations=2) & disc
     found = []
-    for j in np.flatnonzero(masks[:, r0:r1, c0:c1][:, ring].any(axis=1)):
-        if j == i or j in used:
+    for j, (b0, b1, b2, b3) in enumerate(instances.boxes):
+        if j == i or j in used or b0 >= r1 or b1 <= r0 or b2 >= c1 or b3 <= c0:
+            continue
+        if not instances.region(j, region)[ring].any():
             continue
         skeleton = skeleton_of(int(j))
         path = skeleton.path if skeleton is not None else None
@@ -881,9 +917,47 @@ def untangle(
         Each cut segment replaced by its parts (same score, class and tau; the first part
         that holds the segment's seed keeps it, the others get their most interior pixel).
     """
+    if len(instances) < 2 or factor <= 0:
+        return instances
+    cropped = CroppedInstances.from_instances(instances)
+    cut = _untangle(
+        cropped,
+        factor,
+        min_part_fraction,
+        max_bend_cos,
+        length_factor,
+        boundary,
+        clumps,
+        min_kink_cos,
+        rounds,
+        reprune_widths,
+        join_arms,
+    )
+    return instances if cut is cropped else cut.to_instances()
+
+
+def _untangle(
+    instances: CroppedInstances,
+    factor: float = 1.3,
+    min_part_fraction: float = 0.3,
+    max_bend_cos: float = -0.3,
+    length_factor: float = 1.4,
+    boundary: np.ndarray | None = None,
+    clumps: bool = True,
+    min_kink_cos: float | None = 0.3,
+    rounds: int = 2,
+    reprune_widths: float | None = 3.0,
+    join_arms: bool = True,
+) -> CroppedInstances:
+    """:func:`untangle` on cropped masks (the input itself when nothing is cut).
+
+    Each segment is read in its bounding box with a 2-pixel margin (within the image), the
+    window :func:`_cropped_skeleton` cuts it to, so every reading sees what it would see in
+    the full image.
+    """
     if join_arms and len(instances) >= 2 and factor > 0:
         typical = float(np.median(instances.areas))
-        instances = join_cut_arms(
+        instances = _join_cut_arms(
             instances,
             max_bend_cos,
             min_area=typical,
@@ -939,7 +1013,7 @@ def _read_segment(
 
 
 def _untangle_round(
-    instances: Instances,
+    instances: CroppedInstances,
     factor: float,
     min_part_fraction: float,
     max_bend_cos: float,
@@ -949,7 +1023,7 @@ def _untangle_round(
     clumps: bool,
     min_kink_cos: float | None,
     lengths: list[int | None],
-) -> tuple[Instances, list[int | None]]:
+) -> tuple[CroppedInstances, list[int | None]]:
     """One reading of all segments by :func:`untangle`.
 
     ``lengths`` holds the segments' skeleton lengths where an earlier round measured them
@@ -965,23 +1039,26 @@ def _untangle_round(
         return instances, lengths
     lengths = [
         int(skeletonize(_crop(m)).sum()) if known is None else known
-        for m, known in zip(instances.masks, lengths, strict=True)
+        for m, known in zip(instances.crops, lengths, strict=True)
     ]
     typical_length = float(np.median(lengths))
-    cover = instances.masks.sum(axis=0, dtype=np.int32)  # crossings: pixels of 2+ instances
-    masks, scores, classes, seeds, taus = [], [], [], [], []
+    cover = instances.cover()  # crossings: pixels of 2+ instances
+    boxes, crops, scores, classes, seeds, taus = [], [], [], [], [], []
     new_lengths: list[int | None] = []
     changed = False
     for i in range(n):
         parts = None
         if areas[i] > factor * typical:
-            mask = instances.masks[i]
+            # the segment in its box with the 2-px margin of _cropped_skeleton: its
+            # readings give the parts in this window
+            box, mask = instances.window(i, 2)
+            r0, r1, c0, c1 = box
             found = _cropped_skeleton(mask)  # one skeleton for all four readings
             options = (typical, typical_length, min_part_fraction, max_bend_cos)
-            shared = mask & (cover > 1)  # an earlier round's crossing: no cut there
+            shared = mask & (cover[r0:r1, c0:c1] > 1)  # an earlier round's crossing: no cut
             more = (
                 length_factor,
-                boundary,
+                None if boundary is None else np.asarray(boundary)[r0:r1, c0:c1],
                 clumps,
                 min_kink_cos,
                 shared if shared.any() else None,
@@ -993,20 +1070,23 @@ def _untangle_round(
                 pruned = _cropped_skeleton(mask, reprune_widths * found.width)
                 parts = _read_segment(mask, pruned, *options, *more)
         seed_taken = False
-        for part in parts or [instances.masks[i]]:
-            masks.append(part)
+        for part in parts or [instances.crops[i]]:
+            boxes.append(box if parts is not None else instances.boxes[i])
+            crops.append(part)
             new_lengths.append(None if parts is not None else lengths[i])
             scores.append(instances.scores[i])
             classes.append(instances.classes[i])
             if instances.seeds is not None:
                 seed = np.asarray(instances.seeds[i])
-                if parts is not None and (seed_taken or not part[int(seed[0]), int(seed[1])]):
+                if parts is not None and (seed_taken or not _holds(part, box, seed)):
                     # the segment's seed goes to the first part holding it (a seed in a
                     # crossing is in both); any other part gets its most interior pixel
-                    # outside the crossing, where no other part can claim it
+                    # outside the crossing, where no other part can claim it (the window's
+                    # margin, or the image's edge, makes these the image's depths)
                     own = part & ~np.any([p for p in parts if p is not part], axis=0)
                     depth = ndimage.distance_transform_edt(own if own.any() else part)
                     seed = np.asarray(np.unravel_index(np.argmax(depth), part.shape))
+                    seed = seed + (box[0], box[2])
                 else:
                     seed_taken = True
                 seeds.append(seed.astype(np.asarray(instances.seeds).dtype))
@@ -1015,11 +1095,19 @@ def _untangle_round(
         changed |= parts is not None
     if not changed:
         return instances, lengths
-    cut = Instances(
-        masks=np.stack(masks),
+    cut = CroppedInstances(
+        shape=instances.shape,
+        boxes=boxes,
+        crops=crops,
         scores=np.asarray(scores, np.float32),
-        classes=np.asarray(classes),
+        classes=np.asarray(classes, np.int64),
         seeds=None if instances.seeds is None else np.stack(seeds),
         taus=None if instances.taus is None else np.asarray(taus, np.float32),
     )
     return cut, new_lengths
+
+
+def _holds(crop: np.ndarray, box: tuple[int, int, int, int], point: np.ndarray) -> bool:
+    """Whether the mask ``crop`` placed at ``box`` holds the image pixel ``point``."""
+    r, c = int(point[0]) - box[0], int(point[1]) - box[2]
+    return 0 <= r < crop.shape[0] and 0 <= c < crop.shape[1] and bool(crop[r, c])
