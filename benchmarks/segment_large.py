@@ -10,9 +10,10 @@ parameters, with the untangling, the blob filter and the image-contrast edge ref
 Reports the wall time of each repeat, the peak RSS of the process during the segment step
 (psutil, sampled every 2 ms in a thread; the RSS before it is the baseline) and with
 ``--tracemalloc`` the peak of Python's traced allocations (numpy's included) during the
-step. ``--profile`` prints a cProfile top 25 (cumulative) of one more run; ``--save FILE``
-writes one digest per mask (plus scores, classes, seeds) to compare two versions of the
-code bit for bit with ``--compare FILE``::
+step. The run stops when its RSS passes ``--max-rss-gb`` (default 14). ``--profile``
+prints a cProfile top 25 (cumulative) of one more run; ``--save FILE`` writes one digest
+per mask (plus scores, classes, seeds) to compare two versions of the code bit for bit
+with ``--compare FILE``::
 
     OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/segment_large.py --tiles 4
 """
@@ -74,6 +75,25 @@ class PeakRSS:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
+def watchdog(limit_gb: float) -> None:
+    """Stop this process (exit status 3) as soon as its RSS passes ``limit_gb``."""
+    import os
+
+    import psutil
+
+    process = psutil.Process()
+
+    def watch() -> None:
+        while True:
+            rss = process.memory_info().rss
+            if rss > limit_gb * 2**30:
+                print(f"RSS {rss / 2**30:.1f} GB > --max-rss-gb {limit_gb}: stopped", flush=True)
+                os._exit(3)
+            time.sleep(0.01)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def digests(instances) -> dict[str, np.ndarray]:
     """One SHA-1 per mask and the other fields, for a bit-for-bit comparison."""
     masks = instances.masks
@@ -108,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="cProfile top 25 of one more run")
     ap.add_argument("--save", default="", help="write mask digests to this .npz")
     ap.add_argument("--compare", default="", help="compare the masks with this .npz")
+    ap.add_argument("--max-rss-gb", type=float, default=14.0, help="stop above this RSS")
     args = ap.parse_args(argv)
+    watchdog(args.max_rss_gb)
 
     from napari_instseg.core.instances import segment
     from napari_instseg.core.predict import predict

@@ -374,8 +374,13 @@ def merge_fragments(
     pairs = np.unique(np.sort(np.stack([a[touch], b[touch]], axis=1), axis=1), axis=0)
     flat = labels.ravel()
     size = np.bincount(flat, minlength=n + 1).astype(np.float64)
+    inside = np.flatnonzero(flat)  # background pixels add to no sum that is used
+    segment_of = flat[inside]
     sums = np.stack(
-        [np.bincount(flat, weights=e.ravel(), minlength=n + 1) for e in np.asarray(embeddings)],
+        [
+            np.bincount(segment_of, weights=e.ravel()[inside], minlength=n + 1)
+            for e in np.asarray(embeddings)
+        ],
         axis=1,
     )
     root = np.arange(n + 1)
