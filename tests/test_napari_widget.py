@@ -1248,6 +1248,62 @@ def test_reopened_export_of_several_images_keeps_reviews_and_overlaps(widget, wo
     assert (back.masks.sum(0) > 1).any()
 
 
+def test_reexport_of_reopened_labels_keeps_the_scale_they_were_made_at(
+    widget, worms, tmp_path, qtbot
+):
+    """Labels exported at scale 0.5, reopened and run at scale 1: exported again at 0.5.
+
+    The scale belongs to the worms: running the model at another scale changes none;
+    Segment all (replacing them) makes them at the prediction's scale, undo brings it back.
+    """
+    import dataclasses
+
+    from napari_instseg._napari.io import read, write_training
+    from napari_instseg.core.training_folder import read_training_folder, write_training_folder
+
+    n = len(worms.masks)
+    made = dataclasses.replace(
+        worms, name="W01", reviewed=np.arange(n) < 2, metadata={"scale": 0.5}
+    )
+    out = write_training_folder(tmp_path / "export", [made])
+    viewer = widget.viewer
+    for data, kwargs, kind in read(str(out)):  # File > Open Folder
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    widget.image_combo.setCurrentText("W01")
+    assert widget.scale() == 1.0
+    widget.run_model(blocking=True)  # the maps at scale 1 (the fixture's model)
+    session = widget.session()
+    assert len(session.worms) == n
+
+    widget.export(tmp_path / "again")
+    [back] = read_training_folder(tmp_path / "again")
+    assert back.metadata.get("scale") == 0.5  # was dropped: the maps shown were at 1
+    assert session.prediction_scale() == 1.0 and session.labels_scale() == 0.5
+    assert "Scale 0.5 recorded: the worms were made at it" in widget.status.text()
+    # napari's writer (File > Save Selected Layers) records it too
+    labels = session.labels_layer
+    write_training(
+        str(tmp_path / "saved"),
+        [(labels.data, {"name": labels.name, "metadata": labels.metadata}, "labels")],
+    )
+    assert read_training_folder(tmp_path / "saved")[0].metadata["scale"] == 0.5
+
+    # a worm clicked on the scale-1 maps: most worms are still the reopened ones
+    session.remove(label=session.worms[-1].label)
+    assert session.grow_new(inner_pixel(worms.masks, n - 1)) is not None
+    assert session.worms[-1].scale == 1.0 and session.labels_scale() == 0.5
+
+    # re-segmented at scale 1 (every worm replaced): the labels are now made at scale 1
+    widget.keep_edited.setChecked(False)
+    widget.segment(blocking=True)
+    assert {w.scale for w in session.worms} == {1.0}
+    widget.export(tmp_path / "resegmented")
+    assert "scale" not in read_training_folder(tmp_path / "resegmented")[0].metadata
+    labels.undo()  # Segment all undone: the reopened worms and their scale are back
+    assert session.labels_scale() == 0.5
+    assert session.to_sample().metadata["scale"] == 0.5
+
+
 def test_a_model_chosen_while_another_runs_is_not_taken_for_the_maps_shown(
     widget, worms, qtbot, monkeypatch, tmp_path
 ):

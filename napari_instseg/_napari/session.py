@@ -44,6 +44,28 @@ META = "napari_instseg"
 _SESSIONS: weakref.WeakSet[Session] = weakref.WeakSet()
 
 
+def recorded_scale(meta: dict[str, Any] | None) -> float | None:
+    """The scale recorded with labels the reader opened (their ``metadata[META]``).
+
+    Parameters
+    ----------
+    meta : dict or None
+        A Labels layer's ``metadata["napari_instseg"]`` (or one plane's entry of it).
+
+    Returns
+    -------
+    float or None
+        The export's ``scale`` (1 when it recorded none); None when the labels do not come
+        from the plugin's reader (nothing is known about them).
+    """
+    if not meta or "provenance" not in meta:
+        return None
+    try:
+        return float((meta.get("provenance") or {}).get("scale") or 1.0)
+    except (TypeError, ValueError):
+        return None
+
+
 def live_session_for(labels: Any) -> Session | None:
     """Return the live session whose Labels layer holds ``labels`` (the same array), if any.
 
@@ -101,6 +123,12 @@ class Worm:
         Whether a person has changed it (kept by automatic segmentation by default).
     origin : str
         ``"auto"``, ``"click"``, ``"hand"`` or ``"file"``.
+    scale : float or None
+        The scale of the prediction it was grown or segmented from (the ``scale`` field:
+        the image was resized by it for the network); for a worm read from an export, the
+        scale recorded there (1 when none). None when unknown (painted by hand, or read
+        from a Labels layer the plugin did not write). Correcting a worm (seeds, cuts,
+        merge, split, painting) keeps its scale; see :meth:`Session.labels_scale`.
     """
 
     label: int
@@ -113,6 +141,7 @@ class Worm:
     reviewed: bool = False
     edited: bool = False
     origin: str = "auto"
+    scale: float | None = None
 
     @cached_property
     def area(self) -> int:
@@ -609,6 +638,7 @@ class Session:
         meta = layer.metadata.get(META, {})
         masks = meta.get("masks")
         reviewed = meta.get("reviewed")
+        recorded = recorded_scale(meta)
         worms: list[Worm] = []
         if (
             masks is not None
@@ -629,13 +659,13 @@ class Session:
                 worms.append(
                     Worm(
                         i + 1, np.asarray(m, bool), reviewed=rev, edited=bool(edited[i]),
-                        origin="file",
+                        origin="file", scale=recorded,
                     )
                 )  # fmt: skip
         else:
             for lab in np.unique(data):
                 if lab != 0:
-                    worms.append(Worm(int(lab), data == lab, origin="file"))
+                    worms.append(Worm(int(lab), data == lab, origin="file", scale=recorded))
         self.worms = tuple(worms)
         self.labels_layer = layer
         self._digest = None
@@ -960,7 +990,7 @@ class Session:
         score, cls = self._score_at(point)
         worm = Worm(
             self._next_label(), mask, seeds=(point,), tau=tau, score=score, cls=cls,
-            edited=True, origin="click",
+            edited=True, origin="click", scale=self.prediction_scale(),
         )  # fmt: skip
         self._write((*self.worms, worm))
         self.select(worm.label)
@@ -989,6 +1019,7 @@ class Session:
             return None
         tau = worm.tau if worm.tau is not None else self.tau
         prediction = self._require_prediction()
+        scale = worm.scale  # a correction keeps the worm's scale...
         if worm.origin != "click" and self.click_segments and starts_from_segments(prediction):
             # a worm not made by clicks (Segment all, a split, a file): its mask is its
             # state; take the piece under the click, not a whole segment
@@ -996,7 +1027,11 @@ class Session:
         else:
             grown = self._grow([*worm.seeds, point], worm.negatives, tau)
             mask = grown if worm.seeds else (worm.mask | grown)
-        new = replace(worm, mask=mask, seeds=(*worm.seeds, point), tau=tau, edited=True)
+            if worm.seeds or scale is None:  # ...unless grown anew from this prediction
+                scale = self.prediction_scale()
+        new = replace(
+            worm, mask=mask, seeds=(*worm.seeds, point), tau=tau, edited=True, scale=scale
+        )
         self._replace(worm, new)
         return worm.label
 
@@ -1018,8 +1053,10 @@ class Session:
 
         prediction = self._require_prediction()
         from_segments = self.click_segments and starts_from_segments(prediction)
+        scale = worm.scale  # a correction keeps the worm's scale, unless grown anew
         if worm.seeds and (worm.origin == "click" or not from_segments):
             mask = self._grow(worm.seeds, negatives, tau)
+            scale = self.prediction_scale()
         elif from_segments:
             # not made by clicks (Segment all, a split): cut along the boundary map, not by
             # embedding (the embeddings of worms the segmentation merged are merged too)
@@ -1029,7 +1066,7 @@ class Session:
 
             near = np.asarray(similarity(prediction, point)) >= tau
             mask = worm.mask & ~near
-        new = replace(worm, mask=mask, negatives=negatives, tau=tau, edited=True)
+        new = replace(worm, mask=mask, negatives=negatives, tau=tau, edited=True, scale=scale)
         self._replace(worm, new)
         return worm.label
 
@@ -1148,7 +1185,7 @@ class Session:
         mask = self._grow(worm.seeds, worm.negatives, self.tau)
         if not mask.any() or np.array_equal(mask, worm.mask):
             return False  # (from the segments, a first click's mask does not use tau)
-        new = replace(worm, mask=mask, tau=self.tau, edited=True)
+        new = replace(worm, mask=mask, tau=self.tau, edited=True, scale=self.prediction_scale())
         self._write([new if w is worm else w for w in self.worms], preview=preview)
         return True
 
@@ -1214,6 +1251,7 @@ class Session:
             taken |= w.mask
         label = max((w.label for w in kept), default=0)
         worms = list(kept)
+        scale = self.prediction_scale()
         seeds = found.seeds if found.seeds is not None else None
         taus = found.taus if found.taus is not None else None
         for i in range(len(found)):
@@ -1234,6 +1272,7 @@ class Session:
                     score=float(found.scores[i]),
                     cls=int(found.classes[i]),
                     origin="auto",
+                    scale=scale,
                 )
             )
         self.last_method = dict(method or {})
@@ -1379,11 +1418,67 @@ class Session:
             },
         )
 
-    def scale_metadata(self) -> dict[str, float]:
-        """``{"scale": s}`` when the shown prediction was made at a scale other than 1."""
+    def prediction_scale(self) -> float | None:
+        """The scale the prediction held was made at (1 by default); None without one."""
+        if self.prediction is None:
+            return None
         metadata = getattr(self.prediction, "metadata", None) or {}
-        scale = float(metadata.get("scale") or 1.0)
-        return {"scale": scale} if scale != 1.0 else {}
+        return float(metadata.get("scale") or 1.0)
+
+    def labels_scale(self) -> float | None:
+        """The scale the labels were made at: what an export records.
+
+        The scale belongs to the worms, not to the prediction shown: each worm keeps the
+        scale of the prediction it was grown or segmented from, and worms read from an
+        export the scale recorded there (:attr:`Worm.scale`). Running the model again,
+        at any scale, changes no worm; **Segment all** (its new worms) or growing a worm
+        anew from its seeds does. The labels' scale is the one most of their worms have
+        (a tie goes to the worms made first: the lowest labels, e.g. the reopened ones);
+        worms of unknown scale (painted by hand) do not count. When no worm has a scale,
+        the prediction's (None without one).
+
+        Returns
+        -------
+        float or None
+        """
+        counts: dict[float, int] = {}
+        for worm in sorted(self.worms, key=lambda w: w.label):
+            if worm.scale is not None:
+                counts[worm.scale] = counts.get(worm.scale, 0) + 1
+        if not counts:
+            return self.prediction_scale()
+        return max(counts, key=lambda s: counts[s])  # the first of equals: the earliest
+
+    def scale_metadata(self) -> dict[str, float]:
+        """``{"scale": s}`` when the labels were made at a scale other than 1.
+
+        See :meth:`labels_scale`; training resizes the exported sample by it.
+        """
+        scale = self.labels_scale()
+        return {"scale": scale} if scale is not None and scale != 1.0 else {}
+
+    def scale_note(self) -> str:
+        """A sentence for the export message when the scales disagree ("" when they agree).
+
+        The worms' scales differ from each other, or from the prediction shown.
+        """
+        scale = self.labels_scale()
+        if scale is None:
+            return ""
+        scales = {w.scale for w in self.worms if w.scale is not None}
+        shown = self.prediction_scale()
+        if len(scales) > 1:
+            others = ", ".join(f"{s:g}" for s in sorted(scales - {scale}))
+            return (
+                f"Scale {scale:g} recorded (most worms were made at it; some at {others}); "
+                "training resizes the image by it."
+            )
+        if shown is not None and shown != scale:
+            return (
+                f"Scale {scale:g} recorded: the worms were made at it (the maps shown are at "
+                f"scale {shown:g}; Segment all would make them at {shown:g})."
+            )
+        return ""
 
     def export(self, root: Any, overwrite: bool = False) -> Any:
         """Write the image and instances into a training folder (``write_training_folder``).

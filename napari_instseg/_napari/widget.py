@@ -1636,6 +1636,9 @@ class InstSegWidget(QWidget):
                 f" Fine-tuning learns only from reviewed worms: the {worms - reviewed} "
                 "unreviewed are left out (mark them with K and export again)."
             )
+        note = session.scale_note()  # e.g. reopened at 0.5, maps shown at 1: which counts
+        if note:
+            text += " " + note
         self._say(text)
         return path
 
