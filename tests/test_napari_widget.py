@@ -1304,6 +1304,92 @@ def test_reexport_of_reopened_labels_keeps_the_scale_they_were_made_at(
     assert session.to_sample().metadata["scale"] == 0.5
 
 
+def bbbc010_well(root, worms, well="A01"):
+    """A BBBC010-style folder of one well: w2 bright-field, w1 Sytox (one worm dead), masks.
+
+    Returns the w1 and w2 file paths (w1 first, as a sorted file dialog gives them) and
+    which worms are dead (the one that touches no other takes up the stain).
+    """
+    import tifffile
+    from PIL import Image as PILImage
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    stem = f"1649_1109_0003_Amp5-1_B_20070424_{well}_{{}}_9E84F49F-1B25-4E7E-8040-D1BB2D7E73EA"
+    rng = np.random.default_rng(0)
+    sytox = rng.normal(100, 10, worms.image.shape).clip(0).astype(np.uint16)
+    others = [np.delete(worms.masks, i, axis=0).any(0) for i in range(len(worms.masks))]
+    dead = np.array([not (m & o).any() for m, o in zip(worms.masks, others, strict=True)])
+    dead &= np.cumsum(dead) == 1  # the first worm alone
+    assert dead.sum() == 1
+    sytox[worms.masks[dead][0]] = 1000  # a dead worm takes up the stain
+    w1 = root / "images" / f"{stem.format('w1')}.tif"
+    w2 = root / "images" / f"{stem.format('w2')}.tif"
+    tifffile.imwrite(w1, sytox)
+    tifffile.imwrite(w2, worms.image.astype(np.uint16))
+    for i, mask in enumerate(worms.masks):
+        path = root / "masks" / f"{well}_{i + 1:02d}_ground_truth.png"
+        PILImage.fromarray(mask.astype(np.uint8) * 255).save(path)
+    return w1, w2, dead.tolist()
+
+
+def test_bbbc010_fluorescence_is_a_measure_channel_not_the_image(
+    make_napari_viewer, worms, tmp_path
+):
+    """Both files of a BBBC010 well dragged in (w1 first): w2 is segmented, w1 measured."""
+    from napari_instseg._napari import widget as widget_module
+
+    w1, w2, dead = bbbc010_well(tmp_path / "bbbc010", worms)
+    viewer = make_napari_viewer()
+    widget = widget_module.InstSegWidget(viewer)
+    # napari's own TIFF reader names each layer after its file; w1 sorts first
+    viewer.add_image(np.asarray(__import__("tifffile").imread(w1)), name=w1.stem)
+    assert widget.image_combo.currentText() == w1.stem  # the only image, for now
+    viewer.add_image(worms.image, name=w2.stem)
+    items = [widget.image_combo.itemText(i) for i in range(widget.image_combo.count())]
+    assert items == [w2.stem, w1.stem]  # still offered, below the bright-field image
+    assert widget.image_combo.currentText() == w2.stem
+    assert widget.channel_combo.currentText() == w1.stem
+    NO_CHANNEL = widget_module.NO_CHANNEL  # noqa: N806
+    session = widget.session()
+    session.set_prediction(prediction_from_masks(worms.masks), model_name="oracle")
+    for i in range(len(worms.masks)):
+        session.grow_new(inner_pixel(worms.masks, i))
+    table = widget.measure()
+    assert "mean_w1" in table and table["dead"].tolist() == dead
+    assert "1 dead" in widget.status.text()
+    # no measure channel: no stain columns
+    widget.channel_combo.setCurrentText(NO_CHANNEL)
+    widget.channel_combo.activated.emit(widget.channel_combo.currentIndex())
+    assert "dead" not in widget.measure()
+    # the user may insist on segmenting the fluorescence: it stays chosen, with a word
+    widget.image_combo.setCurrentText(w1.stem)
+    assert "fluorescence channel (w1)" in widget.status.text()
+    viewer.add_image(worms.image[::-1].copy(), name="another")
+    assert widget.image_combo.currentText() == w1.stem
+    assert widget.channel_combo.currentText() == NO_CHANNEL  # w1 is the image now
+
+
+def test_bbbc010_well_opened_with_the_reader_tags_w1(make_napari_viewer, worms, tmp_path):
+    """The plugin's reader: the well's w1 layer is tagged as its stain channel."""
+    from napari_instseg._napari import io as nio
+    from napari_instseg._napari.widget import InstSegWidget
+
+    w1, w2, dead = bbbc010_well(tmp_path / "bbbc010", worms, well="B03")
+    viewer = make_napari_viewer()
+    widget = InstSegWidget(viewer)
+    reader = nio.get_reader(str(w2))
+    assert reader is not None
+    layers = reader(str(w2))
+    for data, kwargs, kind in reversed(layers):  # the channel first: order must not matter
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    assert widget.image_combo.currentText() == "B03"
+    assert widget.channel_combo.currentText() == "B03 w1"
+    assert [nio.stain_channel(viewer.layers[n]) for n in ("B03", "B03 w1")] == [None, "w1"]
+    assert len(widget.session().worms) == len(worms.masks)  # the well's masks, adopted
+    assert widget.measure()["dead"].tolist() == dead
+
+
 def test_a_model_chosen_while_another_runs_is_not_taken_for_the_maps_shown(
     widget, worms, qtbot, monkeypatch, tmp_path
 ):

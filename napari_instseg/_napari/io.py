@@ -27,6 +27,12 @@ LayerData = tuple[Any, dict[str, Any], str]
 
 META = "napari_instseg"
 _W2 = re.compile(r"_(?P<well>[A-P]\d{2})_w2_[0-9A-Fa-f-]+\.tif{1,2}$")
+#: a BBBC010 file name or layer name (napari names a layer after the file's stem)
+_BBBC010_NAME = re.compile(
+    r"_(?P<well>[A-P]\d{2})_(?P<channel>w[12])_[0-9A-Fa-f-]+(?:\.tif{1,2})?(?: \[\d+\])?$"
+)
+#: BBBC010's channels: w2 bright-field (what the model segments), w1 Sytox fluorescence
+STAIN_CHANNELS = ("w1",)
 
 
 # ------------------------------------------------------------------ sample data
@@ -83,8 +89,10 @@ def samples_to_layers(samples: Sequence[Sample]) -> list[LayerData]:
         name = s.name or "image"
         layers.append((s.image, {"name": name}, "image"))
         layers.append((labels, {"name": f"{name} worms", "metadata": _labels_meta(s)}, "labels"))
-        for cname, chan in s.channels.items():
-            layers.append((chan, {"name": f"{name} {cname}", "visible": False}, "image"))
+        for cname, chan in s.channels.items():  # tagged: the widget measures, never segments
+            meta = {META: {"channel": cname, "image": name}}
+            kwargs = {"name": f"{name} {cname}", "visible": False, "metadata": meta}
+            layers.append((chan, kwargs, "image"))
         return layers
     shapes = {s.image.shape for s in samples}
     if len(shapes) == 1:
@@ -106,6 +114,67 @@ def samples_to_layers(samples: Sequence[Sample]) -> list[LayerData]:
     for s in samples:
         layers.extend(samples_to_layers([s]))
     return layers
+
+
+def _bbbc010_name(layer: Any) -> re.Match | None:
+    """The BBBC010 file-name match of a layer's name or of the file it was read from."""
+    texts = [str(getattr(layer, "name", ""))]
+    path = getattr(getattr(layer, "source", None), "path", None)
+    if path:
+        texts.append(Path(str(path)).name)
+    for text in texts:
+        m = _BBBC010_NAME.search(text)
+        if m:
+            return m
+    return None
+
+
+def stain_channel(layer: Any) -> str | None:
+    """The stain channel an Image layer holds (e.g. ``"w1"``), or None for an image to segment.
+
+    A channel the reader read beside an image (``metadata["napari_instseg"]["channel"]``,
+    e.g. BBBC010's Sytox ``w1``), or a BBBC010 ``*_w1_*.tif`` opened by napari's own reader
+    (its layer is named after the file). Such a layer is for measuring (mean intensity
+    per worm, live/dead), not for the model, which is for bright-field.
+
+    Parameters
+    ----------
+    layer : napari.layers.Layer
+        Any layer (only its ``name``, ``metadata`` and ``source`` are read).
+
+    Returns
+    -------
+    str or None
+    """
+    meta = (getattr(layer, "metadata", None) or {}).get(META) or {}
+    if meta.get("channel"):
+        return str(meta["channel"])
+    m = _bbbc010_name(layer)
+    if m and m["channel"] in STAIN_CHANNELS:
+        return str(m["channel"])
+    return None
+
+
+def is_channel_of(channel: Any, image: Any) -> bool:
+    """Whether ``channel`` (see :func:`stain_channel`) was taken with ``image``.
+
+    The reader records the image a channel belongs to; BBBC010 files opened by napari's
+    own reader belong together when they name the same well.
+
+    Parameters
+    ----------
+    channel, image : napari.layers.Layer
+        A stain channel and an image layer.
+
+    Returns
+    -------
+    bool
+    """
+    meta = (getattr(channel, "metadata", None) or {}).get(META) or {}
+    if meta.get("image") is not None:
+        return str(meta["image"]) == str(image.name)
+    a, b = _bbbc010_name(channel), _bbbc010_name(image)
+    return bool(a and b and a["well"] == b["well"])
 
 
 def _is_bbbc010(root: Path) -> bool:

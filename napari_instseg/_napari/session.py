@@ -1322,8 +1322,19 @@ class Session:
         return worm.label
 
     # ---------------------------------------------------------- measurements
-    def measure(self) -> Any:
+    def measure(
+        self, channels: dict[str, np.ndarray] | None = None, dead_channel: str | None = None
+    ) -> Any:
         """Measure every instance and store the table as the Labels layer's ``features``.
+
+        Parameters
+        ----------
+        channels : dict of str to np.ndarray, optional
+            Other (H, W) channels of the image, e.g. ``{"w1": sytox}`` (BBBC010's
+            fluorescence); each gives a ``mean_<name>`` column.
+        dead_channel : str, optional
+            The stain among ``channels`` whose mean calls a worm dead (the ``dead`` column;
+            see :func:`napari_instseg.core.measure.measure`). None: no live/dead call.
 
         Returns
         -------
@@ -1338,10 +1349,15 @@ class Session:
         self.sync()
         instances = self.instances
         image = self.image
-        channels = {"image": image} if image.ndim == 2 else {}
+        own = {"image": image} if image.ndim == 2 else {}
         if image.ndim == 3:
-            channels = {f"c{i}": ch for i, ch in enumerate(image)}
-        table = pd.DataFrame(measure(instances, image, channels)).reset_index(drop=True)
+            own = {f"c{i}": ch for i, ch in enumerate(image)}
+        extra = {k: v for k, v in (channels or {}).items() if k not in own}
+        stain = dead_channel if dead_channel in extra else None
+        table = measure(instances, image, {**own, **extra}, dead_channel=stain or "w1")
+        if stain is None and "dead" in table:  # a channel that is no stain: no call
+            table = table.drop(columns="dead")
+        table = pd.DataFrame(table).reset_index(drop=True)
         worms = sorted(self.worms, key=lambda w: w.label)
         front = pd.DataFrame(
             {

@@ -44,7 +44,7 @@ from qtpy.QtWidgets import (
 from ..core.scale import MAX_SCALE
 from . import compute
 from .finetune_widget import model_versions
-from .io import META
+from .io import META, is_channel_of, stain_channel
 from .layers import LAYER_NAMES, OWN_LAYER, prediction_layers, real_viewer
 from .session import (
     MapLayers,
@@ -87,6 +87,8 @@ MODEL_FILE = "weights file..."
 #: their repaints) ran back to back in one event-loop turn and the viewer froze for
 #: 0.3 s; with 1 ms each step gets its own turn (one insertion, ~0.1 s, at a time).
 _STEP_DELAY_MS = 1
+#: The ``measure channel`` choice meaning no channel.
+NO_CHANNEL = "(none)"
 
 
 def keys_help() -> str:
@@ -114,6 +116,11 @@ class InstSegWidget(QWidget):
         self.viewer = real_viewer(napari_viewer)
         self.sessions: dict[int, Session] = {}
         self._chosen_layer: Any = None  # the image layer chosen (followed through renames)
+        #: the image name the widget chose by itself (not the user): a stain channel chosen
+        #: so (the only image when it was opened) gives way to a bright-field image
+        self._auto_image: str | None = None
+        #: image name -> the measure channel the user chose for it
+        self._channel_choice: dict[str, str] = {}
         self._bound_keys: dict[str, Any] = {}  # key -> our callback, while connected
         self._removed = False  # taken out of the window (a later widget may take over)
         #: one set of map layers for all images: it shows the maps of the image last run or
@@ -172,7 +179,10 @@ class InstSegWidget(QWidget):
         box = QGroupBox("1. Model")
         form = QFormLayout(box)
         self.image_combo = QComboBox()
-        self.image_combo.setToolTip("The image layer to segment (2D)")
+        self.image_combo.setToolTip(
+            "The image layer to segment (2D, bright-field). Fluorescence channels (e.g. "
+            "BBBC010's Sytox w1) are listed last: measure them with 'measure channel' below"
+        )
         form.addRow("image", self.image_combo)
         self.model_combo = QComboBox()
         self.model_combo.addItems([MODEL_SHIPPED, MODEL_FILE])
@@ -358,6 +368,15 @@ class InstSegWidget(QWidget):
         row.addWidget(self.measure_btn)
         row.addWidget(self.csv_btn)
         row.addWidget(self.seeds_btn)
+        channel_row = QFormLayout()
+        self.channel_combo = QComboBox()
+        self.channel_combo.setToolTip(
+            "An image layer measured in every worm (its mean_<channel> column), e.g. the "
+            "fluorescence taken with the bright-field image; a stain channel (BBBC010's "
+            "Sytox w1) also calls each worm dead or alive (the dead column)"
+        )
+        channel_row.addRow("measure channel", self.channel_combo)
+        vbox.addLayout(channel_row)
         vbox.addLayout(row)
         vbox.addWidget(self.export_btn)
         self.table = QTableWidget()
@@ -401,6 +420,7 @@ class InstSegWidget(QWidget):
         self.export_btn.clicked.connect(lambda: self.export())
         self.seeds_btn.clicked.connect(lambda: self.save_seeds())
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
+        self.channel_combo.activated.connect(self._on_channel_chosen)
         self.method_combo.currentTextChanged.connect(lambda *_: self._sync_param_fields())
         self._update_device_label()
         self._sync_param_fields()
@@ -550,21 +570,34 @@ class InstSegWidget(QWidget):
         chosen = self._chosen_layer
         if chosen is not None and chosen in self.viewer.layers:
             current = chosen.name  # also after it was renamed
-        names = [
-            layer.name
-            for layer in self.viewer.layers
-            if isinstance(layer, Image)
-            and not layer.metadata.get(OWN_LAYER)
-            and not any(layer is m for s in self.sessions.values() for m in _own_layers(s))
-        ]
+        layers = self._user_images()
+        # images to segment first; stain channels (fluorescence, for Measure) after them
+        stains = [layer for layer in layers if stain_channel(layer)]
+        images = [layer for layer in layers if not stain_channel(layer)]
+        names = [layer.name for layer in images + stains]
         for layer in self.viewer.layers:
             if isinstance(layer, Image):
                 layer.events.name.connect(self._refresh_images)  # once: napari dedups
+        # the widget's own choice of a stain channel (the only image when it was opened)
+        # gives way to a bright-field image; a choice of the user's stays
+        auto = current not in names or (
+            current == self._auto_image
+            and current in {layer.name for layer in stains}
+            and bool(images)
+            and not self._worked_on(current)
+        )
         self.image_combo.blockSignals(True)
         self.image_combo.clear()
         self.image_combo.addItems(names)
-        if current in names:
-            self.image_combo.setCurrentText(current)
+        for i, layer in enumerate(stains, start=len(images)):
+            self.image_combo.setItemData(
+                i,
+                f"{stain_channel(layer)}: a fluorescence channel, measured with 'measure "
+                "channel'; the model is for bright-field images",
+                Qt.ItemDataRole.ToolTipRole,
+            )
+        if names:
+            self.image_combo.setCurrentText(names[0] if auto else current)
         self.image_combo.blockSignals(False)
         self._list_versions_beside_images()
         for session in self.sessions.values():
@@ -579,7 +612,77 @@ class InstSegWidget(QWidget):
             del self.sessions[key]
         if self.image_combo.currentText() != current:
             self._on_image_changed()
+        if auto:
+            self._auto_image = self.image_combo.currentText() or None
         self._chosen_layer = self.image_layer()
+        self._refresh_channels()
+
+    def _user_images(self) -> list[Any]:
+        """The viewer's Image layers that are the user's (not maps the plugin made)."""
+        return [
+            layer
+            for layer in self.viewer.layers
+            if isinstance(layer, Image)
+            and not layer.metadata.get(OWN_LAYER)
+            and not any(layer is m for s in self.sessions.values() for m in _own_layers(s))
+        ]
+
+    def _worked_on(self, name: str) -> bool:
+        """Whether the image layer ``name`` has been run or has worms in this widget."""
+        for session in self.sessions.values():
+            if session.image_layer.name == name:
+                return session.prediction is not None or bool(session.worms)
+        return False
+
+    def _refresh_channels(self) -> None:
+        """List the layers the chosen image can be measured in (``measure channel``).
+
+        Image layers of the chosen image's height and width: its own stain channels first
+        (chosen by default: BBBC010's w1 of the same well), then other stain channels, then
+        other images. A channel the user chose for this image stays chosen.
+        """
+        image = self.image_layer()
+        candidates = []
+        if image is not None:
+            shape = _plane_shape(image)
+            candidates = [
+                layer
+                for layer in self._user_images()
+                if layer is not image
+                and not getattr(layer, "rgb", False)
+                and np.ndim(layer.data) == 2
+                and tuple(layer.data.shape) == shape
+            ]
+        candidates.sort(
+            key=lambda layer: (
+                not (stain_channel(layer) and is_channel_of(layer, image)),
+                not stain_channel(layer),
+            )
+        )
+        names = [NO_CHANNEL] + [layer.name for layer in candidates]
+        own = candidates[0] if candidates else None
+        default = (
+            own.name if own is not None and stain_channel(own) and is_channel_of(own, image)
+            else NO_CHANNEL
+        )  # fmt: skip
+        chosen = self._channel_choice.get(image.name) if image is not None else None
+        self.channel_combo.blockSignals(True)
+        self.channel_combo.clear()
+        self.channel_combo.addItems(names)
+        self.channel_combo.setCurrentText(chosen if chosen in names else default)
+        self.channel_combo.blockSignals(False)
+
+    def _on_channel_chosen(self, index: int = -1) -> None:
+        image = self.image_layer()
+        if image is not None:
+            self._channel_choice[image.name] = self.channel_combo.currentText()
+
+    def measure_channel(self) -> Any:
+        """The Image layer chosen in ``measure channel`` (None for none)."""
+        name = self.channel_combo.currentText()
+        if name and name != NO_CHANNEL and name in self.viewer.layers:
+            return self.viewer.layers[name]
+        return None
 
     def _list_versions_beside_images(self) -> None:
         """List the model versions kept beside the folders the image layers were read from."""
@@ -643,10 +746,19 @@ class InstSegWidget(QWidget):
         return None
 
     def _on_image_changed(self, index: int = -1) -> None:
+        self._auto_image = None  # chosen by the user (the widget's own choice sets it after)
         previous, self._chosen_layer = self._chosen_layer, self.image_layer()
         self._show_only_chosen(previous)
+        self._refresh_channels()
         session = self.session(create=False)
         self._update_review_label()
+        stain = stain_channel(self._chosen_layer) if self._chosen_layer is not None else None
+        if stain:  # allowed (the user may know better), but say what it is
+            self._say(
+                f"{self._chosen_layer.name!r} is a fluorescence channel ({stain}); the model "
+                "is for bright-field images. To measure it in the worms, choose it as "
+                "'measure channel' below."
+            )
         if session is not None and session.labels_layer in self.viewer.layers:
             self.viewer.layers.selection.active = session.labels_layer
         # after the event that changed the image has been handled
@@ -1515,7 +1627,17 @@ class InstSegWidget(QWidget):
         if session is None or not session.worms:
             self._say("Nothing to measure yet.")
             return None
-        table = session.measure()
+        layer = self.measure_channel()
+        channels, stain = None, None
+        if layer is not None:
+            stain = stain_channel(layer)
+            key = stain or re.sub(r"\W+", "_", layer.name).strip("_") or "channel"
+            channels = {key: np.asarray(layer.data, np.float32)}
+        try:
+            table = session.measure(channels=channels, dead_channel=stain)
+        except ValueError as err:  # e.g. a channel of another size
+            self._say(f"Measuring failed: {err}")
+            return None
         self.table_data = table
         self.table.clear()
         self.table.setRowCount(len(table))
@@ -1525,7 +1647,13 @@ class InstSegWidget(QWidget):
             for j, value in enumerate(row):
                 text = f"{value:.4g}" if isinstance(value, float | np.floating) else str(value)
                 self.table.setItem(i, j, QTableWidgetItem(text))
-        self._say(f"Measured {len(table)} instances.")
+        text = f"Measured {len(table)} instances"
+        if layer is not None:
+            text += f" (and {layer.name!r}"
+            if "dead" in table:
+                text += f": {int(table['dead'].sum())} dead"
+            text += ")"
+        self._say(text + ".")
         return table
 
     def _csv_path(self, path: str | Path | None, title: str) -> Path | None:
@@ -1667,6 +1795,12 @@ def _key_action(action: Any, name: str) -> Any:
 
 def _tool_key(widget: InstSegWidget, tool: str) -> Any:
     return _key_action(lambda: widget.set_tool(tool), f"tool_{tool}")
+
+
+def _plane_shape(layer: Any) -> tuple[int, ...]:
+    """(H, W) of an Image layer's planes (an RGB layer's without its colour axis)."""
+    shape = tuple(layer.data.shape)
+    return shape[-3:-1] if getattr(layer, "rgb", False) else shape[-2:]
 
 
 def _own_layers(session: Session) -> list[Any]:
