@@ -422,3 +422,62 @@ def test_contact_zone_marks_where_two_worms_touch_and_weights_the_boundary_loss_
     assert weighted > plain
     ones = balanced_boundary_loss(logits, target, pixel_weight=torch.ones(20, 40))
     assert torch.isclose(ones, plain)
+
+
+# ---------------------------------------------------------------- devices
+# No GPU here: inside ``with torch.device("meta")`` every tensor made without ``device=``
+# lands on the meta device, so a loss that forgets ``device=`` (and would mix CPU and CUDA
+# tensors on a GPU) fails or returns meta tensors for CPU inputs.
+
+
+def test_grown_mask_targets_of_an_empty_crop_stay_on_the_input_device():
+    emb = torch.randn(4, 16, 16)
+    empty = torch.zeros((0, 16, 16), dtype=torch.bool)
+    squares = _squares(16, 16)
+    g = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        idx, targets = L.grown_mask_targets(emb, empty, (0.5, 0.8), 3, 5, generator=g)
+        assert idx.device == empty.device and targets.device == empty.device
+        assert idx.shape == (5,) and targets.shape == (2, 5) and not targets.any()
+        idx, targets = L.grown_mask_targets(emb, empty, (0.5, 0.8), 3, 0, generator=g)
+        assert idx.device == targets.device == empty.device and targets.shape == (2, 0)
+        idx, targets = L.grown_mask_targets(emb, squares, (0.5,), 3, 5, generator=g)
+        assert idx.device == targets.device == empty.device
+
+
+def test_sampling_losses_make_every_tensor_on_the_input_device():
+    masks = _squares(12, 12)
+    emb = torch.randn(3, 12, 12)
+    boundary = L.boundary_target(masks)
+    g = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        for m in (masks, masks[:0]):
+            assert L.embedding_pair_loss(emb, m, 4, g).device == emb.device
+            assert L.attraction_loss(emb, m).device == emb.device
+            idx, group = L.sample_instance_pixels(m, 4, g)
+            assert idx.device == group.device == emb.device
+        assert L.pixel_contrast_loss(emb, boundary, 8, generator=g).device == emb.device
+        assert (
+            L.classification_loss(
+                torch.randn(2, 2, 12, 12, device="cpu"),
+                idx,
+                torch.zeros(2, len(idx), dtype=torch.long, device="cpu"),
+            ).device
+            == emb.device
+        )
+
+
+def test_sampling_with_the_cpu_generator_is_the_same_whatever_the_default_device():
+    """Pixels are drawn on the CPU with the CPU generator and then moved, so a run picks the
+    same pixels on any device (and a CUDA default device does not break the generator)."""
+    masks = _squares(12, 12)
+    draws = []
+    for where in ("cpu", "meta"):
+        g = torch.Generator().manual_seed(3)
+        with torch.device(where):
+            idx, _ = L.grown_mask_targets(
+                torch.zeros(2, 12, 12, device="cpu"), masks[:0], (0.5,), 2, 6, generator=g
+            )
+            ip = L.sample_instance_pixels(masks, 5, g)[0]
+        draws.append(torch.cat([idx, ip]))
+    assert torch.equal(draws[0], draws[1])

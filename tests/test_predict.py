@@ -873,3 +873,28 @@ def test_cli_evaluate_reads_what_predict_wrote(cli_files, tmp_path, monkeypatch)
     tifffile.imwrite(res / "1649_x_A01_w2_ABC-1.tif_labels.tif".replace(".tif_", "_"), labels)
     names = [s.name for s in read_prediction_folder(res)]
     assert "A01" in names
+
+
+def test_tiled_tta_prediction_makes_every_tensor_on_the_models_device(model, image):
+    """The network pass with tiles and all eight augmentations, run with the default device
+    set to ``meta``: a tensor made without ``device=`` would land there instead of beside
+    the model (on a GPU: a CPU tensor among CUDA ones) and the pass would fail."""
+    from napari_instseg.core.normalize import model_input
+    from napari_instseg.core.predict import iter_predict_normalized
+    from napari_instseg.core.weights import DEFAULT_NORMALIZATION
+
+    norm = model_input(
+        image[None], "percentile", DEFAULT_NORMALIZATION["low"], DEFAULT_NORMALIZATION["high"]
+    )
+    with torch.device("meta"):
+        steps = iter_predict_normalized(
+            norm, model, torch.device("cpu"), tile_size=64, halo=16, tta=8, precision="float32"
+        )
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                tiled = stop.value
+                break
+    assert tiled.metadata["tiles"] == 6 and tiled.metadata["tta"] == 8
+    assert np.isfinite(tiled.boundary).all() and np.isfinite(tiled.embeddings).all()

@@ -575,3 +575,79 @@ def test_cli_train_says_where_a_relative_data_folder_was_looked_for(tmp_path, mo
     err = capsys.readouterr().err
     assert f"data folder {absent} does not exist" in err and "current folder" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_training_loss_makes_every_tensor_on_the_outputs_device():
+    """A batch with an empty crop, untrusted pixels and every optional loss term, run with
+    the default device set to ``meta``: any tensor the loss made without ``device=`` would
+    land there (on a GPU: a CPU tensor beside CUDA ones, as the empty-crop classification
+    targets once were) and fail or come back on the wrong device."""
+    torch.manual_seed(0)
+    model = InstSegNet(ModelConfig.from_dict(TINY_MODEL))
+    x, offset = torch.randn(3, 1, 32, 32), torch.zeros(3, 2)
+    worms = torch.zeros(2, 32, 32, dtype=torch.bool)
+    worms[0, 2:10, 2:20] = True
+    worms[1, 8:20, 15:18] = True
+    empty = torch.zeros(0, 32, 32, dtype=torch.bool)
+    trusted = torch.ones(3, 32, 32, dtype=torch.bool)
+    trusted[1, :5] = False
+    trusted[2, :, :3] = False
+    config = TrainConfig(
+        attraction_weight=0.1,
+        contrast_weight=0.1,
+        boundary_contact_weight=3.0,
+        foreground_edge_weight=1.0,
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        outputs = model(x, offset)
+        assert {v.device for v in outputs.values()} == {x.device}
+        terms = training_loss(
+            outputs, [worms, empty, worms], trusted, config, model.config.taus, 0.2, generator
+        )
+        assert {v.device for v in terms.values()} == {x.device}
+        terms["total"].backward()
+    assert torch.isfinite(terms["total"])
+    assert all(p.grad is None or p.grad.device == x.device for p in model.parameters())
+
+
+def test_finetune_takes_a_torch_device_and_checks_it_first(data, tmp_path, monkeypatch):
+    import napari_instseg.core.finetune as finetune_module
+    from napari_instseg.core.finetune import finetune
+    from napari_instseg.core.weights import save_model
+
+    parent = save_model(InstSegNet(ModelConfig.from_dict(TINY_MODEL)), tmp_path / "p.safetensors")
+    seen = []
+
+    def record(config, **kwargs):
+        seen.append(config.device)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(finetune_module, "train", record)
+    out = tmp_path / "version"
+    with pytest.raises(RuntimeError, match="stop here"):
+        finetune([data], parent, replay=None, out=out, device=torch.device("cpu"))
+    assert seen == ["cpu"]  # kept as text: the run's config is written as TOML
+    with pytest.raises(ValueError, match="Unknown device"):
+        finetune([data], parent, replay=None, out=tmp_path / "other", device="gpu")
+    assert not (tmp_path / "other").exists()
+
+
+def test_cli_train_no_amp_and_the_device_it_runs_on(data, tmp_path, capsys):
+    import argparse
+
+    from napari_instseg.cli import main
+    from napari_instseg.cli.train import build_config, configure
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    assert build_config(parser.parse_args([])).amp is True
+    assert build_config(parser.parse_args(["--no-amp"])).amp is False
+    config = tmp_path / "tiny.toml"
+    tiny_config(data, tmp_path / "run", epochs=1, val_wells="").to_toml(config)
+    assert main(["train", "--config", str(config), "--no-progress", "--no-amp"]) == 0
+    printed = capsys.readouterr().out
+    assert "device cpu: " in printed and "CPU" in printed  # the resolved device, named
+    if not torch.cuda.is_available():  # asking for a GPU that is not there: one clear line
+        assert main(["train", "--config", str(config), "--device", "cuda"]) == 1
+        assert "no CUDA GPU" in capsys.readouterr().err

@@ -56,7 +56,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file of TrainConfig fields")
     parser.add_argument("--out", help="run folder (checkpoints, log.csv, best weights)")
     parser.add_argument("--epochs", type=int, help="number of epochs")
-    parser.add_argument("--device", help="auto, cuda, mps or cpu")
+    parser.add_argument("--device", help="auto, cuda (cuda:1: a given GPU), mps or cpu")
+    parser.add_argument(
+        "--no-amp",
+        action="store_true",
+        help="train in float32 on CUDA (default: bfloat16 mixed precision where the GPU has it)",
+    )
     parser.add_argument(
         "--no-resume", action="store_true", help="start afresh even if the run has a checkpoint"
     )
@@ -110,6 +115,8 @@ def build_config(args: argparse.Namespace):
         for dest, field in _OVERRIDES.items()
         if getattr(args, dest, None) is not None
     }
+    if getattr(args, "no_amp", False):
+        changes["amp"] = False
     for name in ("epochs", "steps_per_epoch", "batch_size", "crop_size"):
         if name in changes and changes[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -130,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     int
         0 on success.
     """
-    from ..core.train import train
+    from ..core.device import get_device
+    from ..core.train import hardware_description, train
 
     config = build_config(args)
     for folder in config.data:
@@ -138,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"data folder {folder} does not exist{_relative_hint(folder)}")
     if config.init and not Path(config.init).exists():
         raise FileNotFoundError(f"--init weights {config.init} do not exist")
-    print(f"training into {config.out} (epochs {config.epochs}, device {config.device})")
+    # the device resolved here, so that "auto" falling back to the CPU is seen at once
+    where = hardware_description(get_device(config.device))
+    print(f"training into {config.out} (epochs {config.epochs}, device {config.device}: {where})")
     best = train(config, resume=not args.no_resume, progress=not args.no_progress)
     print(f"best weights: {best}")
     return 0

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from .device import get_device
 from .io import path_list
 from .train import FREEZE_OPTIONS, TrainConfig, folder_list, load_samples, train
 from .weights import load_model, read_metadata, save_model, shipped_weights_path
@@ -208,7 +210,7 @@ def finetune(
     seed: int = 0,
     name: str | None = None,
     out: str | Path | None = None,
-    device: str = "auto",
+    device: str | torch.device = "auto",
     num_threads: int = 0,
     time_limit_minutes: float = 0.0,
     progress: bool = False,
@@ -247,8 +249,8 @@ def finetune(
         ``<parent name>-ft<N>``.
     out : path, optional
         Version folder; default ``<first data folder>/models/<name>``.
-    device : str
-        ``auto``, ``cuda``, ``mps`` or ``cpu``.
+    device : str or torch.device
+        ``auto``, ``cuda``, ``mps`` or ``cpu`` (``cuda:1``: a given GPU).
     num_threads : int
         torch CPU threads (0: torch's default).
     time_limit_minutes : float
@@ -304,7 +306,7 @@ def finetune(
         steps_per_epoch=(steps_per_epoch, *integer),
         seed=(seed, *integer),
         out=(out, *path_or_none),
-        device=(device, *string),
+        device=(device, (str, torch.device), "a str or torch.device"),
         num_threads=(num_threads, *integer),
         time_limit_minutes=(time_limit_minutes, *real),
         replay_names=(replay_names, *string),
@@ -318,6 +320,7 @@ def finetune(
         bad_names = [v for v in val_names if not isinstance(v, str)]
         if bad_names:
             raise TypeError(f"val_names must hold image names (str), got {bad_names[0]!r}")
+    get_device(device)  # an unknown or missing device: a clear error before any folder
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if freeze not in FREEZE_OPTIONS:
@@ -404,7 +407,7 @@ def finetune(
             time_limit_minutes=time_limit_minutes,
             freeze=freeze,
             select_metric="val_ap",
-            device=device,
+            device=str(device),
             num_threads=num_threads,
             replay=replay_folders,
             replay_wells=replay_names if replay_folders else "",

@@ -218,14 +218,15 @@ def grown_mask_targets(
     bg = (
         ~masks.reshape(n, masks.shape[-2] * masks.shape[-1]).any(0)
         if n
-        else torch.ones(h * w, dtype=torch.bool)
+        else torch.ones(h * w, dtype=torch.bool, device=masks.device)
     )
     bg_where = bg.nonzero(as_tuple=True)[0]
     if n_background and bg_where.numel():
-        pick = torch.randint(bg_where.numel(), (n_background,), generator=generator)
+        # drawn on the CPU (the generator's device), then moved: the same pixels on any device
+        pick = torch.randint(bg_where.numel(), (n_background,), generator=generator, device="cpu")
         idx = torch.cat([idx, bg_where[pick.to(bg_where.device)]])
     if idx.numel() == 0:
-        return idx, torch.zeros((len(taus), 0), dtype=torch.long)
+        return idx, torch.zeros((len(taus), 0), dtype=torch.long, device=masks.device)
     if n == 0:
         return idx, torch.zeros((len(taus), idx.numel()), dtype=torch.long, device=masks.device)
     with torch.no_grad():
@@ -576,10 +577,14 @@ def pixel_contrast_loss(
     neg = (~flat).nonzero(as_tuple=True)[0]
     if pos.numel() < 2 or neg.numel() < 2:
         return features.sum() * 0.0
-    ip = pos[torch.randint(pos.numel(), (n_samples,), generator=generator).to(pos.device)]
-    ineg = neg[torch.randint(neg.numel(), (n_samples,), generator=generator).to(neg.device)]
+    ip = pos[
+        torch.randint(pos.numel(), (n_samples,), generator=generator, device="cpu").to(pos.device)
+    ]
+    ineg = neg[
+        torch.randint(neg.numel(), (n_samples,), generator=generator, device="cpu").to(neg.device)
+    ]
     z = torch.cat([f[:, ip], f[:, ineg]], dim=1).T  # (2S, F)
-    label = torch.cat([torch.ones(n_samples), torch.zeros(n_samples)]).to(z.device)
+    label = torch.cat([torch.ones(n_samples, device=z.device), z.new_zeros(n_samples)])
     logits = z @ z.T / temperature
     eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(eye, -1e9)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .device import get_device, inference_dtype
+from .device import autocast, get_device, inference_dtype, memory_format
 from .edges import local_contrast
 from .model import InstSegNet
 from .normalize import model_input
@@ -274,8 +274,8 @@ def iter_predict_normalized(
     tta = resolve_tta(model, tta)
     dtype = inference_dtype(dev, precision)
     cfg = model.config
-    # channels-last convolutions run ~1.8x faster on CPU (oneDNN); the values are the same
-    model.to(memory_format=torch.channels_last)
+    layout = memory_format(dev)  # channels-last on CPU and CUDA, the same values
+    model.to(memory_format=layout)
     _, h, w = norm.shape
     t_count, c1 = len(cfg.taus), cfg.n_classes + 1
     embeddings = np.empty((cfg.embedding_dim, h, w), np.float32)
@@ -284,7 +284,6 @@ def iter_predict_normalized(
     foreground = np.empty((h, w), np.float32)
     tiles = [(r, c) for r in _tiles(h, tile_size) for c in _tiles(w, tile_size)]
     x_all = torch.from_numpy(np.ascontiguousarray(norm, np.float32))
-    use_amp = dtype != torch.float32
     for i, ((r0, r1), (c0, c1_)) in enumerate(tiles):
         # tile starts on multiples of the divisor: the same pooling grid as the whole image
         rr0, rr1 = max(r0 - halo, 0) // cfg.divisor * cfg.divisor, min(r1 + halo, h)
@@ -295,14 +294,11 @@ def iter_predict_normalized(
         if ph or pw:
             mode = "reflect" if ph < th and pw < tw else "replicate"
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
-        x = x.contiguous(memory_format=torch.channels_last)
-        passes = _network_maps(model, x, (origin[0] + rr0, origin[1] + cc0), tta)
+        x = x.contiguous(memory_format=layout)
+        passes = _network_maps(model, x, (origin[0] + rr0, origin[1] + cc0), tta, layout)
         for k in itertools.count(1):
             # the contexts are entered per pass: a generator must not yield inside them
-            with (
-                torch.inference_mode(),
-                torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp),
-            ):
+            with torch.inference_mode(), autocast(dev, dtype):
                 try:
                     next(passes)
                 except StopIteration as stop:
@@ -400,11 +396,16 @@ def _probability_maps(out: dict[str, torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _network_maps(
-    model: InstSegNet, x: torch.Tensor, origin: tuple[int, int], tta: int
+    model: InstSegNet,
+    x: torch.Tensor,
+    origin: tuple[int, int],
+    tta: int,
+    layout: torch.memory_format = torch.channels_last,
 ) -> Generator[None, None, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """One tile through the network: embeddings, class probabilities, boundary, foreground.
 
     A generator that yields after each of the ``tta`` passes but the last and returns the maps.
+    ``layout`` is the memory format the augmented copies of the tile are given.
 
     With ``tta > 1`` the boundary, foreground and class probabilities are the mean over the
     first ``tta`` flips/transposes of the tile (each mapped back). The embeddings always come
@@ -417,7 +418,7 @@ def _network_maps(
     for transpose, dims in TTA_TRANSFORMS[1:tta]:
         yield
         xt = _dihedral(x, transpose, dims, inverse=False)
-        passed = _probability_maps(model(xt.contiguous(memory_format=torch.channels_last), origin))
+        passed = _probability_maps(model(xt.contiguous(memory_format=layout), origin))
         for total, new in zip(maps, passed, strict=True):
             total += _dihedral(new, transpose, dims, inverse=True)
     if tta > 1:

@@ -28,7 +28,13 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import losses as L
-from .device import cpu_name, get_device
+from .device import (
+    autocast,
+    cpu_name,
+    get_device,
+    memory_format,
+    training_autocast_dtype,
+)
 from .evaluate import parse_names
 from .model import InstSegNet, ModelConfig
 from .normalize import model_input
@@ -176,6 +182,8 @@ class TrainConfig:
         # a single folder given as a str is one folder, not a list of characters
         self.data = folder_list(self.data, "data")
         self.replay = folder_list(self.replay, "replay")
+        if isinstance(self.device, torch.device):  # kept as text: the config is saved as TOML
+            self.device = str(self.device)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> TrainConfig:
@@ -749,6 +757,8 @@ def hardware_description(device: torch.device) -> str:
     """A one-line description of where training ran."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA), torch {torch.__version__}"
+    if device.type == "mps":
+        return f"{cpu_name()} (Apple MPS), torch {torch.__version__}"
     cpu = cpu_name()
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU"
 
@@ -897,10 +907,8 @@ def train(
     model.to(device).train()
     # channels-last convolutions: ~1.7x faster training steps on the CPU (oneDNN), faster
     # under CUDA autocast; MPS support is patchy, so it keeps the default layout
-    memory_format = (
-        torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
-    )
-    model.to(memory_format=memory_format)
+    layout = memory_format(device)
+    model.to(memory_format=layout)
     # labels corrected at another scale train at the model's (metadata "scale", see scale.py)
     samples = [at_recorded_scale(s) for s in samples]
     val_samples = [at_recorded_scale(s) for s in val_samples]
@@ -947,7 +955,8 @@ def train(
     widths = [w for w in widths if math.isfinite(w)]
     size_meta = {"object_width": round(float(np.median(widths)), 2)} if widths else {}
     log_path = out / "log.csv"
-    use_amp = (config.amp and device.type == "cuda") or (config.cpu_amp and device.type == "cpu")
+    # bfloat16 forward pass (no gradient scaling needed); losses stay float32
+    amp_dtype = training_autocast_dtype(device, config.amp, config.cpu_amp)
     t0 = time.time()
     taus = model.config.taus
     bar = tqdm(
@@ -979,11 +988,11 @@ def train(
                     index = rng.integers(len(pool))
                 crops.append(random_crop(pool[index], config, rng))
             x = torch.stack([c[0] for c in crops]).to(device)
-            x = x.contiguous(memory_format=memory_format)
+            x = x.contiguous(memory_format=layout)
             masks = [c[1].to(device) for c in crops]
             trusted = torch.stack([c[2] for c in crops]).to(device)
             offset = torch.from_numpy(rng.uniform(0, 1024, (len(crops), 2)).astype(np.float32))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with autocast(device, amp_dtype):
                 outputs = model(x, offset.to(device))
             terms = training_loss(outputs, masks, trusted, config, taus, cls_weight, generator)
             optimizer.zero_grad(set_to_none=True)
