@@ -1342,14 +1342,20 @@ def test_bbbc010_fluorescence_is_a_measure_channel_not_the_image(
     w1, w2, dead = bbbc010_well(tmp_path / "bbbc010", worms)
     viewer = make_napari_viewer()
     widget = widget_module.InstSegWidget(viewer)
-    # napari's own TIFF reader names each layer after its file; w1 sorts first
-    viewer.add_image(np.asarray(__import__("tifffile").imread(w1)), name=w1.stem)
+    # as dragging both files in: napari's own TIFF reader names each layer after its file,
+    # and w1 sorts first
+    from napari.plugins import _initialize_plugins
+
+    _initialize_plugins()
+    viewer.open(str(w1))
     assert widget.image_combo.currentText() == w1.stem  # the only image, for now
-    viewer.add_image(worms.image, name=w2.stem)
+    viewer.open(str(w2))
+    assert w1.stem in viewer.layers and w2.stem in viewer.layers
     items = [widget.image_combo.itemText(i) for i in range(widget.image_combo.count())]
     assert items == [w2.stem, w1.stem]  # still offered, below the bright-field image
     assert widget.image_combo.currentText() == w2.stem
     assert widget.channel_combo.currentText() == w1.stem
+    assert [s.image_layer.name for s in widget.sessions.values()] == [w2.stem]  # none for w1
     NO_CHANNEL = widget_module.NO_CHANNEL  # noqa: N806
     session = widget.session()
     session.set_prediction(prediction_from_masks(worms.masks), model_name="oracle")

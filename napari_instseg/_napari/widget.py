@@ -791,6 +791,8 @@ class InstSegWidget(QWidget):
         viewer would freeze when its results arrive).
         """
         layer = self.image_layer()
+        if layer is not None and layer.name == self._auto_image and stain_channel(layer):
+            return  # a fluorescence channel open alone: no worms layer for it unless asked
         if layer is not None and self.stack_axes(layer):  # its planes get their own layers
             self._say(
                 f"{layer.name!r} is a stack: Run model segments the plane shown, as an image "
