@@ -280,11 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
         print(f"results written to {args.out}")
-    failed = results.get("tests", {}).get("returncode", 0) or any(
-        r.get("returncode")
-        for r in results.get("training_epoch", {}).values()
-        if isinstance(r, dict)
-    )
+    runs = [r for r in results.get("training_epoch", {}).values() if isinstance(r, dict)]
+    runs += [results.get("tests", {}), results.get("training_full", {})]
+    failed = any(r.get("returncode") for r in runs)
     return 1 if failed else 0
 
 
