@@ -324,3 +324,53 @@ def test_the_fine_tune_panel_lists_the_folders_exported_in_this_session(
     viewer.window.remove_dock_widget(open_before)
     opened_after = FinetuneWidget(viewer)  # opened from the Plugins menu afterwards
     assert opened_after.data_folders() == [str(tmp_path / "corrected")]
+
+
+def test_fine_tune_pressed_as_the_last_run_returns_starts_a_new_run(
+    widget, export, qtbot, monkeypatch, tmp_path
+):
+    """napari emits ``returned`` then ``finished``: Fine-tune in between starts a new run.
+
+    It was taken for the old run (whose worker was only let go at ``finished``), and the
+    old run's late ``finished`` then let the new run's worker go.
+    """
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from napari_instseg._napari import finetune_widget
+    from napari_instseg.core import finetune as finetune_module
+
+    go, release = threading.Event(), threading.Event()
+    calls = []
+
+    def fake_finetune(folders, parent=None, callback=None, should_stop=None, **kwargs):
+        calls.append(list(folders))
+        gate = go if len(calls) == 1 else release
+        while not gate.is_set() and not should_stop():
+            time.sleep(0.005)
+        path = tmp_path / f"tiny-ft{len(calls)}" / "model.safetensors"
+        return SimpleNamespace(path=path, label=path.parent.name, metrics={"val_ap": 0.5})
+
+    monkeypatch.setattr(finetune_module, "finetune", fake_finetune)
+    widget.add_folder(export)
+    first = widget.start()
+    seen, second = [], []
+
+    def press_fine_tune(result):  # connected after the panel's: runs once it is shown
+        seen.append((widget.worker, widget.start_button.isEnabled(), widget.status.text()))
+        second.append(widget.start())
+
+    first.returned.connect(press_fine_tune)
+    with qtbot.waitSignal(first.finished, timeout=10_000):
+        go.set()
+    [(worker, enabled, text)] = seen
+    assert worker is None and enabled and "New model version tiny-ft1" in text
+    assert second[0] is not None and second[0] is not first
+    qtbot.waitUntil(lambda: len(calls) == 2, timeout=5000)
+    # the first run's late ``finished`` let nothing of the second go
+    assert widget.worker is second[0] and finetune_widget._running is widget._run
+    assert not widget.start_button.isEnabled() and widget.stop_button.isEnabled()
+    release.set()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=10_000)
+    assert "tiny-ft2" in widget.status.text() and finetune_widget._running is None

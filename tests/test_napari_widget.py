@@ -1488,3 +1488,76 @@ def test_a_click_hashes_the_worms_layer_once_and_painting_still_syncs(
     widget.undo()
     widget.undo()
     assert [w.label for w in session.worms] == [session.worms[0].label]
+
+
+def test_run_model_pressed_between_returned_and_finished_starts_a_run(
+    widget, worms, qtbot, monkeypatch
+):
+    """napari emits ``returned`` then ``finished``: a Run model in between is not refused.
+
+    The worker was let go only at ``finished``: a click while the result was shown (the
+    worker thread held off before ``finished``) answered "already running". And a late
+    ``finished`` of the first run must not let the second run's worker go. Segment all
+    likewise gets its button back with its result.
+    """
+    go, release = threading.Event(), threading.Event()
+    oracle = prediction_from_masks(worms.masks, noise=0.1)
+    calls = []
+
+    def gated_predict(image, model=None, device="auto", progress=None, tta=1, scale=1.0):
+        calls.append(tta)
+        (go if len(calls) == 1 else release).wait(10)
+        return oracle
+
+    monkeypatch.setattr(compute, "predict_image", gated_predict)
+    first = widget.run_model()
+    seen, second = [], []
+
+    def press_run(result):  # connected after the widget's handler: runs right after it
+        seen.append((widget.worker, widget.run_btn.isEnabled()))
+        widget.tta_check.setChecked(True)  # not cached: a real second run
+        second.append(widget.run_model())
+
+    first.returned.connect(press_run)
+    with qtbot.waitSignal(first.finished, timeout=10000):
+        go.set()
+    assert seen == [(None, True)]
+    assert second[0] is not None and second[0] is not first, widget.status.text()
+    assert "already running" not in widget.status.text()
+    # the first worker's late ``finished`` did not let the second one go
+    assert widget.worker is second[0] and not widget.run_btn.isEnabled()
+    assert widget.cancel_btn.isEnabled()
+    with qtbot.waitSignal(widget.prediction_shown, timeout=10000):
+        release.set()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=5000)
+    assert widget.run_btn.isEnabled() and calls == [1, 8]
+
+    # Segment all: its button is back once the worms are in, and stays off for a newer run
+    from napari_instseg.core import instances
+
+    segment = instances.segment
+    hold = threading.Event()
+    runs = []
+
+    def gated_segment(prediction, **kwargs):
+        runs.append(1)
+        if len(runs) > 1:
+            hold.wait(10)
+        return segment(prediction, **kwargs)
+
+    monkeypatch.setattr(instances, "segment", gated_segment)
+    first = widget.segment()
+    states, again = [], []
+
+    def press_segment(found):
+        states.append(widget.segment_btn.isEnabled())
+        again.append(widget.segment())
+
+    first.returned.connect(press_segment)
+    with qtbot.waitSignal(first.finished, timeout=20000):
+        pass
+    assert states == [True] and again[0] is not None and again[0] is not first
+    assert not widget.segment_btn.isEnabled()  # the second is running
+    with qtbot.waitSignal(again[0].finished, timeout=20000):
+        hold.set()
+    assert widget.segment_btn.isEnabled() and widget.session().worms

@@ -134,6 +134,7 @@ class _Run(QObject):
         self.stop = False
         self.owner: Any = None  # the panel showing the run
         self.worker: Any = None
+        self.ended = False  # its result handled, or its worker finished without one
         self.progress: Any = progress(total=epochs, desc="Fine-tuning")
         self.row.connect(self._on_row)
 
@@ -153,20 +154,35 @@ class _Run(QObject):
         self._tell("_on_row", row)
 
     def on_returned(self, result: Any) -> None:
-        """Announce the new version (even with no panel open), then show the result."""
-        if not isinstance(result, _Failure):
-            model_versions.trained.emit(str(result.path))
-        self._tell("_on_done", result)
+        """Announce the new version (even with no panel open), show it, end the run.
+
+        The run ends here, not at the worker's later ``finished`` signal: a Fine-tune
+        pressed in between (the result is shown) starts a new run instead of being taken
+        for this one.
+        """
+        try:
+            if not isinstance(result, _Failure):
+                model_versions.trained.emit(str(result.path))
+            self._tell("_on_done", result)
+        finally:
+            self.on_finished()
 
     def on_finished(self) -> None:
-        """Close the progress bar, free the slot for the next run, enable the buttons."""
+        """Close the progress bar, free the slot for the next run, enable the buttons.
+
+        Once per run: after :meth:`on_returned` has ended it, the worker's ``finished``
+        changes nothing (a newer run may hold the slot and the panel by then).
+        """
         global _running
+        if self.ended:
+            return
+        self.ended = True
         if self.progress is not None:
             self.progress.close()
             self.progress = None
         if _running is self:
             _running = None
-        self._tell("_on_finished")
+        self._tell("_on_finished", self)
 
 
 #: The fine-tuning run in progress in this napari (one at a time), or None.
@@ -532,7 +548,9 @@ class FinetuneWidget(QWidget):
         self.last_error = f"{type(error).__name__}: {error}"
         self.status.setText(f"Fine-tuning failed: {self.last_error}")
 
-    def _on_finished(self) -> None:
+    def _on_finished(self, run: _Run | None = None) -> None:
+        if run is not None and run is not self._run:
+            return  # an earlier run of this panel ending late: the newer one goes on
         self.worker = None
         self.start_button.setEnabled(True)
         self.stop_button.setEnabled(False)

@@ -130,7 +130,8 @@ class InstSegWidget(QWidget):
         self.tool = "new"
         self._pending: tuple[str, Point, int] | None = None
         self._cancel = False
-        self.worker: Any = None
+        self.worker: Any = None  # the Run model worker, until its result is handled
+        self.segment_worker: Any = None  # the Segment all worker, likewise
         self._hover: Point | None = None
         self._hover_timer = QTimer(self)
         self._hover_timer.setSingleShot(True)
@@ -1061,7 +1062,7 @@ class InstSegWidget(QWidget):
         def report(*args: Any, **kwargs: Any) -> None:
             # Cancel, or napari's window closing (it asks its workers to quit): stop at the
             # next tile instead of keeping the closed napari's process predicting
-            if self._cancel or getattr(self.worker, "abort_requested", False):
+            if self._cancel or getattr(worker, "abort_requested", False):
                 raise compute.Cancelled
             self._progress_state = (args, kwargs)  # the main thread's timer shows it
 
@@ -1081,9 +1082,12 @@ class InstSegWidget(QWidget):
             return prediction, prepare_layers(prediction, tau)
 
         worker = work()
-        worker.returned.connect(lambda result: self._on_predicted(session, result, name))
-        worker.errored.connect(lambda e: self._on_worker_error("Prediction", e))
-        worker.finished.connect(self._on_worker_finished)
+        # the worker is let go as soon as its result (or error) is handled: napari emits
+        # ``finished`` after ``returned``, and a Run model in between must not be told
+        # that the model is still running; a late signal of an old worker is ignored
+        worker.returned.connect(lambda result: self._on_predicted(session, result, name, worker))
+        worker.errored.connect(lambda e: self._on_prediction_error(e, worker))
+        worker.finished.connect(lambda: self._on_worker_finished(worker))
         self.worker = worker
         self.run_btn.setEnabled(False)
         self.cancel_btn.setEnabled(True)
@@ -1097,22 +1101,31 @@ class InstSegWidget(QWidget):
         self._cancel = True  # the worker's next progress report raises Cancelled
         self._say("Cancelling...")
 
-    def _on_predicted(self, session: Session, result: Any, name: str) -> None:
-        if result is None:
-            self._say("Prediction cancelled.")
-            return
-        if isinstance(result, str):
-            self._say(result)
-            return
-        prediction, layers = result
-        if self._removed or session is not self.session(create=False):  # not shown now
-            session.keep_prediction(prediction, name, layers)
-            self._stop_bar()
-            self._say(
-                f"Model {name} done for {session.image_layer.name!r}: choose it to see its maps."
-            )
-            return
-        self._show_prediction(session, prediction, name, layers, incremental=True)
+    def _on_predicted(self, session: Session, result: Any, name: str, worker: Any = None) -> None:
+        """The prediction worker returned: show its result, then let the worker go."""
+        try:
+            if result is None:
+                self._say("Prediction cancelled.")
+                return
+            if isinstance(result, str):
+                self._say(result)
+                return
+            prediction, layers = result
+            if self._removed or session is not self.session(create=False):  # not shown now
+                session.keep_prediction(prediction, name, layers)
+                self._stop_bar()
+                self._say(
+                    f"Model {name} done for {session.image_layer.name!r}: choose it to see "
+                    "its maps."
+                )
+                return
+            self._show_prediction(session, prediction, name, layers, incremental=True)
+        finally:
+            self._on_worker_finished(worker)
+
+    def _on_prediction_error(self, err: Exception, worker: Any = None) -> None:
+        self._on_worker_error("Prediction", err)
+        self._on_worker_finished(worker)
 
     def _on_worker_error(self, what: str, err: Exception) -> None:
         self._say(f"{what} failed: {err}")
@@ -1146,7 +1159,16 @@ class InstSegWidget(QWidget):
         self._bar_timer.stop()
         self.progress_bar.setVisible(False)
 
-    def _on_worker_finished(self) -> None:
+    def _on_worker_finished(self, worker: Any = None) -> None:
+        """Let the prediction worker go (its result handled, or it ended without one).
+
+        Called when its result or error has been handled, and again by its ``finished``
+        signal (for a worker that ended without either, e.g. napari's window closing):
+        only while ``worker`` is still :attr:`worker`, so a late signal of an earlier run
+        never lets a newer run's worker go. ``None`` lets any worker go.
+        """
+        if worker is not None and worker is not self.worker:
+            return  # an earlier run's late signal, or handled already
         self._tick_bar()
         if self._showing is None:
             self._stop_bar()
@@ -1289,16 +1311,37 @@ class InstSegWidget(QWidget):
         self._progress_state = None
         self._start_bar(f"{method} segmentation")
         worker = work()
-        worker.finished.connect(self._stop_bar)
-        worker.returned.connect(
-            lambda found: self._after_segment(session.apply_segmentation(found, keep, info))
-        )
-        worker.errored.connect(lambda e: self._on_worker_error("Segmentation", e))
+
+        def returned(found: Any) -> None:
+            try:
+                self._after_segment(session.apply_segmentation(found, keep, info))
+            finally:
+                self._segment_finished(worker)
+
+        def errored(err: Exception) -> None:
+            self._on_worker_error("Segmentation", err)
+            self._segment_finished(worker)
+
+        # as for Run model: the button comes back once the result is in, not at napari's
+        # later ``finished`` (a click in between was lost); a late signal of an earlier
+        # segmentation leaves a newer one's button and bar alone
+        worker.returned.connect(returned)
+        worker.errored.connect(errored)
+        worker.finished.connect(lambda: self._segment_finished(worker))
+        self.segment_worker = worker
         self.segment_btn.setEnabled(False)
-        worker.finished.connect(lambda: self.segment_btn.setEnabled(True))
         self._say(f"Segmenting ({method})...")
         worker.start()
         return worker
+
+    def _segment_finished(self, worker: Any) -> None:
+        """Let the Segment all worker go (once; ignored for an earlier worker)."""
+        if worker is not self.segment_worker:
+            return
+        self.segment_worker = None
+        if self.worker is None:  # (the bar is not a running prediction's)
+            self._stop_bar()
+        self.segment_btn.setEnabled(True)
 
     def _sync_param_fields(self) -> None:
         """Show the parameters the chosen method will use (tuned for the model if any)."""
