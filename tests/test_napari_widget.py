@@ -1270,7 +1270,8 @@ def test_reexport_of_reopened_labels_keeps_the_scale_they_were_made_at(
     for data, kwargs, kind in read(str(out)):  # File > Open Folder
         getattr(viewer, f"add_{kind}")(data, **kwargs)
     widget.image_combo.setCurrentText("W01")
-    assert widget.scale() == 1.0
+    assert widget.scale() == 0.5  # the export's scale...
+    widget.scale_spin.setValue(1.0)  # ...but the user runs the model at 1
     widget.run_model(blocking=True)  # the maps at scale 1 (the fixture's model)
     session = widget.session()
     assert len(session.worms) == n
@@ -1561,3 +1562,94 @@ def test_run_model_pressed_between_returned_and_finished_starts_a_run(
     with qtbot.waitSignal(again[0].finished, timeout=20000):
         hold.set()
     assert widget.segment_btn.isEnabled() and widget.session().worms
+
+
+def test_a_reopened_export_made_at_another_scale_sets_the_scale_field(
+    widget, worms, tmp_path, qtbot, monkeypatch
+):
+    """File > Open of an export made at scale 0.5: Run model runs at 0.5 unless told not to.
+
+    The field takes the export's scale (the status line says so) while the user has set
+    none for that image; a scale the user sets wins, for that image, from then on.
+    """
+    import dataclasses
+
+    from napari_instseg._napari.io import read
+    from napari_instseg.core.training_folder import write_training_folder
+
+    oracle = prediction_from_masks(worms.masks, noise=0.1)
+    scales = []
+
+    def recording_predict(image, model=None, device="auto", progress=None, tta=1, scale=1.0):
+        scales.append(scale)
+        return dataclasses.replace(oracle, metadata={**oracle.metadata, "scale": scale})
+
+    monkeypatch.setattr(compute, "predict_image", recording_predict)
+    viewer = widget.viewer
+    assert widget.image_combo.currentText() == "worms image" and widget.scale() == 1.0
+    made = dataclasses.replace(worms, name="W01", metadata={"scale": 0.5})
+    plain = dataclasses.replace(worms, name="W02")  # exported at scale 1: nothing recorded
+    for sample, folder in ((made, "half"), (plain, "one")):
+        out = write_training_folder(tmp_path / folder, [sample])
+        for data, kwargs, kind in read(str(out)):  # File > Open Folder
+            getattr(viewer, f"add_{kind}")(data, **kwargs)
+    widget.image_combo.setCurrentText("W01")
+    assert widget.scale() == 0.5
+    assert "scale 0.5 from the export" in widget.status.text()
+    widget.run_model(blocking=True)
+    assert scales == [0.5]  # the maps the worms were made on
+    assert "at scale 0.5 (from the export)" in widget.status.text()
+    # other images keep the scale the user set (the default 1 here)
+    widget.image_combo.setCurrentText("W02")
+    assert widget.scale() == 1.0
+    widget.image_combo.setCurrentText("worms image")
+    assert widget.scale() == 1.0
+    widget.image_combo.setCurrentText("W01")
+    assert widget.scale() == 0.5 and "scale 0.5 from the export" in widget.status.text()
+
+    # the user's choice wins, for that image, whatever the export says
+    widget.scale_spin.setValue(0.8)
+    widget.image_combo.setCurrentText("W02")
+    assert widget.scale() == 0.8  # the scale the user last set: the field as before
+    widget.scale_spin.setValue(1.0)
+    widget.image_combo.setCurrentText("W01")
+    assert widget.scale() == 0.8
+    assert "scale 0.8 as you set it (its export was made at 0.5)" in widget.status.text()
+    widget.run_model(blocking=True)
+    assert scales == [0.5, 0.8]
+
+
+def test_a_plane_of_a_reopened_export_stack_runs_at_its_recorded_scale(
+    widget, worms, tmp_path, monkeypatch
+):
+    """An export of several same-size images opens as a stack: each plane's scale counts."""
+    import dataclasses
+
+    from napari_instseg._napari.io import read
+    from napari_instseg.core.training_folder import write_training_folder
+
+    oracle = prediction_from_masks(worms.masks, noise=0.1)
+    scales = []
+
+    def recording_predict(image, model=None, device="auto", progress=None, tta=1, scale=1.0):
+        scales.append(scale)
+        return oracle
+
+    monkeypatch.setattr(compute, "predict_image", recording_predict)
+    samples = [
+        dataclasses.replace(worms, name=name, metadata={"scale": 0.5}) for name in ("A", "B")
+    ]
+    out = write_training_folder(tmp_path / "export", samples)
+    viewer = widget.viewer
+    for data, kwargs, kind in read(str(out)):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    widget.image_combo.setCurrentText("images")  # the stack
+    widget.run_model(blocking=True)  # its plane shown, A, as a layer of its own
+    assert widget.image_combo.currentText() == "A" and scales == [0.5]
+    assert widget.session().labels_scale() == 0.5
+    # a scale the user sets on the stack goes for its planes
+    widget.image_combo.setCurrentText("images")
+    widget.scale_spin.setValue(0.7)
+    viewer.dims.set_point(0, 1)
+    widget.run_model(blocking=True)
+    assert widget.image_combo.currentText() == "B" and scales == [0.5, 0.7]

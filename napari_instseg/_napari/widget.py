@@ -53,6 +53,7 @@ from .session import (
     export_conflict,
     live_session_for,
     live_sessions,
+    recorded_scale,
 )
 
 #: Click tools: key -> (shortcut key, button text, help).
@@ -121,6 +122,15 @@ class InstSegWidget(QWidget):
         self._auto_image: str | None = None
         #: image name -> the measure channel the user chose for it
         self._channel_choice: dict[str, str] = {}
+        #: image name -> the scale the user set while it was chosen (their choice wins
+        #: over the scale an export recorded)
+        self._scale_choice: dict[str, float] = {}
+        #: the scale the user last set: the field's value for images without a choice of
+        #: their own or an export's scale
+        self._user_scale = 1.0
+        self._setting_scale = False  # the widget, not the user, is setting the field
+        #: the image whose scale field value is its export's (said in the status line)
+        self._scale_from_export: str | None = None
         self._bound_keys: dict[str, Any] = {}  # key -> our callback, while connected
         self._removed = False  # taken out of the window (a later widget may take over)
         #: one set of map layers for all images: it shows the maps of the image last run or
@@ -423,6 +433,7 @@ class InstSegWidget(QWidget):
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         self.channel_combo.activated.connect(self._on_channel_chosen)
         self.method_combo.currentTextChanged.connect(lambda *_: self._sync_param_fields())
+        self.scale_spin.valueChanged.connect(self._on_scale_set)
         self._update_device_label()
         self._sync_param_fields()
 
@@ -617,6 +628,7 @@ class InstSegWidget(QWidget):
             self._auto_image = self.image_combo.currentText() or None
         self._chosen_layer = self.image_layer()
         self._refresh_channels()
+        self._refresh_scale()  # (a reopened export's worms layer comes after its image)
 
     def _user_images(self) -> list[Any]:
         """The viewer's Image layers that are the user's (not maps the plugin made)."""
@@ -762,6 +774,7 @@ class InstSegWidget(QWidget):
             )
         if session is not None and session.labels_layer in self.viewer.layers:
             self.viewer.layers.selection.active = session.labels_layer
+        self._refresh_scale(say=True)
         # after the event that changed the image has been handled
         QTimer.singleShot(_STEP_DELAY_MS, self._prepare_chosen_image)
 
@@ -924,6 +937,78 @@ class InstSegWidget(QWidget):
         """The resizing factor for the model: the scale field, or ``"auto"`` at its 0."""
         value = round(self.scale_spin.value(), 2)
         return "auto" if value == 0.0 else value
+
+    def export_scale(self, layer: Any) -> float | None:
+        """The scale an export recorded for an image's worms, when it is not 1.
+
+        The worms of a training folder opened with the plugin's reader (File > Open) were
+        made on a prediction at that scale (``"scale"`` in the export's metadata).
+
+        Parameters
+        ----------
+        layer : napari.layers.Image
+            An image layer.
+
+        Returns
+        -------
+        float or None
+            None when its worms come from no export, or from one made at scale 1.
+        """
+        worms = self._worms_layer_for(layer)
+        if worms is None:
+            return None
+        scale = recorded_scale(worms.metadata.get(META))
+        return scale if scale is not None and scale != 1.0 else None
+
+    def _on_scale_set(self, value: float) -> None:
+        """The user set the scale field: their choice for the chosen image, and the default."""
+        if self._setting_scale:
+            return
+        value = round(float(value), 2)
+        self._user_scale = value
+        image = self.image_layer()
+        if image is not None:
+            self._scale_choice[image.name] = value
+        self._scale_from_export = None
+
+    def _refresh_scale(self, say: bool = False) -> None:
+        """Give the scale field the chosen image's scale.
+
+        The scale the user set for this image (or for the stack it is a plane of); else
+        the scale its export recorded (a reopened training folder made at another scale:
+        Run model then makes the maps its worms were made on), said in the status line
+        when the field takes it (or, with ``say``, whenever the image is chosen); else the
+        scale the user last set.
+        """
+        image = self.image_layer()
+        if image is None:
+            return
+        choice = self._scale_choice.get(image.name)
+        stack = (image.metadata.get(META) or {}).get("stack")
+        if choice is None and stack is not None:
+            choice = self._scale_choice.get(str(stack))
+        recorded = self.export_scale(image)
+        value = choice if choice is not None else recorded or self._user_scale
+        changed = round(self.scale_spin.value(), 2) != value
+        if changed:
+            self._setting_scale = True
+            try:
+                self.scale_spin.setValue(value)
+            finally:
+                self._setting_scale = False
+        from_export = recorded is not None and choice is None
+        self._scale_from_export = image.name if from_export else None
+        if from_export and (changed or say):
+            self._say(
+                f"{image.name!r}: scale {recorded:g} from the export (its worms were made at "
+                "it: Run model makes their maps again). Set another scale to run at that one."
+            )
+        elif recorded is not None and say and choice != recorded:
+            shown = "auto" if choice == 0.0 else f"{choice:g}"
+            self._say(
+                f"{image.name!r}: scale {shown} as you set it (its export was made at "
+                f"{recorded:g})."
+            )
 
     def _on_model_choice(self, index: int) -> None:
         custom = self.model_combo.currentText() == MODEL_FILE
@@ -1236,6 +1321,8 @@ class InstSegWidget(QWidget):
         scale = float(prediction.metadata.get("scale") or 1.0)
         estimated = " estimated" if prediction.metadata.get("scale_estimated") else ""
         scaled = f" at scale {scale:g}{estimated}" if scale != 1.0 or estimated else ""
+        if scaled and self._scale_from_export == session.image_layer.name:
+            scaled += " (from the export)"
         mismatch = self._model_mismatch()  # another model was chosen while this one ran
         self._say(
             f"Model {name} done{' on ' + str(dev) if dev else ''}{scaled}{cached}. "
