@@ -1653,3 +1653,78 @@ def test_a_plane_of_a_reopened_export_stack_runs_at_its_recorded_scale(
     viewer.dims.set_point(0, 1)
     widget.run_model(blocking=True)
     assert widget.image_combo.currentText() == "B" and scales == [0.5, 0.7]
+
+
+def test_undo_right_after_k_takes_the_review_back(widget, worms, qtbot, monkeypatch):
+    """K is a step of the worms layer's undo history: Ctrl+Z un-reviews, Ctrl+Shift+Z again.
+
+    Pixel edits keep undoing in turn, in the order they were made with the reviews; the
+    keys are pressed on napari's canvas, as a user does.
+    """
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+
+    viewer = widget.viewer
+    widget.run_model(blocking=True)
+    widget.segment(blocking=True)
+    session = widget.session()
+    labels = session.labels_layer
+    n = len(session.worms)
+    segmented = np.array(labels.data, copy=True)
+    viewer.layers.selection.active = labels  # (as a click makes it)
+    canvas = viewer.window._qt_viewer.canvas.native
+    canvas.setFocus()
+    errors = []
+    monkeypatch.setattr("sys.excepthook", lambda *exc: errors.append(exc))
+
+    def key(k, modifiers=Qt.KeyboardModifier.NoModifier):
+        QTest.keyClick(canvas, k, modifiers)
+        qtbot.wait(20)
+
+    ctrl = Qt.KeyboardModifier.ControlModifier
+    first = widget.next_to_review()
+    key(Qt.Key.Key_K)
+    assert session.worm(first).reviewed and widget.review_label.text() == f"1 / {n} reviewed"
+    key(Qt.Key.Key_Z, ctrl)  # undoes the review, not Segment all
+    assert not session.worm(first).reviewed
+    np.testing.assert_array_equal(labels.data, segmented)
+    assert len(session.worms) == n and widget.review_label.text() == f"0 / {n} reviewed"
+    assert f"Review of instance {first} undone" in widget.status.text()
+    key(Qt.Key.Key_Z, ctrl | Qt.KeyboardModifier.ShiftModifier)  # redo: reviewed again
+    assert session.worm(first).reviewed and widget.review_label.text() == f"1 / {n} reviewed"
+    assert f"Review of instance {first} redone" in widget.status.text()
+
+    # reviews and pixel edits undo in the order they were made
+    second = widget.next_to_review()
+    widget.set_tool("remove")
+    widget.click(_inside(session, first))
+    assert session.worm(first) is None and session.worm(second) is not None
+    key(Qt.Key.Key_K)  # (the selected worm: the second)
+    assert session.worm(second).reviewed
+    key(Qt.Key.Key_Z, ctrl)  # the second's review
+    assert not session.worm(second).reviewed and session.worm(first) is None
+    key(Qt.Key.Key_Z, ctrl)  # the removal: the first is back, with its review
+    assert session.worm(first) is not None and session.worm(first).reviewed
+    key(Qt.Key.Key_Z, ctrl)  # the first's review
+    assert not session.worm(first).reviewed
+    np.testing.assert_array_equal(labels.data, segmented)
+    key(Qt.Key.Key_Z, ctrl)  # Segment all
+    assert labels.data.max() == 0 and not session.worms
+    # the widget's Undo / Redo buttons walk the same history
+    widget.redo()
+    widget.redo()
+    assert session.worm(first).reviewed and widget.status.text().startswith("Review of")
+    widget.undo()
+    assert not session.worm(first).reviewed and len(session.worms) == n
+    # a new review after an undo clears what could be redone, as a new edit does
+    session.select(second)
+    widget.mark_reviewed()
+    widget.redo()
+    assert widget.status.text() == "Nothing to redo." and session.worm(second).reviewed
+    assert session.to_sample().reviewed.sum() == 1 and not errors
+
+
+def _inside(session, label):
+    """A pixel of the worm ``label`` that the label image shows as it."""
+    rows, cols = np.nonzero(np.asarray(session.labels_layer.data) == label)
+    return int(rows[len(rows) // 2]), int(cols[len(cols) // 2])

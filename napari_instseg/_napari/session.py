@@ -205,6 +205,49 @@ def _union_box(worms: Iterable[Worm]) -> tuple[int, int, int, int] | None:
     return (int(b[:, 0].min()), int(b[:, 1].max()), int(b[:, 2].min()), int(b[:, 3].max()))
 
 
+class ReviewStep(tuple):
+    """A review mark (K) as a step of the ``worms`` layer's undo history.
+
+    napari's Labels history holds pixel edits only: items of atoms ``(indices, before,
+    after)``, replayed by writing ``before`` (undo) or ``after`` (redo) at ``indices``. A
+    review changes no pixel, so its atom has empty indices and values: replaying it writes
+    nothing, and the session tells a review undone or redone by where napari's undo
+    (Ctrl+Z, Labels.undo, the widget's Undo) has moved it: into the redo history, or
+    back (:meth:`Session.sync`).
+
+    Parameters
+    ----------
+    label : int
+        The worm reviewed (labels are stable across edits).
+    before, after : bool
+        Its reviewed flag before and after the step.
+    ndim : int
+        Dimensions of the label image.
+    dtype : numpy dtype
+        The label image's dtype.
+    """
+
+    label: int
+    before: bool
+    after: bool
+
+    def __new__(cls, label: int, before: bool, after: bool, ndim: int, dtype: Any) -> ReviewStep:
+        """Make the empty atom (see the class)."""
+        nowhere = tuple(np.zeros(0, np.intp) for _ in range(ndim))
+        step = super().__new__(cls, (nowhere, np.zeros(0, dtype), np.zeros(0, dtype)))
+        step.label, step.before, step.after = int(label), bool(before), bool(after)
+        return step
+
+
+def _review_steps(history: Any) -> dict[int, ReviewStep]:
+    """The review steps in one of a Labels layer's histories (undo or redo), by id."""
+    return {
+        id(item[0]): item[0]
+        for item in history or ()
+        if len(item) == 1 and isinstance(item[0], ReviewStep)
+    }
+
+
 def state_key(labels: np.ndarray) -> tuple[tuple[int, ...], str, int, int]:
     """A cheap key of a label image's content: shape, dtype, CRC-32 and Adler-32 of the bytes.
 
@@ -334,6 +377,12 @@ class Session:
         self._layer_data: list[tuple[str, Any, dict]] | None = None
         self.last_method: dict[str, Any] = {}
         self._states: OrderedDict[Any, tuple[Worm, ...]] = OrderedDict()
+        #: the review steps put in the worms layer's undo history, by id: the step and
+        #: whether it is done (in the undo history) or undone (in the redo history)
+        self._reviews: dict[int, tuple[ReviewStep, bool]] = {}
+        #: what the last :meth:`sync` that changed the worms did to reviews ("" when
+        #: nothing: a pixel edit), for the widget's message
+        self.review_note = ""
         self._digest: Any = None
         #: the Labels layer whose data still has ``_digest`` (no data or paint event came
         #: since it was computed); None when unknown. Clicks skip re-hashing the label
@@ -622,6 +671,7 @@ class Session:
         self.worms = ()
         self.selected = None
         self._states.clear()
+        self._reviews.clear()
         self._digest = None
         self._update_seeds_layer()
         return True
@@ -782,23 +832,100 @@ class Session:
             return False
         data = np.asarray(layer.data)
         digest = state_key(data)
-        if digest == self._digest:
+        if digest != self._digest:
+            known = self._states.get(digest)
+            if known is not None:
+                self.worms = known
+            else:
+                self.worms = self._reconcile(data)
+                self._states[digest] = self.worms
+        elif not self._reviews:
             self._digest_layer = layer
             return False
-        known = self._states.get(digest)
-        if known is not None:
-            self.worms = known
-        else:
-            self.worms = self._reconcile(data)
-            self._states[digest] = self.worms
+        pixels = digest != self._digest
         self._digest = digest
         self._digest_layer = layer
+        reviews = self._sync_reviews()  # (says what it did in ``review_note``)
+        if not reviews and not pixels:
+            return False
+        if not reviews:
+            self.review_note = ""
         if self.selected is not None and self.worm(self.selected) is None:
             self.selected = None
         self._update_seeds_layer()
         if self.on_worms_changed is not None:
             self.on_worms_changed()
         return True
+
+    def _sync_reviews(self) -> bool:
+        """Follow napari's undo/redo of review steps (see :class:`ReviewStep`).
+
+        A step napari moved into its redo history was undone: its worm takes the flag it
+        had before; one moved back into the undo history was redone. A step in neither
+        (a new edit cleared the redo history, or the history grew past napari's limit)
+        is forgotten. Returns True if a flag changed.
+        """
+        if not self._reviews:
+            return False
+        layer = self.labels_layer
+        done = _review_steps(getattr(layer, "_undo_history", None))
+        undone = _review_steps(getattr(layer, "_redo_history", None))
+        redos, undos = [], []
+        for key, (step, applied) in list(self._reviews.items()):
+            now = True if key in done else False if key in undone else None
+            if now is None:
+                del self._reviews[key]
+            elif now != applied:
+                self._reviews[key] = (step, now)
+                (redos if now else undos).append(step)
+        flags = {w.label: w.reviewed for w in self.worms}
+        notes = []
+        # undone: the latest first (the earliest's "before" is what stays); redone: in order
+        changes = [(step, step.before, "undone") for step in reversed(undos)]
+        changes += [(step, step.after, "redone") for step in redos]
+        for step, flag, what in changes:
+            if step.label in flags:
+                flags[step.label] = flag
+                state = "reviewed" if flag else "not reviewed"
+                notes.append(f"review of instance {step.label} {what} ({state})")
+        if not notes:
+            return False
+        self.worms = tuple(
+            w if w.reviewed == flags[w.label] else replace(w, reviewed=flags[w.label])
+            for w in self.worms
+        )
+        self._states[self._digest or ""] = self.worms
+        note = "; ".join(notes)
+        self.review_note = note[0].upper() + note[1:] + "."
+        return True
+
+    def _push_review(self, label: int, before: bool, after: bool) -> None:
+        """Put a review in the worms layer's undo history (Ctrl+Z takes it back).
+
+        The history is napari's (``Labels._save_history``, as its own edits do): one
+        history for pixel edits and reviews, in the order they were made. Left out while
+        a tau drag or a brush stroke groups edits into one step, and where napari's Labels
+        keeps its history otherwise (K is then taken back with K).
+        """
+        layer = self.labels_layer
+        save = getattr(layer, "_save_history", None)
+        if (
+            save is None
+            or not hasattr(layer, "_undo_history")
+            or getattr(layer, "_block_history", False)
+            or self._preview_start is not None
+        ):
+            return
+        data = layer.data
+        step = ReviewStep(label, before, after, np.ndim(data), data.dtype)
+        self._reviews[id(step)] = (step, True)
+        digest_layer = self._digest_layer
+        self._writing = True  # napari emits ``paint`` for the new step: no pixel changed
+        try:
+            save(step)
+        finally:
+            self._writing = False
+        self._digest_layer = digest_layer
 
     def _sync_if_changed(self) -> bool:
         """:meth:`sync`, skipped when no data or paint event came since the last digest."""
@@ -1294,8 +1421,10 @@ class Session:
             return None
         new = replace(worm, reviewed=reviewed)
         self.worms = tuple(new if w is worm else w for w in self.worms)
-        if self.labels_layer is not None:  # no pixel changes: just remember the state
+        if self.labels_layer is not None:  # no pixel changes: remember the state...
             self._states[self._digest or ""] = self.worms
+            if worm.reviewed != reviewed:  # ...and make it a step of the undo history
+                self._push_review(worm.label, worm.reviewed, reviewed)
         return worm.label
 
     def next_to_review(self) -> int | None:

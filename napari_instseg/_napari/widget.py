@@ -77,7 +77,7 @@ KEYS: dict[str, str] = {
     "K": "mark the selected instance reviewed (again: take the review back)",
     ".": "centre on the next (least certain) unreviewed instance",
     "Shift+click": "add a positive seed to the selected instance (any tool)",
-    "Ctrl+Z / Ctrl+Shift+Z": "undo / redo (napari Labels history; a click makes worms active)",
+    "Ctrl+Z / Ctrl+Shift+Z": "undo / redo (the worms layer's history, reviews included)",
 }
 
 METHODS = ("auto", "hybrid", "seeds", "boundary")
@@ -1603,7 +1603,10 @@ class InstSegWidget(QWidget):
             session.sync()  # (napari's data event has usually synced it already)
             changed = session.worms is not before
             self._update_review_label()
-            self._say("Undone the last edit." if changed else "Nothing to undo.")
+            note = session.review_note if changed else ""
+            self._say(
+                (note or "Undone the last edit.") if changed else "Nothing to undo."
+            )  # fmt: skip
 
     def redo(self) -> None:
         """Redo the last undone edit of the worms layer."""
@@ -1614,7 +1617,10 @@ class InstSegWidget(QWidget):
             session.sync()  # (napari's data event has usually synced it already)
             changed = session.worms is not before
             self._update_review_label()
-            self._say("Redone." if changed else "Nothing to redo.")
+            note = session.review_note if changed else ""
+            self._say(
+                (note or "Redone.") if changed else "Nothing to redo."
+            )  # fmt: skip
 
     # ------------------------------------------------------------- tau slider
     def _tau_pressed(self) -> None:
@@ -1701,7 +1707,8 @@ class InstSegWidget(QWidget):
             The instance; the selected one by default.
         reviewed : bool, optional
             The new flag; None (the K key, the button) toggles it, so pressing K again
-            takes a review back (reviews are not steps of napari's pixel undo history).
+            takes a review back. A change of the flag is a step of the worms layer's undo
+            history: Ctrl+Z (or :meth:`undo`) right after takes it back, redo makes it again.
 
         Returns
         -------
@@ -1743,8 +1750,12 @@ class InstSegWidget(QWidget):
         """The worms layer changed outside the widget's tools (napari's undo, the brush)."""
         self._update_review_label()
         session = self.session(create=False)
-        if session is not None:
-            self._say(f"Worms layer edited (undo, redo or brush): {len(session.worms)} worms.")
+        if session is None:
+            return
+        if session.review_note:  # napari's undo / redo of a review (K)
+            self._say(session.review_note)
+            return
+        self._say(f"Worms layer edited (undo, redo or brush): {len(session.worms)} worms.")
 
     def _update_review_label(self) -> None:
         session = self.session(create=False)
