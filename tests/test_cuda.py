@@ -114,6 +114,46 @@ def test_losses_of_an_empty_crop_stay_on_the_gpu(gpu):
     assert emb.grad is not None and torch.isfinite(emb.grad).all()
 
 
+def test_training_data_and_crops_on_the_gpu(gpu, folder, tmp_path, monkeypatch):
+    """``data_on_device``: two training steps whose crops are cut on the GPU from data
+    kept there, and crops of the same draws as on the CPU (up to float rounding)."""
+    import napari_instseg.core.train as train_module
+    from napari_instseg.core.train import TrainConfig, prepare
+
+    made = []
+    real = train_module.random_crop
+
+    def spy(item, config, rng):
+        crop = real(item, config, rng)
+        made.append(
+            {item.image.device.type, item.packed.device.type} | {t.device.type for t in crop}
+        )
+        return crop
+
+    monkeypatch.setattr(train_module, "random_crop", spy)
+    config = _config(folder, tmp_path / "run", gpu, data_on_device=True)
+    assert train_module.data_device(config, gpu) == gpu
+    train_module.train(config, progress=False)
+    assert len(made) == 4 and all(devices == {gpu.type} for devices in made)
+    monkeypatch.undo()
+
+    sample = make_worms((128, 128), n_worms=4, length=(30, 60), width=(5, 8), seed=7)
+    item = prepare(sample)
+    moved = item.to(gpu)
+    assert moved.image.device.type == gpu.type and item.image.device.type == "cpu"
+    config = TrainConfig(crop_size=64, crop_candidates=4, aligned_fraction=0.3)
+    rng_cpu, rng_gpu = np.random.default_rng(3), np.random.default_rng(3)
+    for _ in range(20):
+        image, masks, trusted = real(item, config, rng_cpu)
+        image_gpu, masks_gpu, trusted_gpu = real(moved, config, rng_gpu)
+        assert torch.allclose(image, image_gpu.cpu(), atol=1e-4)
+        # nearest sampling may round a pixel exactly halfway between two the other way
+        assert (trusted != trusted_gpu.cpu()).float().mean() < 1e-3
+        if masks.shape == masks_gpu.shape:
+            assert (masks.any(0) != masks_gpu.any(0).cpu()).float().mean() < 1e-3
+    assert rng_cpu.random() == rng_gpu.random()  # the same draws
+
+
 def test_train_resume_predict_finetune_on_the_gpu(gpu, folder, tmp_path):
     """End to end on the GPU: two steps with mixed precision, a resumed epoch, prediction
     with tiles and tta 8, one fine-tuning step, a batch window."""
