@@ -71,6 +71,9 @@ def main():
     ap.add_argument("--clicks", type=int, default=12)
     ap.add_argument("--profile", default="")
     ap.add_argument("--skip-segment", action="store_true")
+    ap.add_argument(
+        "--profile-segment", default="", help="cProfile of Segment all alone to this file"
+    )
     args = ap.parse_args()
     import napari
 
@@ -196,10 +199,17 @@ def main():
     settle(5)
 
     if not args.skip_segment:
+        seg_prof = cProfile.Profile() if args.profile_segment else None
+        if seg_prof:
+            seg_prof.enable()
         t0 = time.perf_counter()
         n = widget.segment(blocking=True)
         redraw.wait()
         print(f"segment all: {n} worms, {time.perf_counter() - t0:.1f} s", flush=True)
+        if seg_prof:
+            seg_prof.disable()
+            seg_prof.dump_stats(args.profile_segment)
+            pstats.Stats(seg_prof).sort_stats("cumulative").print_stats(30)
         t0 = time.perf_counter()
         widget.undo()
         redraw.wait()

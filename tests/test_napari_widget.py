@@ -1534,9 +1534,9 @@ def test_run_model_pressed_between_returned_and_finished_starts_a_run(
     assert widget.run_btn.isEnabled() and calls == [1, 8]
 
     # Segment all: its button is back once the worms are in, and stays off for a newer run
-    from napari_instseg.core import instances
+    from napari_instseg.core import pick
 
-    segment = instances.segment
+    segment = pick.segment_all  # what Segment all runs (the clicks' segments when the same)
     hold = threading.Event()
     runs = []
 
@@ -1546,7 +1546,7 @@ def test_run_model_pressed_between_returned_and_finished_starts_a_run(
             hold.wait(10)
         return segment(prediction, **kwargs)
 
-    monkeypatch.setattr(instances, "segment", gated_segment)
+    monkeypatch.setattr(pick, "segment_all", gated_segment)
     first = widget.segment()
     states, again = [], []
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.types import Instances, Prediction, Sample
+from ..core.types import CroppedInstances, Instances, Prediction, Sample, sparse_zeros
 from .layers import (
     LAYER_NAMES,
     OWN_LAYER,
@@ -190,11 +190,28 @@ def render_box(worms: Sequence[Worm], box: tuple[int, int, int, int]) -> np.ndar
     order = sorted(worms, key=lambda w: (-w.area, w.score))
     for worm in order:
         a0, a1, b0, b1 = worm.bbox
-        if a1 <= r0 or a0 >= r1 or b1 <= c0 or b0 >= c1:
+        # the mask is empty outside its box: only the overlap of the two is read
+        a0, a1, b0, b1 = max(a0, r0), min(a1, r1), max(b0, c0), min(b1, c1)
+        if a1 <= a0 or b1 <= b0:
             continue
-        crop = worm.mask[r0:r1, c0:c1]
-        labels[crop] = worm.label
+        labels[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0][worm.mask[a0:a1, b0:b1]] = worm.label
     return labels
+
+
+def _from_crop(
+    found: CroppedInstances, k: int
+) -> tuple[np.ndarray, int, tuple[int, int, int, int]]:
+    """Instance ``k`` of ``found``: its (H, W) mask, area and tight box (as ``Worm.bbox``)."""
+    r0, r1, c0, c1 = found.boxes[k]
+    crop = found.crops[k]
+    mask = sparse_zeros(found.shape, bool)  # the box's pages only (no huge pages)
+    mask[r0:r1, c0:c1] = crop
+    rows = np.flatnonzero(crop.any(axis=1))
+    if not len(rows):
+        return mask, 0, (0, 0, 0, 0)
+    cols = np.flatnonzero(crop.any(axis=0))
+    box = (r0 + int(rows[0]), r0 + int(rows[-1]) + 1, c0 + int(cols[0]), c0 + int(cols[-1]) + 1)
+    return mask, int(np.count_nonzero(crop)), box
 
 
 def _union_box(worms: Iterable[Worm]) -> tuple[int, int, int, int] | None:
@@ -1346,20 +1363,24 @@ class Session:
         int
             Number of instances after segmentation.
         """
-        from ..core.instances import segment
+        from ..core.instances import segment_cropped
 
-        found = segment(self._require_prediction(), method=method, **params)
+        found = segment_cropped(self._require_prediction(), method=method, **params)
         return self.apply_segmentation(found, keep_edited, {"method": method, **params})
 
     def apply_segmentation(
-        self, found: Instances, keep_edited: bool = True, method: dict | None = None
+        self,
+        found: Instances | CroppedInstances,
+        keep_edited: bool = True,
+        method: dict | None = None,
     ) -> int:
         """Put automatically found instances in the Labels layer (one undo step).
 
         Parameters
         ----------
-        found : Instances
-            Result of ``segment``.
+        found : Instances or CroppedInstances
+            Result of ``segment``, or of ``segment_cropped`` (each worm read in its box:
+            on a large image, not every full-image mask of an (N, H, W) array).
         keep_edited : bool
             Keep instances a person edited or reviewed; found instances lying mostly
             (> 50 %) on them are dropped.
@@ -1382,9 +1403,15 @@ class Session:
         seeds = found.seeds if found.seeds is not None else None
         taus = found.taus if found.taus is not None else None
         for i in range(len(found)):
-            mask = found.masks[i]
-            area = mask.sum()
-            if area == 0 or (taken[mask].sum() > 0.5 * area):
+            if isinstance(found, CroppedInstances):  # each worm read in its box
+                mask, area, box = _from_crop(found, i)
+                r0, r1, c0, c1 = box
+                overlap = np.count_nonzero(taken[r0:r1, c0:c1] & mask[r0:r1, c0:c1])
+            else:
+                mask = found.masks[i]
+                area = mask.sum()
+                overlap = taken[mask].sum() if area else 0
+            if area == 0 or overlap > 0.5 * area:
                 continue
             label += 1
             seed: tuple[Point, ...] = ()
@@ -1402,6 +1429,8 @@ class Session:
                     scale=scale,
                 )
             )
+            if isinstance(found, CroppedInstances):  # known: no pass over the full mask
+                worms[-1].__dict__.update(area=int(area), bbox=box)
         self.last_method = dict(method or {})
         self._write(worms)
         return len(worms)

@@ -1382,7 +1382,8 @@ class InstSegWidget(QWidget):
         params = self.segment_params()
         keep = self.keep_edited.isChecked()
         info = {"method": method, **params}
-        from ..core.instances import segment
+        # each worm a crop; the model's own parameters: the segments clicks start from
+        from ..core.pick import segment_all as segment
 
         if blocking:
             n = session.apply_segmentation(
@@ -2018,10 +2019,10 @@ def prepare_layers(prediction: Any, tau: float) -> list[tuple[str, Any, dict]]:
     grower.foreground_pixels(grower.default_fg_threshold)  # what a click compares
     if getattr(prediction, "model_grid", None) is not None:  # clicks grow on the network's grid
         get_grower(at_model_scale(prediction))
-    from ..core.pick import automatic_segments, starts_from_segments
+    from ..core.pick import segments_cropped, starts_from_segments
 
     if starts_from_segments(prediction):
-        automatic_segments(prediction)  # where clicks start (Session.click_segments)
+        segments_cropped(prediction)  # where clicks start (Session.click_segments)
     return layers
 
 

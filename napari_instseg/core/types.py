@@ -278,6 +278,37 @@ class Instances:
         return cls(masks=labels[None] == ids[:, None, None])
 
 
+def sparse_zeros(shape: tuple[int, ...], dtype: Any = bool) -> np.ndarray:
+    """Zeros whose memory pages are made only where written, in small pages.
+
+    For full-image masks of which only a box is ever written (a worm's mask on a large
+    image). numpy asks Linux for transparent huge pages for every array of 4 MB or more,
+    so writing a worm's box into ``np.zeros((H, W))`` makes and zero-fills 2 MB pages
+    (and may first compact memory for them): 955 worm masks of a 4160 x 5568 image took
+    16 s and 2.8 GB that way, 1.4 s and 0.8 GB in an anonymous memory map (small pages,
+    zero until written). Small arrays are plain ``np.zeros``.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        The array's shape.
+    dtype : numpy dtype
+        Its dtype.
+
+    Returns
+    -------
+    np.ndarray
+        A writable, C-contiguous array of zeros.
+    """
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size < 1 << 22:
+        return np.zeros(shape, dtype)
+    import mmap
+
+    return np.frombuffer(mmap.mmap(-1, size), dtype).reshape(shape)
+
+
 @dataclass
 class CroppedInstances:
     """Instances whose masks are kept as crops: the working form of the boundary pipeline.
@@ -336,7 +367,7 @@ class CroppedInstances:
 
     def to_instances(self) -> Instances:
         """The :class:`Instances`: one (N, H, W) allocation, every crop pasted in."""
-        masks = np.zeros((len(self), *self.shape), bool)
+        masks = sparse_zeros((len(self), *self.shape), bool)  # each crop's pages only
         for mask, (r0, r1, c0, c1), crop in zip(masks, self.boxes, self.crops, strict=True):
             mask[r0:r1, c0:c1] = crop
         return Instances(
