@@ -130,3 +130,22 @@ def test_cropped_instances_round_trip():
     np.testing.assert_array_equal(window, masks[0, 0:8, 0:10])
     np.testing.assert_array_equal(cropped.region(1, (0, 2, 8, 11)), masks[1, 0:2, 8:11])
     assert cropped.window(2, 1)[1].size == 0
+
+
+def test_sparse_zeros_makes_only_the_pages_written():
+    """Full-image masks of a large image: zeros, writable, no memory for unwritten pages."""
+    import psutil
+
+    from napari_instseg.core.types import sparse_zeros
+
+    small = sparse_zeros((3, 4), bool)
+    assert small.shape == (3, 4) and not small.any()
+    process = psutil.Process()
+    before = process.memory_info().rss
+    big = sparse_zeros((8, 4096, 2048), bool)  # 64 MB
+    assert big.flags.writeable and big.flags.c_contiguous and big.dtype == bool
+    big[2, 100:300, 50:80] = True
+    # reading every page (a sum, any) must not make them: a shared anonymous map would
+    assert int(big.sum()) == 200 * 30 and big[2].any() and not big[3].any()
+    assert process.memory_info().rss - before < 16 * 2**20
+    np.testing.assert_array_equal(np.flatnonzero(big.any(axis=(0, 2))), np.arange(100, 300))

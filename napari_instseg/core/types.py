@@ -300,13 +300,17 @@ def sparse_zeros(shape: tuple[int, ...], dtype: Any = bool) -> np.ndarray:
     np.ndarray
         A writable, C-contiguous array of zeros.
     """
-    dtype = np.dtype(dtype)
-    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if size < 1 << 22:
-        return np.zeros(shape, dtype)
     import mmap
 
-    return np.frombuffer(mmap.mmap(-1, size), dtype).reshape(shape)
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    private = getattr(mmap, "MAP_PRIVATE", None)
+    if size < 1 << 22 or private is None:  # (Windows: numpy asks for no huge pages there)
+        return np.zeros(shape, dtype)
+    # private: a page never written reads as the kernel's zero page (a shared anonymous
+    # map would make every page it reads, e.g. 23 MB for ``mask.any()``)
+    buffer = mmap.mmap(-1, size, flags=private | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(buffer, dtype).reshape(shape)
 
 
 @dataclass
