@@ -1335,7 +1335,7 @@ def bbbc010_well(root, worms, well="A01"):
 
 
 def test_bbbc010_fluorescence_is_a_measure_channel_not_the_image(
-    make_napari_viewer, worms, tmp_path
+    make_napari_viewer, worms, tmp_path, qtbot
 ):
     """Both files of a BBBC010 well dragged in (w1 first): w2 is segmented, w1 measured."""
     from napari_instseg._napari import widget as widget_module
@@ -1356,6 +1356,10 @@ def test_bbbc010_fluorescence_is_a_measure_channel_not_the_image(
     assert items == [w2.stem, w1.stem]  # still offered, below the bright-field image
     assert widget.image_combo.currentText() == w2.stem
     assert widget.channel_combo.currentText() == w1.stem
+    # the chosen image gets its session (and layers) once the event loop runs the widget's
+    # deferred preparation; w1 never gets one
+    qtbot.waitUntil(lambda: len(widget.sessions) > 0, timeout=5000)
+    qtbot.wait(50)
     assert [s.image_layer.name for s in widget.sessions.values()] == [w2.stem]  # none for w1
     NO_CHANNEL = widget_module.NO_CHANNEL  # noqa: N806
     session = widget.session()
