@@ -8,63 +8,18 @@ each of its four copies must come out exactly as the tile alone, at its offset: 
 margin handled wrong shows up as a mask that differs.
 """
 
-import dataclasses
-
 import numpy as np
 import pytest
 
-from napari_instseg.core.edges import local_contrast, refine_edges
+from napari_instseg.core.edges import refine_edges
 from napari_instseg.core.instances import drop_blobs, segment, split_merged
-from napari_instseg.core.oracle import prediction_from_masks
-from napari_instseg.core.synthetic import make_worms
 from napari_instseg.core.types import CroppedInstances, Instances, Prediction
 from napari_instseg.core.untangle import untangle
 
-PAD = 6
-
 
 @pytest.fixture(scope="module")
-def tile() -> Prediction:
-    s = make_worms((160, 200), n_worms=7, length=(60, 100), n_crossings=2, n_touching=2, seed=0)
-    p = prediction_from_masks(s.masks, embedding_dim=4, seed=1)
-    # no boundary where worms overlap: merged segments that the untangling must cut
-    boundary = np.where(s.masks.sum(axis=0) > 1, 0.0, p.boundary * 0.3).astype(np.float32)
-    p = dataclasses.replace(p, boundary=boundary, contrast=local_contrast(s.image))
-    return _pad(p)
-
-
-def _pad(p: Prediction) -> Prediction:
-    """Background all around, so that no worm touches the tile's edge."""
-
-    def pad(a: np.ndarray, value: float = 0.0) -> np.ndarray:
-        width = [(0, 0)] * (a.ndim - 2) + [(PAD, PAD), (PAD, PAD)]
-        return np.pad(a, width, constant_values=value)
-
-    return Prediction(
-        embeddings=pad(p.embeddings),
-        seediness=pad(p.seediness),
-        class_scores=pad(p.class_scores),
-        boundary=pad(p.boundary),
-        foreground=pad(p.foreground),
-        taus=p.taus,
-        contrast=pad(p.contrast, 1.0),
-    )
-
-
-def _mosaic(p: Prediction) -> Prediction:
-    def block(a: np.ndarray) -> np.ndarray:
-        row = np.concatenate([a, a], axis=-1)
-        return np.concatenate([row, row], axis=-2)
-
-    return Prediction(
-        embeddings=block(p.embeddings),
-        seediness=block(p.seediness),
-        class_scores=block(p.class_scores),
-        boundary=block(p.boundary),
-        foreground=block(p.foreground),
-        taus=p.taus,
-        contrast=block(p.contrast),
-    )
+def tile(padded_tile) -> Prediction:
+    return padded_tile
 
 
 def _by_tile(found: Instances, shape: tuple[int, int]) -> list[set[bytes]]:
@@ -88,11 +43,11 @@ def _by_tile(found: Instances, shape: tuple[int, int]) -> list[set[bytes]]:
         {"split_factor": 1.5, "split_tau": 0.3, "edge_thresholds": (0.9, 0.97)},
     ],
 )
-def test_mosaic_segments_like_its_tiles(tile, params):
+def test_mosaic_segments_like_its_tiles(tile, mosaic, params):
     alone = segment(tile, method="boundary", **params)
     # the untangling cut merged worms apart (else this test would not cover it)
     assert len(alone) > len(segment(tile, method="boundary", untangle_factor=0.0, **params))
-    found = segment(_mosaic(tile), method="boundary", **params)
+    found = segment(mosaic(tile, 2, 2), method="boundary", **params)
     assert len(found) == 4 * len(alone)
     expected = _by_tile(alone, tile.shape)[0]
     assert all(t == expected for t in _by_tile(found, tile.shape))

@@ -15,9 +15,7 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 from napari_instseg.core import pick
-from napari_instseg.core.edges import local_contrast
 from napari_instseg.core.instances import segment, segment_cropped
-from napari_instseg.core.oracle import prediction_from_masks
 from napari_instseg.core.pick import (
     add_to_mask,
     automatic_segments,
@@ -27,58 +25,17 @@ from napari_instseg.core.pick import (
     segments_cropped,
     starts_from_segments,
 )
-from napari_instseg.core.synthetic import make_worms
 from napari_instseg.core.types import CroppedInstances, Prediction
 
-PAD = 6
 TUNED = {
     "recommended_method": "boundary",
     "segment_params": {"boundary": {"edge_thresholds": (0.88, 0.98)}},
 }
 
 
-def _tile() -> Prediction:
-    s = make_worms((160, 200), n_worms=7, length=(60, 100), n_crossings=2, n_touching=2, seed=0)
-    p = prediction_from_masks(s.masks, embedding_dim=4, seed=1)
-    # no boundary where worms overlap: merged segments that the untangling must cut
-    boundary = np.where(s.masks.sum(axis=0) > 1, 0.0, p.boundary * 0.3).astype(np.float32)
-    p = dataclasses.replace(p, boundary=boundary, contrast=local_contrast(s.image))
-
-    def pad(a: np.ndarray, value: float = 0.0) -> np.ndarray:
-        width = [(0, 0)] * (a.ndim - 2) + [(PAD, PAD), (PAD, PAD)]
-        return np.pad(a, width, constant_values=value)
-
-    return Prediction(
-        embeddings=pad(p.embeddings),
-        seediness=pad(p.seediness),
-        class_scores=pad(p.class_scores),
-        boundary=pad(p.boundary),
-        foreground=pad(p.foreground),
-        taus=p.taus,
-        contrast=pad(p.contrast, 1.0),
-        metadata=dict(TUNED),
-    )
-
-
-def _mosaic(p: Prediction, rows: int, cols: int) -> Prediction:
-    def block(a: np.ndarray) -> np.ndarray:
-        return np.tile(a, (1,) * (a.ndim - 2) + (rows, cols))
-
-    return Prediction(
-        embeddings=block(p.embeddings),
-        seediness=block(p.seediness),
-        class_scores=block(p.class_scores),
-        boundary=block(p.boundary),
-        foreground=block(p.foreground),
-        taus=p.taus,
-        contrast=block(p.contrast),
-        metadata=dict(TUNED),
-    )
-
-
 @pytest.fixture(scope="module")
-def tile() -> Prediction:
-    return _tile()
+def tile(padded_tile) -> Prediction:
+    return dataclasses.replace(padded_tile, metadata=dict(TUNED))
 
 
 def _clicks(p: Prediction, segments: CroppedInstances) -> list[tuple[int, int]]:
@@ -178,9 +135,9 @@ def test_crops_and_full_masks_give_the_same_clicks(tile):
 
 
 @pytest.mark.slow
-def test_a_click_on_a_large_mosaic_picks_what_it_picks_on_the_tile(tile):
+def test_a_click_on_a_large_mosaic_picks_what_it_picks_on_the_tile(tile, mosaic):
     h, w = tile.shape  # 172 x 212
-    big = _mosaic(tile, 12, 10)  # 2064 x 2120: more than the old limit of 4 M pixels
+    big = mosaic(tile, 12, 10)  # 2064 x 2120: more than the old limit of 4 M pixels
     assert big.shape[0] * big.shape[1] > 4_000_000
     assert starts_from_segments(big) and starts_from_segments(tile)
     alone = segments_cropped(tile)
