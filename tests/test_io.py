@@ -315,6 +315,95 @@ def test_fake_bbbc010_without_masks_folder(tmp_path):
         read_bbbc010(root)
 
 
+def _read_bbbc010_serially(root: Path, wells, with_w1: bool = True) -> list:
+    """What read_bbbc010 returned before it decoded on threads: imageio, file by file."""
+    import re
+
+    from napari_instseg.core.types import Sample
+
+    images = {}
+    for path in (root / "images").iterdir():
+        m = re.search(r"_([A-P]\d{2})_(w[12])_", path.name)
+        images[m[1], m[2]] = path
+    samples = []
+    for well in wells:
+        image = tifffile.imread(images[well, "w2"]).astype(np.float32)
+        channels = {}
+        if with_w1 and (well, "w1") in images:
+            channels["w1"] = tifffile.imread(images[well, "w1"]).astype(np.float32)
+        files = sorted(
+            (int(p.name.split("_")[1]), p) for p in (root / "masks").glob(f"{well}_*.png")
+        )
+        stack = []
+        for _, path in files:
+            mask = np.asarray(iio.imread(path))
+            stack.append((mask[..., 0] if mask.ndim == 3 else mask) > 0)
+        samples.append(Sample(image, np.stack(stack), name=well, channels=channels))
+    return samples
+
+
+def test_threaded_bbbc010_reading_equals_the_serial_imageio_reading(tmp_path):
+    """Masks in every PNG flavour (grey, 1-bit, 16-bit, RGB, grey + alpha, a palette whose
+    index 0 is not black) decode to the masks imageio gave, on 1 thread and on 3."""
+    from PIL import Image
+
+    root = _fake_bbbc010(tmp_path / "bbbc", wells=("A01", "A02", "B03"), n=4)
+    rng = np.random.default_rng(1)
+    masks = root / "masks"
+    shape = (24, 32)
+    flavours = {
+        "A02_05": Image.fromarray(rng.random(shape) > 0.5).convert("1"),
+        "A02_06": Image.fromarray((rng.random(shape) > 0.5).astype(np.uint16) * 700),
+        "A02_07": Image.fromarray(rng.integers(0, 2, (*shape, 3), dtype=np.uint8) * 255),
+        "A02_10": Image.fromarray(rng.integers(0, 2, (*shape, 2), dtype=np.uint8) * 255, "LA"),
+    }
+    # a palette image: index 0 is white, index 1 black, so pixel values and colours differ
+    palette = Image.fromarray(rng.integers(0, 2, shape, dtype=np.uint8), "P")
+    palette.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+    flavours["B03_05"] = palette
+    for name, im in flavours.items():
+        im.save(masks / f"{name}_ground_truth.png")
+    assert {Image.open(masks / f"{n}_ground_truth.png").mode for n in flavours} >= {
+        "1",
+        "P",
+        "RGB",
+        "LA",
+    }
+    wells = ["A01", "A02", "B03"]
+    for with_w1 in (True, False):
+        expected = _read_bbbc010_serially(root, wells, with_w1)
+        assert expected[1].masks.shape == (8, 24, 32)  # the 10th sorts after the 7th
+        for threads in (1, 3):
+            got = read_bbbc010(root, with_w1=with_w1, threads=threads)
+            assert [s.name for s in got] == wells
+            for a, b in zip(got, expected, strict=True):
+                assert a.image.dtype == b.image.dtype == np.float32
+                np.testing.assert_array_equal(a.image, b.image)
+                assert a.masks.dtype == b.masks.dtype == bool
+                np.testing.assert_array_equal(a.masks, b.masks)
+                assert a.channels.keys() == b.channels.keys()
+                for key in a.channels:
+                    np.testing.assert_array_equal(a.channels[key], b.channels[key])
+    # the palette mask is its colours' first channel, not its indices
+    np.testing.assert_array_equal(got[2].masks[4], np.asarray(palette) == 0)
+    with pytest.raises(ValueError, match="threads"):
+        read_bbbc010(root, threads=0)
+
+
+def test_threaded_bbbc010_reading_reports_the_first_problem_in_order(tmp_path):
+    """With files decoded ahead on threads, the error is still the first well's in order."""
+    root = _fake_bbbc010(tmp_path / "bbbc", wells=("A01", "A02", "A03"))
+    iio.imwrite(root / "masks" / "A03_04_ground_truth.png", np.zeros((20, 32), np.uint8))
+    iio.imwrite(root / "masks" / "A02_04_ground_truth.png", np.zeros((24, 30), np.uint8))
+    for threads in (1, 4):
+        with pytest.raises(ValueError, match="A02_04_ground_truth.png"):
+            read_bbbc010(root, threads=threads)
+    (root / "masks" / "A02_04_ground_truth.png").write_bytes(b"not a png")
+    for threads in (1, 4):
+        with pytest.raises(OSError, match="A02_04|cannot identify"):
+            read_bbbc010(root, threads=threads)
+
+
 @pytest.mark.bbbc010
 def test_real_bbbc010_a01(bbbc010_root):
     wells = bbbc010_wells(bbbc010_root)

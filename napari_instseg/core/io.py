@@ -10,7 +10,8 @@ reads one plane as ``(C, H, W)``. :func:`read_bbbc010` reads the BBBC010 benchma
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -294,9 +295,15 @@ def bbbc010_wells(root: str | Path) -> list[str]:
 
 
 def read_bbbc010(
-    root: str | Path, wells: Iterable[str] | None = None, with_w1: bool = True
+    root: str | Path,
+    wells: Iterable[str] | None = None,
+    with_w1: bool = True,
+    threads: int | None = None,
 ) -> list[Sample]:
     """Read BBBC010-style data: a bright-field (w2) image and one mask PNG per worm.
+
+    The files are decoded on a pool of threads (PNG and TIFF decoding release Python's
+    global lock); the result does not depend on the number of threads.
 
     Parameters
     ----------
@@ -307,6 +314,9 @@ def read_bbbc010(
         Wells to read, e.g. ``["A01", "A02"]`` or ``"A01"`` (default: all with a w2 image).
     with_w1 : bool
         Also read the Sytox (w1) channel into ``Sample.channels["w1"]`` when present.
+    threads : int, optional
+        Threads decoding files (default: the cores this process may use, at most
+        :data:`READ_THREADS`); 1 decodes in this thread.
 
     Returns
     -------
@@ -319,8 +329,12 @@ def read_bbbc010(
     FileNotFoundError
         If the folder, a requested well's image or its masks are missing.
     ValueError
-        If a mask's size differs from its image's.
+        If a mask's size differs from its image's, or ``threads`` is not positive.
     """
+    if threads is None:
+        threads = min(READ_THREADS, _usable_cores())
+    if int(threads) != threads or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
     root = Path(root)
     available = bbbc010_wells(root)
     if isinstance(wells, str):
@@ -343,35 +357,96 @@ def read_bbbc010(
         if m:
             masks.setdefault(m["well"], []).append((int(m["index"]), path))
 
-    samples = []
+    pool = ThreadPoolExecutor(int(threads)) if threads > 1 else None
+
+    def submit(fn: Callable[[Path], np.ndarray], path: Path) -> Callable[[], np.ndarray]:
+        if pool is None:
+            return lambda: fn(path)  # decoded when asked for, in order
+        return pool.submit(fn, path).result
+
+    # every file of every well is queued at once; the results are taken well by well in
+    # order, so the first problem met is the one the serial reading met first
+    jobs = []
     for well in wells:
-        image = tifffile.imread(images[(well, "w2")]).astype(np.float32)
-        if image.ndim != 2:
-            raise ValueError(f"{images[(well, 'w2')]} is not a 2D image (shape {image.shape})")
-        channels = {}
-        if with_w1 and (well, "w1") in images:
-            channels["w1"] = tifffile.imread(images[(well, "w1")]).astype(np.float32)
-        files = sorted(masks.get(well, []))
-        if not files:
-            raise FileNotFoundError(f"No masks/{well}_NN_ground_truth.png for well {well}")
-        stack = []
-        for _, path in files:
-            mask = np.asarray(_imread_png(path))
-            if mask.ndim == 3:
-                mask = mask[..., 0]
-            if mask.shape != image.shape:
-                raise ValueError(f"{path.name} is {mask.shape} but the image is {image.shape}")
-            stack.append(mask > 0)
-        samples.append(
-            Sample(
-                image=image,
-                masks=np.stack(stack),
-                name=well,
-                channels=channels,
-                metadata={"source": str(images[(well, "w2")]), "dataset": "BBBC010"},
+        w1 = images.get((well, "w1")) if with_w1 else None
+        files = [path for _, path in sorted(masks.get(well, []))]
+        jobs.append(
+            (
+                well,
+                submit(_read_tiff_float32, images[(well, "w2")]),
+                None if w1 is None else submit(_read_tiff_float32, w1),
+                files,
+                [submit(_read_mask, path) for path in files],
             )
         )
+    samples = []
+    try:
+        for well, image_job, w1_job, files, mask_jobs in jobs:
+            image = image_job()
+            if image.ndim != 2:
+                raise ValueError(f"{images[(well, 'w2')]} is not a 2D image (shape {image.shape})")
+            channels = {} if w1_job is None else {"w1": w1_job()}
+            if not files:
+                raise FileNotFoundError(f"No masks/{well}_NN_ground_truth.png for well {well}")
+            stack = np.empty((len(files), *image.shape), bool)
+            for k, (path, mask_job) in enumerate(zip(files, mask_jobs, strict=True)):
+                mask = mask_job()
+                if mask.shape != image.shape:
+                    raise ValueError(f"{path.name} is {mask.shape} but the image is {image.shape}")
+                stack[k] = mask
+            samples.append(
+                Sample(
+                    image=image,
+                    masks=stack,
+                    name=well,
+                    channels=channels,
+                    metadata={"source": str(images[(well, "w2")]), "dataset": "BBBC010"},
+                )
+            )
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return samples
+
+
+#: Most threads :func:`read_bbbc010` decodes files on by default.
+READ_THREADS = 8
+#: PIL modes whose pixels a mask PNG is read as directly (channel 0 > 0 is the mask); others
+#: (palette images, 32-bit integers) go through imageio's conversions.
+_DIRECT_MASK_MODES = ("1", "L", "LA", "RGB", "RGBA", "I;16")
+
+
+def _usable_cores() -> int:
+    """CPU cores this process may run on (its affinity), or ``os.cpu_count()``."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _read_tiff_float32(path: Path) -> np.ndarray:
+    """A TIFF's pixels as float32."""
+    return tifffile.imread(path).astype(np.float32)
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    """A mask PNG as a 2D bool array (the first channel of a colour PNG, nonzero = mask).
+
+    Decodes with PIL directly (imageio's plugin machinery costs as much as decoding a
+    small mask); palette and other modes take imageio's conversions, as before.
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode in _DIRECT_MASK_MODES:
+            data = np.asarray(im)
+        else:
+            data = np.asarray(_imread_png(path))
+    if data.ndim == 3:
+        data = data[..., 0]
+    return data > 0
 
 
 _TRUE = {"1", "true", "yes", "y", "t", "+", "positive"}
