@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,9 @@ import torch
 import zarr
 
 from napari_instseg.core.batch import (
+    default_workers,
     find_inputs,
+    local_worker_devices,
     match_overlap,
     normalization_stats,
     normalize_window,
@@ -534,6 +538,7 @@ def test_cli_writes_ome_zarr_that_napari_reads(tmp_path, capsys):
     assert main([*argv, "--threads", "2"]) == 0
     printed = capsys.readouterr().out
     assert "3 image(s) of 64 x 80" in printed and "18 computed" in printed
+    assert re.search(r"^network on (cpu|cuda:0|mps)$", printed, re.MULTILINE), printed
     report = json.loads((out / "report.json").read_text())
     assert report["chunks"]["failed"] == 0 and report["planes"] == 3
     # each plane is one instance over 2 x 3 chunks, stitched through the real network path
@@ -589,6 +594,101 @@ def test_distributed_client_gives_the_same_result(mosaic, tmp_path):
         _labels(tmp_path / "cluster.zarr"), _labels(tmp_path / "threads.zarr")
     )
     pd.testing.assert_frame_equal(pd.read_csv(remote.table), pd.read_csv(local.table))
+
+
+def _fake_gpus(monkeypatch, count: int) -> None:
+    """Make ``torch.cuda`` describe ``count`` GPUs (none: no CUDA) on this CPU machine."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_local_workers_share_the_gpus_out(monkeypatch):
+    _fake_gpus(monkeypatch, 3)
+    assert local_worker_devices("auto", 4) == ["cuda:0", "cuda:1", "cuda:2", "cuda:0"]
+    assert local_worker_devices("cuda", 2) == ["cuda:0", "cuda:1"]
+    assert local_worker_devices("cuda:1", 3) == ["cuda:1"] * 3  # asked for: kept
+    assert local_worker_devices("cpu", 2) == ["cpu", "cpu"]
+    assert default_workers("auto") == default_workers("cuda") == 3  # one process per GPU
+    assert default_workers("cuda:1") == default_workers("cpu") == 1
+    assert default_workers("auto", "tcp://10.0.0.5:8786") == 1  # an existing cluster
+    _fake_gpus(monkeypatch, 1)
+    assert default_workers("auto") == 1
+    assert local_worker_devices("auto", 2) == ["cuda:0", "cuda:0"]
+    _fake_gpus(monkeypatch, 0)
+    assert default_workers("auto") == 1
+    assert local_worker_devices("auto", 2) == ["auto", "auto"]
+
+
+def test_local_cluster_workers_run_the_network_on_their_own_gpu(tmp_path, monkeypatch):
+    """Two faked GPUs: by default two worker processes, worker i on cuda:i, as reported.
+
+    The cluster's workers run in this process (``processes=False``) so that they see the
+    faked ``torch.cuda``; the network itself runs on the CPU whatever device it is given.
+    """
+    distributed = pytest.importorskip("distributed")
+    import napari_instseg.core.batch as batch
+
+    model = _tiny_model()
+    sample = make_worms(shape=(120, 160), n_worms=5, length=(25, 50), width=(5, 7), seed=0)
+    tifffile.imwrite(tmp_path / "img.tif", sample.image.astype(np.uint16))
+    params = {"model": model, "method": "boundary", "chunk_size": 48, "halo": 32}
+    on_cpu = run_batch([tmp_path / "img.tif"], tmp_path / "cpu.zarr", device="cpu", **params)
+    assert on_cpu.report["devices"] == {"local": "cpu"}
+
+    _fake_gpus(monkeypatch, 2)
+    real_cluster = distributed.LocalCluster
+
+    def in_process(*args, **kwargs):
+        return real_cluster(*args, **{**kwargs, "processes": False})
+
+    monkeypatch.setattr(distributed, "LocalCluster", in_process)
+    seen: list[tuple[object, str, str]] = []  # (worker, what for, device)
+    lock = threading.Lock()
+
+    def worker_model(path, device, threads):
+        with lock:
+            seen.append((batch._worker_name(), "model", device))
+        return model
+
+    real_predict = batch.predict_window
+
+    def predict_on_cpu(x, net, device, *args):
+        with lock:
+            seen.append((batch._worker_name(), "network", str(device)))
+        time.sleep(0.05)  # both workers get chunks
+        return real_predict(x, net, "cpu", *args)
+
+    monkeypatch.setattr(batch, "_worker_model", worker_model)
+    monkeypatch.setattr(batch, "predict_window", predict_on_cpu)
+
+    spread = run_batch([tmp_path / "img.tif"], tmp_path / "auto.zarr", device="auto", **params)
+    assert spread.ok and spread.report["scheduler"].startswith("dask.distributed")
+    workers = {w for w, _, _ in seen}
+    assert workers == {0, 1}  # two processes by default, one per GPU
+    assert sorted({(w, d) for w, _, d in seen}) == [(0, "cuda:0"), (1, "cuda:1")]
+    assert spread.report["devices"] == {"0": "cuda:0", "1": "cuda:1"}
+    np.testing.assert_array_equal(_labels(tmp_path / "auto.zarr"), _labels(tmp_path / "cpu.zarr"))
+
+    # an explicit GPU is every worker's
+    seen.clear()
+    one = run_batch(
+        [tmp_path / "img.tif"], tmp_path / "one.zarr", device="cuda:1", workers=2, **params
+    )
+    assert one.ok and {d for _, _, d in seen} == {"cuda:1"}
+    assert set(one.report["devices"].values()) == {"cuda:1"}
+
+    # an existing cluster's workers each keep their own choice ("auto": their best device)
+    seen.clear()
+    with distributed.Client(
+        processes=False, n_workers=2, threads_per_worker=1, dashboard_address=None
+    ) as client:
+        given = run_batch(
+            [tmp_path / "img.tif"], tmp_path / "given.zarr", device="auto", scheduler=client,
+            **params,
+        )  # fmt: skip
+    assert given.ok and {d for _, _, d in seen} == {"auto"}
+    assert set(given.report["devices"].values()) == {"cuda:0"}  # what "auto" resolved to
 
 
 def test_chunks_carry_the_image_contrast_of_the_whole_plane(mosaic, tmp_path):

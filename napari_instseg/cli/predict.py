@@ -105,7 +105,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="drop compact convex instances (debris) where the model was tuned with it "
         "(default); --no-debris-filter: keep them",
     )
-    parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    parser.add_argument(
+        "--device", default="auto", help="auto, cuda (cuda:1: a given GPU), mps or cpu"
+    )
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -134,7 +136,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="dask.distributed scheduler address (tcp://HOST:8786); default: local",
     )
     batch.add_argument(
-        "--workers", type=int, default=1, help="local worker processes (1: threads only)"
+        "--workers",
+        type=int,
+        help="local worker processes (1: threads only; default: one per GPU when several "
+        "CUDA GPUs are visible and --device is auto or cuda, which the workers then share "
+        "out, else 1)",
     )
     batch.add_argument(
         "--threads",
@@ -444,7 +450,7 @@ def estimated_scale_note(scale_arg_value: float | str, scales: list[float]) -> s
 
 #: options of one kind of run only, with their defaults: (batch only, plain only)
 _BATCH_ONLY = {
-    "chunk_size": 1024, "halo": 64, "scheduler": None, "workers": 1, "threads": None,
+    "chunk_size": 1024, "halo": 64, "scheduler": None, "workers": None, "threads": None,
     "measurements": "csv", "resume": True,
 }  # fmt: skip
 _PLAIN_ONLY = {"tile_size": 1024, "cache": None, "overwrite": False}
@@ -516,6 +522,12 @@ def _run_batch(args: argparse.Namespace) -> int:
         f"{chunks['computed']} computed, {chunks['skipped']} already done, "
         f"{chunks['failed']} failed ({time.perf_counter() - t0:.1f} s, {report['scheduler']})"
     )
+    if report.get("devices"):
+        used = ", ".join(
+            f"{device}" if worker == "local" else f"worker {worker} {device}"
+            for worker, device in report["devices"].items()
+        )
+        print(f"network on {used}")
     if report.get("scale_estimates") is not None:
         estimates = ", ".join(f"{v:g}" for v in report["scale_estimates"])
         print(

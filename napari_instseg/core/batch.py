@@ -47,21 +47,31 @@ missing chunks and stitches again.
 **Schedulers.** ``scheduler=None`` or ``"threads"``: dask's local threads (``threads`` of
 them); ``workers > 1``: a ``dask.distributed.LocalCluster`` of that many single-machine
 processes; an address (``"tcp://host:8786"``) or a ``distributed.Client``: an existing
-cluster, whose workers must see ``out`` and the inputs at the same paths. Every worker
-puts the model on its best device (:func:`~napari_instseg.core.device.get_device`), so GPU
-workers use their GPU.
+cluster, whose workers must see ``out`` and the inputs at the same paths.
+
+**Devices.** With ``device`` ``"auto"`` or ``"cuda"`` and several CUDA GPUs visible, the
+processes of a local cluster share them out: worker ``i`` (its name in the
+``LocalCluster``) runs the network on ``cuda:(i % n_gpus)`` (:func:`local_worker_devices`),
+and ``workers`` defaults to one process per GPU (:func:`default_workers`). An explicit
+device (``"cuda:1"``, ``"cpu"``) is used by every worker as given. The workers of an
+existing cluster each take their own best device
+(:func:`~napari_instseg.core.device.get_device`; a cluster that gives every worker its own
+GPU, e.g. with ``CUDA_VISIBLE_DEVICES``, spreads them). The report says which device each
+worker used (``report["devices"]``).
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import shutil
 import threading
 import time
+import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -88,9 +98,11 @@ from .types import Instances, Prediction
 __all__ = [
     "BatchPlan",
     "BatchResult",
+    "default_workers",
     "estimate_batch_scale",
     "Chunk",
     "find_inputs",
+    "local_worker_devices",
     "match_overlap",
     "normalization_stats",
     "normalize_window",
@@ -795,6 +807,8 @@ class _Job:
     scale: float = 1.0
     scale_estimates: list[float] | None = None
     precision: str = "auto"
+    #: The device of each local-cluster worker, by its name (index); None: ``device``.
+    worker_devices: tuple[str, ...] | None = None
 
 
 def _work(out: str | Path) -> Path:
@@ -829,6 +843,98 @@ def _worker_model(path: str, device: str, threads: int | None):
     if threads:
         torch.set_num_threads(threads)
     return load_model(path, device=get_device(device))
+
+
+def _worker_name() -> str | int | None:
+    """The name of the dask.distributed worker running this task; None outside of one."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().name
+    except (ImportError, ValueError):  # ValueError: not in a worker (local threads)
+        return None
+
+
+def _task_device(job: _Job) -> tuple[str, str]:
+    """A chunk's worker and device: ``("local", device)`` on local threads.
+
+    A worker of our local cluster takes its share of the GPUs (``job.worker_devices`` by
+    its name); any other worker the device asked for (its own best one with ``"auto"``).
+    """
+    name = _worker_name()
+    device = job.device
+    if job.worker_devices and isinstance(name, int) and name >= 0:
+        device = job.worker_devices[name % len(job.worker_devices)]
+    return ("local" if name is None else str(name)), device
+
+
+def _device_name(device: str) -> str:
+    """The device ``device`` resolves to, with its GPU's index (``"cuda:0"``, ``"cpu"``)."""
+    import torch
+
+    from .device import get_device
+
+    dev = get_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return str(dev)
+
+
+def _cuda_count(device: str) -> int:
+    """CUDA GPUs a local cluster shares out for ``device`` (0: none, or not ours to share)."""
+    if str(device) not in ("auto", "cuda"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def local_worker_devices(device: str, workers: int) -> list[str]:
+    """The device each worker process of a local cluster runs the network on.
+
+    Parameters
+    ----------
+    device : str
+        The device asked for. ``"auto"`` or ``"cuda"`` with CUDA GPUs visible: worker ``i``
+        gets ``cuda:(i % n_gpus)``, so the processes share the GPUs out evenly. Anything
+        else (an explicit ``"cuda:1"``, ``"cpu"``, ``"mps"``, or ``"auto"`` without CUDA)
+        is every worker's device as given.
+    workers : int
+        Worker processes (named 0 .. workers - 1 by ``distributed.LocalCluster``).
+
+    Returns
+    -------
+    list of str
+        One device name per worker.
+    """
+    count = _cuda_count(device)
+    if count == 0:
+        return [str(device)] * workers
+    return [f"cuda:{i % count}" for i in range(workers)]
+
+
+def default_workers(device: str = "auto", scheduler: Any = None) -> int:
+    """How many local worker processes :func:`run_batch` starts when not told.
+
+    Parameters
+    ----------
+    device : str
+        The device asked for.
+    scheduler : str or distributed.Client, optional
+        The scheduler asked for; an address or a client (an existing cluster) means 1.
+
+    Returns
+    -------
+    int
+        The number of visible CUDA GPUs when there are several, ``device`` is ``"auto"``
+        or ``"cuda"`` and tasks run locally (``scheduler`` None, ``"threads"``,
+        ``"processes"`` or ``"local"``), so each GPU gets a process; 1 (local threads)
+        otherwise.
+    """
+    if scheduler not in (None, "threads", "processes", "local"):
+        return 1
+    count = _cuda_count(device)
+    return count if count > 1 else 1
 
 
 def _read_region(job: _Job, plane: int, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -931,15 +1037,18 @@ def _chunk_body(job: _Job, chunk: Chunk, stats: dict[str, Any], t0: float) -> di
     refine_off = job.segment_params.get("edge_thresholds", "tuned") is None
     contrast = None if refine_off else local_contrast(np.asarray(raw[0], np.float32))[inner[1:]]
     x, raw = x[inner], raw[inner]
+    worker, device = _task_device(job)
+    used = None  # the device the network ran on ("cuda:1", "cpu"); None with a predictor
     if job.predictor is not None:
         prediction = job.predictor(x, chunk)
     else:
-        model = _worker_model(job.model_path, job.device, job.torch_threads)
+        model = _worker_model(job.model_path, device, job.torch_threads)
+        used = _device_name(device)
         if job.scale == 1.0:
             prediction = predict_window(
                 x,
                 model,
-                job.device,
+                device,
                 (wr0, wc0),
                 job.tile_size,
                 job.tile_halo,
@@ -951,7 +1060,7 @@ def _chunk_body(job: _Job, chunk: Chunk, stats: dict[str, Any], t0: float) -> di
             prediction = predict_window(
                 resize_image(x, job.scale),
                 model,
-                job.device,
+                device,
                 origin,
                 job.tile_size,
                 job.tile_halo,
@@ -1012,7 +1121,13 @@ def _chunk_body(job: _Job, chunk: Chunk, stats: dict[str, Any], t0: float) -> di
             "seconds": seconds,
         },
     )
-    return {"chunk": chunk.key, "status": "done", "seconds": seconds}
+    return {
+        "chunk": chunk.key,
+        "status": "done",
+        "seconds": seconds,
+        "worker": worker,
+        "device": used,
+    }
 
 
 def _match_task(
@@ -1416,7 +1531,7 @@ def run_batch(
     measurements: str = "csv",
     resume: bool = True,
     scheduler: Any = None,
-    workers: int = 1,
+    workers: int | None = None,
     threads: int | None = None,
     channel_axis: int | None = None,
     segment_params: dict[str, Any] | None = None,
@@ -1443,7 +1558,9 @@ def run_batch(
     model : InstSegNet or str or Path, optional
         A model or weights file; None for the shipped BBBC010 model.
     device : str
-        ``auto`` (each worker's GPU when it has one), ``cuda``, ``mps`` or ``cpu``.
+        ``auto`` (a GPU when there is one), ``cuda``, ``cuda:N``, ``mps`` or ``cpu``. With
+        ``auto`` or ``cuda`` the processes of a local cluster share the visible GPUs out
+        (worker ``i`` on ``cuda:(i % n_gpus)``); an explicit ``cuda:N`` is every worker's.
     method : str
         Segmentation method (see :func:`napari_instseg.core.instances.segment`).
     chunk_size : int
@@ -1462,8 +1579,10 @@ def run_batch(
     scheduler : str or distributed.Client, optional
         None / ``"threads"``: local threads; ``"sync"``: one at a time in this thread; an
         address: that dask.distributed scheduler; a ``Client``: its cluster.
-    workers : int
-        More than 1 (without an address): a local cluster of that many processes.
+    workers : int, optional
+        More than 1 (without an address): a local cluster of that many processes. Default
+        (None): one process per GPU when several CUDA GPUs are visible and ``device`` is
+        ``auto`` or ``cuda`` (:func:`default_workers`), else 1 (local threads).
     threads : int, optional
         Threads of the local scheduler (default: the CPU count), or per local-cluster
         worker (default 1).
@@ -1519,7 +1638,7 @@ def run_batch(
             pd.io.parquet.get_engine("auto")
         except ImportError as err:
             raise ValueError("Parquet output needs pyarrow: pip install pyarrow") from err
-    if int(workers) != workers or workers < 1:
+    if workers is not None and (int(workers) != workers or workers < 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     if threads is not None and (int(threads) != threads or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
@@ -1611,7 +1730,19 @@ def run_batch(
         if not Path(model_path).is_file():
             save_model(net, model_path, dict(getattr(net, "metadata", None) or {}))
 
+    if workers is None:
+        workers = default_workers(device, scheduler)
+        if workers > 1 and importlib.util.find_spec("distributed") is None:
+            warnings.warn(
+                f"{workers} GPUs but no dask.distributed (pip install distributed): one "
+                "process runs on one GPU",
+                stacklevel=2,
+            )
+            workers = 1
     executor = _Executor(scheduler, int(workers), threads)
+    worker_devices = None
+    if executor.cluster is not None:  # ours: its processes share the GPUs out
+        worker_devices = tuple(local_worker_devices(str(device), int(workers)))
     env_threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or None
     torch_threads = None
     if executor.cluster is not None:
@@ -1637,6 +1768,7 @@ def run_batch(
         scale=scale,
         scale_estimates=scale_estimates,
         precision=precision,
+        worker_devices=worker_devices,
     )
     saved_threads = None
     if executor.client is None and net is not None:
@@ -1655,6 +1787,22 @@ def run_batch(
             import torch
 
             torch.set_num_threads(saved_threads)
+
+
+def _devices_used(results: list[dict[str, Any]]) -> dict[str, str]:
+    """``{worker: device}`` of the chunks this run ran the network on.
+
+    Workers are sorted (numbers by value); one that used several devices lists them joined
+    by commas.
+    """
+    seen: dict[str, list[str]] = {}
+    for r in results:
+        if r.get("device") is not None:
+            devices = seen.setdefault(r["worker"], [])
+            if r["device"] not in devices:
+                devices.append(r["device"])
+    order = sorted(seen, key=lambda w: (0, int(w), w) if w.isdigit() else (1, 0, w))
+    return {w: ",".join(sorted(seen[w])) for w in order}
 
 
 def _execute(
@@ -1835,6 +1983,7 @@ def _execute(
         "instances": n_instances,
         "measurements": table_name,
         "scheduler": executor.kind,
+        "devices": _devices_used(results),
         "seconds": {
             "chunks": round(t_chunks, 3),
             "stitch": round(t_stitch, 3),
