@@ -670,6 +670,13 @@ def test_local_cluster_workers_run_the_network_on_their_own_gpu(tmp_path, monkey
     assert spread.report["devices"] == {"0": "cuda:0", "1": "cuda:1"}
     np.testing.assert_array_equal(_labels(tmp_path / "auto.zarr"), _labels(tmp_path / "cpu.zarr"))
 
+    # a custom predictor does not use the device: local threads, no processes
+    oracle = run_batch(
+        [tmp_path / "img.tif"], tmp_path / "oracle.zarr", method="boundary", chunk_size=48,
+        halo=32, predictor=Oracle(predict(sample.image.astype(np.float32), model, "cpu")),
+    )  # fmt: skip
+    assert oracle.ok and oracle.report["scheduler"].startswith("dask threads")
+
     # an explicit GPU is every worker's
     seen.clear()
     one = run_batch(

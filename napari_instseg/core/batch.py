@@ -1581,8 +1581,9 @@ def run_batch(
         address: that dask.distributed scheduler; a ``Client``: its cluster.
     workers : int, optional
         More than 1 (without an address): a local cluster of that many processes. Default
-        (None): one process per GPU when several CUDA GPUs are visible and ``device`` is
-        ``auto`` or ``cuda`` (:func:`default_workers`), else 1 (local threads).
+        (None): one process per GPU when several CUDA GPUs are visible, ``device`` is
+        ``auto`` or ``cuda`` and the network runs (no ``predictor``; see
+        :func:`default_workers`), else 1 (local threads).
     threads : int, optional
         Threads of the local scheduler (default: the CPU count), or per local-cluster
         worker (default 1).
@@ -1730,8 +1731,8 @@ def run_batch(
         if not Path(model_path).is_file():
             save_model(net, model_path, dict(getattr(net, "metadata", None) or {}))
 
-    if workers is None:
-        workers = default_workers(device, scheduler)
+    if workers is None:  # a custom predictor does not use the device: no processes for it
+        workers = default_workers(device, scheduler) if predictor is None else 1
         if workers > 1 and importlib.util.find_spec("distributed") is None:
             warnings.warn(
                 f"{workers} GPUs but no dask.distributed (pip install distributed): one "
