@@ -385,7 +385,57 @@ def test_grow_on_a_mosaic_of_lookalikes_matches_the_whole_image_labelling(monkey
     two = [clicks[0], clicks[1]]
     new.append(grow(Grower(p), two, negative=[clicks[2]], edge_thresholds=None))
     monkeypatch.setattr(grow_module, "seed_components", _whole_image_components)
+    # and the crossing radius around the whole mask dilated at once (before session 29)
+    whole = grow_module.chessboard_dilation
+    monkeypatch.setattr(grow_module, "_NearMask", lambda mask, radius: whole(mask, radius))
     old = [grow(Grower(p), [c], tau=t, edge_thresholds=None) for c in clicks for t in taus]
     old.append(grow(Grower(p), two, negative=[clicks[2]], edge_thresholds=None))
     for a, b in zip(new, old, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("radius", [0, 1, 2, 5, 12, 13])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 7), (3, 50), (64, 48), (37, 29)])
+def test_grid_and_window_dilation_match_the_whole_dilation(radius, shape):
+    """The crossing radius around the mask, read at every second pixel (the anchors) or in
+    windows (the seeds' part, edges of the image included), equals the whole dilation."""
+    from napari_instseg.core.grow import _NearMask, chessboard_dilation, grid_dilation
+
+    rng = np.random.default_rng(radius * 100 + shape[0])
+    for density in (0.003, 0.03, 0.3):
+        mask = rng.random(shape) < density
+        mask[-1, -1] = True  # the last row and column (odd sizes: on the grid or not)
+        whole = chessboard_dilation(mask, radius)
+        np.testing.assert_array_equal(grid_dilation(mask, radius), whole[::2, ::2])
+        near = _NearMask(mask, radius)
+        assert near.shape == shape
+        np.testing.assert_array_equal(near[::2, ::2], whole[::2, ::2])
+        for _ in range(10):
+            a0, a1 = sorted(rng.integers(0, shape[0] + 1, 2))
+            b0, b1 = sorted(rng.integers(0, shape[1] + 1, 2))
+            np.testing.assert_array_equal(near[a0:a1, b0:b1], whole[a0:a1, b0:b1])
+        np.testing.assert_array_equal(near[0 : shape[0], 0 : shape[1]], whole)
+
+
+def test_similarity_window_is_the_whole_map_sliced(oracle):
+    """The live preview's window (every step-th pixel, edges included) holds the values of
+    the whole similarity map there."""
+    _, pred = oracle
+    grower = Grower(pred)
+    h, w = grower.shape
+    p = (h // 2, w // 3)
+    whole = grower.similarity(p)
+    for box, step in [
+        ((0, h, 0, w), 1),
+        ((0, h, 0, w), 3),
+        ((5, 17, h // 4, w - 1), 2),
+        ((h - 7, h + 40, w - 9, w + 5), 4),  # past the image: clipped
+        ((-3, 6, -2, 9), 1),
+    ]:
+        got = grower.similarity_window(p, box, step)
+        r0, r1, c0, c1 = box
+        want = whole[max(r0, 0) : r1 : step, max(c0, 0) : c1 : step]
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)  # float32 rounding
+    with pytest.raises(ValueError):
+        grower.similarity_window(p, (0, h, 0, w), 0)

@@ -258,8 +258,10 @@ def test_tau_slider_seeds_and_similarity(widget, worms, qtbot, tmp_path):
     canvas.events.mouse_move(pos=canvas_pos(viewer, *p), modifiers=(), button=None)
     qtbot.waitUntil(lambda: viewer.layers["similarity to cursor"].data.max() > 0.99, timeout=2000)
     sim = viewer.layers["similarity to cursor"].data
-    assert sim[worms.masks[0] & ~worms.masks[1:].any(0)].mean() > 0.9
-    assert sim[~worms.masks.any(0)].mean() < 0.1
+    (r0, r1, c0, c1), step = session.visible_window()  # what the canvas shows
+    shown = worms.masks[:, r0:r1:step, c0:c1:step]
+    assert sim[shown[0] & ~shown[1:].any(0)].mean() > 0.9
+    assert sim[~shown.any(0)].mean() < 0.1
 
 
 def test_auto_segment_keeps_edits_review_measure(widget, worms, qtbot, tmp_path):
@@ -1738,3 +1740,38 @@ def _inside(session, label):
     """A pixel of the worm ``label`` that the label image shows as it."""
     rows, cols = np.nonzero(np.asarray(session.labels_layer.data) == label)
     return int(rows[len(rows) // 2]), int(cols[len(cols) // 2])
+
+
+def test_similarity_preview_covers_what_the_canvas_shows(widget, worms, qtbot):
+    """The live similarity is computed for the visible part of the image, one value per
+    screen pixel when zoomed out, and placed over those pixels: its values are those of the
+    whole map there."""
+    from napari_instseg.core.grow import similarity
+
+    viewer = widget.viewer
+    widget.run_model(blocking=True)
+    session = widget.session()
+    image = session.image_layer
+    p = inner_pixel(worms.masks, 0)
+    whole = similarity(session.prediction, p)
+    layer_of = viewer.layers
+    for zoom in (8.0, 0.05, None):
+        if zoom is None:
+            viewer.reset_view()
+        else:
+            viewer.camera.center = (p[0], p[1])
+            viewer.camera.zoom = zoom
+        viewer.window._qt_viewer.canvas.on_draw(None)  # napari updates the corners
+        (r0, r1, c0, c1), step = session.visible_window()
+        if zoom == 8.0:
+            assert (r1 - r0) < whole.shape[0] and step == 1  # zoomed in: a part
+        if zoom == 0.05:
+            assert step > 1  # zoomed out: every step-th pixel
+        sim = session.similarity_to(p)
+        layer = layer_of["similarity to cursor"]
+        np.testing.assert_array_equal(layer.data, sim)
+        np.testing.assert_allclose(sim, whole[r0:r1:step, c0:c1:step], rtol=0, atol=1e-5)
+        # the layer's pixel (i, j) lies over the image's (r0 + step i, c0 + step j)
+        np.testing.assert_allclose(
+            layer.data_to_world((1, 2)), image.data_to_world((r0 + step, c0 + 2 * step))
+        )

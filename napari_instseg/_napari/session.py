@@ -1446,14 +1446,64 @@ class Session:
         return True
 
     def similarity_to(self, point: Point | None) -> np.ndarray | None:
-        """Update the similarity layer with sigma(point, every pixel) and return it."""
+        """Update the similarity layer with sigma(point, q) for what the canvas shows.
+
+        The pixels q are those of the visible part of the image (:meth:`visible_window`),
+        every ``step``-th row and column when zoomed out so far that a screen pixel
+        covers several (the canvas shows one of them anyway); the layer is placed over
+        them (its scale and translate). On a 4160 x 5568 image the whole map took
+        ~160 ms to compute and as long to draw at every cursor move.
+
+        Returns
+        -------
+        np.ndarray or None
+            The values shown: ``similarity(point)[row0:row1:step, col0:col1:step]``.
+        """
         if point is None or self.prediction is None:
             return None
-        from ..core.grow import similarity
+        from ..core.grow import get_grower
 
-        sim = np.asarray(similarity(self.prediction, point), np.float32)
-        set_layer_data(self.viewer, self.ensure_similarity_layer(), sim)
+        grower = get_grower(self.prediction)
+        (r0, r1, c0, c1), step = self.visible_window()
+        sim = grower.similarity_window(point, (r0, r1, c0, c1), step)
+        layer = self.ensure_similarity_layer()
+        base = np.asarray(self.image_layer.scale[-2:], float)
+        shift = np.asarray(self.image_layer.translate[-2:], float) + base * (r0, c0)
+        scale, translate = tuple(base * step), tuple(shift)
+        if tuple(layer.scale[-2:]) != scale or tuple(layer.translate[-2:]) != translate:
+            layer.scale, layer.translate = scale, translate
+        set_layer_data(self.viewer, layer, sim)
         return sim
+
+    def visible_window(self) -> tuple[tuple[int, int, int, int], int]:
+        """The image pixels the canvas shows, and how many of them a screen pixel spans.
+
+        From napari's ``corner_pixels`` and ``scale_factor`` of the image layer (updated
+        at every draw); the whole image, step 1, when they are unknown (nothing drawn
+        yet, a 3D view).
+
+        Returns
+        -------
+        (int, int, int, int)
+            (row0, row1, col0, col1), ends exclusive, within the image.
+        int
+            The step: image pixels per screen pixel, rounded down, at least 1.
+        """
+        h, w = self.shape
+        layer = self.image_layer
+        whole = ((0, h, 0, w), 1)
+        try:
+            corners = np.asarray(layer.corner_pixels)[:, -2:]
+            factor = float(layer.scale_factor) / float(np.min(np.abs(layer.scale[-2:])))
+        except (AttributeError, TypeError, ValueError, IndexError):
+            return whole
+        if self.viewer.dims.ndisplay != 2 or corners.shape != (2, 2) or not np.isfinite(factor):
+            return whole
+        r0, c0 = (max(int(v), 0) for v in corners[0])
+        r1, c1 = min(int(corners[1, 0]) + 1, h), min(int(corners[1, 1]) + 1, w)
+        if r1 - r0 < 2 or c1 - c0 < 2:  # nothing drawn yet (corners all 0)
+            return whole
+        return (r0, r1, c0, c1), max(1, int(factor))
 
     # ---------------------------------------------------------- automatic mode
     def auto_segment(self, method: str = "hybrid", keep_edited: bool = True, **params: Any) -> int:
