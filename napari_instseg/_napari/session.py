@@ -265,19 +265,11 @@ def _review_steps(history: Any) -> dict[int, ReviewStep]:
 
 
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MASK64 = (1 << 64) - 1
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer on uint64, in place (a bijection that spreads every bit)."""
-    x ^= x >> np.uint64(30)
-    x *= _MIX1
-    x ^= x >> np.uint64(27)
-    x *= _MIX2
-    x ^= x >> np.uint64(31)
-    return x
+_CHUNK = 1 << 16  # pixels hashed at a time: the passes stay in the cache
 
 
 def pixel_sum(flat: np.ndarray, values: np.ndarray) -> int:
@@ -285,7 +277,8 @@ def pixel_sum(flat: np.ndarray, values: np.ndarray) -> int:
 
     The additive part of :func:`state_key`: a change of some pixels changes the sum by
     ``pixel_sum(idx, new) - pixel_sum(idx, old)``, so an edit updates the key from the
-    pixels it wrote (:func:`updated_key`) instead of reading the whole image again.
+    pixels it wrote (:func:`updated_key`) instead of reading the whole image again. The
+    hash is a multiply-xorshift of ``index ^ (value << 40)``.
 
     Parameters
     ----------
@@ -300,15 +293,19 @@ def pixel_sum(flat: np.ndarray, values: np.ndarray) -> int:
         The sum, in [0, 2**64).
     """
     values = np.asarray(values).reshape(-1)
-    keep = values != 0
-    if not keep.any():
-        return 0
-    x = np.asarray(flat).reshape(-1)[keep].astype(np.uint64)
-    x *= _GOLDEN
-    _mix(x)
-    x ^= values[keep].astype(np.int64).view(np.uint64)
-    _mix(x)
-    return int(x.sum(dtype=np.uint64))
+    flat = np.asarray(flat).reshape(-1)
+    total = 0
+    for start in range(0, len(values), _CHUNK):
+        part = values[start : start + _CHUNK]
+        keep = part != 0
+        x = flat[start : start + _CHUNK][keep].astype(np.uint64)
+        x ^= part[keep].astype(np.int64).view(np.uint64) << np.uint64(40)
+        x *= _GOLDEN
+        x ^= x >> np.uint64(29)
+        x *= _MIX1
+        x ^= x >> np.uint64(32)
+        total += int(x.sum(dtype=np.uint64))
+    return total & _MASK64
 
 
 def state_key(labels: np.ndarray) -> tuple[tuple[int, ...], str, int]:
