@@ -437,5 +437,7 @@ def test_similarity_window_is_the_whole_map_sliced(oracle):
         want = whole[max(r0, 0) : r1 : step, max(c0, 0) : c1 : step]
         assert got.dtype == np.float32 and got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)  # float32 rounding
+    # step 1 reads whole rows of the embeddings as they lie: the whole map's own values
+    np.testing.assert_array_equal(grower.similarity_window(p, (0, h, 0, w), 1), whole)
     with pytest.raises(ValueError):
         grower.similarity_window(p, (0, h, 0, w), 0)

@@ -240,20 +240,20 @@ class Grower:
         idx = points[:, 0] * self.shape[1] + points[:, 1]
         return self.flat[:, idx].T.copy()
 
-    def sq_dist(self, vectors: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
+    def sq_dist(self, vectors: np.ndarray, index: np.ndarray | slice | None = None) -> np.ndarray:
         """Squared distances from (K, D) vectors to every pixel (or the pixels in ``index``).
 
         Parameters
         ----------
         vectors : np.ndarray
             (K, D) embeddings.
-        index : np.ndarray, optional
-            Flat pixel indices to restrict to.
+        index : np.ndarray or slice, optional
+            Flat pixel indices (or a slice of them) to restrict to.
 
         Returns
         -------
         np.ndarray
-            (K, H*W) or (K, len(index)) float32, clipped at 0.
+            (K, H*W) or (K, number of pixels in ``index``) float32, clipped at 0.
         """
         flat = self.flat if index is None else self.flat[:, index]
         half = self.half_sq if index is None else self.half_sq[index]
@@ -313,6 +313,12 @@ class Grower:
         h, w = self.shape
         r0, r1, c0, c1 = (int(v) for v in box)
         r0, r1, c0, c1 = max(r0, 0), min(r1, h), max(c0, 0), min(c1, w)
+        if step == 1 and 2 * (c1 - c0) >= w:
+            # whole rows are a view of the embeddings, cheaper than gathering most of
+            # their pixels: computed, then cropped to the window's columns
+            r1, c1 = max(r1, r0), max(c1, c0)
+            d2 = self.sq_dist(self.vectors(pts), slice(r0 * w, r1 * w))[0]
+            return _sigma(d2).reshape(r1 - r0, w)[:, c0:c1]
         rows = np.arange(r0, max(r1, r0), step)
         cols = np.arange(c0, max(c1, c0), step)
         index = (rows[:, None] * w + cols[None, :]).reshape(-1)
