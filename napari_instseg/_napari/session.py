@@ -475,6 +475,9 @@ class Session:
         self._digest_layer: Any = None
         #: during a live preview: the digest of the label image after its last edit
         self._live_digest: Any = None
+        #: how many napari ``set_data`` events this session has synced on (the widget's
+        #: undo/redo syncs by itself only when napari sent none: a hidden layer's)
+        self.set_data_syncs = 0
         self._seeds_shown: tuple[Any, ...] | None = None
         self._writing = False
         self._preview_start: tuple[Worm, ...] | None = None
@@ -910,6 +913,7 @@ class Session:
         if self._preview_start is None:
             self.sync()
             if getattr(event, "type", None) == "set_data":
+                self.set_data_syncs += 1
                 # ``set_data`` comes after the data changed (undo, redo, ``layer.data =
                 # ...``): the digest of that sync stays good for the next click
                 return

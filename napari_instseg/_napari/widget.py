@@ -1599,9 +1599,10 @@ class InstSegWidget(QWidget):
         """Undo the last edit of the worms layer (napari Labels history)."""
         session = self.session(create=False)
         if session is not None and session.labels_layer is not None:
-            before = session.worms
+            before, synced = session.worms, session.set_data_syncs
             session.labels_layer.undo()
-            session.sync()  # (napari's data event has usually synced it already)
+            if session.set_data_syncs == synced:  # napari sent no data event (hidden layer)
+                session.sync()
             changed = session.worms is not before
             self._update_review_label()
             note = session.review_note if changed else ""
@@ -1613,9 +1614,10 @@ class InstSegWidget(QWidget):
         """Redo the last undone edit of the worms layer."""
         session = self.session(create=False)
         if session is not None and session.labels_layer is not None:
-            before = session.worms
+            before, synced = session.worms, session.set_data_syncs
             session.labels_layer.redo()
-            session.sync()  # (napari's data event has usually synced it already)
+            if session.set_data_syncs == synced:  # napari sent no data event (hidden layer)
+                session.sync()
             changed = session.worms is not before
             self._update_review_label()
             note = session.review_note if changed else ""
