@@ -313,9 +313,10 @@ class Grower:
         h, w = self.shape
         r0, r1, c0, c1 = (int(v) for v in box)
         r0, r1, c0, c1 = max(r0, 0), min(r1, h), max(c0, 0), min(c1, w)
-        if step == 1 and 2 * (c1 - c0) >= w:
-            # whole rows are a view of the embeddings, cheaper than gathering most of
-            # their pixels: computed, then cropped to the window's columns
+        if step == 1 and w <= 6 * (c1 - c0):
+            # whole rows are a view of the embeddings: a pixel of them costs about a
+            # sixth of a gathered one (0.004 vs 0.03 us), so they are computed, then
+            # cropped to the window's columns
             r1, c1 = max(r1, r0), max(c1, c0)
             d2 = self.sq_dist(self.vectors(pts), slice(r0 * w, r1 * w))[0]
             return _sigma(d2).reshape(r1 - r0, w)[:, c0:c1]
