@@ -1774,6 +1774,35 @@ def _inside(session, label):
     return int(rows[len(rows) // 2]), int(cols[len(cols) // 2])
 
 
+def test_similarity_preview_follows_a_zoom_without_a_mouse_move(widget, worms, qtbot):
+    """Zooming in (the wheel, no mouse move) recomputes the live similarity for the new
+    view once the canvas has drawn it: one value per pixel, placed over the visible part."""
+    viewer = widget.viewer
+    widget.run_model(blocking=True)
+    session = widget.session()
+    widget.hover_check.setChecked(True)
+    p = inner_pixel(worms.masks, 0)
+    viewer.camera.zoom = 0.05  # far out: every step-th pixel
+    viewer.window._qt_viewer.canvas.on_draw(None)
+    widget._hover = p
+    widget._update_hover()
+    layer = viewer.layers["similarity to cursor"]
+    assert layer.scale[-1] > 1
+    viewer.camera.center = (p[0], p[1])
+    viewer.camera.zoom = 8.0
+    viewer.window._qt_viewer.canvas.on_draw(None)  # napari updates the corners
+    (r0, r1, c0, c1), step = session.visible_window()
+    assert step == 1 and r1 - r0 < session.shape[0]
+    qtbot.waitUntil(lambda: layer.data.shape == (r1 - r0, c1 - c0), timeout=3000)
+    assert tuple(layer.scale[-2:]) == (1.0, 1.0)
+    widget.hover_check.setChecked(False)  # the preview off: a zoom computes nothing
+    calls = []
+    session.similarity_to = lambda point: calls.append(point)
+    viewer.camera.zoom = 2.0
+    qtbot.wait(200)
+    assert not calls
+
+
 def test_similarity_preview_covers_what_the_canvas_shows(widget, worms, qtbot):
     """The live similarity is computed for the visible part of the image, one value per
     screen pixel when zoomed out, and placed over those pixels: its values are those of the

@@ -147,6 +147,12 @@ class InstSegWidget(QWidget):
         self._hover_timer.setSingleShot(True)
         self._hover_timer.setInterval(30)
         self._hover_timer.timeout.connect(self._update_hover)
+        #: the preview covers the visible part of the image: after a zoom or pan without
+        #: a mouse move it is computed again once the canvas has drawn the new view
+        self._view_timer = QTimer(self)
+        self._view_timer.setSingleShot(True)
+        self._view_timer.setInterval(80)
+        self._view_timer.timeout.connect(self._update_hover)
         self.table_data: Any = None
         self._progress_state: Any = None
         self._bar_what = ""
@@ -445,6 +451,8 @@ class InstSegWidget(QWidget):
             ev.connect(self._refresh_images)
         v.mouse_drag_callbacks.append(self._on_mouse_drag)
         v.mouse_move_callbacks.append(self._on_mouse_move)
+        for ev in (v.camera.events.zoom, v.camera.events.center):
+            ev.connect(self._on_view_moved)
         # named functions: napari's shortcut handling reads each callback's __name__ (a
         # functools.partial has none, and every key press in the viewer then failed)
         keys = {TOOLS[t][0]: _tool_key(self, t) for t in TOOLS}
@@ -502,6 +510,9 @@ class InstSegWidget(QWidget):
             session.end_preview()
         for ev in (v.layers.events.inserted, v.layers.events.removed):
             ev.disconnect(self._refresh_images)
+        for ev in (v.camera.events.zoom, v.camera.events.center):
+            ev.disconnect(self._on_view_moved)
+        self._view_timer.stop()
         for callbacks, func in (
             (v.mouse_drag_callbacks, self._on_mouse_drag),
             (v.mouse_move_callbacks, self._on_mouse_move),
@@ -1694,6 +1705,11 @@ class InstSegWidget(QWidget):
         self._hover = session.world_to_point(event.position)
         if not self._hover_timer.isActive():
             self._hover_timer.start()
+
+    def _on_view_moved(self, event: Any = None) -> None:
+        """A zoom or pan: the live similarity follows the view (debounced, 80 ms)."""
+        if self.hover_check.isChecked() and self._hover is not None:
+            self._view_timer.start()  # (re)started: computed once the view rests
 
     def _update_hover(self) -> None:
         session = self.session(create=False)
