@@ -357,8 +357,9 @@ def test_with_pixels_is_union1d():
 
 def test_grow_on_a_mosaic_of_lookalikes_matches_the_whole_image_labelling(monkeypatch):
     """Look-alike worms all over a large image make the similarity mask's extent the whole
-    image; the click's worm is found in a window around it (and its crossing pixels still
-    from anchors anywhere): the masks equal those of labelling the whole extent."""
+    image; the click's worm is found in a window around it (and its crossing pixels from
+    anchors within ``ANCHOR_REACH``, all of this image): the masks equal those of labelling
+    the whole extent."""
     from napari_instseg.core import grow as grow_module
     from napari_instseg.core.synthetic import make_worms
 
@@ -414,6 +415,8 @@ def test_grid_and_window_dilation_match_the_whole_dilation(radius, shape):
             a0, a1 = sorted(rng.integers(0, shape[0] + 1, 2))
             b0, b1 = sorted(rng.integers(0, shape[1] + 1, 2))
             np.testing.assert_array_equal(near[a0:a1, b0:b1], whole[a0:a1, b0:b1])
+            # every second pixel of a window (the anchors near the tested pixels)
+            np.testing.assert_array_equal(near[a0:a1:2, b0:b1:2], whole[a0:a1:2, b0:b1:2])
         np.testing.assert_array_equal(near[0 : shape[0], 0 : shape[1]], whole)
 
 
@@ -441,3 +444,26 @@ def test_similarity_window_is_the_whole_map_sliced(oracle):
     np.testing.assert_array_equal(grower.similarity_window(p, (0, h, 0, w), 1), whole)
     with pytest.raises(ValueError):
         grower.similarity_window(p, (0, h, 0, w), 0)
+
+
+@pytest.mark.parametrize("reach", [0, 5, 24, 512])
+def test_crossing_anchors_near_the_tested_pixels_keep_crossed_worms_whole(monkeypatch, reach):
+    """Anchors taken near the tested pixels only (``ANCHOR_REACH``), on a wide image with the
+    crossing far from its corner (odd offsets: the box's every second pixel): the crossed
+    worms stay whole and the masks equal those of anchors from the whole box."""
+    from napari_instseg.core import grow as grow_module
+
+    small = _masks()
+    masks = np.zeros((len(small), 131, 517), bool)
+    masks[:, 37:101, 333:413] = small
+    p = prediction_from_masks(masks, embedding_dim=8, seed=0)
+    clicks = [(31 + 37, 10 + 333), (10 + 37, 31 + 333)]
+    options = [{}, {"boundary_barrier": 0.5}, {"tau": 0.7}]
+    monkeypatch.setattr(grow_module, "ANCHOR_REACH", None)
+    whole = [grow(Grower(p), c, **o) for c in clicks for o in options]
+    monkeypatch.setattr(grow_module, "ANCHOR_REACH", reach)
+    near = [grow(Grower(p), c, **o) for c in clicks for o in options]
+    np.testing.assert_array_equal(near[0], masks[0])
+    np.testing.assert_array_equal(near[3], masks[1])
+    for a, b in zip(near, whole, strict=True):
+        np.testing.assert_array_equal(a, b)

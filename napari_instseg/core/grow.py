@@ -57,6 +57,15 @@ embeddings of the background are all alike: a click there used to flood the whol
 background (~340,000 of the 362,000 pixels, docs/benchmarks.md "Session 26")."""
 
 
+ANCHOR_REACH = 512
+"""How far (pixels, chessboard) from the tested pixels' box a crossing's anchors are taken
+(:meth:`Grower.grow`): a BBBC010 image (520 x 696) lies within it whole, so clicks there
+grow what they grew from anchors anywhere in the image; on a large image the anchors of
+look-alike worms far away are no longer read (a 4160 x 5568 mosaic: ~64 -> ~20 ms a
+growth from the embeddings; docs/benchmarks.md "Session 29: growing from the embeddings
+on large images")."""
+
+
 class BackgroundSeedWarning(UserWarning):
     """A seed lies on plain background (foreground below :data:`FG_FLOOR`) and was left out."""
 
@@ -414,8 +423,9 @@ class Grower:
         a0, a1, b0, b1 = part
         if bridge_overlaps:
             overlap = self._overlaps(
-                mask, (r0, r1, c0, c1), vp, thr, fg_threshold, near, reach, part
-            )
+                mask, (r0, r1, c0, c1), vp, thr, fg_threshold, near, reach, part,
+                anchor_radius=ANCHOR_REACH,
+            )  # fmt: skip
         else:
             overlap = np.zeros((a1 - a0, b1 - b0), bool)
         if reach is not None:
@@ -462,13 +472,17 @@ class Grower:
         near: np.ndarray | _NearMask,
         reach: np.ndarray | None = None,
         part: tuple[int, int, int, int] | None = None,
+        anchor_radius: int | None = None,
     ) -> np.ndarray:
         """Pixels of a crossing: midpoints between the seed and another nearby instance.
 
         Candidates are foreground pixels ``near`` the mask (within the crossing radius);
-        anchors, pixels of the other instance, are taken from all of them, the midpoints
-        tested only within ``reach`` when given. ``part`` (row0, row1, col0, col1 in the
-        box, default all of it) is the window ``reach`` covers and the result's extent.
+        anchors, pixels of the other instance, are taken from them at every second row and
+        column of the box, within ``anchor_radius`` (pixels, chessboard) of the tested
+        pixels' box (None: the whole box), the midpoints tested only within ``reach`` when
+        given.
+        ``part`` (row0, row1, col0, col1 in the box, default all of it) is the window
+        ``reach`` covers and the result's extent.
         """
         r0, r1, c0, c1 = box
         w = self.shape[1]
@@ -484,13 +498,24 @@ class Grower:
         if len(qr) == 0:
             return out
         q_idx = (qr + r0 + t0) * w + (qc + c0 + u0)  # row-major, as over the whole box
-        # anchors: other foreground pixels near the mask (every second row and column of
-        # the whole box: a crossing worm's pixels may lie outside ``part``)
-        grid = self.foreground[r0:r1:2, c0:c1:2] > fg_threshold
-        grid &= near[::2, ::2]
-        grid &= ~mask[::2, ::2]
-        ar, ac = np.divmod(np.flatnonzero(grid), (bw + 1) // 2)
-        a_idx = (2 * ar + r0) * w + (2 * ac + c0)
+        # anchors: other foreground pixels near the mask, every second row and column of
+        # the box, within ``anchor_radius`` of the tested pixels (the box of look-alike
+        # worms spans a large image; a crossing worm's pixels may lie outside ``part``, and
+        # on BBBC010 midpoints are often explained by anchors more than a worm's width away)
+        if anchor_radius is None:
+            g0, g1, h0, h1 = 0, r1 - r0, 0, bw
+        else:
+            g0 = max(t0 + int(qr.min()) - anchor_radius, 0)
+            g1 = min(t0 + int(qr.max()) + anchor_radius + 1, r1 - r0)
+            h0 = max(u0 + int(qc.min()) - anchor_radius, 0)
+            h1 = min(u0 + int(qc.max()) + anchor_radius + 1, bw)
+        g0 += g0 % 2  # every second row and column of the box, as over all of it
+        h0 += h0 % 2
+        grid = self.foreground[r0 + g0 : r0 + g1 : 2, c0 + h0 : c0 + h1 : 2] > fg_threshold
+        grid &= near[g0:g1:2, h0:h1:2]
+        grid &= ~mask[g0:g1:2, h0:h1:2]
+        ar, ac = np.divmod(np.flatnonzero(grid), grid.shape[1])
+        a_idx = (2 * ar + r0 + g0) * w + (2 * ac + c0 + h0)
         # an anchor must belong to another instance: for an exact midpoint q between the
         # seed and anchor a, d2(seed, a) = 4 d2(seed, q) > 4 thr; requiring > 2 thr stops
         # the test from creeping along smooth embedding gradients next to the mask
@@ -523,9 +548,10 @@ class Grower:
 class _NearMask:
     """``chessboard_dilation(mask, radius)``, computed for the windows read from it only.
 
-    ``near[a0:a1, b0:b1]`` dilates that window (with the ``radius`` margin of the mask it
-    needs), ``near[::2, ::2]`` every second row and column (:func:`grid_dilation`): the
-    same values as slicing the whole dilation.
+    ``near[a0:a1, b0:b1]`` (or ``near[a0:a1:2, b0:b1:2]``) dilates that window (with the
+    ``radius`` margin of the mask it needs), ``near[::2, ::2]`` every second row and column
+    of the whole mask (:func:`grid_dilation`): the same values as slicing the whole
+    dilation.
     """
 
     def __init__(self, mask: np.ndarray, radius: int) -> None:
@@ -535,16 +561,18 @@ class _NearMask:
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
         rows, cols = key
-        if rows.step == 2 and cols.step == 2 and rows.start is None and cols.start is None:
-            return grid_dilation(self.mask, self.radius)
         h, w = self.shape
-        a0, a1, _ = rows.indices(h)
-        b0, b1, _ = cols.indices(w)
+        a0, a1, step = rows.indices(h)
+        b0, b1, col_step = cols.indices(w)
+        if step != col_step or step not in (1, 2):
+            raise ValueError(f"_NearMask reads windows at steps 1 or 2, not {key}")
+        if step == 2 and (a0, a1, b0, b1) == (0, h, 0, w):
+            return grid_dilation(self.mask, self.radius)
         rad = self.radius
         e0, e1 = max(a0 - rad, 0), min(a1 + rad, h)
         f0, f1 = max(b0 - rad, 0), min(b1 + rad, w)
         grown = chessboard_dilation(self.mask[e0:e1, f0:f1], rad)
-        return grown[a0 - e0 : a1 - e0, b0 - f0 : b1 - f0]
+        return grown[a0 - e0 : a1 - e0 : step, b0 - f0 : b1 - f0 : step]
 
 
 def _window_or_even(a: np.ndarray, radius: int, axis: int) -> np.ndarray:
