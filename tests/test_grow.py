@@ -2,6 +2,7 @@ import warnings
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from napari_instseg.core.grow import Grower, d2_threshold, get_grower, grow, similarity
 from napari_instseg.core.oracle import prediction_from_masks
@@ -467,3 +468,80 @@ def test_crossing_anchors_near_the_tested_pixels_keep_crossed_worms_whole(monkey
     np.testing.assert_array_equal(near[3], masks[1])
     for a, b in zip(near, whole, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _overlaps_by_brute_force(grower, mask, box, vp, thr, fg_threshold, near, part, radius):
+    """``Grower._overlaps`` spelled out pixel by pixel in float64 (the reference)."""
+    r0, r1, c0, c1 = box
+    t0, t1, u0, u1 = part
+    fg = grower.foreground[r0:r1, c0:c1] > fg_threshold
+    emb = grower.prediction.embeddings[:, r0:r1, c0:c1].astype(np.float64)
+    free = fg & near & ~mask
+    tested = [(i, j) for i in range(t0, t1) for j in range(u0, u1) if free[i, j]]
+    out = np.zeros((t1 - t0, u1 - u0), bool)
+    if not tested:
+        return out, np.inf
+    rows = [i for i, _ in tested]
+    cols = [j for _, j in tested]
+    lo_r, hi_r = (0, r1 - r0) if radius is None else (min(rows) - radius, max(rows) + radius)
+    lo_c, hi_c = (0, c1 - c0) if radius is None else (min(cols) - radius, max(cols) + radius)
+    vp = vp.astype(np.float64)
+    anchors = [
+        emb[:, i, j]
+        for i in range(0, r1 - r0, 2)  # every second row and column of the box
+        for j in range(0, c1 - c0, 2)
+        if free[i, j]
+        and lo_r <= i <= hi_r
+        and lo_c <= j <= hi_c
+        and ((vp - emb[:, i, j]) ** 2).sum(axis=1).min() > 2 * thr
+    ]
+    anchors = np.array(anchors).reshape(-1, emb.shape[0])
+    closest_margin = np.inf  # how near to ``thr`` a decision came (float32 rounding)
+    for i, j in tested:
+        e_q = emb[:, i, j]
+        seed = vp[((vp - e_q) ** 2).sum(axis=1).argmin()]
+        if len(anchors):
+            d2 = (((2 * e_q - seed) - anchors) ** 2).sum(axis=1).min()
+            out[i - t0, j - u0] = d2 <= thr
+            closest_margin = min(closest_margin, abs(d2 - thr))
+    return out, closest_margin
+
+
+@pytest.mark.parametrize("radius", [None, 0, 1, 2, 3, 8])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_crossing_anchors_match_a_pixel_by_pixel_reference(radius, seed):
+    """The crossing test with random embeddings at every pixel (a one-pixel slip of an
+    anchor's row or column changes the answer), on an odd box inside the image, a part of
+    it, one or two seed vectors, anchors from the whole box or within ``radius``."""
+    from napari_instseg.core.grow import _NearMask
+
+    rng = np.random.default_rng(seed)
+    h, w, d = 41, 57, 2
+    masks = np.zeros((1, h, w), bool)
+    p = prediction_from_masks(masks, embedding_dim=d, seed=seed)
+    p.embeddings = rng.normal(0, 1, (d, h, w)).astype(np.float32)
+    p.foreground = rng.uniform(0, 1, (h, w)).astype(np.float32)
+    grower = Grower(p)
+    box = (3, 38, 5, 52)
+    r0, r1, c0, c1 = box
+    mask = np.zeros((r1 - r0, c1 - c0), bool)
+    mask[12:20, 9:30] = True
+    near = _NearMask(mask, 4)
+    near_full = ndimage.binary_dilation(mask, np.ones((9, 9), bool))  # chessboard radius 4
+    thr = 0.3
+    n_hits = 0
+    for vp_pixels, part in [
+        ([(r0 + 15, c0 + 12)], (0, r1 - r0, 0, c1 - c0)),
+        ([(r0 + 14, c0 + 11), (r0 + 17, c0 + 25)], (7, 26, 5, 36)),
+        ([(r0 + 15, c0 + 12)], (9, 17, 6, 19)),  # anchors lie past the tested pixels
+        ([(r0 + 13, c0 + 20), (r0 + 18, c0 + 14)], (11, 24, 14, 31)),
+    ]:
+        vp = np.stack([p.embeddings[:, r, c] for r, c in vp_pixels])
+        got = grower._overlaps(mask, box, vp, thr, 0.3, near, None, part, anchor_radius=radius)
+        want, margin = _overlaps_by_brute_force(
+            grower, mask, box, vp, thr, 0.3, near_full, part, radius
+        )
+        assert margin > 1e-4  # no decision within float32 rounding of the threshold
+        np.testing.assert_array_equal(got, want)
+        n_hits += int(want.sum())
+    assert n_hits > 0  # the reference finds crossings: the comparison tests something
