@@ -1102,7 +1102,9 @@ class InstSegWidget(QWidget):
         Parameters
         ----------
         blocking : bool
-            Run in the calling thread and return the prediction (scripts, tests, demo).
+            Run in the calling thread and return the prediction (scripts, tests, demo),
+            with everything the worker prepares (:func:`prepare_layers`) done before it
+            returns.
 
         Returns
         -------
@@ -1132,9 +1134,10 @@ class InstSegWidget(QWidget):
             self._say("Choose a weights file (Browse...) or the shipped model.")
             return None
         name = _model_name(model)
-        if blocking:
+        if blocking:  # the worker's work in this thread: the first click waits for nothing
             prediction = compute.cached_predict(image, model, device, tta=tta, scale=scale)
-            self._show_prediction(session, prediction, name)
+            layers = prepare_layers(prediction, self.tau)
+            self._show_prediction(session, prediction, name, layers=layers)
             return prediction
         if compute.is_cached(image, model, tta, scale):
             prediction = compute.cached_predict(image, model, device, tta=tta, scale=scale)
