@@ -191,26 +191,25 @@ class Grower:
         if emb.ndim != 3 or min(emb.shape) == 0:
             raise ValueError(f"prediction has empty embeddings of shape {emb.shape}")
         d, h, w = emb.shape
-        flat = np.ascontiguousarray(emb.reshape(d, h * w), dtype=np.float32)
-        if not np.isfinite(flat).all():
+        #: (D, H*W) float32 embeddings (the layout with the fastest matrix-vector product):
+        #: a view of the prediction's own array when it is float32 and C-ordered (no copy:
+        #: at 4160 x 5568 the embeddings take 1.4 GB)
+        self.flat = np.ascontiguousarray(emb.reshape(d, h * w), dtype=np.float32)
+        #: (H*W,) half the squared norm of every pixel's embedding
+        self.half_sq = np.einsum("dn,dn->n", self.flat, self.flat)
+        self.half_sq *= 0.5
+        # a norm is finite when every component is (or overflows: then distances fail too)
+        if not np.isfinite(self.half_sq).all() and not np.isfinite(self.flat).all():
             raise ValueError("prediction embeddings contain NaN or infinite values")
         self.prediction = prediction
         self.shape: tuple[int, int] = (h, w)
         self.dim = d
-        #: (D + 1, H*W): the embeddings with minus half their squared norm as a last row, so
-        #: that one matrix-vector product with ``(v, 1)`` gives ``v.e_q - |e_q|^2 / 2``
-        self._aug = np.empty((d + 1, h * w), np.float32)
-        self._aug[:d] = flat
-        np.einsum("dn,dn->n", flat, flat, out=self._aug[d])
-        self._aug[d] *= -0.5
-        #: (D, H*W) float32 embeddings (the layout with the fastest matrix-vector product)
-        self.flat = self._aug[:d]
-        #: (H*W,) half the squared norm of every pixel's embedding
-        self.half_sq = -self._aug[d]
         fg = np.asarray(prediction.foreground, np.float32)
         bd = np.asarray(prediction.boundary, np.float32)
-        self.foreground = np.nan_to_num(fg, nan=0.0)
-        self.boundary = np.nan_to_num(bd, nan=1.0)
+        #: the foreground and boundary maps, NaN read as background and as boundary (the
+        #: prediction's own arrays when they have none)
+        self.foreground = _without_nan(fg, 0.0)
+        self.boundary = _without_nan(bd, 1.0)
         #: foreground threshold used when none is given: the model's tuned one for the
         #: boundary pipeline (``segment_params`` in its metadata), else 0.5
         self.default_fg_threshold = _tuned_fg_threshold(prediction)
@@ -239,9 +238,31 @@ class Grower:
         kept = self._foreground_subset
         if kept is None or kept[0] != fg_threshold:
             index = np.flatnonzero(self.foreground.reshape(-1) >= fg_threshold)
-            kept = (fg_threshold, index, np.ascontiguousarray(self._aug[:, index]))
+            kept = (fg_threshold, index, self.augmented(index))
             self._foreground_subset = kept
         return kept[1], kept[2]
+
+    def augmented(self, index: np.ndarray | slice) -> np.ndarray:
+        """The embeddings of some pixels with minus half their squared norm as a last row.
+
+        One matrix product of ``(v, 1)`` with these columns gives ``v.e_q - |e_q|^2 / 2``
+        for every pixel q: the test ``|v - e_q|^2 <= thr`` as one comparison per pixel.
+
+        Parameters
+        ----------
+        index : np.ndarray or slice
+            Flat pixel indices (or a slice of them).
+
+        Returns
+        -------
+        np.ndarray
+            (D + 1, N) float32, C-ordered.
+        """
+        columns = self.half_sq[index]
+        out = np.empty((self.dim + 1, len(columns)), np.float32)
+        out[: self.dim] = self.flat[:, index]
+        np.negative(columns, out=out[self.dim])
+        return out
 
     # ------------------------------------------------------------------ basics
     def vectors(self, points: np.ndarray) -> np.ndarray:
@@ -380,13 +401,15 @@ class Grower:
         elif clip_to_foreground:  # a faint object: clipped to the floor (the background's
             candidates, aug = self.foreground_pixels(min(fg_floor, fg_threshold))  # alike)
         else:
-            candidates, aug = None, self._aug
-        if len(pos) == 1:
-            keep = (va[0] @ aug) >= limit[0]
+            candidates, aug = None, None
+        if aug is None:  # every pixel, a block of augmented columns at a time
+            n = h * w
+            keep = np.empty(n, bool)
+            for start in range(0, n, _BLOCK):
+                block = slice(start, min(start + _BLOCK, n))
+                keep[block] = _passes(va, self.augmented(block), limit)
         else:
-            dots = va @ aug
-            dots -= limit[:, None]
-            keep = dots.max(axis=0) >= 0
+            keep = _passes(va, aug, limit)
         if candidates is None:
             keep[clicked] = True
             idx = np.flatnonzero(keep)
@@ -535,7 +558,7 @@ class Grower:
         # |refl - e_a|^2 <= thr  <=>  refl.e_a - |e_a|^2 / 2 >= (|refl|^2 - thr) / 2; the
         # augmented anchors' last row holds -|e_a|^2 / 2, and row blocks keep the product
         # in cache
-        anchors = self._aug[:, a_idx]  # (D + 1, na)
+        anchors = self.augmented(a_idx)  # (D + 1, na)
         closest = np.empty(len(q_idx), np.float32)
         for start in range(0, len(q_idx), 256):
             closest[start : start + 256] = (refl[start : start + 256] @ anchors).max(axis=1)
@@ -623,6 +646,23 @@ def grid_dilation(mask: np.ndarray, radius: int) -> np.ndarray:
     for axis in (0, 1):
         out = _window_or_even(out, radius, axis)
     return np.ascontiguousarray(out)
+
+
+def _without_nan(values: np.ndarray, nan: float) -> np.ndarray:
+    """``np.nan_to_num(values, nan=nan)``, without a copy when nothing is NaN or infinite."""
+    return values if np.isfinite(values).all() else np.nan_to_num(values, nan=nan)
+
+
+_BLOCK = 1 << 18  # pixels of augmented embeddings made at a time (~18 MB for D = 16)
+
+
+def _passes(va: np.ndarray, aug: np.ndarray, limit: np.ndarray) -> np.ndarray:
+    """Which columns of ``aug`` pass ``va[k] . aug >= limit[k]`` for some seed k."""
+    if len(va) == 1:
+        return (va[0] @ aug) >= limit[0]
+    dots = va @ aug
+    dots -= limit[:, None]
+    return dots.max(axis=0) >= 0
 
 
 def _sigma(d2: np.ndarray) -> np.ndarray:
