@@ -83,6 +83,11 @@ def test_iou_matrix_and_errors():
         evaluate([a], [b, b])
     with pytest.raises(ValueError, match="predicted masks are"):
         evaluate([np.zeros((1, 5, 5), bool)], [b])
+    # also when one side has no instances: its (0, H, W) still says its size
+    with pytest.raises(ValueError, match="predicted masks are"):
+        evaluate([np.zeros((0, 5, 5), bool)], [b])
+    with pytest.raises(ValueError, match="predicted masks are"):
+        evaluate([Instances(np.zeros((0, 5, 5), bool))], [np.zeros((0, 4, 4), bool)])
     for thresholds in ([0.5, 1.5], [0.0], [-0.2], []):
         with pytest.raises(ValueError, match=r"IoU thresholds must be in \(0, 1\]"):
             evaluate([a], [b], thresholds=thresholds)

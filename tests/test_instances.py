@@ -105,6 +105,27 @@ def test_segment_empty_and_bad_input(worms):
         segment(np.zeros((5, 5)), method="seeds")
 
 
+@pytest.mark.parametrize("method", ["seeds", "boundary", "hybrid"])
+def test_segment_refuses_nan_or_empty_embeddings(worms, method):
+    """Every method says what is wrong with the embeddings: the boundary pipeline reads
+    them only to merge fragments, where a NaN mean merged any fragment silently."""
+    _, p = worms
+    emb = p.embeddings.copy()
+    emb[0, 5, 5] = np.nan
+    with pytest.raises(ValueError, match="embeddings contain NaN or infinite"):
+        segment(dataclasses.replace(p, embeddings=emb), method=method)
+    emb[0, 5, 5] = np.inf
+    with pytest.raises(ValueError, match="embeddings contain NaN or infinite"):
+        segment(dataclasses.replace(p, embeddings=emb), method=method)
+    no_dims = dataclasses.replace(p, embeddings=np.zeros((0, *p.shape), np.float32))
+    with pytest.raises(ValueError, match=r"empty embeddings of shape \(0, 160, 200\)"):
+        segment(no_dims, method=method)
+    if method == "boundary":  # finite values whose float32 sum overflows are no NaN
+        emb[0, 5, 5] = emb[0, 5, 6] = 3e38
+        huge = segment(dataclasses.replace(p, embeddings=emb), method=method)
+        assert len(huge) == len(segment(p, method=method))
+
+
 def test_segment_auto_uses_model_recommendation(worms):
     p = dataclasses.replace(worms[1], metadata={})
     p.metadata["recommended_method"] = "boundary"

@@ -455,6 +455,30 @@ def test_tta_is_part_of_the_cache_key(model, image, tmp_path):
     assert predict(image, model, "cpu", tta=2, cache=tmp_path).metadata["cached"] is True
 
 
+@pytest.mark.parametrize(
+    "change", [{"semi_conv": False}, {"coord_scale": 64.0}, {"taus": (0.2, 0.4, 0.6, 0.8)}]
+)
+def test_the_architecture_is_part_of_the_cache_key(image, tmp_path, change):
+    """Same tensors, other architecture (coordinates, their scale, the taus): other maps,
+    so never the cached entry of the first (issue 4: a stale cache is never reused)."""
+    from dataclasses import replace
+
+    from napari_instseg.core.weights import model_signature
+
+    first = _model()
+    torch.manual_seed(0)
+    other = InstSegNet(replace(first.config, **change)).eval()
+    other.load_state_dict(first.state_dict())
+    assert model_signature(other) == model_signature(first)  # the tensors alone agree
+    predict(image, first, "cpu", cache=tmp_path)
+    cached = predict(image, other, "cpu", cache=tmp_path)
+    fresh = predict(image, other, "cpu")
+    assert cached.metadata["cached"] is False
+    assert cached.taus == fresh.taus == other.config.taus
+    np.testing.assert_array_equal(cached.embeddings, fresh.embeddings)
+    assert predict(image, other, "cpu", cache=tmp_path).metadata["cached"] is True
+
+
 def test_precision_rules(monkeypatch):
     from napari_instseg.cli.predict import PRECISIONS as CLI_PRECISIONS
     from napari_instseg.core import device as device_module

@@ -299,7 +299,7 @@ def evaluate(
     for i, (p, g) in enumerate(zip(predictions, ground_truth, strict=True)):
         pm, ps = _masks_of(p, "predictions", i)
         gm, _ = _masks_of(g, "ground_truth", i)
-        if len(pm) and len(gm) and pm.shape[1:] != gm.shape[1:]:
+        if pm.shape[1:] != gm.shape[1:]:  # (0, H, W) says its size too
             raise ValueError(
                 f"image {names[i]!r}: predicted masks are {pm.shape[1:]} but the ground truth "
                 f"is {gm.shape[1:]}"

