@@ -126,6 +126,20 @@ def test_segment_refuses_nan_or_empty_embeddings(worms, method):
         assert len(huge) == len(segment(p, method=method))
 
 
+def test_segment_seeds_refuses_extra_seeds_outside_the_image(worms):
+    """A row past the image raised an IndexError, a negative one wrapped round silently."""
+    _, p = worms
+    h, w = p.shape
+    for bad in ([(h, 5)], [(-5, 10)], [(3, w)], [(3, -1)]):
+        with pytest.raises(ValueError, match=r"extra_seeds \[\[.*\]\] lie outside the image"):
+            segment(p, method="seeds", extra_seeds=bad)
+    with pytest.raises(ValueError, match=r"extra_seeds must be \(row, col\) pairs"):
+        segment(p, method="seeds", extra_seeds=[(1, 2, 3)])
+    plain = segment(p, method="seeds")
+    none = segment(p, method="seeds", extra_seeds=np.zeros((0, 2), np.int64))
+    np.testing.assert_array_equal(none.masks, plain.masks)
+
+
 def test_segment_auto_uses_model_recommendation(worms):
     p = dataclasses.replace(worms[1], metadata={})
     p.metadata["recommended_method"] = "boundary"

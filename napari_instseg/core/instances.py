@@ -35,7 +35,7 @@ from skimage.morphology import disk, ellipse, skeletonize
 from skimage.segmentation import watershed
 
 from .edges import DEFAULT_SOLIDITY_RANGE, _refine_edges_cropped, refine_edges
-from .grow import Grower, d2_threshold, get_grower
+from .grow import Grower, _as_points, d2_threshold, get_grower
 from .scale import at_model_scale, resize_instances
 from .shape import bounding_box, elongation, solidity
 from .types import CroppedInstances, Instances, Prediction
@@ -263,7 +263,8 @@ def segment_seeds(
     boundary_barrier : float, optional
         Boundary barrier for the final refinement (see :func:`~napari_instseg.core.grow.grow`).
     extra_seeds : np.ndarray, optional
-        (K, 2) more seeds to try (the hybrid method passes boundary-segment centres).
+        (K, 2) (row, col) more seeds to try, inside the image (the hybrid method passes
+        boundary-segment centres).
     extra_score_factor : float
         Their scores are multiplied by this (ranks them after sampled seeds of equal score).
 
@@ -271,14 +272,20 @@ def segment_seeds(
     -------
     Instances
         Masks (overlaps kept), scores, classes, seeds, taus.
+
+    Raises
+    ------
+    ValueError
+        An empty or non-finite prediction, or ``extra_seeds`` that are no (row, col)
+        pairs inside the image.
     """
     _check_prediction(prediction)
     grower = get_grower(prediction)
     shape = grower.shape
+    extra = _as_points(extra_seeds, shape, "extra_seeds")  # (row, col) inside the image
     seeds = sample_seeds(grower, max_seeds, alpha, min_seediness, fg_threshold)
     factor = np.ones(len(seeds), np.float32)
-    if extra_seeds is not None and len(extra_seeds):
-        extra = np.asarray(extra_seeds, np.int64).reshape(-1, 2)
+    if len(extra):
         seeds = np.concatenate([seeds, extra])
         factor = np.concatenate([factor, np.full(len(extra), extra_score_factor, np.float32)])
     if len(seeds) == 0:
