@@ -38,6 +38,9 @@ def test_d2_threshold_matches_similarity_definition():
     for bad in (0, 1, -0.5, 1.5, float("nan")):
         with pytest.raises(ValueError, match="tau"):
             d2_threshold(bad)
+    for bad in (None, "high", [0.5]):  # not a number: said so, with the name tau
+        with pytest.raises(ValueError, match=r"tau must be a number strictly between 0 and 1"):
+            d2_threshold(bad)
 
 
 def test_similarity_formula(oracle):

@@ -113,11 +113,19 @@ def d2_threshold(tau: float) -> float:
     -------
     float
         The squared-distance threshold.
+
+    Raises
+    ------
+    ValueError
+        If ``tau`` is not a number strictly between 0 and 1.
     """
-    tau = float(tau)
-    if not (0.0 < tau < 1.0) or math.isnan(tau):
-        raise ValueError(f"tau must be strictly between 0 and 1, got {tau}")
-    return math.log(2.0 / tau - 1.0)
+    try:
+        value = float(tau)
+    except (TypeError, ValueError):
+        raise ValueError(f"tau must be a number strictly between 0 and 1, got {tau!r}") from None
+    if not (0.0 < value < 1.0) or math.isnan(value):
+        raise ValueError(f"tau must be strictly between 0 and 1, got {value}")
+    return math.log(2.0 / value - 1.0)
 
 
 def _as_points(points: object, shape: tuple[int, int], what: str) -> np.ndarray:
