@@ -633,6 +633,26 @@ def test_finetune_takes_a_torch_device_and_checks_it_first(data, tmp_path, monke
     assert not (tmp_path / "other").exists()
 
 
+def test_cli_train_says_the_torch_threads_it_trains_with(data, tmp_path, capsys):
+    """The first line names the threads of ``--threads`` (or the config's), as the weights do."""
+    from napari_instseg.cli import main
+    from napari_instseg.core.weights import read_metadata
+
+    config = tmp_path / "tiny.toml"
+    tiny_config(data, tmp_path / "run", epochs=1, val_wells="").to_toml(config)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        argv = ["train", "--config", str(config), "--no-progress", "--threads", "2"]
+        assert main(argv) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+    finally:
+        torch.set_num_threads(before)
+    assert "2 torch threads" in first, first
+    recorded = read_metadata(tmp_path / "run" / "best.safetensors")["training"]["hardware"]
+    assert "2 torch threads" in recorded
+
+
 def test_cli_train_no_amp_and_the_device_it_runs_on(data, tmp_path, capsys):
     import argparse
 

@@ -146,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"data folder {folder} does not exist{_relative_hint(folder)}")
     if config.init and not Path(config.init).exists():
         raise FileNotFoundError(f"--init weights {config.init} do not exist")
+    if config.num_threads:  # (train sets it too) so that the line below tells the threads used
+        import torch
+
+        torch.set_num_threads(config.num_threads)
     # the device resolved here, so that "auto" falling back to the CPU is seen at once
     where = hardware_description(get_device(config.device))
     print(f"training into {config.out} (epochs {config.epochs}, device {config.device}: {where})")
