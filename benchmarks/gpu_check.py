@@ -21,6 +21,12 @@ It prints, and writes to ``--out`` as JSON:
    the maps from the CPU's.
 
 ``--device cpu --epoch-steps 2 --skip-full --skip-tests`` dry-runs the script on a CPU.
+
+On a lent GPU with a few minutes of device time (the workplace's ``device`` tool), run
+``benchmarks/device_run.sh`` instead (made ready by ``benchmarks/device_bundle.py``): it
+runs ``--order full,predict,tests`` with ``--full-time-limit`` and ``--stop-after``, so
+the target is measured first, the JSON is rewritten after every step (a run cut short
+keeps what it measured) and ``--keep`` brings the trained weights back.
 """
 
 from __future__ import annotations
@@ -53,6 +59,10 @@ config = TrainConfig.from_toml(sys.argv[1])
 config = dataclasses.replace(config, **json.loads(sys.argv[2]))
 train(config, resume=False, progress=False)
 """
+
+
+#: what the script can run, in its default order
+STEPS = ("tests", "epochs", "full", "predict")
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -168,16 +178,74 @@ def train_epochs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def train_full(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """The shipped config's whole run, as ``napari-instseg train`` runs it."""
+    """The shipped config's whole run, as ``napari-instseg train`` runs it.
+
+    With ``--full-time-limit`` the run stops cleanly after that many minutes (the
+    trainer's own ``--time-limit``: validated, best weights and checkpoint saved); the
+    result then says so and estimates the whole run from the epochs done. With
+    ``--keep`` the run's weights, their metadata and its log are copied there.
+    """
     out = work / "full"
     command = [sys.executable, "-c", CLI, "train", "--config", str(args.config)]
     command += ["--data", args.data, "--device", args.device, "--out", str(out)]
     command += ["--no-resume", "--no-progress"]
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
+    if args.full_time_limit:
+        command += ["--time-limit", str(args.full_time_limit)]
+    if args.epoch_steps:  # a dry run: the config's epochs, each this many steps
+        command += ["--steps-per-epoch", str(args.epoch_steps)]
     res = timed(command)
     res.update(run_log(out))
+    res.update(full_run_estimate(out / "log.csv", args.config))
+    if args.keep:
+        keep = Path(args.keep)
+        keep.mkdir(parents=True, exist_ok=True)
+        kept = []
+        for name in ("best.safetensors", "best.json", "log.csv"):
+            if (out / name).is_file():
+                shutil.copy2(out / name, keep / f"full_{name}")
+                kept.append(f"full_{name}")
+        res["kept"] = kept
     return res
+
+
+def full_run_estimate(log: Path, config_path: str | Path) -> dict[str, Any]:
+    """Epochs done of the configured ones and, when stopped early, the whole run's time.
+
+    The estimate adds the epochs left at the rate of the last epochs done (with the
+    classification loss on once past ``lambda_start``, the costlier part), to the time
+    the run took so far.
+    """
+    import csv
+    import tomllib
+
+    if not log.is_file():
+        return {}
+    with open(log, newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("elapsed_s")]
+    if not rows:
+        return {}
+    config = tomllib.loads(Path(config_path).read_text())
+    epochs = int(config.get("epochs", 60))
+    done = int(rows[-1]["epoch"])
+    elapsed = float(rows[-1]["elapsed_s"])
+    found: dict[str, Any] = {"epochs_done": done, "epochs_configured": epochs}
+    if done >= epochs:
+        return found
+    first = max(1, int(float(config.get("lambda_start", 0.0))) + 1)  # first with the loss
+    later = [r for r in rows if int(r["epoch"]) >= first]
+    if len(later) >= 2:
+        a, b = later[0], later[-1]
+        per_epoch = (float(b["elapsed_s"]) - float(a["elapsed_s"])) / (
+            int(b["epoch"]) - int(a["epoch"])
+        )
+    else:
+        per_epoch = elapsed / done
+    found["stopped_early"] = True
+    found["seconds_per_epoch_last"] = round(per_epoch, 2)
+    found["full_run_estimate_s"] = round(elapsed + (epochs - done) * per_epoch)
+    return found
 
 
 def prediction(args: argparse.Namespace) -> dict[str, Any]:
@@ -248,37 +316,80 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-tests", action="store_true", help="leave out tests/test_cuda.py")
     parser.add_argument("--skip-full", action="store_true", help="leave out the full training")
+    parser.add_argument(
+        "--order",
+        default=",".join(STEPS),
+        help="the steps, in the order to run them (comma-separated; default: %(default)s); "
+        "on a lent GPU with little time: full,predict,tests",
+    )
+    parser.add_argument(
+        "--full-time-limit",
+        type=float,
+        default=0.0,
+        help="minutes after which the full training stops cleanly (0: none); the whole "
+        "run's time is then estimated from the epochs done",
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=float,
+        default=0.0,
+        help="seconds from the start after which no further step starts (0: no limit)",
+    )
+    parser.add_argument("--keep", default=None, help="copy the full run's weights and log here")
     args = parser.parse_args(argv)
+    order = [step.strip() for step in args.order.split(",") if step.strip()]
+    unknown = sorted(set(order) - set(STEPS))
+    if unknown:
+        parser.error(f"--order: unknown steps {unknown}; choose from {', '.join(STEPS)}")
+    if args.skip_tests:
+        order = [step for step in order if step != "tests"]
+    if args.skip_full:
+        order = [step for step in order if step != "full"]
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"command": " ".join(sys.argv), "work": str(work)}
+    start = time.perf_counter()
+
+    def save() -> None:  # after every step: a run cut short keeps what it measured
+        results["elapsed_s"] = round(time.perf_counter() - start, 1)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2))
 
     print("== environment")
     results["environment"] = environment(args.device)
     for key, value in results["environment"].items():
         print(f"  {key}: {value}")
-    if not args.skip_tests:
-        print("== tests/test_cuda.py")
-        env = dict(os.environ)
-        if not args.device.startswith("cuda"):
-            env["NAPARI_INSTSEG_GPU_TEST_DEVICE"] = args.device
-        tests = timed([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_cuda.py"], env)
-        results["tests"] = tests
-        print("  " + "\n  ".join(tests["stdout_tail"]))
-    if not Path(args.data, "images").is_dir():
-        print(f"== no BBBC010 data at {args.data}: training times left out")
-    else:
-        print("== one training epoch of", args.config)
-        results["training_epoch"] = train_epochs(args, work)
-        if not args.skip_full:
+    save()
+    has_data = Path(args.data, "images").is_dir()
+    for step in order:
+        if args.stop_after and time.perf_counter() - start > args.stop_after:
+            print(f"== {step}: left out (--stop-after {args.stop_after:g} s reached)")
+            results.setdefault("left_out", []).append(step)
+            save()
+            continue
+        if step == "tests":
+            print("== tests/test_cuda.py")
+            env = dict(os.environ)
+            if not args.device.startswith("cuda"):
+                env["NAPARI_INSTSEG_GPU_TEST_DEVICE"] = args.device
+            tests = timed([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_cuda.py"], env)
+            results["tests"] = tests
+            print("  " + "\n  ".join(tests["stdout_tail"]))
+        elif step in ("epochs", "full") and not has_data:
+            print(f"== {step}: no BBBC010 data at {args.data}, training times left out")
+        elif step == "epochs":
+            print("== one training epoch of", args.config)
+            results["training_epoch"] = train_epochs(args, work)
+        elif step == "full":
             print("== full training run (the target: 10 minutes on one H100 or H200)")
             results["training_full"] = train_full(args, work)
             full = results["training_full"]
             print(f"  {full['wall_s']} s wall ({full['wall_s'] / 60:.1f} min), {full}")
-    print("== prediction of one 520 x 696 image")
-    results["prediction"] = prediction(args)
+        elif step == "predict":
+            print("== prediction of one 520 x 696 image")
+            results["prediction"] = prediction(args)
+        save()
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
         print(f"results written to {args.out}")
     runs = [r for r in results.get("training_epoch", {}).values() if isinstance(r, dict)]
     runs += [results.get("tests", {}), results.get("training_full", {})]
