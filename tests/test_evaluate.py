@@ -72,6 +72,20 @@ def test_dsb_matches_stardist():
         assert res["S"][f"{t:g}"] == pytest.approx(ref)
 
 
+def test_dsb_matching_is_one_to_one_where_ground_truth_overlaps():
+    """One predicted worm over two heavily overlapping annotated ones matches one of them:
+    TP 1, FP 0, FN 1 at every threshold (the IoUs are 1.0 and 0.9), S = 1 / 2. Counting
+    every ground-truth mask some prediction reaches would give TP 2 (and FP -1)."""
+    gt = np.zeros((2, 20, 20), bool)
+    gt[0, 0:10, 0:10] = True
+    gt[1, 0:10, 1:10] = True  # IoU 0.9 with the first
+    res = evaluate([Instances(gt[:1].copy())], [gt])
+    assert res["tp"] == [1] * 5 and res["fp"] == [0] * 5 and res["fn"] == [1] * 5
+    assert all(v == pytest.approx(0.5) for v in res["S"].values())
+    # two predictions, one per annotated worm: both match
+    assert evaluate([Instances(gt.copy())], [gt])["tp"] == [2] * 5
+
+
 def test_iou_matrix_and_errors():
     a = np.zeros((1, 4, 4), bool)
     a[0, :2] = True

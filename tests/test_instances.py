@@ -64,6 +64,38 @@ def test_segment_perfect_on_oracle_keeps_overlaps(worms, method):
     assert (inst.scores > 0.5).all() and (inst.classes == 1).all()
 
 
+def test_seeds_take_each_seeds_best_tau_class_and_score(worms):
+    """Fathi et al.: every instance carries its seed's best (tau, class) and that score.
+    Worm 0's scores favour tau 0.9, worm 1's tau 0.25 and class 2, the rest tau 0.5."""
+    s, p = worms
+    t, _, h, w = p.class_scores.shape
+    scores = np.zeros((t, 3, h, w), np.float32)
+    scores[:, 1] = p.class_scores[:, 1]
+    only = s.masks.sum(0) == 1
+    first, second = s.masks[0] & only, s.masks[1] & only
+    best = p.class_scores[:, 1].max(axis=0)
+    scores[:, 1, first] = 0.9 * best[first]
+    scores[3, 1, first] = best[first]  # tau 0.9
+    scores[:, 1, second] = 0.0
+    scores[:, 2, second] = 0.9 * best[second]
+    scores[0, 2, second] = best[second]  # tau 0.25, class 2
+    scores[:, 0] = 1.0 - scores[:, 1:].sum(axis=1)
+    pred = dataclasses.replace(p, class_scores=scores, seediness=scores[:, 1:].max(axis=(0, 1)))
+    inst = segment(pred, method="seeds")
+    rows, cols = inst.seeds[:, 0], inst.seeds[:, 1]
+    tau, cls, score = pred.best_tau_class()
+    np.testing.assert_array_equal(inst.taus, tau[rows, cols])
+    np.testing.assert_array_equal(inst.classes, cls[rows, cols])
+    np.testing.assert_allclose(inst.scores, score[rows, cols])
+    on_first, on_second = first[rows, cols], second[rows, cols]
+    assert on_first.any() and on_second.any()
+    assert (inst.taus[on_first] == np.float32(0.9)).all()
+    assert (inst.taus[on_second] == np.float32(0.25)).all() and (
+        inst.classes[on_second] == 2
+    ).all()
+    assert (inst.taus[~on_first & ~on_second] == np.float32(0.5)).all()
+
+
 def test_boundary_method_separates_and_cannot_overlap(worms):
     s, p = worms
     inst = segment(p, method="boundary")
