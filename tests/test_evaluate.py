@@ -40,6 +40,30 @@ def test_one_missing_instance_known_values():
     assert res["AP"] == pytest.approx(0.663, abs=0.01)  # 101-point interpolation: 67/101
 
 
+def test_ap_counts_every_prediction_of_an_image_with_more_than_100():
+    """An image with over 100 predictions (a large mosaic, a poor model) keeps its AP.
+
+    COCO keeps 100 detections per image; evaluate raises the limit so that none is
+    dropped, and pycocotools' summary then reported AP (IoU 0.5:0.95) as -1, shown as 0.
+    """
+    gt = Instances.from_labels(_labels(0, shape=(96, 128))).masks
+    junk = np.zeros((120, 96, 128), bool)
+    for k in range(120):  # single pixels in the bottom rows, far from every instance
+        junk[k, 95, k] = True
+    junk &= ~gt.any(axis=0)
+    masks = np.concatenate([gt, junk])
+    scores = np.concatenate([np.full(len(gt), 0.9), np.full(len(junk), 0.1)])
+    res = evaluate([Instances(masks, scores=scores)], [gt])
+    # the true instances rank first: precision 1 at every recall, at every IoU threshold
+    assert res["AP"] == pytest.approx(1.0)
+    assert res["AP50"] == pytest.approx(1.0) and res["AP75"] == pytest.approx(1.0)
+    # ranked last-but-one, one true instance costs precision beyond its recall
+    scores[0] = 0.05
+    res = evaluate([Instances(masks, scores=scores)], [gt])
+    assert 0.5 < res["AP"] < 1.0
+    assert res["AP"] == pytest.approx(res["AP50"]) == pytest.approx(res["AP75"])
+
+
 def test_overlapping_masks_and_scores_rank():
     gt = np.zeros((2, 20, 20), bool)
     gt[0, 8:12, :] = True

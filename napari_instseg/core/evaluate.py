@@ -245,12 +245,25 @@ def coco_ap(
         gt.createIndex()
         dt = gt.loadRes(dets)
         ev = COCOeval(gt, dt, iouType="segm")
+        # every prediction counts (COCO's default keeps an image's 100 best); read the
+        # precision table at that limit rather than ``summarize()``, whose AP (IoU
+        # 0.5:0.95) looks for a limit of exactly 100 and reports -1 without one
         ev.params.maxDets = [1, 10, max(100, max(len(p) for p in pred_masks))]
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
-    stats = [float(max(s, 0.0)) for s in ev.stats[:3]]
-    return {"AP": stats[0], "AP50": stats[1], "AP75": stats[2]}
+    # (T IoU thresholds, R recalls, K categories, A area ranges, M limits): area "all"
+    precision = ev.eval["precision"][:, :, 0, 0, -1]
+    thresholds = np.asarray(ev.params.iouThrs)
+
+    def mean_precision(rows: np.ndarray) -> float:
+        values = rows[rows > -1]
+        return float(values.mean()) if values.size else 0.0
+
+    return {
+        "AP": mean_precision(precision),
+        "AP50": mean_precision(precision[np.isclose(thresholds, 0.5)]),
+        "AP75": mean_precision(precision[np.isclose(thresholds, 0.75)]),
+    }
 
 
 def evaluate(
