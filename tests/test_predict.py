@@ -922,3 +922,61 @@ def test_tiled_tta_prediction_makes_every_tensor_on_the_models_device(model, ima
                 break
     assert tiled.metadata["tiles"] == 6 and tiled.metadata["tta"] == 8
     assert np.isfinite(tiled.boundary).all() and np.isfinite(tiled.embeddings).all()
+
+
+def test_cli_predict_measures_another_channel_and_calls_dead_worms(tmp_path, capsys):
+    """``--measure-channel w1=_w2_:_w1_``: BBBC010's stain file, found by name, is measured.
+
+    The stain glows in one worm only: its instance gets the highest ``mean_w1`` and is
+    the one called dead.
+    """
+    import pandas as pd
+    import tifffile
+
+    from napari_instseg.cli import main
+    from napari_instseg.core.synthetic import make_worms
+
+    sample = make_worms(shape=(192, 256), n_worms=4, n_crossings=0, n_touching=0, seed=1)
+    folder = tmp_path / "plate"
+    folder.mkdir()
+    bright = folder / "plate_A01_w2_1F3C.tif"  # BBBC010's names: random suffixes differ
+    stain_file = folder / "plate_A01_w1_9B2E.tif"
+    tifffile.imwrite(bright, sample.image.astype(np.uint16))
+    rng = np.random.default_rng(0)
+    stain = rng.normal(100, 5, sample.image.shape)
+    dead = int(np.argmax(sample.masks.sum((1, 2))))  # the largest worm has taken up the stain
+    stain[sample.masks[dead]] += 3000
+    tifffile.imwrite(stain_file, stain.astype(np.uint16))
+    out = tmp_path / "out"
+    argv = ["predict", str(bright), "--out", str(out), "--tta", "1", "--device", "cpu"]
+    argv += ["--measure-channel", "w1=_w2_:_w1_"]
+    assert main(argv) == 0, capsys.readouterr().err
+    table = pd.read_csv(out / "plate_A01_w2_1F3C_measurements.csv")
+    assert {"mean_w1", "dead"} <= set(table.columns)
+    labels = tifffile.imread(out / "plate_A01_w2_1F3C_labels.tif")
+    on_dead = np.bincount(labels[sample.masks[dead]], minlength=labels.max() + 1)
+    on_dead[0] = 0
+    dead_label = int(np.argmax(on_dead))  # the instance that covers the stained worm
+    row = table.set_index("label").loc[dead_label]
+    assert row["mean_w1"] == table["mean_w1"].max() and bool(row["dead"])
+    assert table["dead"].sum() == 1 or table.loc[table["dead"], "mean_w1"].min() > 1000
+
+    # errors are clear and name the file: no such channel file, a name without FROM
+    lone = folder / "plate_A02_w2_77AA.tif"
+    tifffile.imwrite(lone, sample.image.astype(np.uint16))
+    argv = ["predict", str(lone), str(stain_file), "--out", str(tmp_path / "o2")]
+    argv += ["--tta", "1", "--device", "cpu"]
+    assert main([*argv, "--measure-channel", "w1=_w2_:_w1_"]) == 1
+    err = capsys.readouterr().err
+    assert "plate_A02_w2_77AA.tif: no channel file: neither plate_A02_w1_77AA.tif nor " in err
+    assert "plate_A01_w1_9B2E.tif: its name has no '_w2_' to replace by '_w1_'" in err
+    # a spec that is not NAME=FROM:TO is refused before any work
+    with pytest.raises(SystemExit):
+        main([*argv, "--measure-channel", "w1=_w2_"])
+    assert "expected NAME=FROM:TO" in capsys.readouterr().err
+    # two candidates: ambiguous, said so
+    (folder / "plate_A02_w1_0001.tif").write_bytes(b"")
+    (folder / "plate_A02_w1_0002.tif").write_bytes(b"")
+    argv = ["predict", str(lone), "--out", str(tmp_path / "o3"), "--tta", "1", "--device", "cpu"]
+    assert main([*argv, "--measure-channel", "w1=_w2_:_w1_"]) == 1
+    assert "several files could be its channel" in capsys.readouterr().err

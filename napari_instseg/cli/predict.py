@@ -10,7 +10,10 @@ a stack is processed plane by plane) it writes, in ``--out``:
 - ``<name>_labels.tif``: the instance label image, (H, W) or (N, H, W) for a stack
   (where instances overlap, the smaller one's label is shown; see ``Instances.to_labels``);
 - ``<name>_measurements.csv``: one row per instance (area, length, width, score, ...)
-  with the plane index;
+  with the plane index; with ``--measure-channel w1=_w2_:_w1_`` also each instance's mean
+  intensity in another channel's file found beside the input (``mean_w1``: BBBC010's
+  Sytox stain) and, for the ``--dead-channel`` (default ``w1``), the live/dead call
+  (``dead``);
 - with ``--save-maps``: ``<name>_embeddings.tif`` (D, H, W), ``<name>_seediness.tif``,
   ``<name>_boundary.tif`` and ``<name>_foreground.tif`` (H, W), float32, each with a
   leading plane axis for a stack.
@@ -125,6 +128,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--channel-axis", type=int, help="axis of the stored array that holds the channels"
+    )
+    parser.add_argument(
+        "--measure-channel",
+        action="append",
+        type=measure_channel_arg,
+        metavar="NAME=FROM:TO",
+        help="also measure each instance's mean intensity in another channel, a file beside "
+        "each input named by replacing FROM with TO in the input's name (that name exactly, "
+        "else the one file that starts with the name up to TO and has the input's "
+        "extension); a column mean_NAME; repeatable. BBBC010's Sytox stain: "
+        "--measure-channel w1=_w2_:_w1_ (a channel named as --dead-channel adds the "
+        "live/dead call)",
+    )
+    parser.add_argument(
+        "--dead-channel",
+        default="w1",
+        help="the --measure-channel whose stain marks dead worms: adds a column dead "
+        "(default w1, BBBC010's Sytox)",
     )
     batch = parser.add_argument_group("batch into OME-Zarr (--out ending in .zarr)")
     batch.add_argument(
@@ -298,6 +319,84 @@ def _load_model(weights: str | None, device: str):
     return load_model(weights, device=get_device(device))
 
 
+def measure_channel_arg(text: str) -> tuple[str, str, str]:
+    """``NAME=FROM:TO`` of ``--measure-channel`` as (name, from, to)."""
+    name, eq, rule = text.partition("=")
+    old, colon, new = rule.partition(":")
+    if not (eq and colon and name.strip() and old and new) or old == new:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=FROM:TO (e.g. w1=_w2_:_w1_: the channel w1 is the file named like "
+            f"the input with _w2_ replaced by _w1_), got {text!r}"
+        )
+    return name.strip(), old, new
+
+
+def find_channel_file(path: Path, old: str, new: str) -> Path:
+    """The file of another channel beside ``path``: its name with ``old`` replaced by ``new``.
+
+    That name exactly when such a file exists; else the one file in the same folder whose
+    name starts with the name up to ``new`` and ends with the input's extension (BBBC010's
+    channels differ in a random suffix: ``..._A01_w2_<GUID>.tif``, ``..._A01_w1_<GUID>.tif``).
+
+    Parameters
+    ----------
+    path : Path
+        The input image.
+    old, new : str
+        What to replace in its file name, and by what.
+
+    Returns
+    -------
+    Path
+        The channel's file.
+
+    Raises
+    ------
+    ValueError
+        If the name has no ``old``, or several files fit.
+    FileNotFoundError
+        If no file fits.
+    """
+    import glob
+
+    name = path.name
+    at = name.find(old)
+    if at < 0:
+        raise ValueError(f"its name has no {old!r} to replace by {new!r} for the channel file")
+    exact = path.with_name(name[:at] + new + name[at + len(old) :])
+    if exact.is_file():
+        return exact
+    prefix = name[:at] + new
+    pattern = glob.escape(prefix) + "*" + glob.escape(path.suffix)
+    found = sorted(p for p in path.parent.glob(pattern) if p.is_file() and p != path)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise FileNotFoundError(
+            f"no channel file: neither {exact.name} nor {prefix}*{path.suffix} in {path.parent}"
+        )
+    names = ", ".join(p.name for p in found[:4])
+    raise ValueError(f"several files could be its channel ({names}): make FROM:TO more specific")
+
+
+def _read_channels(args: argparse.Namespace, path: Path, planes: int) -> dict[str, np.ndarray]:
+    """The ``--measure-channel`` images of one input, each (planes, H, W)."""
+    from ..core.io import read_image
+
+    channels = {}
+    for name, old, new in args.measure_channel or ():
+        file = find_channel_file(path, old, new)
+        data = read_image(file)  # (N, C, H, W)
+        if data.shape[1] != 1:
+            raise ValueError(f"channel {name} ({file.name}) has {data.shape[1]} channels, not 1")
+        if len(data) not in (1, planes):
+            raise ValueError(
+                f"channel {name} ({file.name}) has {len(data)} planes; the image has {planes}"
+            )
+        channels[name] = np.broadcast_to(data[:, 0], (planes, *data.shape[-2:]))
+    return channels
+
+
 def _segmenter():
     try:
         from ..core.instances import segment
@@ -378,6 +477,7 @@ def _predict_one(args: argparse.Namespace, path: Path, name: str, model, segment
 
     t0 = time.perf_counter()
     stack = read_image(path, channel_axis=args.channel_axis)  # (N, C, H, W)
+    channels = _read_channels(args, path, len(stack))
     in_channels = model.config.in_channels
     labels, maps, tables, n_instances = [], {k: [] for k in _MAPS}, [], 0
     scales: list[float] = []
@@ -402,7 +502,10 @@ def _predict_one(args: argparse.Namespace, path: Path, name: str, model, segment
             for key in _MAPS:
                 maps[key].append(getattr(prediction, key).astype(np.float32))
         if measure is not None:
-            table = pd.DataFrame(measure(instances, image=image))
+            extra = {name: planes[plane] for name, planes in channels.items()}
+            table = pd.DataFrame(
+                measure(instances, image=image, channels=extra, dead_channel=args.dead_channel)
+            )
             table.insert(0, "plane", plane)
             table.insert(0, "image", path.name)
             tables.append(table)
@@ -453,7 +556,9 @@ _BATCH_ONLY = {
     "chunk_size": 1024, "halo": 64, "scheduler": None, "workers": None, "threads": None,
     "measurements": "csv", "resume": True,
 }  # fmt: skip
-_PLAIN_ONLY = {"tile_size": 1024, "cache": None, "overwrite": False}
+_PLAIN_ONLY = {
+    "tile_size": 1024, "cache": None, "overwrite": False, "measure_channel": None,
+}  # fmt: skip
 
 
 def _warn_ignored(args: argparse.Namespace, batch: bool) -> None:
