@@ -238,3 +238,34 @@ def test_cli_evaluate_wells_names_training_folder_images(tmp_path, capsys):
     assert main([*args, "--wells", "synthetic-9"]) == 1
     err = capsys.readouterr().err
     assert "no ground-truth images named by --wells synthetic-9 found in" in err
+
+
+def test_cli_evaluate_with_a_model_predicts_and_scores_as_the_api_does(tmp_path, capsys):
+    """``evaluate --model``: predict, segment and score in one go, the API's numbers."""
+    from napari_instseg import load_model, predict, segment
+    from napari_instseg.cli import main
+    from napari_instseg.core.synthetic import make_worms
+    from napari_instseg.core.training_folder import write_training_folder
+
+    samples = [
+        make_worms(shape=(192, 256), n_worms=4, n_crossings=1, n_touching=0, seed=s)
+        for s in (1, 2)
+    ]
+    for i, sample in enumerate(samples):
+        sample.name = f"plate-{i}"
+    write_training_folder(tmp_path / "mine", samples)
+    out = tmp_path / "r.json"
+    argv = ["evaluate", "--gt", str(tmp_path / "mine"), "--model", "default", "--tta", "1"]
+    assert main([*argv, "--device", "cpu", "--method", "auto", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "plate-0:" in printed and "plate-1:" in printed  # one line per image predicted
+    res = json.loads(out.read_text())
+    model = load_model()
+    found = [segment(predict(s.image, model, "cpu", tta=1), method="auto") for s in samples]
+    expected = evaluate(found, [s.masks for s in samples])
+    assert res["n_images"] == 2 and res["n_pred"] == expected["n_pred"] > 0
+    for key in ("AP", "AP50", "avS"):
+        assert res[key] == pytest.approx(expected[key])
+    # weights that are not there: one clear line, status 1
+    assert main([*argv, "--model", str(tmp_path / "none.safetensors")]) == 1
+    assert "none.safetensors" in capsys.readouterr().err
