@@ -445,3 +445,64 @@ def test_finetune_cli_says_what_it_replayed(export, parent, replay_folder, capsy
     assert main([*argv, "--replay-fraction", "0.3"]) == 0
     out = capsys.readouterr().out
     assert f"replay: {replay_folder.resolve()} (old-0,old-1), 30% of the crops" in out
+
+
+def test_finetune_refuses_folders_with_no_reviewed_worm(tmp_path, parent, capsys):
+    """No worm reviewed: the loss would see background only. Said, as the widget says it."""
+    from napari_instseg.cli import main
+
+    samples = [
+        dataclasses.replace(
+            make_worms((96, 96), n_worms=2, length=(40, 60), n_crossings=0, seed=i),
+            name=f"unchecked-{i}",
+            reviewed=np.zeros(2, bool),
+        )
+        for i in range(2)
+    ]
+    folder = write_training_folder(tmp_path / "unchecked", samples, model="parent")
+    with pytest.raises(
+        ValueError, match="none of the 4 worms in these folders is marked reviewed"
+    ):
+        finetune(folder, parent, steps=1, device="cpu")
+    assert not (folder / "models").exists()  # no version made
+    argv = ["finetune", str(folder), "--model", str(parent), "--steps", "1", "--device", "cpu"]
+    assert main(argv) == 1
+    assert "nothing to learn from" in capsys.readouterr().err
+    # one reviewed worm is enough to learn from
+    samples[1].reviewed[0] = True
+    write_training_folder(folder, samples[1:], model="parent", overwrite=True)
+    version = finetune(folder, parent, steps=1, batch_size=1, crop_size=48, device="cpu")
+    assert version.path.is_file()
+
+
+def test_a_second_round_replays_what_the_first_replayed(export, parent, replay_folder, tmp_path):
+    """Round 2 from a fine-tuned parent replays round 1's replay images, not the corrections.
+
+    A fine-tuned model's ``training.data`` is the user's own export, which round 2 trains on
+    again; replaying it would leave the images the chain started from out.
+    """
+    from napari_instseg.core.finetune import parent_training_data
+
+    meta = read_metadata(parent)
+    meta["training"] = {"data": [str(replay_folder)], "train_wells": "old-0,old-1"}
+    save_model(load_model(parent), parent, meta)
+    common = {"steps": 1, "batch_size": 1, "crop_size": 48, "device": "cpu"}
+    first = finetune(export, parent, **common)
+    recorded = read_metadata(first.path)["finetune"]["replay"]
+    assert recorded["folders"] == [str(replay_folder.resolve())]
+    # the version's own training data is the export
+    assert read_metadata(first.path)["training"]["data"] == [str(export)]
+    assert parent_training_data(first.path) == ([replay_folder.resolve()], "old-0,old-1")
+    second = finetune(export, first.path, **common)
+    again = read_metadata(second.path)["finetune"]["replay"]
+    assert again["folders"] == [str(replay_folder.resolve())]
+    assert again["names"] == "old-0,old-1"
+    # a round whose parent did not replay looks further up the chain
+    third = finetune(export, second.path, replay=None, **common)
+    assert read_metadata(third.path)["finetune"]["replay"] is None
+    assert parent_training_data(third.path) == ([replay_folder.resolve()], "old-0,old-1")
+    # the images trained on now are never replayed as well
+    meta["training"] = {"data": [str(export)], "train_wells": ""}
+    save_model(load_model(parent), parent, meta)
+    fourth = finetune(export, parent, **common)
+    assert read_metadata(fourth.path)["finetune"]["replay"] is None

@@ -120,6 +120,16 @@ def test_tiny_run_then_resume(data, tmp_path):
     # 5-8 px wide, tapering to their ends
     assert 3.0 < model.metadata["object_width"] < 8.0
 
+    # every file of the run is readable by others as the weights are (a colleague resumes)
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    if umask & 0o044 == 0:
+        for path in out.iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, path.name
+
     # resume: raising the epochs continues at epoch 3, the log keeps its first rows
     first_rows = rows
     train(tiny_config(data, out, epochs=3), progress=False)

@@ -354,13 +354,28 @@ def finetune(
                 f"the training images of {parent.name} are not on this computer "
                 f"(recorded: {(parent_meta.get('training') or {}).get('data')})"
             )
-        replay_folders, replay_names = [str(f) for f in found[0]], found[1]
+        # images trained on now are not replayed as well (a fine-tuned parent's own data)
+        training_now = {Path(d).resolve() for d in data}
+        kept = [f for f in found[0] if Path(f).resolve() not in training_now]
+        replay_folders = [str(f) for f in kept]
+        replay_names = found[1] if kept else ""
     elif replay:
         replay_folders = folder_list(replay, "replay")
         gone = [f for f in replay_folders if not Path(f).is_dir()]
         if gone:
             raise FileNotFoundError(f"replay folder(s) not found: {gone}")
     samples = load_samples(list(data), None)
+    worms = sum(s.n_instances for s in samples)
+    trusted = sum(
+        s.n_instances if s.reviewed is None else int(np.count_nonzero(s.reviewed)) for s in samples
+    )
+    if worms and not trusted:
+        raise ValueError(
+            f"nothing to learn from: none of the {worms} worms in these folders is marked "
+            "reviewed, and fine-tuning learns only from reviewed worms (the others are left "
+            "out of the loss); mark the worms you checked as reviewed (K in the widget) and "
+            "export again"
+        )
     names = [s.name for s in samples]
     bad = [n for n in names if "," in n]
     if bad:
@@ -480,12 +495,17 @@ def finetune(
     return version
 
 
-def parent_training_data(weights: str | Path) -> tuple[list[Path], str] | None:
+def parent_training_data(weights: str | Path, _depth: int = 0) -> tuple[list[Path], str] | None:
     """The training images a model was trained on, if they are on this computer.
 
     Reads ``training.data`` and ``training.train_wells`` from the weights' metadata.
     Relative folders are tried from the current directory and from the folders above the
     weights file (a run folder or the package's ``weights/`` sits below the project).
+
+    A fine-tuned model's ``training.data`` are a user's corrections, which a next round
+    trains on again: its images to replay are those it replayed itself (recorded under
+    ``finetune.replay``), else its parent's, and so on up the chain, so every round keeps
+    the images the chain started from.
 
     Parameters
     ----------
@@ -499,7 +519,20 @@ def parent_training_data(weights: str | Path) -> tuple[list[Path], str] | None:
         nothing is recorded.
     """
     weights = Path(weights)
-    training = read_metadata(weights).get("training") or {}
+    meta = read_metadata(weights)
+    tuned = meta.get("finetune")
+    if isinstance(tuned, dict):
+        replayed = tuned.get("replay") or {}
+        if replayed.get("folders"):
+            folders = [Path(f) for f in replayed["folders"]]
+            if all(f.is_dir() for f in folders):
+                return [f.resolve() for f in folders], str(replayed.get("names") or "")
+            return None
+        above = (meta.get("parent") or {}).get("path")
+        if above and Path(above).is_file() and Path(above).resolve() != weights.resolve():
+            return parent_training_data(above, _depth + 1) if _depth < 16 else None
+        return None
+    training = meta.get("training") or {}
     recorded = training.get("data") or []
     if not recorded:
         return None

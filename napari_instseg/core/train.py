@@ -939,6 +939,7 @@ def _save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
     meta["param_groups"] = opt_state["param_groups"]
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+    os.chmod(tmp, 0o644)  # as the weights beside it: a colleague may resume the run
     os.replace(tmp, path)
 
 
