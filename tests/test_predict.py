@@ -970,6 +970,11 @@ def test_cli_predict_measures_another_channel_and_calls_dead_worms(tmp_path, cap
     err = capsys.readouterr().err
     assert "plate_A02_w2_77AA.tif: no channel file: neither plate_A02_w1_77AA.tif nor " in err
     assert "plate_A01_w1_9B2E.tif: its name has no '_w2_' to replace by '_w1_'" in err
+    # the stain file among the inputs: said before any work, with what to do instead
+    assert "plate_A01_w1_9B2E.tif: BBBC010's Sytox fluorescence (w1), not the bright-field" in err
+    assert "leave them out of the inputs" in err
+    assert main([*argv[:1], str(stain_file), *argv[3:], "--overwrite"]) == 0
+    assert "measure these with --measure-channel w1=_w2_:_w1_" in capsys.readouterr().err
     # a spec that is not NAME=FROM:TO is refused before any work
     with pytest.raises(SystemExit):
         main([*argv, "--measure-channel", "w1=_w2_"])

@@ -681,3 +681,28 @@ def test_cli_train_no_amp_and_the_device_it_runs_on(data, tmp_path, capsys):
     if not torch.cuda.is_available():  # asking for a GPU that is not there: one clear line
         assert main(["train", "--config", str(config), "--device", "cuda"]) == 1
         assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_cli_train_says_when_it_resumes_or_has_nothing_to_do(data, tmp_path, capsys):
+    from napari_instseg.cli import main
+    from napari_instseg.core.train import checkpoint_epoch
+
+    config = tmp_path / "tiny.toml"
+    out = tmp_path / "run"
+    tiny_config(data, out, epochs=1, val_wells="").to_toml(config)
+    argv = ["train", "--config", str(config), "--no-progress"]
+    assert checkpoint_epoch(out) is None
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "resuming" not in printed and "already" not in printed
+    assert checkpoint_epoch(out) == 1
+    assert main(argv) == 0  # again: the run is complete
+    assert "has finished its 1 epochs already: nothing to train" in capsys.readouterr().out
+    assert main([*argv, "--epochs", "2"]) == 0
+    assert "resuming after epoch 1 from its checkpoint" in capsys.readouterr().out
+    assert checkpoint_epoch(out) == 2
+    assert main([*argv, "--no-resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "resuming" not in printed and "already" not in printed
+    (out / "last.ckpt.safetensors").write_bytes(b"not a checkpoint")
+    assert checkpoint_epoch(out) is None

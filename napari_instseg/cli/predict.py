@@ -397,6 +397,29 @@ def _read_channels(args: argparse.Namespace, path: Path, planes: int) -> dict[st
     return channels
 
 
+def _warn_stain_inputs(inputs: list[Path], measure_channel: list | None) -> None:
+    """Say on stderr which inputs are BBBC010 Sytox (w1) files, which the model does not read.
+
+    The shipped model segments bright-field (w2): on the fluorescence it finds nothing.
+    """
+    from ..core.io import bbbc010_channel
+
+    stains = [p for p in inputs if bbbc010_channel(p) == "w1"]
+    if not stains:
+        return
+    named = ", ".join(p.name for p in stains[:3]) + (" ..." if len(stains) > 3 else "")
+    hint = (
+        "leave them out of the inputs (e.g. images/*_w2_*.tif)"
+        if measure_channel
+        else "predict the _w2_ files and measure these with --measure-channel w1=_w2_:_w1_"
+    )
+    print(
+        f"napari-instseg predict: warning: {named}: BBBC010's Sytox fluorescence (w1), not "
+        f"the bright-field (w2) the model segments; {hint}",
+        file=sys.stderr,
+    )
+
+
 def _segmenter():
     try:
         from ..core.instances import segment
@@ -449,6 +472,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"several inputs would write the same outputs: {repeated}")
     if args.tile_size < 16:
         raise ValueError("--tile-size must be at least 16")
+    _warn_stain_inputs(args.inputs, args.measure_channel)
     segment, measure = _segmenter(), _measurer()
     suffixes = ["labels.tif"] + (["measurements.csv"] if measure is not None else [])
     # maps of an earlier --save-maps run count too: new labels beside them would not match

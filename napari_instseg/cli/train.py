@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         0 on success.
     """
     from ..core.device import get_device
-    from ..core.train import hardware_description, train
+    from ..core.train import checkpoint_epoch, hardware_description, train
 
     config = build_config(args)
     for folder in config.data:
@@ -153,6 +153,14 @@ def run(args: argparse.Namespace) -> int:
     # the device resolved here, so that "auto" falling back to the CPU is seen at once
     where = hardware_description(get_device(config.device))
     print(f"training into {config.out} (epochs {config.epochs}, device {config.device}: {where})")
+    done = None if args.no_resume else checkpoint_epoch(config.out)
+    if done is not None and done >= config.epochs:
+        print(
+            f"the run in {config.out} has finished its {done} epochs already: nothing to train "
+            "(raise --epochs to go on, or --no-resume to start afresh)"
+        )
+    elif done is not None:
+        print(f"resuming after epoch {done} from its checkpoint (--no-resume starts afresh)")
     best = train(config, resume=not args.no_resume, progress=not args.no_progress)
     print(f"best weights: {best}")
     return 0

@@ -24,6 +24,24 @@ from .types import Sample
 _BBBC010_IMAGE = re.compile(r"_(?P<well>[A-P]\d{2})_(?P<channel>w[12])_[0-9A-Fa-f-]+\.tif{1,2}$")
 _BBBC010_MASK = re.compile(r"^(?P<well>[A-P]\d{2})_(?P<index>\d+)_ground_truth\.png$")
 
+
+def bbbc010_channel(path: str | Path) -> str | None:
+    """BBBC010's channel of a file by its name: ``"w2"`` (bright-field), ``"w1"`` (Sytox), None.
+
+    Parameters
+    ----------
+    path : str or Path
+        A file.
+
+    Returns
+    -------
+    str or None
+        The channel when the name is BBBC010's (``..._<WELL>_w<N>_<GUID>.tif``).
+    """
+    m = _BBBC010_IMAGE.search(Path(path).name)
+    return m["channel"] if m else None
+
+
 #: File name endings read by :func:`read_image`, by reader.
 TIFF_SUFFIXES = (".tif", ".tiff")
 PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")

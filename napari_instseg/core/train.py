@@ -23,6 +23,7 @@ import numpy as np
 import tomli_w
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from scipy import ndimage
 from tqdm.auto import tqdm
@@ -941,6 +942,31 @@ def _save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
     save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
     os.chmod(tmp, 0o644)  # as the weights beside it: a colleague may resume the run
     os.replace(tmp, path)
+
+
+def checkpoint_epoch(out: str | Path) -> int | None:
+    """Epochs done by the run in ``out`` as its checkpoint records, or None without one.
+
+    Parameters
+    ----------
+    out : str or Path
+        A run folder (``TrainConfig.out``).
+
+    Returns
+    -------
+    int or None
+        What a resumed run starts after (its metadata only is read).
+    """
+    from safetensors import safe_open
+
+    path = Path(out) / "last.ckpt.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return int(json.loads(handle.metadata()["state"])["epoch"])
+    except (OSError, KeyError, ValueError, TypeError, SafetensorError):  # not one of ours
+        return None
 
 
 def _load_checkpoint(path: Path, model, optimizer) -> dict:
