@@ -1863,3 +1863,56 @@ def test_blocking_run_prepares_what_the_first_click_needs(widget, worms, qtbot, 
     click(qtbot, widget.viewer, r, c)
     assert len(calls) == 1  # the click used the segments made by the run
     assert iou(session.labels_layer.data == 1, worms.masks[0]) > 0.8
+
+
+def _error_notifications():
+    from napari.utils.notifications import ErrorNotification, notification_manager
+
+    return [n for n in notification_manager.records if isinstance(n, ErrorNotification)]
+
+
+def test_a_failed_run_model_is_said_once_and_the_widget_is_usable_again(
+    widget, worms, qtbot, monkeypatch
+):
+    """A worker's error: one status line (what failed, what to do), no traceback, no re-raise.
+
+    Without an ``errored`` handler given when the worker is made, superqt re-raised the
+    error in the main thread (a traceback notification in napari, an aborted process in a
+    script without ``napari.run()``) beside the widget's own status line.
+    """
+    before = len(_error_notifications())
+    good = compute.predict_image
+
+    def missing(image, model=None, device="auto", progress=None, tta=1, scale=1.0):
+        raise FileNotFoundError("Model weights file not found: /nonexistent/x.safetensors")
+
+    monkeypatch.setattr(compute, "predict_image", missing)
+    worker = widget.run_model()
+    assert worker is not None and not widget.run_btn.isEnabled()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=10_000)
+    qtbot.wait(50)  # napari's later ``finished``
+    text = widget.status.text()
+    assert text.startswith("Prediction failed: Model weights file not found: /nonexistent/")
+    assert "weights file" in text.split("safetensors", 1)[1]  # what to do
+    assert widget.run_btn.isEnabled() and not widget.cancel_btn.isEnabled()
+    assert widget.progress_bar.isHidden()
+    assert len(_error_notifications()) == before  # said once: no traceback notification
+
+    # the widget is usable again: the model runs, then Segment all fails the same way
+    monkeypatch.setattr(compute, "predict_image", good)
+    assert widget.run_model(blocking=True) is not None
+    import napari_instseg.core.pick as pick
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(pick, "segment_all", broken)
+    worker = widget.segment()
+    assert worker is not None and not widget.segment_btn.isEnabled()
+    qtbot.waitUntil(lambda: widget.segment_worker is None, timeout=10_000)
+    qtbot.wait(50)
+    text = widget.status.text()
+    assert text.startswith("Segmentation failed: RuntimeError: out of memory. ")
+    assert "Segment all" in text.split("memory", 1)[1]
+    assert widget.segment_btn.isEnabled() and widget.progress_bar.isHidden()
+    assert len(_error_notifications()) == before

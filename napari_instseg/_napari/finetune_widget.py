@@ -10,11 +10,9 @@ widget listens to (its model list gains the version).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from napari.qt.threading import thread_worker
 from napari.utils import progress
 from psygnal import Signal
 from qtpy.QtCore import QObject, QPointF, Qt
@@ -36,6 +34,7 @@ from qtpy.QtWidgets import (
 )
 
 from .layers import real_viewer
+from .workers import failure_message, make_worker
 
 PARENT_SHIPPED = "shipped model (BBBC010 bright-field)"
 PARENT_FILE = "weights file..."
@@ -74,13 +73,6 @@ class _ModelVersions:
 
 #: Emitted with the weights path of every version a fine-tune widget produces.
 model_versions = _ModelVersions()
-
-
-@dataclass(frozen=True)
-class _Failure:
-    """What the worker returns when fine-tuning raised (superqt re-raises returned errors)."""
-
-    error: Exception
 
 
 def reviewed_counts(folder: str | Path) -> tuple[int, int, int] | None:
@@ -161,9 +153,15 @@ class _Run(QObject):
         for this one.
         """
         try:
-            if not isinstance(result, _Failure):
-                model_versions.trained.emit(str(result.path))
+            model_versions.trained.emit(str(result.path))
             self._tell("_on_done", result)
+        finally:
+            self.on_finished()
+
+    def on_errored(self, error: Exception) -> None:
+        """Fine-tuning raised: say it in the panel (once), end the run."""
+        try:
+            self._tell("_on_error", error)
         finally:
             self.on_finished()
 
@@ -491,17 +489,11 @@ class FinetuneWidget(QWidget):
             # training on, unseen, for all the steps asked (asked after every step)
             return run.stop or bool(getattr(run.worker, "abort_requested", False))
 
-        @thread_worker
         def work() -> Any:
-            # errors come back as values: shown in the widget, never lost in a log
-            try:
-                return finetune(
-                    folders, parent, callback=callback, should_stop=stop_asked, **kwargs
-                )
-            except Exception as err:  # noqa: BLE001 - any failure is reported to the user
-                return _Failure(err)
+            return finetune(folders, parent, callback=callback, should_stop=stop_asked, **kwargs)
 
-        self.worker = run.worker = work()
+        # an error is said once in the panel's status line, not re-raised (make_worker)
+        self.worker = run.worker = make_worker(work, run.on_errored)
         self.worker.returned.connect(run.on_returned)
         self.worker.finished.connect(run.on_finished)
         self.start_button.setEnabled(False)
@@ -528,9 +520,6 @@ class FinetuneWidget(QWidget):
         )
 
     def _on_done(self, version: Any) -> None:
-        if isinstance(version, _Failure):
-            self._on_error(version.error)
-            return
         self.version = version
         early = "Stopped early: " if self._run is not None and self._run.stop else ""
         unjudged = (
@@ -546,7 +535,13 @@ class FinetuneWidget(QWidget):
 
     def _on_error(self, error: Exception) -> None:
         self.last_error = f"{type(error).__name__}: {error}"
-        self.status.setText(f"Fine-tuning failed: {self.last_error}")
+        self.status.setText(
+            failure_message(
+                "Fine-tuning",
+                error,
+                "Check the folders listed and the parent model, then Fine-tune again.",
+            )
+        )
 
     def _on_finished(self, run: _Run | None = None) -> None:
         if run is not None and run is not self._run:

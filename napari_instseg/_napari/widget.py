@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 from napari.layers import Image, Labels
-from napari.qt.threading import thread_worker
 from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
@@ -55,6 +54,7 @@ from .session import (
     live_sessions,
     recorded_scale,
 )
+from .workers import failure_message, make_worker
 
 #: Click tools: key -> (shortcut key, button text, help).
 TOOLS: dict[str, tuple[str, str, str]] = {
@@ -1165,7 +1165,6 @@ class InstSegWidget(QWidget):
                 raise compute.Cancelled
             self._progress_state = (args, kwargs)  # the main thread's timer shows it
 
-        @thread_worker
         def work() -> Any:
             try:
                 prediction = compute.cached_predict(
@@ -1180,12 +1179,12 @@ class InstSegWidget(QWidget):
             self._progress_state = ((), {"stage": "preparing layers"})
             return prediction, prepare_layers(prediction, tau)
 
-        worker = work()
+        # an error is said once in the status line (not re-raised: see make_worker)
+        worker = make_worker(work, lambda err: self._on_prediction_error(err, worker))
         # the worker is let go as soon as its result (or error) is handled: napari emits
         # ``finished`` after ``returned``, and a Run model in between must not be told
         # that the model is still running; a late signal of an old worker is ignored
         worker.returned.connect(lambda result: self._on_predicted(session, result, name, worker))
-        worker.errored.connect(lambda e: self._on_prediction_error(e, worker))
         worker.finished.connect(lambda: self._on_worker_finished(worker))
         self.worker = worker
         self.run_btn.setEnabled(False)
@@ -1223,11 +1222,17 @@ class InstSegWidget(QWidget):
             self._on_worker_finished(worker)
 
     def _on_prediction_error(self, err: Exception, worker: Any = None) -> None:
-        self._on_worker_error("Prediction", err)
-        self._on_worker_finished(worker)
-
-    def _on_worker_error(self, what: str, err: Exception) -> None:
-        self._say(f"{what} failed: {err}")
+        """The prediction worker raised: say so once, make Run model usable again."""
+        try:
+            if isinstance(err, FileNotFoundError):
+                todo = "Choose another weights file (Browse...) or the shipped model."
+            elif isinstance(err, (MemoryError, RuntimeError)):
+                todo = "Try TTA off, a smaller scale or device cpu, then Run model again."
+            else:
+                todo = "Check the image and the model choice, then Run model again."
+            self._say(failure_message("Prediction", err, todo))
+        finally:
+            self._on_worker_finished(worker)
 
     # ------------------------------------------------------------- progress
     def _start_bar(self, what: str) -> None:
@@ -1269,7 +1274,9 @@ class InstSegWidget(QWidget):
         if worker is not None and worker is not self.worker:
             return  # an earlier run's late signal, or handled already
         self._tick_bar()
-        if self._showing is None:
+        # the bar stays for a prediction's layers still being shown, not for the empty
+        # map layers of a chosen image (a run that failed or was cancelled shows none)
+        if self._showing is None or self._showing[2]:
             self._stop_bar()
         self.worker = None
         self.run_btn.setEnabled(True)
@@ -1406,13 +1413,24 @@ class InstSegWidget(QWidget):
             self._after_segment(n)
             return n
 
-        @thread_worker
         def work() -> Any:
             return segment(session.prediction, method=method, **params)
 
+        def errored(err: Exception) -> None:
+            try:
+                self._say(
+                    failure_message(
+                        "Segmentation",
+                        err,
+                        "Try another method or other parameters, then Segment all again.",
+                    )
+                )
+            finally:
+                self._segment_finished(worker)
+
         self._progress_state = None
         self._start_bar(f"{method} segmentation")
-        worker = work()
+        worker = make_worker(work, errored)  # an error is said once, not re-raised
 
         def returned(found: Any) -> None:
             try:
@@ -1420,15 +1438,10 @@ class InstSegWidget(QWidget):
             finally:
                 self._segment_finished(worker)
 
-        def errored(err: Exception) -> None:
-            self._on_worker_error("Segmentation", err)
-            self._segment_finished(worker)
-
         # as for Run model: the button comes back once the result is in, not at napari's
         # later ``finished`` (a click in between was lost); a late signal of an earlier
         # segmentation leaves a newer one's button and bar alone
         worker.returned.connect(returned)
-        worker.errored.connect(errored)
         worker.finished.connect(lambda: self._segment_finished(worker))
         self.segment_worker = worker
         self.segment_btn.setEnabled(False)
