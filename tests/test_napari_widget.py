@@ -1916,3 +1916,66 @@ def test_a_failed_run_model_is_said_once_and_the_widget_is_usable_again(
     assert "Segment all" in text.split("memory", 1)[1]
     assert widget.segment_btn.isEnabled() and widget.progress_bar.isHidden()
     assert len(_error_notifications()) == before
+
+
+def test_export_records_the_method_auto_chose_its_parameters_and_the_model_hash(
+    widget, worms, monkeypatch, tmp_path
+):
+    """Provenance: the method ``auto`` resolved to, every parameter used, ``name@sha``.
+
+    The manifest recorded ``{"method": "auto"}`` (only the boxes switched off) and
+    ``"model": "shipped"``, though the user guide promises the method and its parameters
+    and data-format shows a model as ``name@sha``.
+    """
+    import dataclasses
+    import inspect
+    import json
+
+    from napari_instseg.core import instances
+
+    sha = "6ec1e05110fcd58b38cb07946043812273bb8ca34ffcfca13e2a98489d8c536a"
+    oracle = prediction_from_masks(worms.masks, noise=0.1)
+    tuned = {"boundary": {"min_size": 40, "boundary_threshold": 0.8}}
+    prediction = dataclasses.replace(
+        oracle,
+        metadata={
+            **oracle.metadata,
+            "model": "bbbc010",
+            "model_sha256": sha,
+            "recommended_method": "boundary",
+            "segment_params": tuned,
+        },
+    )
+    monkeypatch.setattr(compute, "predict_image", lambda image, **kwargs: prediction)
+    widget.run_model(blocking=True)
+    assert widget.method_combo.currentText() == "auto"
+    widget.untangle.setChecked(False)
+    assert widget.segment(blocking=True) > 0
+    out = widget.export(tmp_path / "out")
+    entry = json.loads((out / "manifest.json").read_text())["images"]["worms image"]
+    assert entry["model"] == entry["metadata"]["model"] == "bbbc010@6ec1e051"
+    seg = entry["metadata"]["segmentation"]
+    assert seg["method"] == "boundary" and seg["requested"] == "auto"
+    params = seg["params"]
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(instances.segment_boundary).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    assert set(defaults) <= set(params)  # every parameter, not only the ones changed
+    assert params["min_size"] == 40 and params["boundary_threshold"] == 0.8  # tuned
+    assert params["untangle_factor"] == 0.0  # the box switched off
+    for name in set(defaults) - {"min_size", "boundary_threshold", "untangle_factor"}:
+        assert params[name] == json.loads(json.dumps(defaults[name])), name
+    # no contrast in this prediction: no outline refinement was made, none is recorded
+    assert params["edge_thresholds"] is None and "blob_filter" in params
+
+    # a method chosen by hand: it, and the fields' values
+    widget.method_combo.setCurrentText("seeds")
+    widget.min_size.setValue(33)
+    widget.segment(blocking=True)
+    widget.export(tmp_path / "out", overwrite=True)
+    entry = json.loads((out / "manifest.json").read_text())["images"]["worms image"]
+    seg = entry["metadata"]["segmentation"]
+    assert seg["method"] == seg["requested"] == "seeds"
+    assert seg["params"]["min_size"] == 33 and "min_score" in seg["params"]

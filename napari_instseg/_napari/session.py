@@ -1548,7 +1548,7 @@ class Session:
             Keep instances a person edited or reviewed; found instances lying mostly
             (> 50 %) on them are dropped.
         method : dict, optional
-            Method and parameters, kept for provenance.
+            Method and parameters, kept for provenance (see :func:`segmentation_record`).
 
         Returns
         -------
@@ -1725,7 +1725,8 @@ class Session:
     def to_sample(self, name: str | None = None) -> Sample:
         """The image and instances as a training :class:`~napari_instseg.core.types.Sample`.
 
-        Reviewed flags, classes and provenance (model, method, date) are included, and
+        Reviewed flags, classes and provenance (model as ``name@sha``, segmentation method
+        and every parameter used, date) are included, and
         the scale of the prediction when it was made at another one (training then
         resizes the sample by it, see :func:`~napari_instseg.core.scale.at_recorded_scale`).
         """
@@ -1745,7 +1746,7 @@ class Session:
                 "source": str(
                     getattr(getattr(self.image_layer, "source", None), "path", "") or ""
                 ),
-                "model": self.model_name,
+                "model": model_label(self.prediction, self.model_name),
                 "segmentation": self.last_method,
                 "origins": [w.origin for w in worms],
                 "edited": [bool(w.edited) for w in worms],
@@ -1883,3 +1884,76 @@ def export_conflict(root: Any, name: str) -> str:
             return f"{root} already holds an image named {name!r}"
         return ""
     return f"{root} is not empty and is not a training folder"
+
+
+def model_label(prediction: Any, fallback: str = "") -> str:
+    """The model a prediction came from as an export records it: ``name@sha256-prefix``.
+
+    Parameters
+    ----------
+    prediction : Prediction or None
+        Its metadata holds the weights' ``model`` name and ``model_sha256`` (``predict``
+        copies them from the weights' metadata).
+    fallback : str
+        The name when the prediction records none (e.g. the widget's ``shipped``).
+
+    Returns
+    -------
+    str
+        e.g. ``"bbbc010@6ec1e051"`` (the first 8 hex digits of the weights' sha256); the
+        name alone when no hash is known, ``fallback`` when no name is.
+    """
+    meta = getattr(prediction, "metadata", None) or {}
+    name = str(meta.get("model") or fallback or "")
+    sha = str(meta.get("model_sha256") or "")
+    return f"{name}@{sha[:8]}" if name and sha else name
+
+
+def segmentation_record(prediction: Any, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The method and every parameter a segmentation used, for an export's provenance.
+
+    Follows :func:`napari_instseg.core.instances.segment`: ``"auto"`` is the model's
+    ``recommended_method`` (else ``"hybrid"``), and the parameters are the method's
+    defaults, overridden by those tuned for the model, overridden by ``params``. A tuned
+    outline refinement is skipped for a prediction without the image contrast, so it is
+    recorded as ``None`` then.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        The prediction segmented.
+    method : str
+        The method asked for (``"auto"``, ``"seeds"``, ``"boundary"`` or ``"hybrid"``).
+    params : dict
+        The parameters passed with it.
+
+    Returns
+    -------
+    dict
+        ``{"method": resolved, "requested": method, "params": {...}}``.
+    """
+    import inspect
+
+    from ..core import instances
+    from ..core.edges import DEFAULT_SOLIDITY_RANGE
+
+    meta = getattr(prediction, "metadata", None) or {}
+    resolved = str(meta.get("recommended_method") or "hybrid") if method == "auto" else method
+    func = getattr(instances, f"segment_{resolved}", None)
+    used: dict[str, Any] = {}
+    if func is not None:
+        used = {
+            name: p.default
+            for name, p in list(inspect.signature(func).parameters.items())[1:]
+            if p.default is not inspect.Parameter.empty
+        }
+    used.update(
+        blob_filter=None,
+        edge_thresholds=None,
+        edge_solidity=DEFAULT_SOLIDITY_RANGE,
+    )
+    used.update((meta.get("segment_params") or {}).get(resolved, {}))
+    used.update(params)
+    if getattr(prediction, "contrast", None) is None and "edge_thresholds" not in params:
+        used["edge_thresholds"] = None  # a tuned refinement needs the image: none was made
+    return {"method": resolved, "requested": method, "params": used}

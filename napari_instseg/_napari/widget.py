@@ -53,6 +53,7 @@ from .session import (
     live_session_for,
     live_sessions,
     recorded_scale,
+    segmentation_record,
 )
 from .workers import failure_message, make_worker
 
@@ -1402,7 +1403,8 @@ class InstSegWidget(QWidget):
         method = self.method_combo.currentText()
         params = self.segment_params()
         keep = self.keep_edited.isChecked()
-        info = {"method": method, **params}
+        # provenance: the method auto stands for and every parameter used, not only these
+        info = segmentation_record(session.prediction, method, params)
         # each worm a crop; the model's own parameters: the segments clicks start from
         from ..core.pick import segment_all as segment
 
