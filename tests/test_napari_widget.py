@@ -1979,3 +1979,24 @@ def test_export_records_the_method_auto_chose_its_parameters_and_the_model_hash(
     seg = entry["metadata"]["segmentation"]
     assert seg["method"] == seg["requested"] == "seeds"
     assert seg["params"]["min_size"] == 33 and "min_score" in seg["params"]
+
+
+def test_measure_has_one_mean_intensity_column_for_the_image(widget, worms, qtbot):
+    """With measure channel (none): ``mean_intensity`` once, not also ``mean_image``."""
+    widget.run_model(blocking=True)
+    widget.segment(blocking=True)
+    assert widget.channel_combo.currentText() == "(none)"
+    table = widget.measure()
+    means = [c for c in table.columns if c.startswith("mean")]
+    assert means == ["mean_intensity"]
+    session = widget.session()
+    worm = sorted(session.worms, key=lambda w: w.label)[0]
+    assert np.isclose(table["mean_intensity"].iloc[0], session.image[worm.mask].mean())
+    features = session.labels_layer.features
+    assert [c for c in features.columns if c.startswith("mean")] == ["mean_intensity"]
+    # a measure channel adds its own column beside it (also one named like the image)
+    widget.viewer.add_image(worms.image * 2, name="image")
+    widget.channel_combo.setCurrentText("image")
+    table = widget.measure()
+    assert [c for c in table.columns if c.startswith("mean")] == ["mean_intensity", "mean_image"]
+    assert np.allclose(table["mean_image"], 2 * table["mean_intensity"], rtol=1e-5)

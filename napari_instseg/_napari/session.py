@@ -1661,7 +1661,9 @@ class Session:
         -------
         pandas.DataFrame
             One row per instance, with ``label``, ``score``, ``reviewed`` and the columns of
-            :func:`napari_instseg.core.measure.measure`.
+            :func:`napari_instseg.core.measure.measure`: the image's mean is
+            ``mean_intensity`` (one ``mean_intensity_<c>`` per channel), each of
+            ``channels`` a ``mean_<name>``.
         """
         import pandas as pd
 
@@ -1670,12 +1672,11 @@ class Session:
         self.sync()
         instances = self.instances
         image = self.image
-        own = {"image": image} if image.ndim == 2 else {}
-        if image.ndim == 3:
-            own = {f"c{i}": ch for i, ch in enumerate(image)}
-        extra = {k: v for k, v in (channels or {}).items() if k not in own}
+        # the image's own mean is measure's mean_intensity (mean_intensity_<c> per channel);
+        # only the other channels get a mean_<name> column
+        extra = dict(channels or {})
         stain = dead_channel if dead_channel in extra else None
-        table = measure(instances, image, {**own, **extra}, dead_channel=stain or "w1")
+        table = measure(instances, image, extra, dead_channel=stain or "w1")
         if stain is None and "dead" in table:  # a channel that is no stain: no call
             table = table.drop(columns="dead")
         table = pd.DataFrame(table).reset_index(drop=True)
