@@ -2000,3 +2000,49 @@ def test_measure_has_one_mean_intensity_column_for_the_image(widget, worms, qtbo
     table = widget.measure()
     assert [c for c in table.columns if c.startswith("mean")] == ["mean_intensity", "mean_image"]
     assert np.allclose(table["mean_image"], 2 * table["mean_intensity"], rtol=1e-5)
+
+
+def test_an_image_renamed_before_the_widget_opens_keeps_its_worms_and_channel(
+    make_napari_viewer, worms, tmp_path, qtbot
+):
+    """The reader links its layers by an id in their metadata, not by their names.
+
+    Renaming ``B03`` before opening the widget made it create a new, empty ``worms`` layer
+    beside the reader's ``B03 worms`` (and lose ``B03 w1`` as the measure channel).
+    """
+    from napari_instseg._napari import io as nio
+    from napari_instseg._napari.widget import InstSegWidget
+
+    w1, w2, dead = bbbc010_well(tmp_path / "bbbc010", worms, well="B03")
+    viewer = make_napari_viewer()
+    for data, kwargs, kind in nio.get_reader(str(w2))(str(w2)):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    viewer.layers["B03"].name = "plate2-B03"
+    widget = InstSegWidget(viewer)
+    qtbot.wait(50)  # the widget's deferred preparation of the chosen image
+    assert widget.image_combo.currentText() == "plate2-B03"
+    session = widget.session()
+    assert session.labels_layer is viewer.layers["B03 worms"]
+    assert len(session.worms) == len(worms.masks)  # the well's masks, adopted
+    assert "worms" not in viewer.layers  # no new, empty worms layer
+    assert widget.channel_combo.currentText() == "B03 w1"
+    assert widget.measure()["dead"].tolist() == dead
+    # renaming with the widget open still works (the worms stay with their image)
+    viewer.layers["plate2-B03"].name = "plate3-B03"
+    assert widget.session() is session and session.labels_layer is viewer.layers["B03 worms"]
+    out = widget.export(tmp_path / "out")
+    assert [s.name for s in __import__("napari_instseg").read_training_folder(out)] == [
+        "plate3-B03"
+    ]
+
+    # the well opened again: each image keeps its own worms (the ids differ), also renamed
+    for data, kwargs, kind in nio.get_reader(str(w2))(str(w2)):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    assert "B03 worms [1]" in viewer.layers or "B03 worms" in viewer.layers
+    second = viewer.layers[-3]
+    assert nio.stain_channel(second) is None and second is not viewer.layers["plate3-B03"]
+    second.name = "again"
+    widget.image_combo.setCurrentText("again")
+    qtbot.wait(50)
+    assert widget.session().labels_layer is viewer.layers[-2]
+    assert widget.session().labels_layer is not session.labels_layer

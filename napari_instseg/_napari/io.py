@@ -5,7 +5,9 @@
   written by the plugin. Each sample gives an Image layer and a Labels layer; the full,
   possibly overlapping masks and the reviewed flags travel in the Labels layer's
   ``metadata["napari_instseg"]`` so the widget can keep overlaps (for a stack, one such
-  entry per plane under ``"planes"``). Image layers carry the
+  entry per plane under ``"planes"``). The layers of one image (image, worms, channels)
+  share an id, ``metadata["napari_instseg"]["link"]``: the widget pairs them by it, not by
+  their names, which the user may change. Image layers carry the
   folder read (``metadata["napari_instseg"]["folder"]``): the main widget lists the model
   versions fine-tuned beside it.
 - Writer: a Labels layer (+ its Image layer) to the training-folder format.
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,27 @@ def sample_data() -> list[LayerData]:
 
 
 # ------------------------------------------------------------------------ reader
+def layer_link(layer: Any) -> str | None:
+    """The id linking the layers the reader made of one image, or None.
+
+    The reader puts the same ``metadata["napari_instseg"]["link"]`` in an image's layer,
+    its worms layer and its channels' layers, so that they stay together whatever the
+    user renames (an image renamed before the widget is opened keeps its worms).
+
+    Parameters
+    ----------
+    layer : napari.layers.Layer
+        Any layer (only its ``metadata`` is read).
+
+    Returns
+    -------
+    str or None
+    """
+    meta = (getattr(layer, "metadata", None) or {}).get(META) or {}
+    link = meta.get("link")
+    return str(link) if link else None
+
+
 def _labels_meta(sample: Sample) -> dict[str, Any]:
     n = sample.n_instances
     reviewed = sample.reviewed if sample.reviewed is not None else np.zeros(n, bool)
@@ -87,10 +111,13 @@ def samples_to_layers(samples: Sequence[Sample]) -> list[LayerData]:
         s = samples[0]
         labels = Instances(masks=s.masks).to_labels()
         name = s.name or "image"
-        layers.append((s.image, {"name": name}, "image"))
-        layers.append((labels, {"name": f"{name} worms", "metadata": _labels_meta(s)}, "labels"))
+        link = uuid.uuid4().hex  # the layers of this image, whatever their names become
+        labels_meta = _labels_meta(s)
+        labels_meta[META]["link"] = link
+        layers.append((s.image, {"name": name, "metadata": {META: {"link": link}}}, "image"))
+        layers.append((labels, {"name": f"{name} worms", "metadata": labels_meta}, "labels"))
         for cname, chan in s.channels.items():  # tagged: the widget measures, never segments
-            meta = {META: {"channel": cname, "image": name}}
+            meta = {META: {"channel": cname, "image": name, "link": link}}
             kwargs = {"name": f"{name} {cname}", "visible": False, "metadata": meta}
             layers.append((chan, kwargs, "image"))
         return layers
@@ -158,8 +185,9 @@ def stain_channel(layer: Any) -> str | None:
 def is_channel_of(channel: Any, image: Any) -> bool:
     """Whether ``channel`` (see :func:`stain_channel`) was taken with ``image``.
 
-    The reader records the image a channel belongs to; BBBC010 files opened by napari's
-    own reader belong together when they name the same well.
+    The reader records the image a channel belongs to (the same :func:`layer_link` id,
+    whatever either is renamed to; else the image's name); BBBC010 files opened by
+    napari's own reader belong together when they name the same well.
 
     Parameters
     ----------
@@ -171,6 +199,9 @@ def is_channel_of(channel: Any, image: Any) -> bool:
     bool
     """
     meta = (getattr(channel, "metadata", None) or {}).get(META) or {}
+    link = layer_link(channel)
+    if link is not None and layer_link(image) is not None:  # read together: the same id
+        return link == layer_link(image)
     if meta.get("image") is not None:
         return str(meta["image"]) == str(image.name)
     a, b = _bbbc010_name(channel), _bbbc010_name(image)

@@ -740,7 +740,7 @@ class Session:
             labels,
             name=self._edit_layer_name("worms"),
             opacity=0.55,
-            metadata={META: {"image": self.image_layer.name}},
+            metadata={META: self._labels_owner()},
             **self._transform_kwargs(),
         )
         self._digest = None
@@ -748,6 +748,16 @@ class Session:
         self.labels_layer.events.set_data.connect(self._on_labels_changed)
         self.labels_layer.events.paint.connect(self._on_labels_changed)
         return self.labels_layer
+
+    def _labels_owner(self) -> dict[str, Any]:
+        """What the worms layer the plugin makes records of its image: name and link id."""
+        from .io import layer_link
+
+        owner: dict[str, Any] = {"image": self.image_layer.name}
+        link = layer_link(self.image_layer)  # an image the reader read: its id
+        if link is not None:
+            owner["link"] = link
+        return owner
 
     def forget_deleted_layers(self) -> bool:
         """After the user deleted the ``worms`` layer: its worms are gone with it.

@@ -43,7 +43,7 @@ from qtpy.QtWidgets import (
 from ..core.scale import MAX_SCALE
 from . import compute
 from .finetune_widget import model_versions
-from .io import META, is_channel_of, stain_channel
+from .io import META, is_channel_of, layer_link, stain_channel
 from .layers import LAYER_NAMES, OWN_LAYER, prediction_layers, real_viewer
 from .session import (
     MapLayers,
@@ -748,10 +748,13 @@ class InstSegWidget(QWidget):
     def _worms_layer_for(self, image_layer: Any) -> Any | None:
         """A Labels layer holding this image's worms that no other session edits.
 
-        Named ``<image> worms`` (as the reader and napari's duplicate suffix make it:
-        ``A04 [1]`` and ``A04 worms [1]``) or made for this image by the plugin
-        (``metadata["napari_instseg"]["image"]``), of the image's height and width.
+        Read with the image by the plugin's reader (the same :func:`~.io.layer_link` id in
+        both layers' metadata, whatever their names are now), else named ``<image> worms``
+        (as napari's duplicate suffix makes it: ``A04 [1]`` and ``A04 worms [1]``) or made
+        for this image by the plugin (``metadata["napari_instseg"]["image"]``), of the
+        image's height and width.
         """
+        link = layer_link(image_layer)
         names = {f"{image_layer.name} worms"}
         suffixed = re.fullmatch(r"(.*) \[(\d+)\]", image_layer.name)
         if suffixed:
@@ -762,8 +765,14 @@ class InstSegWidget(QWidget):
         for other in self.viewer.layers:
             if not isinstance(other, Labels) or other.data.shape != shape:
                 continue
-            owner = (other.metadata.get(META) or {}).get("image")
-            if other.name not in names and owner != image_layer.name:
+            other_link = layer_link(other)
+            if link is not None and other_link is not None:
+                if other_link != link:  # the worms of another image (or another reading)
+                    continue
+            elif (
+                other.name not in names
+                and (other.metadata.get(META) or {}).get("image") != image_layer.name
+            ):
                 continue
             holder = live_session_for(other.data)
             if holder is None or holder.image_layer is image_layer:
