@@ -2046,3 +2046,78 @@ def test_an_image_renamed_before_the_widget_opens_keeps_its_worms_and_channel(
     qtbot.wait(50)
     assert widget.session().labels_layer is viewer.layers[-2]
     assert widget.session().labels_layer is not session.labels_layer
+
+
+def _uint16_wells(root, worms, wells=("B03",)):
+    """A BBBC010-style folder whose w2 images are uint16 (as BBBC010's are), with masks."""
+    import tifffile
+    from PIL import Image as PILImage
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    images = {}
+    for k, well in enumerate(wells):
+        stem = (
+            f"1649_1109_0003_Amp5-1_B_20070424_{well}_{{}}_9E84F49F-1B25-4E7E-8040-D1BB2D7E73E{k}"
+        )
+        image = (worms.image + 7 * k).astype(np.uint16)
+        tifffile.imwrite(root / "images" / f"{stem.format('w2')}.tif", image)
+        for i, mask in enumerate(worms.masks):
+            path = root / "masks" / f"{well}_{i + 1:02d}_ground_truth.png"
+            PILImage.fromarray(mask.astype(np.uint8) * 255).save(path)
+        images[well] = image
+    return images
+
+
+def test_export_of_a_bbbc010_well_keeps_the_files_uint16(make_napari_viewer, worms, tmp_path):
+    """The reader gives float32 (as the core reads BBBC010); the export writes uint16 again.
+
+    data-format.md: ``images/<name>.tif`` is the image as given, in its own dtype; the
+    widget wrote BBBC010's uint16 wells as float32 (twice the size).
+    """
+    import tifffile
+
+    from napari_instseg._napari import io as nio
+    from napari_instseg._napari.widget import InstSegWidget
+    from napari_instseg.core.training_folder import read_training_folder
+
+    root = tmp_path / "bbbc010"
+    images = _uint16_wells(root, worms, wells=("B03", "B04"))
+    w2 = next((root / "images").glob("*_B03_w2_*.tif"))
+    viewer = make_napari_viewer()
+    for data, kwargs, kind in nio.get_reader(str(w2))(str(w2)):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    assert viewer.layers["B03"].data.dtype == np.float32  # what the core reads
+    widget = InstSegWidget(viewer)
+    assert len(widget.session().worms) == len(worms.masks)
+    out = widget.export(tmp_path / "out")
+    written = tifffile.imread(out / "images" / "B03.tif")
+    assert written.dtype == np.uint16 and np.array_equal(written, images["B03"])
+    manifest = (out / "manifest.json").read_text()
+    assert '"image_dtype": "uint16"' in manifest
+    assert len(read_training_folder(out)[0].masks) == len(worms.masks)
+
+    # File > Save Selected Layers with the plugin's writer: the same
+    layers = [viewer.layers["B03"], viewer.layers["B03 worms"]]
+    layer_data = [(layer.data, layer._get_base_state(), layer._type_string) for layer in layers]
+    nio.write_training(str(tmp_path / "saved"), layer_data)
+    assert tifffile.imread(tmp_path / "saved" / "images" / "B03.tif").dtype == np.uint16
+
+    # a plane of the whole folder read as a stack
+    for data, kwargs, kind in nio.get_reader(str(root))(str(root)):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    viewer.dims.set_point(0, 1)
+    plane = widget.plane_layer(viewer.layers["images"])
+    assert plane.name == "B04" and plane.data.dtype == np.float32
+    widget.image_combo.setCurrentText("B04")
+    assert len(widget.session().worms) == len(worms.masks)
+    assert widget.export(out) == out
+    written = tifffile.imread(out / "images" / "B04.tif")
+    assert written.dtype == np.uint16 and np.array_equal(written, images["B04"])
+
+    # values that uint16 cannot hold exactly stay as they are
+    assert nio.as_source_dtype(np.float32([0.5, 2]), "uint16").dtype == np.float32
+    assert nio.as_source_dtype(np.float32([70000, 2]), "uint16").dtype == np.float32
+    assert nio.as_source_dtype(np.float32([-1, 2]), "uint16").dtype == np.float32
+    assert nio.as_source_dtype(np.float32([3, 2]), "uint16").dtype == np.uint16
+    assert nio.as_source_dtype(np.float32([3, 2]), None).dtype == np.float32

@@ -54,6 +54,67 @@ def sample_data() -> list[LayerData]:
 
 
 # ------------------------------------------------------------------------ reader
+def as_source_dtype(image: np.ndarray, dtype: Any) -> np.ndarray:
+    """``image`` in ``dtype`` (its file's) when that holds every value exactly, else as is.
+
+    The core reads BBBC010's uint16 files as float32; an export writes the image in its
+    own dtype (``docs/data-format.md``), so the widget and the writer give it back the
+    file's dtype, which the reader records (``metadata["napari_instseg"]["dtype"]``).
+
+    Parameters
+    ----------
+    image : np.ndarray
+        The image data (e.g. float32).
+    dtype : str or numpy dtype or None
+        The dtype of the file it was read from; None: unknown.
+
+    Returns
+    -------
+    np.ndarray
+        ``image.astype(dtype)`` when the values survive the round trip (integers in range,
+        finite), else ``image`` unchanged.
+    """
+    image = np.asarray(image)
+    if dtype is None:
+        return image
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        return image
+    if image.dtype == dtype or dtype.kind not in "iuf" or image.dtype.kind not in "biuf":
+        return image
+    if dtype.kind in "iu" and image.size:
+        info = np.iinfo(dtype)
+        if not np.isfinite(image).all() or image.min() < info.min or image.max() > info.max:
+            return image
+    with np.errstate(invalid="ignore", over="ignore"):
+        cast = image.astype(dtype)
+    return cast if np.array_equal(cast, image) else image
+
+
+def source_dtype(path: Any) -> str | None:
+    """The dtype of the image in a TIFF file (its header only), or None when unknown.
+
+    Parameters
+    ----------
+    path : str or Path or None
+        The file an image was read from.
+
+    Returns
+    -------
+    str or None
+    """
+    if not path or Path(str(path)).suffix.lower() not in (".tif", ".tiff"):
+        return None
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(str(path)) as tif:
+            return str(np.dtype(tif.series[0].dtype))
+    except Exception:  # noqa: BLE001 - unreadable header: the export keeps the data's dtype
+        return None
+
+
 def layer_link(layer: Any) -> str | None:
     """The id linking the layers the reader made of one image, or None.
 
@@ -287,13 +348,27 @@ def read(path: str | list[str]) -> list[LayerData]:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
-    samples = _read_bbbc010(p) if (p.is_file() or _is_bbbc010(p)) else _read_training(p)
+    bbbc010 = p.is_file() or _is_bbbc010(p)
+    samples = _read_bbbc010(p) if bbbc010 else _read_training(p)
     layers = samples_to_layers(samples)
     folder = str(p.parent.parent if p.is_file() else p)
     for _, kwargs, kind in layers:  # the widget lists the model versions kept beside it
         if kind == "image":
             meta = kwargs.setdefault("metadata", {}).setdefault(META, {})
             meta["folder"] = folder
+    if bbbc010:  # read as float32: the files' dtype (uint16), which an export writes again
+        dtypes = [source_dtype(s.metadata.get("source")) for s in samples]
+        images = [
+            kwargs["metadata"][META]
+            for _, kwargs, kind in layers
+            if kind == "image" and "channel" not in kwargs["metadata"][META]
+        ]
+        if len(images) == 1 and len(set(dtypes)) == 1:  # one well, or the wells' stack
+            dtypes = dtypes[:1]
+        if len(images) == len(dtypes):
+            for meta, dtype in zip(images, dtypes, strict=True):
+                if dtype is not None:
+                    meta["dtype"] = dtype
     return layers
 
 
@@ -366,6 +441,9 @@ def write_training(path: str, layer_data: list[LayerData]) -> list[str]:
     if images:
         image = np.asarray(images[0][0])
         name = str(images[0][1].get("name", name))
+        # the file's dtype when the reader read it as float32 (BBBC010's uint16)
+        recorded = ((images[0][1].get("metadata") or {}).get(META) or {}).get("dtype")
+        image = as_source_dtype(image, recorded)
         if images[0][1].get("rgb"):  # its luminance, as the widget and the CLI see it
             from ..core.predict import luminance
 

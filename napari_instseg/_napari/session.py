@@ -1746,8 +1746,13 @@ class Session:
         instances = self.instances
         import napari_instseg
 
+        from .io import as_source_dtype
+
+        # the image as given: in its file's dtype when the reader recorded one (BBBC010's
+        # uint16 wells, read as float32) and the values fit it exactly
+        dtype = (self.image_layer.metadata.get(META) or {}).get("dtype")
         return Sample(
-            image=self.image,
+            image=as_source_dtype(self.image, dtype),
             masks=instances.masks,
             name=name or str(self.image_layer.name),
             reviewed=np.array([w.reviewed for w in worms], bool),

@@ -912,7 +912,8 @@ class InstSegWidget(QWidget):
             name = f"{layer.name} {list(index)}"
         plane_meta = {"stack": layer.name, "plane": list(index)}
         for existing in self.viewer.layers:  # made before (perhaps renamed since)
-            if isinstance(existing, Image) and existing.metadata.get(META) == plane_meta:
+            meta = existing.metadata.get(META) or {}
+            if isinstance(existing, Image) and {k: meta.get(k) for k in plane_meta} == plane_meta:
                 return existing
         if name in self.viewer.layers:  # the name is taken by another layer
             name = f"{layer.name} {list(index)}"
@@ -933,12 +934,15 @@ class InstSegWidget(QWidget):
                     if lead == 1 and planes and len(planes) == data.shape[0]:
                         labels_meta = {META: planes[index[0]]}
                     break
+        # the stack's file dtype (BBBC010's uint16, read as float32): what an export writes
+        recorded = (layer.metadata.get(META) or {}).get("dtype")
+        dtype = {"dtype": recorded} if recorded else {}
         plane = self.viewer.add_image(
             np.asarray(data[index]),
             name=name,
             contrast_limits=layer.contrast_limits,
             colormap=layer.colormap.name,
-            metadata={META: plane_meta},
+            metadata={META: {**plane_meta, **dtype}},
         )
         if plane_labels is not None:
             self.viewer.add_labels(plane_labels, name=f"{name} worms", metadata=labels_meta)
