@@ -134,8 +134,19 @@ def test_finetune_widget_offers_replay_only_when_the_parents_images_exist(
 
     widget.set_parent(parent)  # records no training data
     assert not widget.replay.isEnabled() and "not on this computer" in widget.replay.text()
+    # the parent's own training images: another folder (the folders fine-tuned on now are
+    # never replayed)
+    trained_on = write_training_folder(
+        tmp_path / "trained_on",
+        [
+            dataclasses.replace(
+                make_worms((96, 96), n_worms=3, length=(40, 60), n_crossings=0, seed=9),
+                name="img0",
+            )
+        ],
+    )
     meta = read_metadata(parent)
-    meta["training"] = {"data": [str(export)], "train_wells": "img0"}
+    meta["training"] = {"data": [str(trained_on)], "train_wells": "img0"}
     with_data = save_model(load_model(parent), tmp_path / "trained.safetensors", meta)
     widget.set_parent(with_data)
     assert widget.replay.isEnabled() and widget.replay.isChecked()
