@@ -436,3 +436,32 @@ def test_instances_take_bool_or_0_1_masks_only():
             Instances(masks)
     with pytest.raises(ValueError, match="dtype <U1"):
         Instances(np.array([[["a"]]]))
+
+
+def test_segment_settings_are_what_segment_runs_with():
+    """Every parameter an export records reproduces the segmentation when passed back."""
+    from napari_instseg.core.edges import local_contrast
+    from napari_instseg.core.instances import segment_settings
+
+    sample = make_worms((160, 200), n_worms=5, length=(50, 90), n_crossings=1, seed=3)
+    prediction = prediction_from_masks(sample.masks, embedding_dim=8, seed=1)
+    prediction.metadata["recommended_method"] = "boundary"
+    prediction.metadata["segment_params"] = {
+        "boundary": {"boundary_threshold": 0.6, "min_size": 40, "edge_thresholds": [0.9, 0.95]}
+    }
+    method, used = segment_settings(prediction, "auto", min_size=30)
+    assert method == "boundary"
+    assert used["boundary_threshold"] == 0.6  # tuned over the default
+    assert used["min_size"] == 30  # given over tuned
+    assert used["edge_thresholds"] is None  # no image contrast: the tuned refinement is skipped
+    assert "blob_filter" in used and "edge_solidity" in used
+    auto = segment(prediction, "auto", min_size=30)
+    again = segment(prediction, method, **used)
+    assert len(auto) and np.array_equal(auto.masks, again.masks)
+    # with the image's contrast the tuned refinement is made, and recorded
+    prediction = dataclasses.replace(prediction, contrast=local_contrast(sample.image))
+    method, used = segment_settings(prediction, "auto")
+    assert used["edge_thresholds"] == [0.9, 0.95]
+    assert np.array_equal(segment(prediction).masks, segment(prediction, method, **used).masks)
+    with pytest.raises(ValueError, match="does not take fg_thresh"):
+        segment_settings(prediction, "auto", fg_thresh=0.5)

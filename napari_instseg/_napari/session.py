@@ -1948,28 +1948,7 @@ def segmentation_record(prediction: Any, method: str, params: dict[str, Any]) ->
     dict
         ``{"method": resolved, "requested": method, "params": {...}}``.
     """
-    import inspect
+    from ..core.instances import segment_settings
 
-    from ..core import instances
-    from ..core.edges import DEFAULT_SOLIDITY_RANGE
-
-    meta = getattr(prediction, "metadata", None) or {}
-    resolved = str(meta.get("recommended_method") or "hybrid") if method == "auto" else method
-    func = getattr(instances, f"segment_{resolved}", None)
-    used: dict[str, Any] = {}
-    if func is not None:
-        used = {
-            name: p.default
-            for name, p in list(inspect.signature(func).parameters.items())[1:]
-            if p.default is not inspect.Parameter.empty
-        }
-    used.update(
-        blob_filter=None,
-        edge_thresholds=None,
-        edge_solidity=DEFAULT_SOLIDITY_RANGE,
-    )
-    used.update((meta.get("segment_params") or {}).get(resolved, {}))
-    used.update(params)
-    if getattr(prediction, "contrast", None) is None and "edge_thresholds" not in params:
-        used["edge_thresholds"] = None  # a tuned refinement needs the image: none was made
+    resolved, used = segment_settings(prediction, method, **params)
     return {"method": resolved, "requested": method, "params": used}

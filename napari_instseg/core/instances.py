@@ -44,6 +44,7 @@ from .untangle import _untangle
 __all__ = [
     "segment",
     "segment_cropped",
+    "segment_settings",
     "segment_seeds",
     "segment_boundary",
     "merge_fragments",
@@ -1191,20 +1192,22 @@ def segment_cropped(
     return CroppedInstances.from_instances(found)
 
 
-def _segment(
+#: the automatic segmentation methods by name
+_METHOD_FUNCS = {"seeds": segment_seeds, "boundary": segment_boundary, "hybrid": segment_hybrid}
+
+
+def _resolve_method(
     prediction: Prediction, method: str, params: dict[str, object]
-) -> Instances | CroppedInstances:
-    """:func:`segment` before the (N, H, W) masks: the boundary pipeline's crops as they are."""
-    funcs = {"seeds": segment_seeds, "boundary": segment_boundary, "hybrid": segment_hybrid}
+) -> tuple[str, dict[str, object]]:
+    """The method ``"auto"`` stands for, and the model's tuned parameters under ``params``."""
     metadata = getattr(prediction, "metadata", None) or {}
-    scale = float(metadata.get("scale") or 1.0)
     chosen = ""
     if method == "auto":
         method = str(metadata.get("recommended_method") or "hybrid")
         chosen = " (what method='auto' chose for this model)"
-    if method not in funcs:
+    if method not in _METHOD_FUNCS:
         raise ValueError(f"unknown method {method!r}; choose one of auto, {', '.join(METHODS)}")
-    accepted = [*inspect.signature(funcs[method]).parameters][1:]  # after the prediction
+    accepted = [*inspect.signature(_METHOD_FUNCS[method]).parameters][1:]  # after prediction
     accepted += ["blob_filter", "edge_thresholds", "edge_solidity"]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
@@ -1213,7 +1216,60 @@ def _segment(
             f"{', '.join(accepted)}"
         )
     tuned = dict((metadata.get("segment_params") or {}).get(method, {}))
-    merged = {**tuned, **params}
+    return method, {**tuned, **params}
+
+
+def segment_settings(
+    prediction: Prediction, method: str = "auto", **params: object
+) -> tuple[str, dict[str, object]]:
+    """The method and every parameter :func:`segment` uses with these arguments.
+
+    For provenance (an export records them): ``"auto"`` resolved to the model's
+    recommended method; the method's defaults, overridden by the parameters tuned for the
+    model, overridden by ``params``; ``blob_filter``, ``edge_thresholds`` and
+    ``edge_solidity`` included (``edge_thresholds`` None when no outline refinement is
+    made: a tuned one is skipped for a prediction without the image contrast).
+
+    Parameters
+    ----------
+    prediction : Prediction
+        As for :func:`segment` (only its metadata and ``contrast`` are read).
+    method : str
+        As for :func:`segment`.
+    **params
+        As for :func:`segment`.
+
+    Returns
+    -------
+    (str, dict)
+        The method run and its parameters.
+
+    Raises
+    ------
+    ValueError
+        For an unknown method or a parameter the method does not take, as :func:`segment`.
+    """
+    method, merged = _resolve_method(prediction, method, params)
+    used: dict[str, object] = {
+        name: p.default
+        for name, p in list(inspect.signature(_METHOD_FUNCS[method]).parameters.items())[1:]
+        if p.default is not inspect.Parameter.empty
+    }
+    used.update(blob_filter=None, edge_thresholds=None, edge_solidity=DEFAULT_SOLIDITY_RANGE)
+    used.update(merged)
+    if getattr(prediction, "contrast", None) is None and "edge_thresholds" not in params:
+        used["edge_thresholds"] = None  # a tuned refinement needs the image: none is made
+    return method, used
+
+
+def _segment(
+    prediction: Prediction, method: str, params: dict[str, object]
+) -> Instances | CroppedInstances:
+    """:func:`segment` before the (N, H, W) masks: the boundary pipeline's crops as they are."""
+    funcs = _METHOD_FUNCS
+    metadata = getattr(prediction, "metadata", None) or {}
+    scale = float(metadata.get("scale") or 1.0)
+    method, merged = _resolve_method(prediction, method, params)
     edge_thresholds = merged.pop("edge_thresholds", None)
     edge_solidity = merged.pop("edge_solidity", DEFAULT_SOLIDITY_RANGE)
     blob_filter = merged.pop("blob_filter", None)
