@@ -506,3 +506,38 @@ def test_a_second_round_replays_what_the_first_replayed(export, parent, replay_f
     save_model(load_model(parent), parent, meta)
     fourth = finetune(export, parent, **common)
     assert read_metadata(fourth.path)["finetune"]["replay"] is None
+
+
+def test_auto_replay_is_left_out_where_the_parent_fails_on_the_corrections(
+    export, parent, replay_folder, monkeypatch, capsys
+):
+    """Images unlike the parent's own (it scores little on them): replay held fine-tuning
+    back in the benchmark, so ``replay="auto"`` leaves it out, records why and says so."""
+    import napari_instseg.core.finetune as finetune_module
+    from napari_instseg.cli import main
+
+    meta = read_metadata(parent)
+    meta["training"] = {"data": [str(replay_folder)], "train_wells": "old-0,old-1"}
+    meta["metrics"] = {"val_ap": 0.9}  # what it scores on its own validation images
+    save_model(load_model(parent), parent, meta)
+    common = {"steps": 1, "batch_size": 1, "crop_size": 48, "device": "cpu"}
+    # the untrained parent finds nothing on the held-out correction: AP 0 < 0.5 * 0.9
+    version = finetune(export, parent, **common)
+    tuned = read_metadata(version.path)["finetune"]
+    assert tuned["replay"] is None and tuned["parent_val_ap"] < 0.45
+    assert "less than 50% of its own 0.90" in tuned["replay_skipped"]
+    # asked for explicitly, the parent's images are replayed all the same
+    version = finetune(export, parent, replay="parent", **common)
+    assert read_metadata(version.path)["finetune"]["replay"]["folders"]
+    # a parent that does about as well on the corrections as on its own images: replayed
+    monkeypatch.setattr(finetune_module, "score_on", lambda *a, **k: 0.6)
+    version = finetune(export, parent, **common)
+    tuned = read_metadata(version.path)["finetune"]
+    assert tuned["replay"]["folders"] == [str(replay_folder.resolve())]
+    assert tuned["parent_val_ap"] == 0.6 and "replay_skipped" not in tuned
+    monkeypatch.setattr(finetune_module, "score_on", lambda *a, **k: 0.1)
+    argv = ["finetune", str(export), "--model", str(parent), "--steps", "1", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "replay: none (the parent scores AP 0.10 on the held-out corrections" in out
+    assert "--replay parent replays them anyway" in out

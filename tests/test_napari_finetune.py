@@ -159,6 +159,33 @@ def test_finetune_widget_offers_replay_only_when_the_parents_images_exist(
     assert replay["names"] == "img0" and replay["fraction"] == 0.5
 
 
+def test_finetune_widget_says_when_replay_was_left_out(widget, export, parent, tmp_path, qtbot):
+    """The parent finds nothing on the held-out corrections: replay is left out, and said."""
+    from napari_instseg.core.weights import load_model, read_metadata
+
+    trained_on = write_training_folder(
+        tmp_path / "trained_on",
+        [
+            dataclasses.replace(
+                make_worms((96, 96), n_worms=3, length=(40, 60), n_crossings=0, seed=9),
+                name="img0",
+            )
+        ],
+    )
+    meta = read_metadata(parent)
+    meta["training"] = {"data": [str(trained_on)], "train_wells": "img0"}
+    meta["metrics"] = {"val_ap": 0.9}
+    widget.set_parent(save_model(load_model(parent), tmp_path / "good.safetensors", meta))
+    assert widget.replay.isEnabled() and widget.replay.isChecked()
+    widget.add_folder(export)
+    widget.steps.setValue(2)
+    widget.start()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.last_error == ""
+    assert read_metadata(widget.version.path)["finetune"]["replay"] is None
+    assert "Replay left out: the parent scores AP 0.00" in widget.status.text()
+
+
 def test_closed_main_widget_no_longer_hears_about_new_versions(make_napari_viewer, qtbot):
     from napari_instseg._napari.finetune_widget import model_versions
     from napari_instseg._napari.widget import InstSegWidget

@@ -292,7 +292,9 @@ class FinetuneWidget(QWidget):
         self.replay = QCheckBox("mix in the parent's training images")
         self.replay.setToolTip(
             "half of the crops come from the images the parent model was trained on, when "
-            "they are on this computer: the corrections add to what it knew"
+            "they are on this computer: the corrections add to what it knew (left out when "
+            "the parent scores less than half its own validation AP on your held-out "
+            "images: images unlike its own, where replay held fine-tuning back)"
         )
         form.addRow("Replay", self.replay)
         layout.addLayout(form)
@@ -467,9 +469,7 @@ class FinetuneWidget(QWidget):
             "freeze": FREEZE_CHOICES[self.freeze.currentText()],
             "val_fraction": self.val_fraction.value(),
         }
-        kwargs["replay"] = (
-            "parent" if self.replay.isEnabled() and self.replay.isChecked() else None
-        )
+        kwargs["replay"] = "auto" if self.replay.isEnabled() and self.replay.isChecked() else None
         parent = self._parent_path
         self.version, self.last_error = None, ""
         self.curve.clear()
@@ -527,9 +527,16 @@ class FinetuneWidget(QWidget):
             if "val_ap" in (version.metrics or {})
             else " (no image held out, so no validation AP: the last epoch's weights)"
         )
+        from ..core.weights import read_metadata
+
+        try:
+            skipped = (read_metadata(version.path).get("finetune") or {}).get("replay_skipped")
+        except (OSError, ValueError):  # (removed meanwhile: the announcement stands)
+            skipped = None
+        replay = f"\nReplay left out: {skipped}." if skipped else ""
         self.status.setText(
             f"{early}New model version {version.label}{unjudged}\n{version.path}\n"
-            "Choose it under model in Worm segmentation and Run model."
+            f"Choose it under model in Worm segmentation and Run model.{replay}"
         )
         self._refresh_parents()
 

@@ -173,7 +173,10 @@ def replay_summary(weights: Path, no_replay: bool) -> str:
     """
     from ..core.weights import read_metadata
 
-    replay = (read_metadata(weights).get("finetune") or {}).get("replay")
+    tuned = read_metadata(weights).get("finetune") or {}
+    replay = tuned.get("replay")
+    if tuned.get("replay_skipped"):
+        return f"replay: none ({tuned['replay_skipped']}; --replay parent replays them anyway)"
     if replay:
         names = replay.get("names") or "all images"
         return (

@@ -38,6 +38,11 @@ from .train import FREEZE_OPTIONS, TrainConfig, folder_list, load_samples, train
 from .weights import load_model, read_metadata, save_model, shipped_weights_path
 
 MODELS_DIRNAME = "models"
+#: ``replay="auto"`` leaves the parent's images out when the parent scores less than this
+#: share of its own validation AP on the held-out corrections: images unlike its training
+#: images, where replaying them held the new model back (docs/benchmarks.md, "Session 31:
+#: fine-tuning where the shipped model is off")
+REPLAY_MIN_PARENT_SCORE = 0.5
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -266,9 +271,12 @@ def finetune(
         Folders of earlier training images mixed into the crops, so the corrections add
         to what the parent knew; ``"parent"``: the parent's own training images, as
         recorded in its metadata (:func:`parent_training_data`), an error when they are
-        not on this computer; ``"auto"`` (default): those when found, else no replay;
-        None: no replay. (Benchmark: replay turned "no gain" into a gain, see
-        docs/benchmarks.md.)
+        not on this computer; ``"auto"`` (default): those when found, else no replay, and
+        none either when the parent scores less than ``REPLAY_MIN_PARENT_SCORE`` of its
+        own validation AP on the held-out corrections (images unlike its training images:
+        recorded as ``finetune.replay_skipped``); None: no replay. (Benchmarks: replay
+        turned "no gain" into a gain on images like the parent's, and held fine-tuning
+        back on images unlike them; see docs/benchmarks.md.)
     replay_names : str
         Image names or well ranges of ``replay`` to use (empty: all; ignored for
         ``"parent"``, whose recorded wells are used).
@@ -390,6 +398,19 @@ def finetune(
         train_names = [n for n in names if n not in set(val_list)]
     if not train_names:
         raise ValueError("no images left for training after holding out validation images")
+    parent_score = None
+    skipped = ""
+    if replay == "auto" and replay_folders and val_list:
+        reference = float((parent_meta.get("metrics") or {}).get("val_ap") or 0.0)
+        held_out = [s for s in samples if s.name in set(val_list)]
+        parent_score = score_on(parent, held_out, device)
+        if reference > 0 and parent_score < REPLAY_MIN_PARENT_SCORE * reference:
+            skipped = (
+                f"the parent scores AP {parent_score:.2f} on the held-out corrections, less "
+                f"than {REPLAY_MIN_PARENT_SCORE:.0%} of its own {reference:.2f}: images unlike "
+                "its training images, which replaying them would hold back"
+            )
+            replay_folders, replay_names = [], ""
     stem = str(parent_meta.get("name") or parent.stem).split("-ft")[0]
     claimed = False  # a version folder made here just now to claim its name
     if out is None:
@@ -470,6 +491,10 @@ def finetune(
         if replay_folders
         else None,
     }
+    if parent_score is not None:
+        meta["finetune"]["parent_val_ap"] = round(parent_score, 4)
+    if skipped:
+        meta["finetune"]["replay_skipped"] = skipped
     params = json.loads(json.dumps(parent_meta.get("segment_params") or {}))
     # one or two held-out images are too few to re-choose the threshold (measured: the
     # choice on one image cost 0.02 AP in the benchmark); keep the parent's then
@@ -493,6 +518,38 @@ def finetune(
     if interrupted:
         raise FinetuneInterrupted(version)
     return version
+
+
+def score_on(weights: str | Path, samples: Sequence[Any], device: str | torch.device) -> float:
+    """A model's validation AP on samples, as fine-tuning measures its checkpoints.
+
+    The cheap metric of :func:`napari_instseg.core.train.validate` (COCO AP of the
+    boundary pipeline, the best of a few boundary thresholds).
+
+    Parameters
+    ----------
+    weights : path
+        The model.
+    samples : sequence of Sample
+        Images with their instances (unreviewed ones count too).
+    device : str or torch.device
+        Where to run it.
+
+    Returns
+    -------
+    float
+        The AP (0 without samples).
+    """
+    from .scale import at_recorded_scale
+    from .train import prepare, validate
+
+    if not samples:
+        return 0.0
+    dev = get_device(device)
+    model = load_model(weights, device=dev)
+    items = [prepare(at_recorded_scale(s), model_config=model.config).to(dev) for s in samples]
+    with torch.no_grad():
+        return float(validate(model, items, dev)["val_ap"])
 
 
 def parent_training_data(weights: str | Path, _depth: int = 0) -> tuple[list[Path], str] | None:
