@@ -127,15 +127,10 @@ def test_main_widget_lists_and_uses_new_versions(make_napari_viewer, tmp_path):
     assert prediction.embeddings.shape == (4, 64, 64)  # the version's D, not the shipped 16
 
 
-def test_finetune_widget_offers_replay_only_when_the_parents_images_exist(
-    widget, export, parent, tmp_path, qtbot
-):
+def _parent_with_training_images(parent, tmp_path, val_ap=None):
+    """The parent saved again, recording a folder of its own training images (``img0``)."""
     from napari_instseg.core.weights import load_model, read_metadata
 
-    widget.set_parent(parent)  # records no training data
-    assert not widget.replay.isEnabled() and "not on this computer" in widget.replay.text()
-    # the parent's own training images: another folder (the folders fine-tuned on now are
-    # never replayed)
     trained_on = write_training_folder(
         tmp_path / "trained_on",
         [
@@ -147,8 +142,21 @@ def test_finetune_widget_offers_replay_only_when_the_parents_images_exist(
     )
     meta = read_metadata(parent)
     meta["training"] = {"data": [str(trained_on)], "train_wells": "img0"}
-    with_data = save_model(load_model(parent), tmp_path / "trained.safetensors", meta)
-    widget.set_parent(with_data)
+    if val_ap is not None:  # what it scores on its own validation images
+        meta["metrics"] = {"val_ap": val_ap}
+    return save_model(load_model(parent), tmp_path / "trained.safetensors", meta)
+
+
+def test_finetune_widget_offers_replay_only_when_the_parents_images_exist(
+    widget, export, parent, tmp_path, qtbot
+):
+    from napari_instseg.core.weights import read_metadata
+
+    widget.set_parent(parent)  # records no training data
+    assert not widget.replay.isEnabled() and "not on this computer" in widget.replay.text()
+    # the parent's own training images: another folder (the folders fine-tuned on now are
+    # never replayed)
+    widget.set_parent(_parent_with_training_images(parent, tmp_path))
     assert widget.replay.isEnabled() and widget.replay.isChecked()
     widget.add_folder(export)
     widget.steps.setValue(2)
@@ -161,21 +169,9 @@ def test_finetune_widget_offers_replay_only_when_the_parents_images_exist(
 
 def test_finetune_widget_says_when_replay_was_left_out(widget, export, parent, tmp_path, qtbot):
     """The parent finds nothing on the held-out corrections: replay is left out, and said."""
-    from napari_instseg.core.weights import load_model, read_metadata
+    from napari_instseg.core.weights import read_metadata
 
-    trained_on = write_training_folder(
-        tmp_path / "trained_on",
-        [
-            dataclasses.replace(
-                make_worms((96, 96), n_worms=3, length=(40, 60), n_crossings=0, seed=9),
-                name="img0",
-            )
-        ],
-    )
-    meta = read_metadata(parent)
-    meta["training"] = {"data": [str(trained_on)], "train_wells": "img0"}
-    meta["metrics"] = {"val_ap": 0.9}
-    widget.set_parent(save_model(load_model(parent), tmp_path / "good.safetensors", meta))
+    widget.set_parent(_parent_with_training_images(parent, tmp_path, val_ap=0.9))
     assert widget.replay.isEnabled() and widget.replay.isChecked()
     widget.add_folder(export)
     widget.steps.setValue(2)
