@@ -30,8 +30,9 @@ def make_worker(func: Callable[[], Any], errored: Callable[[Exception], None]) -
     errored : callable
         Called in the main thread with the exception ``func`` raised; the panel says it in
         its status line and makes its buttons usable again. Nothing is re-raised and napari
-        shows no traceback notification (the traceback goes to this module's logger, at
-        debug level).
+        shows no traceback notification (the traceback goes to this module's logger: at
+        debug level for an ``OSError`` or ``ValueError``, at error level for anything else,
+        which may be a bug).
 
     Returns
     -------
@@ -40,7 +41,11 @@ def make_worker(func: Callable[[], Any], errored: Callable[[Exception], None]) -
     """
 
     def handle(err: Exception) -> None:
-        _log.debug("worker %s failed", getattr(func, "__qualname__", func), exc_info=err)
+        # bad input or a missing file: the status line says all; anything else may be a
+        # bug, whose traceback goes to the terminal for a report
+        expected = isinstance(err, (OSError, ValueError))
+        level = logging.DEBUG if expected else logging.ERROR
+        _log.log(level, "worker %s failed", getattr(func, "__qualname__", func), exc_info=err)
         errored(err)
 
     worker = create_worker(func, _connect={"errored": handle}, _start_thread=False)
