@@ -21,6 +21,19 @@ def _private_cache(tmp_path, monkeypatch):
     compute._PREDICTIONS.clear()
 
 
+@pytest.fixture(autouse=True)
+def _viewers_napari_cleans_up(make_napari_viewer, monkeypatch):
+    """The demo's ``napari.Viewer(...)`` made by napari's test fixture.
+
+    A viewer made directly leaves napari's plugins registered in the app after the test,
+    and a later test that registers them again fails ("already registered"); the fixture
+    isolates them and closes its viewers.
+    """
+    import napari
+
+    monkeypatch.setattr(napari, "Viewer", make_napari_viewer)
+
+
 def _close(viewer):
     viewer.close()
 
@@ -68,12 +81,7 @@ def test_demo_falls_back_to_the_oracle_and_says_so(qtbot, monkeypatch):
     finally:
         _close(viewer)
     with pytest.raises(FileNotFoundError, match="no weights here"):
-        viewer, widget = build_viewer(show=True, oracle_fallback=False)
-    # the viewer opened before the failure is napari's to close (make_napari_viewer is not
-    # used here): close every window left so the next test starts clean
-    import napari
-
-    napari.Viewer.close_all()
+        build_viewer(show=True, oracle_fallback=False)  # (its viewer: the fixture closes it)
 
 
 def test_demo_screenshot_saves_the_whole_window(tmp_path, qtbot):
