@@ -63,7 +63,12 @@ def gamma(image: np.ndarray, seed: int = 0) -> np.ndarray:
     return ((image - lo) / (hi - lo)) ** 2.5 * (hi - lo) + lo
 
 
-SHIFTS = {"invert": invert, "blur": blur, "gamma": gamma}
+def identity(image: np.ndarray, seed: int = 0) -> np.ndarray:
+    """No change: corrections of images like the parent's own (the in-domain control)."""
+    return image.astype(np.float32)
+
+
+SHIFTS = {"invert": invert, "blur": blur, "gamma": gamma, "identity": identity}
 
 
 def changed(samples: list[Sample], shift: str) -> list[Sample]:
