@@ -219,3 +219,69 @@ def test_prediction_uses_the_devices_memory_format(monkeypatch):
     for _ in steps:
         pass
     assert seen == [torch.contiguous_format]
+
+
+@pytest.fixture
+def tf32_on():
+    """TF32 allowed for cuDNN and matrix products (PyTorch's cuDNN default); restored after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _tf32_flags() -> tuple[bool, bool]:
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.mark.usefixtures("tf32_on")
+def test_exact_float32_turns_tf32_off_on_cuda_and_restores_it():
+    from napari_instseg.core.device import exact_float32
+
+    cuda = torch.device("cuda")
+    for dtype in (None, torch.float32):
+        with exact_float32(cuda, dtype):
+            assert _tf32_flags() == (False, False)
+        assert _tf32_flags() == (True, True)
+    with pytest.raises(RuntimeError), exact_float32(cuda):
+        raise RuntimeError("a failed pass")
+    assert _tf32_flags() == (True, True)
+
+
+@pytest.mark.usefixtures("tf32_on")
+def test_exact_float32_leaves_bfloat16_and_other_devices_alone():
+    from napari_instseg.core.device import exact_float32
+
+    with exact_float32(torch.device("cuda"), torch.bfloat16):
+        assert _tf32_flags() == (True, True)
+    for name in ("cpu", "mps"):
+        with exact_float32(torch.device(name), torch.float32):
+            assert _tf32_flags() == (True, True)
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("float32", torch.float32), ("auto", None)])
+def test_prediction_runs_each_pass_in_the_asked_precision(monkeypatch, precision, dtype):
+    """Every network pass runs inside exact_float32 with the prediction's dtype, so that a
+    float32 prediction on CUDA is float32 and not TF32 (0.01 off the CPU's maps on an H200)."""
+    import napari_instseg.core.predict as predict_module
+    from napari_instseg.core.model import InstSegNet, ModelConfig
+
+    model = InstSegNet(ModelConfig(channels=(8, 16), embedding_dim=4, head_channels=8)).eval()
+    entered = []
+
+    @contextlib.contextmanager
+    def spy(device, asked):
+        entered.append((device.type, asked))
+        yield
+
+    monkeypatch.setattr(predict_module, "exact_float32", spy)
+    steps = predict_module.iter_predict_normalized(
+        np.zeros((1, 32, 48), np.float32), model, torch.device("cpu"), tta=2, precision=precision
+    )
+    for _ in steps:
+        pass
+    expected = predict_module.inference_dtype(torch.device("cpu"), precision)
+    assert entered and all(e == ("cpu", expected) for e in entered)
+    if dtype is not None:
+        assert expected == dtype

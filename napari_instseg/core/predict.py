@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .device import autocast, get_device, inference_dtype, memory_format
+from .device import autocast, exact_float32, get_device, inference_dtype, memory_format
 from .edges import local_contrast
 from .model import InstSegNet
 from .normalize import model_input
@@ -304,7 +304,7 @@ def iter_predict_normalized(
         passes = _network_maps(model, x, (origin[0] + rr0, origin[1] + cc0), tta, layout)
         for k in itertools.count(1):
             # the contexts are entered per pass: a generator must not yield inside them
-            with torch.inference_mode(), autocast(dev, dtype):
+            with torch.inference_mode(), autocast(dev, dtype), exact_float32(dev, dtype):
                 try:
                     next(passes)
                 except StopIteration as stop:
