@@ -269,3 +269,62 @@ def test_cli_evaluate_with_a_model_predicts_and_scores_as_the_api_does(tmp_path,
     # weights that are not there: one clear line, status 1
     assert main([*argv, "--model", str(tmp_path / "none.safetensors")]) == 1
     assert "none.safetensors" in capsys.readouterr().err
+
+
+def test_cli_evaluate_tune_write_stores_what_segment_auto_then_uses(tmp_path, capsys):
+    """``evaluate --model M --tune --write``: parameters chosen on the images are written
+    into M, and the scores printed are those of ``segment(method="auto")`` with M after."""
+    import shutil
+
+    from napari_instseg import load_model, predict, segment
+    from napari_instseg.cli import main
+    from napari_instseg.core.synthetic import make_worms
+    from napari_instseg.core.training_folder import write_training_folder
+    from napari_instseg.core.weights import shipped_weights_path
+
+    shipped = shipped_weights_path()
+    mine = tmp_path / "mine.safetensors"
+    shutil.copy(shipped, mine)
+    meta = json.loads(shipped.with_suffix(".json").read_text())
+    for key in ("segment_params", "recommended_method", "recommended_tta"):
+        meta.pop(key, None)  # as `train` leaves a model: untuned
+    mine.with_suffix(".json").write_text(json.dumps(meta))
+    assert "segment_params" not in load_model(mine).metadata
+    samples = [
+        make_worms(shape=(160, 224), n_worms=4, n_crossings=1, n_touching=1, seed=s)
+        for s in (3, 4)
+    ]
+    for i, sample in enumerate(samples):
+        sample.name = f"val-{i}"
+    write_training_folder(tmp_path / "val", samples)
+    out = tmp_path / "r.json"
+    argv = ["evaluate", "--gt", str(tmp_path / "val"), "--model", str(mine), "--tta", "1"]
+    argv += ["--device", "cpu", "--tune", "--write", "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "tuning boundary on 2 images" in printed and "wrote the parameters" in printed
+    tuned = load_model(mine)
+    assert tuned.metadata["recommended_method"] == "boundary"
+    assert tuned.metadata["recommended_tta"] == 1
+    assert set(tuned.metadata["segment_params"]["boundary"]) >= {"boundary_threshold", "min_size"}
+    found = [segment(predict(s.image, tuned, "cpu", tta=1), method="auto") for s in samples]
+    expected = evaluate(found, [s.masks for s in samples])
+    res = json.loads(out.read_text())
+    for key in ("AP", "AP50", "avS"):
+        assert res[key] == pytest.approx(expected[key])
+    assert tuned.metadata["metrics"]["boundary"]["AP"] == pytest.approx(expected["AP"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        (["--pred", "p", "--tune"], "--tune needs --model"),
+        (["--model", "m.safetensors", "--write"], "give --tune as well"),
+        (["--model", "default", "--tune", "--write"], "would change the shipped weights"),
+    ],
+)
+def test_cli_evaluate_tune_and_write_refuse_what_they_cannot_do(tmp_path, capsys, extra, error):
+    from napari_instseg.cli import main
+
+    assert main(["evaluate", "--gt", str(tmp_path), *extra]) == 1
+    assert error in capsys.readouterr().err

@@ -14,6 +14,13 @@ overlaps, so crossing worms lose their shared pixels there)::
 Predict and segment BBBC010 validation wells with a model, then evaluate::
 
     napari-instseg evaluate --model default --gt ../shared/data/bbbc010 --wells B13-C02
+
+A model trained with ``napari-instseg train`` has no segmentation parameters of its own:
+choose them on its validation images and store them in its weights, so that
+``segment(method="auto")``, ``predict``, ``batch`` and the plugin use them::
+
+    napari-instseg evaluate --model runs/mine/best.safetensors --gt ../shared/data/bbbc010 \
+        --wells A11-A12,B11-B12,C01-C02,B13-B24 --tta 8 --tune --write
 """
 
 from __future__ import annotations
@@ -22,10 +29,14 @@ import argparse
 import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..core.evaluate import evaluate, format_table, parse_names, to_json
 from ..core.types import Instances, Sample
 from .predict import SCALE_HELP, scale_arg, tta_arg
+
+if TYPE_CHECKING:
+    from ..core.model import InstSegNet
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +75,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=scale_arg, default=1.0, help=f"with --model: {SCALE_HELP}")
     parser.add_argument("--device", default="auto", help="device for --model (auto|cpu|cuda|mps)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="with --model: first choose the segmentation method's parameters on these "
+        "images (coordinate search for the best COCO AP; --method auto tunes the model's "
+        "recommended method, else boundary), then score with them. A model you trained "
+        "yourself has none until it is tuned: tune it on its validation images",
+    )
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="with --tune: store the parameters, the method and the tta in the model's "
+        "weights, for segment(method='auto'), predict, batch and the plugin",
+    )
 
 
 def is_bbbc010(root: Path) -> bool:
@@ -200,6 +225,8 @@ def _predict_all(args: argparse.Namespace, samples: list[Sample]) -> list[Instan
     from ..core.instances import segment
 
     model = load_model(None if args.model == "default" else args.model)
+    if args.tune:
+        return _tune_and_segment(args, model, samples)
     out = []
     for s in samples:
         prediction = predict(
@@ -210,9 +237,53 @@ def _predict_all(args: argparse.Namespace, samples: list[Sample]) -> list[Instan
     return out
 
 
+def _tune_and_segment(
+    args: argparse.Namespace, model: InstSegNet, samples: list[Sample]
+) -> list[Instances]:
+    """``--tune``: predict every image, tune the method on them, segment with the result."""
+    from ..core.instances import segment
+    from ..core.predict import predict
+    from ..core.tune import tune_segmentation, write_tuning
+
+    predictions = []
+    for s in samples:
+        predictions.append(
+            predict(s.image, model=model, device=args.device, tta=args.tta, scale=args.scale)
+        )
+        print(f"  {s.name}: predicted", flush=True)
+    stored = dict(model.metadata.get("segment_params") or {})
+    method = args.method
+    if method == "auto":
+        method = str(model.metadata.get("recommended_method") or "boundary")
+    print(f"tuning {method} on {len(samples)} images (COCO AP)...", flush=True)
+    t0 = time.perf_counter()
+    tuned = tune_segmentation(
+        predictions, [s.masks for s in samples], methods=[method], starts=[stored]
+    )
+    print(
+        f"tuned in {time.perf_counter() - t0:.0f} s ({tuned.trials} evaluations): "
+        f"{method} {tuned.params[method]}"
+    )
+    if args.write:
+        tta = int(predictions[0].metadata.get("tta", 1))
+        names = args.wells or ",".join(s.name for s in samples)
+        write_tuning(args.model, tuned, images=names, tta=tta)
+        print(f"wrote the parameters into {args.model} (recommended tta {tta})")
+    return [segment(p, method=method, **tuned.params[method]) for p in predictions]
+
+
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the table (and write JSON when asked)."""
     wells = parse_names(args.wells) if args.wells else None
+    if args.tune and not args.model:
+        raise ValueError("--tune needs --model: the parameters are chosen on its predictions")
+    if args.write and not args.tune:
+        raise ValueError("--write stores what --tune chose: give --tune as well")
+    if args.write and args.model == "default":
+        raise ValueError(
+            "--write would change the shipped weights; copy them (and their .json) to a file "
+            "of yours and give that to --model"
+        )
     if args.json is not None and args.json.is_dir():
         raise ValueError(f"--json {args.json} is a folder; give a file name, e.g. out.json")
     t0 = time.perf_counter()
