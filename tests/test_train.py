@@ -508,6 +508,22 @@ def test_cli_train_on_a_folder_without_manifest(tmp_path, capsys):
     argv += ["--steps-per-epoch", "1", "--batch-size", "1", "--crop-size", "64"]
     assert main([*argv, "--device", "cpu", "--no-progress"]) == 0, capsys.readouterr().err
     assert (out / "best.safetensors").is_file()
+    # no validation images: the next step names the command with a folder of the user's
+    printed = capsys.readouterr().out
+    expected = f"napari-instseg evaluate --model {out / 'best.safetensors'} --gt LABELLED_FOLDER"
+    assert expected in printed and "--tune --write" in printed
+
+
+def test_cli_train_names_the_tuning_command_on_its_validation_wells():
+    from napari_instseg.cli.train import tuning_hint
+    from napari_instseg.core.train import TrainConfig
+
+    config = TrainConfig(data=["bbbc"], val_wells="A11-A12,B13", train_wells="A01")
+    hint = tuning_hint("runs/x/best.safetensors", config)
+    command = (
+        "napari-instseg evaluate --model runs/x/best.safetensors --gt bbbc --wells A11-A12,B13"
+    )
+    assert command in hint and hint.endswith("--tta 8 --tune --write")
 
 
 def test_a_config_file_or_object_behaves_like_the_flags(data, tmp_path, monkeypatch, capsys):

@@ -163,7 +163,38 @@ def run(args: argparse.Namespace) -> int:
         print(f"resuming after epoch {done} from its checkpoint (--no-resume starts afresh)")
     best = train(config, resume=not args.no_resume, progress=not args.no_progress)
     print(f"best weights: {best}")
+    print(tuning_hint(best, config))
     return 0
+
+
+def tuning_hint(best: str | Path, config: object) -> str:
+    """What to run next: a trained model segments with its own parameters once tuned.
+
+    Parameters
+    ----------
+    best : str or Path
+        The run's best weights.
+    config : TrainConfig
+        The run's configuration (its data folders and validation wells).
+
+    Returns
+    -------
+    str
+        The line to print: the ``napari-instseg evaluate ... --tune --write`` command on the
+        run's validation images, or, without any, on labelled images of the user's.
+    """
+    val_wells = str(getattr(config, "val_wells", "") or "")
+    data = list(getattr(config, "data", []) or [])
+    if val_wells and data:
+        where = f"--gt {data[0]} --wells {val_wells}"
+        images = "its validation images"
+    else:
+        where = "--gt LABELLED_FOLDER"
+        images = "labelled images it did not train on"
+    return (
+        "before using it for automatic segmentation, choose its parameters on "
+        f"{images}: napari-instseg evaluate --model {best} {where} --tta 8 --tune --write"
+    )
 
 
 def _relative_hint(folder: str | Path) -> str:
