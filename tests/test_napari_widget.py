@@ -835,6 +835,21 @@ def test_debris_toggle_keeps_or_drops_a_round_blob(widget, worms, monkeypatch):
     assert widget.segment(blocking=True) == dropped + 1
 
 
+def test_segment_all_says_when_the_model_has_no_tuned_parameters(widget, worms):
+    """A model from ``train`` has no segmentation parameters: Segment all says so and how
+    to tune it; a tuned model's segmentation says nothing of it."""
+    oracle = compute.predict_image(np.asarray(worms.image, np.float32))  # the fixture's
+    oracle.metadata.pop("segment_params", None)
+    widget.run_model(blocking=True)
+    n = widget.segment(blocking=True)
+    text = widget.status.text()
+    assert text.startswith(f"{n} instances, with default parameters")
+    assert "napari-instseg evaluate --model WEIGHTS" in text and "--tune --write" in text
+    oracle.metadata["segment_params"] = {"hybrid": {"min_size": 30}}
+    n = widget.segment(blocking=True)
+    assert widget.status.text().startswith(f"{n} instances. Review them")
+
+
 def test_clicks_start_from_the_automatic_segments_when_the_model_is_tuned(widget, worms, qtbot):
     from napari_instseg.core.pick import automatic_segments
 

@@ -1506,7 +1506,17 @@ class InstSegWidget(QWidget):
 
     def _after_segment(self, n: int) -> None:
         self._update_review_label()
-        self._say(f"{n} instances. Review them: '{KEYS_NEXT}' jumps to the least certain.")
+        session = self.session(create=False)
+        meta = session.prediction.metadata if session and session.prediction else {}
+        if meta.get("segment_params"):
+            self._say(f"{n} instances. Review them: '{KEYS_NEXT}' jumps to the least certain.")
+            return
+        # a model from `napari-instseg train` has no parameters of its own: say how to fix it
+        self._say(
+            f"{n} instances, with default parameters: this model has none tuned for it, and "
+            "they may not fit it. Tune it once: napari-instseg evaluate --model WEIGHTS "
+            "--gt LABELLED_FOLDER --tune --write (docs/retraining.md)."
+        )
 
     # ================================================================ editing
     @property
