@@ -240,20 +240,27 @@ def test_cli_evaluate_wells_names_training_folder_images(tmp_path, capsys):
     assert "no ground-truth images named by --wells synthetic-9 found in" in err
 
 
-def test_cli_evaluate_with_a_model_predicts_and_scores_as_the_api_does(tmp_path, capsys):
-    """``evaluate --model``: predict, segment and score in one go, the API's numbers."""
-    from napari_instseg import load_model, predict, segment
-    from napari_instseg.cli import main
+def _synthetic_folder(folder, prefix, seeds, shape, touching):
+    """Synthetic worm images (4 worms, one crossing) written as a training folder."""
     from napari_instseg.core.synthetic import make_worms
     from napari_instseg.core.training_folder import write_training_folder
 
     samples = [
-        make_worms(shape=(192, 256), n_worms=4, n_crossings=1, n_touching=0, seed=s)
-        for s in (1, 2)
+        make_worms(shape=shape, n_worms=4, n_crossings=1, n_touching=touching, seed=s)
+        for s in seeds
     ]
     for i, sample in enumerate(samples):
-        sample.name = f"plate-{i}"
-    write_training_folder(tmp_path / "mine", samples)
+        sample.name = f"{prefix}-{i}"
+    write_training_folder(folder, samples)
+    return samples
+
+
+def test_cli_evaluate_with_a_model_predicts_and_scores_as_the_api_does(tmp_path, capsys):
+    """``evaluate --model``: predict, segment and score in one go, the API's numbers."""
+    from napari_instseg import load_model, predict, segment
+    from napari_instseg.cli import main
+
+    samples = _synthetic_folder(tmp_path / "mine", "plate", (1, 2), (192, 256), touching=0)
     out = tmp_path / "r.json"
     argv = ["evaluate", "--gt", str(tmp_path / "mine"), "--model", "default", "--tta", "1"]
     assert main([*argv, "--device", "cpu", "--method", "auto", "--json", str(out)]) == 0
@@ -278,8 +285,6 @@ def test_cli_evaluate_tune_write_stores_what_segment_auto_then_uses(tmp_path, ca
 
     from napari_instseg import load_model, predict, segment
     from napari_instseg.cli import main
-    from napari_instseg.core.synthetic import make_worms
-    from napari_instseg.core.training_folder import write_training_folder
     from napari_instseg.core.weights import shipped_weights_path
 
     shipped = shipped_weights_path()
@@ -290,13 +295,7 @@ def test_cli_evaluate_tune_write_stores_what_segment_auto_then_uses(tmp_path, ca
         meta.pop(key, None)  # as `train` leaves a model: untuned
     mine.with_suffix(".json").write_text(json.dumps(meta))
     assert "segment_params" not in load_model(mine).metadata
-    samples = [
-        make_worms(shape=(160, 224), n_worms=4, n_crossings=1, n_touching=1, seed=s)
-        for s in (3, 4)
-    ]
-    for i, sample in enumerate(samples):
-        sample.name = f"val-{i}"
-    write_training_folder(tmp_path / "val", samples)
+    samples = _synthetic_folder(tmp_path / "val", "val", (3, 4), (160, 224), touching=1)
     out = tmp_path / "r.json"
     argv = ["evaluate", "--gt", str(tmp_path / "val"), "--model", str(mine), "--tta", "1"]
     argv += ["--device", "cpu", "--tune", "--write", "--json", str(out)]
