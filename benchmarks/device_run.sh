@@ -11,8 +11,10 @@
 # is left. Everything lands in $OUT: gpu_check.json (rewritten after each step),
 # gpu_check.log, and the run's weights, metadata and log (full_best.safetensors,
 # full_best.json, full_log.csv) to evaluate on the CPU afterwards:
-#     python benchmarks/eval_bbbc010.py --model full_best.safetensors \
-#         --wells A11-A12,B11-B12,C01-C02,B13-B24 --methods boundary --tta 8
+#     napari-instseg evaluate --model full_best.safetensors --gt ../shared/data/bbbc010 \
+#         --wells A11-A12,B11-B12,C01-C02,B13-B24 --tta 8 --tune --write
+# (a model from train has no segmentation parameters of its own: untuned, the session-32
+# GPU run scored AP 0.028, tuned 0.717), then eval_bbbc010.py --model as for any model.
 # Dry run on a CPU: DEVICE=cpu EPOCH_STEPS=1 FULL_MINUTES=1 bash benchmarks/device_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -302,6 +302,7 @@ def test_cli_evaluate_tune_write_stores_what_segment_auto_then_uses(tmp_path, ca
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "tuning boundary on 2 images" in printed and "wrote the parameters" in printed
+    assert "on the images it was tuned on" in printed
     tuned = load_model(mine)
     assert tuned.metadata["recommended_method"] == "boundary"
     assert tuned.metadata["recommended_tta"] == 1

@@ -264,6 +264,7 @@ def _tune_and_segment(
         f"tuned in {time.perf_counter() - t0:.0f} s ({tuned.trials} evaluations): "
         f"{method} {tuned.params[method]}"
     )
+    print("the scores below are on the images it was tuned on: expect less on new ones")
     if args.write:
         tta = int(predictions[0].metadata.get("tta", 1))
         names = args.wells or ",".join(s.name for s in samples)
