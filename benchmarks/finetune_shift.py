@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--wells", default="A11-A12,B11-B12,C01-C02,B13-B24")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="the fine-tuning's random seed")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                     name=f"ft-{shift}-{steps}-{replay}",
                     replay=None if replay == "none" else "auto",
                     replay_fraction=fraction,
+                    seed=args.seed,
                 )
                 seconds = time.perf_counter() - t0
                 r = measure(version.path, images)
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[shift][variant] = r
                 label = f"{shift}: fine-tuned, {steps} steps, replay {replay}"
                 print(row(label, r, f"{seconds:.0f} s"), flush=True)
-    print(f"machine: {cpu_name()}, torch threads {args.threads}")
+    print(f"machine: {cpu_name()}, torch threads {args.threads}, seed {args.seed}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
