@@ -147,6 +147,15 @@ def _parent_with_training_images(parent, tmp_path, val_ap=None):
     return save_model(load_model(parent), tmp_path / "trained.safetensors", meta)
 
 
+def _finetune_two_steps(widget, export, qtbot):
+    """Fine-tune on ``export`` for 2 steps through the panel; it must end without error."""
+    widget.add_folder(export)
+    widget.steps.setValue(2)
+    widget.start()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.last_error == ""
+
+
 def test_finetune_widget_offers_replay_only_when_the_parents_images_exist(
     widget, export, parent, tmp_path, qtbot
 ):
@@ -158,11 +167,7 @@ def test_finetune_widget_offers_replay_only_when_the_parents_images_exist(
     # never replayed)
     widget.set_parent(_parent_with_training_images(parent, tmp_path))
     assert widget.replay.isEnabled() and widget.replay.isChecked()
-    widget.add_folder(export)
-    widget.steps.setValue(2)
-    widget.start()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
-    assert widget.last_error == ""
+    _finetune_two_steps(widget, export, qtbot)
     replay = read_metadata(widget.version.path)["finetune"]["replay"]
     assert replay["names"] == "img0" and replay["fraction"] == 0.5
 
@@ -173,11 +178,7 @@ def test_finetune_widget_says_when_replay_was_left_out(widget, export, parent, t
 
     widget.set_parent(_parent_with_training_images(parent, tmp_path, val_ap=0.9))
     assert widget.replay.isEnabled() and widget.replay.isChecked()
-    widget.add_folder(export)
-    widget.steps.setValue(2)
-    widget.start()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
-    assert widget.last_error == ""
+    _finetune_two_steps(widget, export, qtbot)
     assert read_metadata(widget.version.path)["finetune"]["replay"] is None
     assert "Replay left out: the parent scores AP 0.00" in widget.status.text()
 
