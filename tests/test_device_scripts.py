@@ -1,14 +1,16 @@
 """The scripts that take the GPU measurements on a lent device machine.
 
 ``benchmarks/device_bundle.py`` makes ready what travels (data, wheels) and
-``benchmarks/gpu_check.py`` measures; both run rarely and on someone else's machine, so
-what can be checked here is checked here: the run-time estimate from a run stopped early,
-the steps' order, what is copied and what travels.
+``benchmarks/gpu_check.py`` measures, ``benchmarks/device_seeds.py`` trains several runs
+side by side; they run rarely and on someone else's machine, so what can be checked here
+is checked here: the run-time estimate from a run stopped early, the steps' order, what is
+copied and what travels, the side-by-side plan and what comes back.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 from pathlib import Path
 
@@ -128,3 +130,100 @@ def test_what_travels_counts_tracked_untracked_and_carried_not_ignored(tmp_path,
     gitignore = (repo / ".gitignore").stat().st_size
     assert bundle.travelling_bytes(repo, []) == 100 + gitignore
     assert bundle.travelling_bytes(repo, [repo / ".device"]) == 100 + gitignore + 1000
+
+
+@pytest.fixture(scope="module")
+def seeds():
+    return _load("device_seeds")
+
+
+def test_a_run_spec_splits_train_and_model_fields(seeds):
+    name, fields = seeds.parse_run("wide:channels=[32,64],seed=1,lr=0.001,out=runs/x")
+    assert name == "wide"
+    assert fields == {"seed": 1, "lr": 0.001, "out": "runs/x", "model": {"channels": [32, 64]}}
+    assert seeds.parse_run("plain") == ("plain", {})
+    with pytest.raises(ValueError, match="field=value"):
+        seeds.parse_run("bad:seed")
+    with pytest.raises(ValueError, match="no name"):
+        seeds.parse_run(":seed=1")
+
+
+def test_step_time_is_linear_between_one_run_and_the_probe(seeds):
+    # session 33 on one H200: one run alone 0.066 s a step, six together 0.24
+    assert seeds.step_seconds(1, 6, 0.24, 0.066) == pytest.approx(0.066)
+    assert seeds.step_seconds(6, 6, 0.24, 0.066) == pytest.approx(0.24)
+    assert seeds.step_seconds(2, 6, 0.24, 0.066) == pytest.approx(0.066 + 0.174 / 5)
+    # a probe faster than the floor never plans below one run alone
+    assert seeds.step_seconds(3, 3, 0.01, 0.066) == pytest.approx(0.066)
+
+
+def test_the_plan_takes_the_most_runs_that_train_long_enough(seeds):
+    names = [f"r{i}" for i in range(6)]
+    # two runs at 0.1008 s a step do 4484 steps in 452 s (>= 0.8 x 5500); three do 3333
+    chosen, steps = seeds.plan_runs(names, 0.24, 0.066, 452.0, 5500, 0.8)
+    assert chosen == ["r0", "r1"]
+    assert steps == int(452.0 / (0.066 + 0.174 / 5))
+    # time for all six: each gets the configured steps, not more
+    chosen, steps = seeds.plan_runs(names, 0.24, 0.066, 5000.0, 5500, 0.8)
+    assert chosen == names and steps == 5500
+    # too little time even for one: one run anyway, with the steps that fit
+    chosen, steps = seeds.plan_runs(names, 0.24, 0.066, 66.0, 5500, 0.8)
+    assert chosen == ["r0"] and steps == 1000
+
+
+def test_more_runs_than_files_come_back_are_refused(seeds, tmp_path, capsys):
+    runs = [f"r{i}:seed={i}" for i in range(seeds.MAX_RUNS + 1)]
+    with pytest.raises(SystemExit):
+        seeds.main(["--out", str(tmp_path / "out"), "--runs", *runs])
+    assert "at most 6 runs" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "device_seeds.json").exists()
+
+
+def test_runs_train_side_by_side_and_come_back_as_few_files(seeds, tmp_path):
+    import tarfile
+
+    from napari_instseg.core.synthetic import make_worms
+    from napari_instseg.core.training_folder import write_training_folder
+    from napari_instseg.core.weights import load_model, read_metadata
+
+    samples = []
+    for i, name in enumerate(["A01", "A02", "A03"]):
+        sample = make_worms(shape=(96, 96), n_worms=3, length=(30, 50), width=(5, 8), seed=i)
+        sample.name = name
+        samples.append(sample)
+    data = write_training_folder(tmp_path / "data", samples)
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        'train_wells = "A01-A02"\nval_wells = "A03"\nepochs = 2\nsteps_per_epoch = 2\n'
+        "batch_size = 2\ncrop_size = 64\nn_embedding_samples = 8\nn_class_samples = 4\n"
+        'val_every = 1\ncrop_candidates = 2\nselect_metric = "val_ap"\n'
+        "[model]\nchannels = [8, 16]\nembedding_dim = 4\nhead_channels = 8\n"
+    )
+    out = tmp_path / "out"
+    args = ["--data", str(data), "--config", str(config), "--device", "cpu"]
+    args += ["--out", str(out), "--work", str(tmp_path / "work"), "--threads", "1"]
+    args += ["--runs", "a:seed=0", "b:seed=1,channels=[8,8,16]"]
+    args += ["--probe-epochs", "2", "--probe-steps", "1", "--budget-s", "400"]
+    args += ["--single-step-s", "0.01", "--reserve-s", "30"]
+    assert seeds.main(args) == 0
+    # two weights, the report and the logs' archive: within the 8 files the tool returns
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_best.safetensors",
+        "b_best.safetensors",
+        "device_seeds.json",
+        "device_seeds_logs.tar.gz",
+    ]
+    report = json.loads((out / "device_seeds.json").read_text())
+    assert report["plan"]["runs"] == ["a", "b"]
+    assert report["plan"]["max_steps"] == report["plan"]["configured_steps"] == 4
+    for name in ("a", "b"):
+        result = report["train"]["results"][name]
+        assert result["exit_code"] == 0 and result["epochs_done"] == 2
+        assert result["best_val_ap"] is not None
+    model = load_model(out / "b_best.safetensors")
+    assert tuple(model.config.channels) == (8, 8, 16)
+    meta = read_metadata(out / "b_best.safetensors")
+    assert meta["training"]["config"]["max_steps"] == 4
+    with tarfile.open(out / "device_seeds_logs.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"a_log.csv", "b_best.json", "a_train.out", "probe_b.out"} <= names
