@@ -437,6 +437,34 @@ def test_batch_predicts_with_the_models_recommended_tta(tmp_path):
         run_batch([tmp_path / "img.tif"], tmp_path / "bad.zarr", precision="half", **params)
 
 
+@pytest.mark.parametrize("change", [{"semi_conv": False}, {"coord_scale": 64.0}])
+def test_a_store_never_resumes_with_another_architecture(tmp_path, change):
+    """Same tensors, other architecture: other maps, so the run is a different one."""
+    from dataclasses import replace
+
+    from napari_instseg.core.weights import model_signature
+
+    model = _tiny_model()
+    other = InstSegNet(replace(model.config, **change)).eval()
+    other.load_state_dict(model.state_dict())
+    assert model_signature(other) == model_signature(model)  # the tensors alone agree
+    sample = make_worms(shape=(96, 128), n_worms=3, length=(25, 50), width=(5, 7), seed=3)
+    tifffile.imwrite(tmp_path / "img.tif", sample.image.astype(np.uint16))
+    params = {"device": "cpu", "method": "boundary", "save_maps": True, "tta": 1}
+    out = tmp_path / "out.zarr"
+    assert run_batch([tmp_path / "img.tif"], out, model=model, **params).ok
+    # the same model resumes the finished store: nothing recomputed
+    again = run_batch([tmp_path / "img.tif"], out, model=model, **params)
+    assert again.report["chunks"]["computed"] == 0
+    with pytest.raises(ValueError, match="different run"):
+        run_batch([tmp_path / "img.tif"], out, model=other, **params)
+    fresh = run_batch([tmp_path / "img.tif"], out, model=other, resume=False, **params)
+    assert fresh.ok and fresh.report["chunks"]["computed"] > 0
+    expected = predict(sample.image.astype(np.uint16).astype(np.float32), other, "cpu")
+    got = zarr.open_array(str(out / "maps" / "foreground" / "0"))[0]
+    np.testing.assert_allclose(got, expected.foreground, atol=1e-5)
+
+
 def test_batch_at_another_scale_matches_predict(tmp_path):
     model = _tiny_model()
     sample = make_worms(shape=(120, 160), n_worms=5, length=(25, 50), width=(5, 7), seed=2)

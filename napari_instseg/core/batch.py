@@ -1706,6 +1706,10 @@ def run_batch(
         params["scale"] = scale
     if precision != "auto":  # absent when "auto": older stores resume unchanged
         params["precision"] = precision
+    if net is not None:
+        # the same tensors with other semi-convolutional coordinates, coord_scale or taus
+        # give other maps: a store of one never resumes with the other (as predict's cache)
+        params["architecture"] = net.config.to_dict()
     key = _plan_key(plan, params)
     finished = _prepare_store(out, plan, key, resume, bool(save_maps), emb_dim)
     if finished:
