@@ -27,6 +27,11 @@ A run is ``name:field=value,field=value`` (TrainConfig fields, ``channels`` and 
     python benchmarks/device_seeds.py --data .device/data/bbbc010 --out $OUT \\
         --runs "v10_s1:seed=1" "wide_s0:channels=[32,64,96,192,192]"
 
+When a call ends before its runs do (its limit, the trainer's time limit) and the machine
+is still warm (the device tool keeps it 30 s after a call), ``--resume`` in the next call
+finishes every run folder left in ``--work`` from its checkpoint and brings the weights
+back the same way (session 33: two runs stopped at epoch 93-94 of 109 finished in 107 s).
+
 A dry run on a CPU (seconds): ``--device cpu --steps-per-epoch 2 --epochs 3 --budget-s 120``.
 The weights come back without segmentation parameters: tune each before scoring it
 (``napari-instseg evaluate --model M --gt ../shared/data/bbbc010 --wells ... --tune``).
@@ -57,6 +62,16 @@ fields = json.loads(sys.argv[2])
 model = {**config.model, **fields.pop("model", {})}
 config = dataclasses.replace(config, model=model, **fields)
 train(config, resume=False, progress=False)
+"""
+
+#: resumes a run folder's training (argv: its config.toml, time limit in minutes, threads)
+RESUME = """
+import sys
+from napari_instseg.core.train import TrainConfig, train
+config = TrainConfig.from_toml(sys.argv[1])
+config.time_limit_minutes = float(sys.argv[2])
+config.num_threads = int(sys.argv[3])
+train(config, resume=True, progress=False)
 """
 
 #: the most runs: their weights, the report and the logs' archive are the 8 files the
@@ -132,11 +147,21 @@ def read_log(path: Path) -> list[dict[str, str]]:
 
 def launch(config: str, fields: dict[str, Any], log: Path, threads: int) -> subprocess.Popen:
     """Start one training in a child process, its output going to ``log``."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     fields = {**fields, "num_threads": threads}
-    handle = open(log, "w")  # noqa: SIM115 - closed by the child's exit
+    return _child([TRAIN, config, json.dumps(fields)], log, threads)
+
+
+def launch_resume(run: Path, limit_min: float, log: Path, threads: int) -> subprocess.Popen:
+    """Resume the training of run folder ``run`` in a child process (``--resume``)."""
+    args = [RESUME, str(run / "config.toml"), f"{limit_min:.2f}", str(threads)]
+    return _child(args, log, threads)
+
+
+def _child(args: list[str], log: Path, threads: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    handle = open(log, "a")  # noqa: SIM115 - closed by the child's exit
     return subprocess.Popen(
-        [sys.executable, "-c", TRAIN, config, json.dumps(fields)],
+        [sys.executable, "-c", *args],
         stdout=handle,
         stderr=subprocess.STDOUT,
         cwd=REPO,
@@ -198,6 +223,82 @@ def plan_runs(
     raise AssertionError("unreachable")
 
 
+def collect(
+    chosen: list[str],
+    codes: dict[str, int | None],
+    work: Path,
+    out: Path,
+    t_train: float,
+) -> dict[str, Any]:
+    """Copy each run's best weights to ``out``; what each run did."""
+    results: dict[str, Any] = {}
+    for name in chosen:
+        rows = read_log(work / name / "log.csv")
+        last = rows[-1] if rows else {}
+        kept = []
+        if (work / name / "best.safetensors").is_file():  # (its metadata is inside)
+            shutil.copy2(work / name / "best.safetensors", out / f"{name}_best.safetensors")
+            kept.append(f"{name}_best.safetensors")
+        vals = [float(r["val_ap"]) for r in rows if r.get("val_ap")]
+        results[name] = {
+            "exit_code": codes[name],
+            "epochs_done": int(last["epoch"]) if last else 0,
+            "training_s": float(last["elapsed_s"]) if last else None,
+            "best_val_ap": max(vals) if vals else None,
+            "kept": kept,
+        }
+    return {"wall_s": round(time.time() - t_train, 1), "results": results}
+
+
+def archive_logs(chosen: list[str], probed: list[str], work: Path, out: Path) -> None:
+    """The runs' logs, metadata and output in one archive (the tool returns 8 files)."""
+    with tarfile.open(out / "device_seeds_logs.tar.gz", "w:gz") as tar:
+        for name in chosen:
+            for file in ("best.json", "log.csv"):
+                if (work / name / file).is_file():
+                    tar.add(work / name / file, arcname=f"{name}_{file}")
+            train_out = out / f"{name}_train.out"
+            if train_out.is_file():
+                tar.add(train_out, arcname=train_out.name)
+                train_out.unlink()
+        for name in probed:
+            if (work / f"probe_{name}.out").is_file():
+                tar.add(work / f"probe_{name}.out", arcname=f"probe_{name}.out")
+
+
+def resume_runs(args: argparse.Namespace, out: Path, work: Path, deadline: float) -> int:
+    """``--resume``: finish the run folders an earlier call left in ``--work``.
+
+    On a machine still warm from a call whose runs were stopped before their end (killed
+    at the call's limit, or by the trainer's time limit), each run folder with a
+    checkpoint is resumed from it, all side by side, to its configured steps; the
+    trainer's limit (on the run's whole training time) leaves time for the validation.
+    """
+    t_train = time.time()
+    names = [p.name for p in sorted(work.iterdir()) if (p / "last.ckpt.safetensors").is_file()]
+    names = [n for n in names if not n.startswith("probe_")]
+    report: dict[str, Any] = {"resumed": names, "device": args.device}
+    if not names:
+        print(f"nothing to resume in {work}", flush=True)
+        (out / "device_seeds.json").write_text(json.dumps(report, indent=1))
+        return 1
+    procs = {}
+    for name in names:
+        rows = read_log(work / name / "log.csv")
+        done_s = float(rows[-1]["elapsed_s"]) if rows else 0.0
+        left = deadline - time.time() - args.reserve_s
+        limit_min = max(0.5, (done_s + left) / 60)
+        procs[name] = launch_resume(
+            work / name, limit_min, out / f"{name}_train.out", args.threads
+        )
+    codes = wait_all(procs, deadline)
+    report["train"] = collect(names, codes, work, out, t_train)
+    (out / "device_seeds.json").write_text(json.dumps(report, indent=1))
+    archive_logs(names, [], work, out)
+    print(json.dumps(report["train"], indent=1), flush=True)
+    return 0 if all(code == 0 for code in codes.values()) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=".device/data/bbbc010", help="BBBC010 folder")
@@ -217,11 +318,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--epochs", type=int, default=None, help="dry runs: fewer epochs")
     parser.add_argument("--steps-per-epoch", type=int, default=None, help="dry runs")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish the runs an earlier call left in --work (a machine still warm)",
+    )
     args = parser.parse_args(argv)
     start = time.time()
     deadline = start + args.budget_s
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
+    if args.resume:
+        if not work.is_dir():
+            parser.error(f"--resume: no run folders at {work}")
+        return resume_runs(args, out, work, deadline)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     runs = dict(parse_run(text) for text in args.runs)
@@ -267,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["probe"] = {"exit_codes": codes, "seconds_per_step": rates, "wall_s": probe_s}
     print(f"probe ({probe_s:.0f} s): {rates}", flush=True)
-    ok = [name for name in runs if codes[name] == 0 and rates[name]]
+    ok = [name for name in runs if codes[name] == 0 and rates[name] is not None]
     for name in runs:
         if name not in ok:
             print((work / f"probe_{name}.out").read_text()[-3000:], flush=True)
@@ -311,37 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         procs[name] = launch(args.config, fields, out / f"{name}_train.out", args.threads)
     codes = wait_all(procs, deadline)
-    results: dict[str, Any] = {}
-    for name in chosen:
-        rows = read_log(work / name / "log.csv")
-        last = rows[-1] if rows else {}
-        kept = []
-        if (work / name / "best.safetensors").is_file():  # (its metadata is inside)
-            shutil.copy2(work / name / "best.safetensors", out / f"{name}_best.safetensors")
-            kept.append(f"{name}_best.safetensors")
-        vals = [float(r["val_ap"]) for r in rows if r.get("val_ap")]
-        results[name] = {
-            "exit_code": codes[name],
-            "epochs_done": int(last["epoch"]) if last else 0,
-            "training_s": float(last["elapsed_s"]) if last else None,
-            "best_val_ap": max(vals) if vals else None,
-            "kept": kept,
-        }
-    report["train"] = {"wall_s": round(time.time() - t_train, 1), "results": results}
+    report["train"] = collect(chosen, codes, work, out, t_train)
     report["total_s"] = round(time.time() - start, 1)
     save()
-    # the device tool brings back at most 8 files: logs and outputs go in one archive
-    with tarfile.open(out / "device_seeds_logs.tar.gz", "w:gz") as tar:
-        for name in chosen:
-            for file in ("best.json", "log.csv"):
-                if (work / name / file).is_file():
-                    tar.add(work / name / file, arcname=f"{name}_{file}")
-            train_out = out / f"{name}_train.out"
-            if train_out.is_file():
-                tar.add(train_out, arcname=train_out.name)
-                train_out.unlink()
-        for name in runs:
-            tar.add(work / f"probe_{name}.out", arcname=f"probe_{name}.out")
+    archive_logs(chosen, list(runs), work, out)
     print(json.dumps(report["train"], indent=1), flush=True)
     return 0 if all(code == 0 for code in codes.values()) else 1
 

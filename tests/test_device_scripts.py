@@ -179,12 +179,10 @@ def test_more_runs_than_files_come_back_are_refused(seeds, tmp_path, capsys):
     assert not (tmp_path / "out" / "device_seeds.json").exists()
 
 
-def test_runs_train_side_by_side_and_come_back_as_few_files(seeds, tmp_path):
-    import tarfile
-
+def _tiny_training(tmp_path):
+    """A 3-image training folder and a tiny config on it (2 epochs of 2 steps)."""
     from napari_instseg.core.synthetic import make_worms
     from napari_instseg.core.training_folder import write_training_folder
-    from napari_instseg.core.weights import load_model, read_metadata
 
     samples = []
     for i, name in enumerate(["A01", "A02", "A03"]):
@@ -199,6 +197,15 @@ def test_runs_train_side_by_side_and_come_back_as_few_files(seeds, tmp_path):
         'val_every = 1\ncrop_candidates = 2\nselect_metric = "val_ap"\n'
         "[model]\nchannels = [8, 16]\nembedding_dim = 4\nhead_channels = 8\n"
     )
+    return data, config
+
+
+def test_runs_train_side_by_side_and_come_back_as_few_files(seeds, tmp_path):
+    import tarfile
+
+    from napari_instseg.core.weights import load_model, read_metadata
+
+    data, config = _tiny_training(tmp_path)
     out = tmp_path / "out"
     args = ["--data", str(data), "--config", str(config), "--device", "cpu"]
     args += ["--out", str(out), "--work", str(tmp_path / "work"), "--threads", "1"]
@@ -227,3 +234,28 @@ def test_runs_train_side_by_side_and_come_back_as_few_files(seeds, tmp_path):
     with tarfile.open(out / "device_seeds_logs.tar.gz") as tar:
         names = set(tar.getnames())
     assert {"a_log.csv", "b_best.json", "a_train.out", "probe_b.out"} <= names
+
+
+def test_resume_finishes_the_runs_a_call_left_behind(seeds, tmp_path):
+    from napari_instseg.core.train import TrainConfig, train
+
+    data, config = _tiny_training(tmp_path)
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["--resume", "--work", str(work), "--out", str(out), "--device", "cpu"]
+    args += ["--threads", "1", "--budget-s", "300", "--reserve-s", "30"]
+    work.mkdir()
+    assert seeds.main(args) == 1  # nothing there to resume
+    assert json.loads((out / "device_seeds.json").read_text())["resumed"] == []
+    # a run stopped after its first epoch of two, as a call's limit would leave it
+    run = TrainConfig.from_toml(config)
+    run.data, run.out, run.device = [str(data)], str(work / "a"), "cpu"
+    train(run, resume=False, progress=False, callback=lambda row: True)
+    assert len(seeds.read_log(work / "a" / "log.csv")) == 1
+    assert seeds.main(args) == 0
+    rows = seeds.read_log(work / "a" / "log.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]  # the second epoch only, from the checkpoint
+    report = json.loads((out / "device_seeds.json").read_text())
+    assert report["resumed"] == ["a"]
+    assert report["train"]["results"]["a"]["epochs_done"] == 2
+    assert (out / "a_best.safetensors").is_file()
+    assert (out / "device_seeds_logs.tar.gz").is_file()
