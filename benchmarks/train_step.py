@@ -12,8 +12,10 @@ Parts of a crop: ``centre`` (the candidate windows' worm counts), ``image`` (bil
 ``grid_sample``), ``masks`` (nearest sampling of the masks and the trusted map),
 ``jitter`` (intensity gain, offset and numpy noise) and ``other`` (draws, coordinates).
 Parts of a step: ``crops``, ``to device``, ``forward``, ``loss``, ``backward`` and
-``optimizer``. On a GPU the parts are timed with ``torch.cuda.synchronize()`` between
-them, which slows the whole step a little.
+``optimizer``; parts of the loss, per crop: the embedding pairs, the classification
+targets (masks grown from sampled pixels) and loss, the boundary target, the contact zone,
+the boundary and foreground losses. On a GPU the parts are timed with
+``torch.cuda.synchronize()`` between them, which slows the whole step a little.
 """
 
 from __future__ import annotations
@@ -127,6 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         ]:
             setattr(T, attr, timed(f"crop {name}", getattr(T, attr), device))
     crop = timed("crop", crop, device)
+    # the loss's parts, per crop (training_loss calls them once per crop of the batch)
+    for name, module, attr in [
+        ("embedding", T, "_embedding_term"),
+        ("class targets", L, "grown_mask_targets"),
+        ("classification", L, "classification_loss"),
+        ("boundary target", L, "boundary_target"),
+        ("contact zone", L, "contact_zone"),
+        ("boundary", L, "balanced_boundary_loss"),
+        ("foreground", L, "foreground_loss"),
+    ]:
+        setattr(module, attr, timed(f"loss {name}", getattr(module, attr), device))
 
     model = InstSegNet(model_config).to(device).train()
     layout = memory_format(device)
@@ -203,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     parts = sum(sum(v) for k, v in TIMES.items() if k.startswith("crop "))
     if parts:
         print(f"  {'other':18s} {(crop_total - parts) / len(TIMES['crop']):8.2f} ms mean")
+    if any(k.startswith("loss ") for k in TIMES):
+        print("loss parts, per crop (forward only; their backward is in backward):")
+        for name in sorted(k for k in TIMES if k.startswith("loss ")):
+            print(line(name[len("loss ") :], TIMES[name]))
     print("per step:")
     for name in sorted(k for k in TIMES if k.startswith("step")):
         print(line(name[len("step ") :], TIMES[name]))

@@ -115,6 +115,28 @@ def test_losses_of_an_empty_crop_stay_on_the_gpu(gpu):
     assert emb.grad is not None and torch.isfinite(emb.grad).all()
 
 
+def test_grown_overlaps_on_the_gpu_count_as_on_the_cpu(gpu):
+    """The classification targets' grown masks: one block and one comparison for all the
+    limits on a GPU, blocks of 4096 pixels on the CPU; the same counts."""
+    import math
+
+    from napari_instseg.core import losses as L
+
+    g = torch.Generator().manual_seed(5)
+    centres = torch.randn(8, 16, generator=g)
+    which = torch.randint(8, (256 * 256,), generator=g)
+    pixels = centres[which] + 0.15 * torch.randn(256 * 256, 16, generator=g)
+    seeds = pixels[torch.randint(len(pixels), (60,), generator=g)]
+    members = torch.stack([(which == k).float() for k in range(6)])
+    limits = [math.log(2.0 / tau - 1.0) for tau in (0.25, 0.5, 0.75, 0.9)]
+    cpu_inter, cpu_area = L.grown_overlaps(seeds, pixels, members, limits)
+    inter, area = L.grown_overlaps(seeds.to(gpu), pixels.to(gpu), members.to(gpu), limits)
+    assert cpu_area.max() > 1000  # masks that reach far beyond their seed
+    # the same pixels, but for the few within float rounding of a limit
+    assert (area.cpu() - cpu_area).abs().max() <= 2
+    assert (inter.cpu() - cpu_inter).abs().max() <= 2
+
+
 def test_training_data_and_crops_on_the_gpu(gpu, folder, tmp_path, monkeypatch):
     """``data_on_device``: two training steps whose crops are cut on the GPU from data
     kept there, and crops of the same draws as on the CPU (up to float rounding)."""

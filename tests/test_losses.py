@@ -197,14 +197,16 @@ def test_grown_mask_targets_collapsed_embeddings_are_background():
     assert (targets == 0).all()  # grown mask = whole image, IoU with a worm < 0.5
 
 
-def test_grown_overlaps_match_thresholding_the_whole_distance_matrix():
-    # more pixels than one block, so the blocks and their sums are exercised
+@pytest.mark.parametrize("block", [None, 1000, 1 << 18])
+def test_grown_overlaps_match_thresholding_the_whole_distance_matrix(block):
+    # more pixels than one CPU block, so the blocks and their sums are exercised (and one
+    # block for all, as on a GPU)
     g = torch.Generator().manual_seed(3)
     pixels = torch.randn(3 * L._GROW_CHUNK + 123, 4, generator=g)
     seeds = pixels[torch.randint(len(pixels), (9,), generator=g)]
     members = (torch.rand(5, len(pixels), generator=g) < 0.3).float()
     limits = [0.5, 2.0, 6.0]
-    inter, area = L.grown_overlaps(seeds, pixels, members, limits)
+    inter, area = L.grown_overlaps(seeds, pixels, members, limits, block=block)
     d2 = torch.cdist(seeds.double(), pixels.double()) ** 2
     for t, limit in enumerate(limits):
         grown = (d2 <= limit).double()

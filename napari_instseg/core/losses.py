@@ -248,10 +248,18 @@ def grown_mask_targets(
 
 
 _GROW_CHUNK = 4096  # pixels per block: the (S, block) distances stay in the CPU's cache
+#: pixels per block on a GPU: a 256 x 256 training crop in one block. There the blocks'
+#: many small kernels, not their arithmetic, cost the time (a training step is bound by
+#: kernel launches, session 32); (T, S, block) float32 stays below a few hundred MB.
+_GROW_CHUNK_GPU = 1 << 18
 
 
 def grown_overlaps(
-    seeds: torch.Tensor, pixels: torch.Tensor, members: torch.Tensor, limits: Sequence[float]
+    seeds: torch.Tensor,
+    pixels: torch.Tensor,
+    members: torch.Tensor,
+    limits: Sequence[float],
+    block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel counts of the masks grown from seed embeddings, and of their overlaps.
 
@@ -271,6 +279,9 @@ def grown_overlaps(
         (N, P) float {0, 1}: the pixels of each reference mask.
     limits : sequence of float
         Squared-distance limits, all positive (a limit of tau is log(2 / tau - 1)).
+    block : int, optional
+        Pixels per block; default 4096 on the CPU, 2**18 on other devices (where all the
+        limits are then compared in one kernel).
 
     Returns
     -------
@@ -289,15 +300,19 @@ def grown_overlaps(
     right = torch.cat([-2.0 * pixels, ones_p, (pixels * pixels).sum(1, keepdim=True)], 1)
     refs = torch.cat([members, members.new_ones(1, members.shape[1])], 0)  # + all pixels
     counts = seeds.new_zeros(n_limits * n_seeds, n_refs + 1)
-    for start in range(0, pixels.shape[0], _GROW_CHUNK):
-        stop = start + _GROW_CHUNK
+    on_cpu = seeds.device.type == "cpu"
+    if block is None:
+        block = _GROW_CHUNK if on_cpu else _GROW_CHUNK_GPU
+    limit_t = torch.tensor(list(limits), dtype=seeds.dtype, device=seeds.device)[:, None, None]
+    for start in range(0, pixels.shape[0], block):
+        stop = start + block
         d2 = left @ right[start:stop].T  # (S, block)
-        grown = d2.new_empty(n_limits, n_seeds, d2.shape[1])
-        for t, limit in enumerate(limits):
-            if d2.device.type == "cpu":  # compared straight into float: no bool copy
+        if on_cpu:  # compared straight into float: no bool copy
+            grown = d2.new_empty(n_limits, n_seeds, d2.shape[1])
+            for t, limit in enumerate(limits):
                 torch.le(d2, limit, out=grown[t])
-            else:
-                grown[t] = d2 <= limit
+        else:  # every limit in one comparison: fewer kernels
+            grown = (d2[None] <= limit_t).to(d2.dtype)
         counts += grown.reshape(n_limits * n_seeds, -1) @ refs[:, start:stop].T
     counts = counts.reshape(n_limits, n_seeds, n_refs + 1)
     return counts[..., :n_refs], counts[..., n_refs]
