@@ -126,13 +126,14 @@ def parse_run(text: str) -> tuple[str, dict[str, Any]]:
     model: dict[str, Any] = {}
     for part in parts:
         key, eq, value = part.partition("=")
+        key = key.strip()
         if not eq:
             raise ValueError(f"run {text!r}: {part!r} is not field=value")
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
             parsed = value
-        (model if key in MODEL_FIELDS else fields)[key.strip()] = parsed
+        (model if key in MODEL_FIELDS else fields)[key] = parsed
     if model:
         fields["model"] = model
     return name, fields
@@ -160,14 +161,14 @@ def launch_resume(run: Path, limit_min: float, log: Path, threads: int) -> subpr
 
 def _child(args: list[str], log: Path, threads: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    handle = open(log, "a")  # noqa: SIM115 - closed by the child's exit
-    return subprocess.Popen(
-        [sys.executable, "-c", *args],
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        cwd=REPO,
-        env=env,
-    )
+    with open(log, "a") as handle:  # the child writes to its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-c", *args],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+        )
 
 
 def wait_all(procs: dict[str, subprocess.Popen], deadline: float) -> dict[str, int | None]:

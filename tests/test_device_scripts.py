@@ -138,7 +138,7 @@ def seeds():
 
 
 def test_a_run_spec_splits_train_and_model_fields(seeds):
-    name, fields = seeds.parse_run("wide:channels=[32,64],seed=1,lr=0.001,out=runs/x")
+    name, fields = seeds.parse_run("wide:channels=[32,64], seed=1,lr=0.001,out=runs/x")
     assert name == "wide"
     assert fields == {"seed": 1, "lr": 0.001, "out": "runs/x", "model": {"channels": [32, 64]}}
     assert seeds.parse_run("plain") == ("plain", {})
