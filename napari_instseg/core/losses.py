@@ -303,7 +303,9 @@ def grown_overlaps(
     on_cpu = seeds.device.type == "cpu"
     if block is None:
         block = _GROW_CHUNK if on_cpu else _GROW_CHUNK_GPU
-    limit_t = torch.tensor(list(limits), dtype=seeds.dtype, device=seeds.device)[:, None, None]
+    if not on_cpu:  # the limits as one tensor, for one comparison per block
+        limit_t = torch.tensor(list(limits), dtype=seeds.dtype, device=seeds.device)
+        limit_t = limit_t[:, None, None]
     for start in range(0, pixels.shape[0], block):
         stop = start + block
         d2 = left @ right[start:stop].T  # (S, block)
