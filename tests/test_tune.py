@@ -107,3 +107,60 @@ def test_tuning_escapes_a_local_optimum_from_several_starts(monkeypatch):
     assert calls[0] == {"a": 0, "b": 0}  # the first values are searched first
     assert {"a": 0, "b": 2} in calls  # the given start: unknown names dropped, missing = first
     assert result.params["boundary"] == {"a": 2, "b": 2}
+
+
+def test_cross_validation_tunes_each_fold_on_the_other_images(monkeypatch):
+    import napari_instseg.core.tune as tune
+
+    data = [_soft(i) for i in range(5)]
+    preds, gts = [d[0] for d in data], [d[1] for d in data]
+    grid = {"boundary": {"boundary_threshold": [0.5, 0.9], "dilate_iterations": [1, 0]}}
+    seen = []
+    real = tune.tune_segmentation
+
+    def spy(predictions, ground_truth, **kwargs):
+        seen.append([next(i for i, p in enumerate(preds) if p is q) for q in predictions])
+        return real(predictions, ground_truth, **kwargs)
+
+    monkeypatch.setattr(tune, "tune_segmentation", spy)
+    cv = tune.cross_validate_tuning(
+        preds, gts, n_folds=2, grids=grid, names=[f"im{i}" for i in range(5)]
+    )
+    assert cv.folds == [[0, 2, 4], [1, 3]]
+    # each fold's parameters come from the other fold's images only
+    assert seen == [[1, 3], [0, 2, 4]]
+    assert len(cv.params) == 2 and all(p["boundary_threshold"] == 0.9 for p in cv.params)
+    assert cv.scores["n_images"] == 5 and list(cv.scores["per_image"]) == [
+        f"im{i}" for i in range(5)
+    ]
+    assert cv.trials >= 6
+    # every image is scored with its own fold's parameters (here the same in both folds)
+    from napari_instseg.core.evaluate import evaluate
+
+    found = [segment(p, "boundary", **cv.params[i % 2]) for i, p in enumerate(preds)]
+    assert cv.scores["AP"] == pytest.approx(evaluate(found, gts)["AP"])
+
+
+def test_cross_validation_errors():
+    p, m = _soft(0)
+    from napari_instseg.core.tune import cross_validate_tuning
+
+    with pytest.raises(ValueError, match="n_folds"):
+        cross_validate_tuning([p, p], [m, m], n_folds=3)
+    with pytest.raises(ValueError, match="n_folds"):
+        cross_validate_tuning([p, p], [m, m], n_folds=1)
+    with pytest.raises(ValueError, match="as many"):
+        cross_validate_tuning([p, p], [m])
+
+
+def test_grid_candidates_may_be_json_lists(monkeypatch):
+    import napari_instseg.core.tune as tune
+
+    monkeypatch.setattr(tune, "segment", lambda prediction, method, **params: params)
+    monkeypatch.setattr(
+        tune, "evaluate", lambda found, gt: {"AP": 1.0 if found[0]["pair"] == (3, 4) else 0.5}
+    )
+    # pairs read back from JSON metadata are lists, e.g. a model's stored edge_thresholds
+    grid = {"boundary": {"pair": [[1, 2], [3, 4]], "single": [[0.88, 0.98]]}}
+    result = tune.tune_segmentation(["p"], ["gt"], methods=["boundary"], grids=grid)
+    assert result.params["boundary"] == {"pair": (3, 4), "single": (0.88, 0.98)}
