@@ -81,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.write and args.model:
             write_tuning(args.model, tuned, images=args.wells, tta=args.tta)
             print(f"wrote the tuned parameters into {args.model}")
-    results, timings = {}, {}
+    results, timings, per_image = {}, {}, {}
     for method in args.methods.split(","):
         t0 = time.perf_counter()
         instances = [segment(p, method=method, **params.get(method, {})) for p in predictions]
         timings[method] = (time.perf_counter() - t0) / len(samples)
         res = evaluate(instances, [s.masks for s in samples], names=wells)
-        res.pop("per_image", None)
+        per_image[method] = res.pop("per_image", None)
         results[method] = res
     print(format_table(results))
     print(f"predict: {t_predict:.1f} s for {len(samples)} images, tta {args.tta} ({args.cache})")
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             "params": params,
             "results": results,
             "segment_s_per_image": timings,
+            # DSB accuracy per image and IoU threshold (0.5 ... 0.9), to see where errors are
+            "per_image": per_image,
         }
         Path(args.json).write_text(json.dumps(out, indent=2, default=float))
     return 0

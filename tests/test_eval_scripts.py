@@ -1,4 +1,4 @@
-"""``benchmarks/cv_bbbc010.py``: out-of-fold scores and bootstrap intervals over images."""
+"""The accuracy scripts on BBBC010: ``eval_bbbc010.py`` and ``cv_bbbc010.py``."""
 
 from __future__ import annotations
 
@@ -9,15 +9,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cv_bbbc010.py"
+_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def cv_script():
-    spec = importlib.util.spec_from_file_location("cv_bbbc010", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load("cv_bbbc010")
+
+
+def test_eval_script_writes_scores_per_image(bbbc010_root, tmp_path):
+    out = tmp_path / "eval.json"
+    argv = ["--data", str(bbbc010_root), "--wells", "B13,B14", "--methods", "boundary"]
+    argv += ["--cache", str(tmp_path / "cache"), "--json", str(out)]
+    assert _load("eval_bbbc010").main(argv) == 0
+    report = json.loads(out.read_text())
+    rows = report["per_image"]["boundary"]
+    assert set(rows) == {"B13", "B14"} and all(len(r) == 5 for r in rows.values())
+    mean_s05 = np.mean([r[0] for r in rows.values()])
+    assert report["results"]["boundary"]["S"]["0.5"] == pytest.approx(mean_s05)
 
 
 def test_intervals_hold_the_mean_and_widen_with_the_spread(cv_script):
