@@ -4,10 +4,12 @@
 ``../shared/data/bbbc010`` beside the repository; tests that use it skip when it is absent.
 ``padded_tile`` and ``mosaic``: a synthetic prediction with merged crossings, and a
 function tiling it into a large image (the large-image tests of segment and of clicks).
+``load_benchmark``: a function importing a script of ``benchmarks/`` as a module.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -24,6 +26,19 @@ def find_bbbc010() -> Path | None:
         if candidate and (Path(candidate) / "images").is_dir():
             return Path(candidate)
     return None
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """Return a function that imports ``benchmarks/<name>.py`` as a module."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

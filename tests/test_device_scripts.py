@@ -9,33 +9,22 @@ copied and what travels, the side-by-side plan and what comes back.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def gpu_check(load_benchmark):
+    return load_benchmark("gpu_check")
 
 
 @pytest.fixture(scope="module")
-def gpu_check():
-    return _load("gpu_check")
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return _load("device_bundle")
+def bundle(load_benchmark):
+    return load_benchmark("device_bundle")
 
 
 def _write_log(path, rows):
@@ -133,8 +122,8 @@ def test_what_travels_counts_tracked_untracked_and_carried_not_ignored(tmp_path,
 
 
 @pytest.fixture(scope="module")
-def seeds():
-    return _load("device_seeds")
+def seeds(load_benchmark):
+    return load_benchmark("device_seeds")
 
 
 def test_a_run_spec_splits_train_and_model_fields(seeds):

@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def cv_script():
-    return _load("cv_bbbc010")
+def cv_script(load_benchmark):
+    return load_benchmark("cv_bbbc010")
 
 
-def test_eval_script_writes_scores_per_image(bbbc010_root, tmp_path):
+def test_eval_script_writes_scores_per_image(load_benchmark, bbbc010_root, tmp_path):
     out = tmp_path / "eval.json"
     argv = ["--data", str(bbbc010_root), "--wells", "B13,B14", "--methods", "boundary"]
     argv += ["--cache", str(tmp_path / "cache"), "--json", str(out)]
-    assert _load("eval_bbbc010").main(argv) == 0
+    assert load_benchmark("eval_bbbc010").main(argv) == 0
     report = json.loads(out.read_text())
     rows = report["per_image"]["boundary"]
     assert set(rows) == {"B13", "B14"} and all(len(r) == 5 for r in rows.values())
