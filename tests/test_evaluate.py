@@ -321,6 +321,8 @@ def test_cli_evaluate_tune_write_stores_what_segment_auto_then_uses(tmp_path, ca
         (["--pred", "p", "--tune"], "--tune needs --model"),
         (["--model", "m.safetensors", "--write"], "give --tune as well"),
         (["--model", "default", "--tune", "--write"], "would change the shipped weights"),
+        (["--model", "default", "--cross-validate", "2"], "give --tune as well"),
+        (["--model", "default", "--tune", "--cross-validate", "1"], "2 folds or more"),
     ],
 )
 def test_cli_evaluate_tune_and_write_refuse_what_they_cannot_do(tmp_path, capsys, extra, error):
@@ -328,3 +330,43 @@ def test_cli_evaluate_tune_and_write_refuse_what_they_cannot_do(tmp_path, capsys
 
     assert main(["evaluate", "--gt", str(tmp_path), *extra]) == 1
     assert error in capsys.readouterr().err
+
+
+def test_cli_evaluate_cross_validate_scores_the_search_on_held_out_folds(
+    tmp_path, capsys, monkeypatch
+):
+    """``--tune --cross-validate 2``: beside the in-sample scores, each image segmented with
+    the parameters tuned on the other fold, as ``cross_validate_tuning`` gives them."""
+    import napari_instseg.core.tune as tune
+    from napari_instseg import load_model, predict
+    from napari_instseg.cli import main
+    from napari_instseg.core.tune import cross_validate_tuning
+
+    # a small search keeps the test short; the folds and their scoring are what is tested
+    small = {"boundary": {"boundary_threshold": [0.5, 0.9], "min_size": [30, 300]}}
+    monkeypatch.setattr(tune, "DEFAULT_GRIDS", small)
+
+    samples = _synthetic_folder(tmp_path / "val", "val", (5, 6, 7), (160, 224), touching=1)
+    out = tmp_path / "r.json"
+    argv = ["evaluate", "--gt", str(tmp_path / "val"), "--model", "default", "--tta", "1"]
+    argv += ["--device", "cpu", "--tune", "--cross-validate", "2", "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "tuned on these images" in printed and "2-fold cross-validated" in printed
+    res = json.loads(out.read_text())
+    cv = res["cross_validated"]
+    assert cv["folds"] == [["val-0", "val-2"], ["val-1"]] and len(cv["fold_params"]) == 2
+    model = load_model()
+    preds = [predict(s.image, model, "cpu", tta=1) for s in samples]
+    expected = cross_validate_tuning(
+        preds,
+        [s.masks for s in samples],
+        method="boundary",
+        starts=[model.metadata["segment_params"]],
+    )
+    for key in ("AP", "avS"):
+        assert cv[key] == pytest.approx(expected.scores[key])
+    # more folds than images: one clear line
+    argv[-3] = "4"  # --cross-validate 4
+    assert main(argv) == 1
+    assert "more folds than the 3 images" in capsys.readouterr().err
