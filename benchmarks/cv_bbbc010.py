@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wells", default="A11-A12,B11-B12,C01-C02,B13-B24")
     parser.add_argument("--method", default="boundary")
     parser.add_argument("--folds", type=int, default=2)
+    parser.add_argument(
+        "--metric", default="AP", help="what the search maximises: AP (as shipped), AP50 or avS"
+    )
     parser.add_argument("--tta", type=int, default=8)
     parser.add_argument("--cache", default=".cache/predictions")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         n_folds=args.folds,
         method=args.method,
         grids=grids,
+        metric=args.metric,
         starts=[stored],
         names=wells,
     )
