@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--grid",
         default=None,
-        help="JSON {parameter: [candidates]} to search instead of the default grid",
+        help="JSON {parameter: [candidates]} to search instead of the default grid "
+        "(the parameters not given keep the model's stored values)",
     )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
